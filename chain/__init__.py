@@ -1,0 +1,1 @@
+"""Blocks, canonical encoding, state and the LevelDB store."""

@@ -1,0 +1,1 @@
+"""Consensus rules, fork choice and finality: pure and synchronous, no I/O."""

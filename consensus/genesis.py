@@ -1,0 +1,262 @@
+"""Genesis: the chain's fixed starting point, parsed and validated.
+
+`parse_genesis` takes the genesis document's bytes (JSON) and returns a frozen
+`Genesis`, or raises `GenesisError` naming the first wrong field. Genesis holds
+no floats: every number consensus uses is an integer. The genesis hash is the
+SHA-256 of the document's canonical JSON (keys sorted, no whitespace, ASCII).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from training.data import SPLITS, DatasetManifest, Document
+from training.evaluate import ProgramBoundsError, validate_program_bounds
+from training.model import ModelConfig
+from training.tables import Tables, build_tables
+from training.weights import WEIGHT_MAX, CanonicalWeights, Partition, TensorSpec, initial_weights
+
+FORMAT = 1
+EVALUATION_PROGRAM = "potchain-int-1"
+PARTITION_SCHEMES = ("random-mask",)
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class GenesisError(ValueError):
+    """A genesis document that is malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class EvaluationParameters:
+    """How losses are measured; fixed by genesis."""
+
+    program: str
+    """Name of the evaluation program; "potchain-int-1" is docs/spec.md's."""
+    tables_sha256: str
+    """SHA-256 of the lookup tables (see training.tables.Tables.sha256)."""
+    validation_sequences: int
+    """Sequences (of `context` tokens) in a validation batch."""
+    test_sequences: int
+    """Sequences in a test batch."""
+
+
+@dataclass(frozen=True)
+class Genesis:
+    """The parsed genesis document."""
+
+    chain_id: str
+    """Network name, part of every signature's domain."""
+    timestamp: int
+    """Unix time of genesis, seconds."""
+    model: ModelConfig
+    """Shape of the model."""
+    init_seed: int
+    """Seed of the initial weights."""
+    tensors: Mapping[str, TensorSpec]
+    """Each tensor's exponent and initialization, in canonical order."""
+    partition: Partition
+    """How the weights divide into slices."""
+    dataset: DatasetManifest
+    """The corpus, its chunks and splits."""
+    chunk_directory: str
+    """Where chunk files are, relative to the genesis file."""
+    evaluation: EvaluationParameters
+    """Evaluation program and batch sizes."""
+    hash: str
+    """SHA-256 of the canonical JSON of the document."""
+
+    @property
+    def exponents(self) -> dict[str, int]:
+        return {name: spec.exponent for name, spec in self.tensors.items()}
+
+    def initial_weights(self) -> CanonicalWeights:
+        return initial_weights(self.model, self.tensors, self.init_seed)
+
+    def tables(self) -> Tables:
+        """The evaluator's tables, checked against the pinned hash."""
+        tables = build_tables()
+        got = tables.sha256()
+        if got != self.evaluation.tables_sha256:
+            raise GenesisError(
+                f"evaluation.tables_sha256: tables hash to {got}, genesis pins {self.evaluation.tables_sha256}"
+            )
+        return tables
+
+
+class _Reader:
+    """Typed access to one JSON object, with the field path in every error."""
+
+    def __init__(self, value: Any, path: str) -> None:
+        if not isinstance(value, dict):
+            raise GenesisError(f"{path or 'genesis'}: expected an object, got {type(value).__name__}")
+        self.value: dict[str, Any] = value
+        self.path = path
+        self.used: set[str] = set()
+
+    def _field(self, key: str) -> Any:
+        if key not in self.value:
+            raise GenesisError(f"{self._name(key)}: missing")
+        self.used.add(key)
+        return self.value[key]
+
+    def _name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def integer(self, key: str, low: int, high: int) -> int:
+        value = self._field(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise GenesisError(f"{self._name(key)}: expected an integer, got {json.dumps(value)}")
+        if not low <= value <= high:
+            raise GenesisError(f"{self._name(key)}: {value} outside [{low}, {high}]")
+        return value
+
+    def string(self, key: str, pattern: re.Pattern[str] | None = None) -> str:
+        value = self._field(key)
+        if not isinstance(value, str):
+            raise GenesisError(f"{self._name(key)}: expected a string, got {json.dumps(value)}")
+        if pattern is not None and not pattern.match(value):
+            raise GenesisError(f"{self._name(key)}: {value!r} does not match {pattern.pattern}")
+        return value
+
+    def choice(self, key: str, options: tuple[str, ...]) -> str:
+        value = self.string(key)
+        if value not in options:
+            raise GenesisError(f"{self._name(key)}: {value!r}, want one of {', '.join(options)}")
+        return value
+
+    def object(self, key: str) -> _Reader:
+        return _Reader(self._field(key), self._name(key))
+
+    def array(self, key: str) -> list[Any]:
+        value = self._field(key)
+        if not isinstance(value, list):
+            raise GenesisError(f"{self._name(key)}: expected an array")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.value) - self.used)
+        if unknown:
+            raise GenesisError(f"{self.path or 'genesis'}: unknown field {unknown[0]!r}")
+
+
+def _reject_floats(value: Any, path: str) -> None:
+    if isinstance(value, float):
+        raise GenesisError(f"{path}: {value} is a float; genesis holds integers only")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _reject_floats(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _reject_floats(item, f"{path}[{index}]")
+
+
+def canonical_json(document: Any) -> bytes:
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def parse_genesis(raw: bytes) -> Genesis:
+    """Parse and validate a genesis document."""
+    try:
+        document = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise GenesisError(f"genesis: not valid JSON ({error})") from None
+    _reject_floats(document, "")
+    root = _Reader(document, "")
+    root.integer("format", FORMAT, FORMAT)
+    chain_id = root.string("chain_id", _NAME)
+    timestamp = root.integer("timestamp", 0, 2**40)
+
+    model_fields = root.object("model")
+    config = ModelConfig(
+        vocab_size=model_fields.integer("vocab_size", 256, 256),
+        context=model_fields.integer("context", 1, 1 << 16),
+        layers=model_fields.integer("layers", 1, 256),
+        heads=model_fields.integer("heads", 1, 256),
+        width=model_fields.integer("width", 1, 1 << 14),
+    )
+    init_seed = model_fields.integer("init_seed", 0, 2**63 - 1)
+    tensor_fields = model_fields.object("tensors")
+    tensors: dict[str, TensorSpec] = {}
+    for name in config.tensor_names():
+        spec = tensor_fields.object(name)
+        tensors[name] = TensorSpec(
+            exponent=spec.integer("exponent", 0, 15),
+            init_std=spec.integer("init_std", 0, WEIGHT_MAX),
+            init_constant=spec.integer("init_constant", -WEIGHT_MAX, WEIGHT_MAX),
+        )
+        spec.done()
+    tensor_fields.done()
+    model_fields.done()
+    try:
+        validate_program_bounds(config, {name: spec.exponent for name, spec in tensors.items()})
+    except ProgramBoundsError as error:
+        raise GenesisError(f"model: {error}") from None
+
+    partition_fields = root.object("partition")
+    partition_fields.choice("scheme", PARTITION_SCHEMES)
+    partition = Partition(
+        slices=partition_fields.integer("slices", 1, 1024), seed=partition_fields.integer("seed", 0, 2**63 - 1)
+    )
+    partition_fields.done()
+
+    dataset_fields = root.object("dataset")
+    dataset_name = dataset_fields.string("name")
+    chunk_directory = dataset_fields.string("chunk_directory")
+    if chunk_directory.startswith("/") or ".." in chunk_directory.split("/"):
+        raise GenesisError(f"dataset.chunk_directory: {chunk_directory!r} must be a relative path inside genesis/")
+    chunk_size = dataset_fields.integer("chunk_size", 1, 1 << 22)
+    documents = []
+    names: set[str] = set()
+    for index, item in enumerate(dataset_fields.array("documents")):
+        fields = _Reader(item, f"dataset.documents[{index}]")
+        name = fields.string("name", _NAME)
+        if name in names:
+            raise GenesisError(f"dataset.documents[{index}].name: duplicate {name!r}")
+        names.add(name)
+        split = fields.choice("split", SPLITS)
+        size = fields.integer("size", 1, 1 << 40)
+        chunks = fields.array("chunks")
+        for position, digest in enumerate(chunks):
+            if not isinstance(digest, str) or not _HEX64.match(digest):
+                raise GenesisError(f"dataset.documents[{index}].chunks[{position}]: not a sha256 hex digest")
+        want = -(-size // chunk_size)
+        if len(chunks) != want:
+            raise GenesisError(f"dataset.documents[{index}].chunks: {len(chunks)} chunks, size {size} needs {want}")
+        fields.done()
+        documents.append(Document(name=name, split=split, size=size, chunks=tuple(chunks)))
+    dataset_fields.done()
+    dataset = DatasetManifest(name=dataset_name, chunk_size=chunk_size, documents=tuple(documents))
+    for split in SPLITS:
+        if dataset.split_size(split) < config.context + 1:
+            raise GenesisError(
+                f"dataset: split {split!r} has {dataset.split_size(split)} bytes, fewer than context + 1"
+            )
+
+    evaluation_fields = root.object("evaluation")
+    evaluation = EvaluationParameters(
+        program=evaluation_fields.choice("program", (EVALUATION_PROGRAM,)),
+        tables_sha256=evaluation_fields.string("tables_sha256", _HEX64),
+        validation_sequences=evaluation_fields.integer("validation_sequences", 1, 4096),
+        test_sequences=evaluation_fields.integer("test_sequences", 1, 4096),
+    )
+    evaluation_fields.done()
+    root.done()
+
+    return Genesis(
+        chain_id=chain_id,
+        timestamp=timestamp,
+        model=config,
+        init_seed=init_seed,
+        tensors=tensors,
+        partition=partition,
+        dataset=dataset,
+        chunk_directory=chunk_directory,
+        evaluation=evaluation,
+        hash=hashlib.sha256(canonical_json(document)).hexdigest(),
+    )

@@ -1,0 +1,1 @@
+"""The model, its canonical weights and evaluation, the corpus and the miner."""

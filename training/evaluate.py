@@ -1,0 +1,417 @@
+"""The canonical evaluator: the model's loss as an exact integer program.
+
+Every value below is an integer; docs/spec.md ("Evaluator") states the program
+step by step. Two backends run the same program:
+
+- `torch-f64` keeps the integers in float64 tensors and runs matmuls on BLAS
+  (or cuBLAS). Every operand, product and partial sum is an integer (or a
+  multiple of a power of two) below 2**53, checked once per model by
+  `validate_program_bounds`, so the result does not depend on summation order,
+  thread count, SIMD level or library.
+- `torch-int64` keeps them in int64 tensors: slower, and a direct check of the
+  first, since integer arithmetic is exact by construction.
+
+Both give bit-identical per-token losses. The only floating-point functions
+used are IEEE 754 correctly rounded ones (multiplication by powers of two,
+division and sqrt), each followed by an exact integer argument or fix-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from training.model import ModelConfig
+from training.tables import (
+    ACTIVATION_BITS,
+    ATTENTION_EXP_MIN,
+    LOG_MANTISSA_BITS,
+    LOSS_BITS,
+    LOSS_EXP_BITS,
+    LOSS_EXP_MIN,
+    SCORE_BITS,
+    Tables,
+)
+from training.weights import CanonicalWeights
+
+RESIDUAL_BITS = 16
+"""The residual stream is Q.16."""
+LAYERNORM_INPUT_LIMIT = 1 << 23
+"""LayerNorm clips its input to +-128 (Q.16) so its arithmetic stays below 2**53."""
+LAYERNORM_SQUARE_SHIFT = 10
+"""Squared deviations (Q.32) are rounded to Q.22 before summing."""
+LAYERNORM_EPS = 42
+"""round(1e-5 * 2**22): the variance epsilon, Q.22."""
+LAYERNORM_STD_BITS = 18
+"""The standard deviation is isqrt(variance << 14): Q.18."""
+INT16_MIN = -(1 << 15)
+INT16_MAX = (1 << 15) - 1
+EXACT_LIMIT = 1 << 53
+BACKENDS = ("torch-f64", "torch-int64")
+
+_ATTENTION_OFFSET = -ATTENTION_EXP_MIN << SCORE_BITS  # 16384
+_LOSS_OFFSET = -LOSS_EXP_MIN << SCORE_BITS  # 24576
+_MASKED = -float(1 << 40)
+ATTENTION_BLOCK = 32
+"""Query rows per attention block (an implementation choice; results do not depend on it)."""
+
+
+class ProgramBoundsError(ValueError):
+    """A model configuration for which the integer program could leave 2**53."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Per-token losses of one batch, Q.16 integers."""
+
+    per_token: np.ndarray
+    """int64 losses in (sequence, position) order; loss in nats = value / 2**16."""
+
+    @property
+    def loss_total(self) -> int:
+        return int(self.per_token.sum())
+
+    @property
+    def tokens(self) -> int:
+        return int(self.per_token.size)
+
+    @property
+    def per_token_sha256(self) -> str:
+        return hashlib.sha256(self.per_token.astype("<i8").tobytes()).hexdigest()
+
+    @property
+    def mean_loss(self) -> float:
+        """Nats per token (informative only: consensus uses `loss_total`)."""
+        return self.loss_total / self.tokens / (1 << LOSS_BITS)
+
+
+def _log2_exact(value: int) -> int:
+    if value <= 0 or value & (value - 1):
+        raise ProgramBoundsError(f"{value} is not a power of two")
+    return value.bit_length() - 1
+
+
+def validate_program_bounds(config: ModelConfig, exponents: dict[str, int]) -> None:
+    """Check that every integer of the program stays below 2**53 for any input.
+
+    Matmul inputs are int16 (|x| <= 2**15), so a matmul over K terms is exact
+    when K * 2**30 < 2**53. Raises ProgramBoundsError naming the violated bound.
+    """
+    head_size = config.head_size
+    if config.width % config.heads:
+        raise ProgramBoundsError(f"width {config.width} is not a multiple of heads {config.heads}")
+    if _log2_exact(head_size) % 2:
+        raise ProgramBoundsError(f"head size {head_size} is not a power of 4 (1/sqrt(head size) must be a shift)")
+    widest = 4 * config.width
+    checks = [
+        (widest * 2**30, f"matmul over {widest} terms"),
+        (config.context * 2**20 * 2**15, f"attention over context {config.context}"),
+        (config.width * 2**38, f"LayerNorm over width {config.width}"),
+    ]
+    for bound, what in checks:
+        if bound >= EXACT_LIMIT:
+            raise ProgramBoundsError(f"{what}: partial sums reach {bound}, limit 2**53")
+    for name, exponent in exponents.items():
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            low, high = 1, 13
+        elif name.endswith("c_proj.weight"):
+            low, high = RESIDUAL_BITS - ACTIVATION_BITS, 15
+        else:
+            low, high = 1, 15
+        if not low <= exponent <= high:
+            raise ProgramBoundsError(f"{name}: exponent {exponent} outside [{low}, {high}]")
+
+
+class Backend(Protocol):
+    """How the program's integers are held and its primitive operations computed."""
+
+    name: str
+    dtype: torch.dtype
+    device: torch.device
+
+    def constant(self, values: np.ndarray) -> torch.Tensor: ...
+
+    def linear_weight(self, weight: np.ndarray, shift: int) -> torch.Tensor:
+        """Prepare an (out, in) int16 weight for `linear` with a right shift."""
+        ...
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, shift: int, offset: int) -> torch.Tensor:
+        """round_shift(x @ weight.T, shift) + offset, with `weight` from `linear_weight`."""
+        ...
+
+    def attention_index(self, q: torch.Tensor, k: torch.Tensor, shift: int, first_row: int) -> torch.Tensor:
+        """Attention exp table index, max(s - max_j s, -16384) + 16384, as long.
+
+        s = round_shift(q @ k.T, shift) for query rows first_row, first_row + 1, ...
+        and key columns 0, 1, ...; columns after a row's own position get index 0.
+        """
+        ...
+
+    def round_shift(self, x: torch.Tensor, shift: int | torch.Tensor) -> torch.Tensor:
+        """floor((x + 2**(shift-1)) / 2**shift) for shift >= 1."""
+        ...
+
+    def floor_div(self, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+        """floor(numerator / denominator) for denominator >= 1."""
+        ...
+
+    def index(self, x: torch.Tensor) -> torch.Tensor:
+        """x as a long tensor of table indices."""
+        ...
+
+
+class Float64Backend:
+    """Integers in float64 tensors; BLAS matmuls, exact below 2**53."""
+
+    name = "torch-f64"
+    dtype = torch.float64
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._bias: torch.Tensor | None = None
+
+    def constant(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(values, dtype=np.float64)).to(self.device)
+
+    def linear_weight(self, weight: np.ndarray, shift: int) -> torch.Tensor:
+        # Scaling by 2**-shift is exact; products and partial sums stay exact
+        # multiples of 2**-shift below 2**(53 - shift).
+        return self.constant(weight.T * 2.0**-shift).contiguous()
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, shift: int, offset: int) -> torch.Tensor:
+        bias = torch.tensor(offset + 0.5, dtype=self.dtype, device=self.device)
+        return torch.addmm(bias, x, weight).floor_()
+
+    def attention_index(self, q: torch.Tensor, k: torch.Tensor, shift: int, first_row: int) -> torch.Tensor:
+        rows, columns = q.shape[-2], k.shape[-2]
+        bias = self._causal_bias(first_row + rows)[first_row : first_row + rows, :columns]
+        # acc = q @ k.T * 2**-shift + 1/2, exact; then s = floor(acc) and
+        # s - max(s) + 16384 = floor(acc - (floor(max acc) - 16384)), and for a
+        # non-negative value the conversion to long is the floor.
+        scores = torch.baddbmm(bias, q * 2.0**-shift, k.transpose(1, 2))
+        top = scores.amax(dim=-1, keepdim=True).floor_()
+        return scores.sub_(top - _ATTENTION_OFFSET).clamp_min_(0).long()
+
+    def _causal_bias(self, t: int) -> torch.Tensor:
+        """1/2 (the rounding term) on and below the diagonal, -2**40 above it."""
+        if self._bias is None or self._bias.shape[0] < t:
+            ones = torch.ones(t, t, dtype=torch.bool, device=self.device)
+            self._bias = torch.where(ones.triu(1), _MASKED, 0.5).to(self.dtype)
+        return self._bias
+
+    def round_shift(self, x: torch.Tensor, shift: int | torch.Tensor) -> torch.Tensor:
+        if isinstance(shift, torch.Tensor):
+            return torch.floor(torch.ldexp(x, -shift) + 0.5)
+        return torch.floor(x * 2.0**-shift + 0.5)
+
+    def floor_div(self, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+        # For |numerator| < 2**53 and denominator >= 1, the correctly rounded
+        # quotient cannot cross an integer, so its floor is exact.
+        return torch.floor(numerator / denominator)
+
+    def index(self, x: torch.Tensor) -> torch.Tensor:
+        return x.long()
+
+
+class Int64Backend:
+    """Integers in int64 tensors; integer matmuls."""
+
+    name = "torch-int64"
+    dtype = torch.int64
+
+    def __init__(self, device: torch.device) -> None:
+        if device.type != "cpu":
+            raise ValueError("the torch-int64 backend runs on the CPU only; use torch-f64 on CUDA")
+        self.device = device
+
+    def constant(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(values, dtype=np.int64)).to(self.device)
+
+    def linear_weight(self, weight: np.ndarray, shift: int) -> torch.Tensor:
+        return self.constant(weight.T).contiguous()
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, shift: int, offset: int) -> torch.Tensor:
+        product = x @ weight
+        return (self.round_shift(product, shift) if shift else product) + offset
+
+    def attention_index(self, q: torch.Tensor, k: torch.Tensor, shift: int, first_row: int) -> torch.Tensor:
+        rows, columns = q.shape[-2], k.shape[-2]
+        scores = self.round_shift(torch.bmm(q, k.transpose(1, 2)), shift)
+        row = torch.arange(first_row, first_row + rows, device=self.device).unsqueeze(1)
+        future = torch.arange(columns, device=self.device).unsqueeze(0) > row
+        scores.masked_fill_(future, -(1 << 40))
+        top = scores.amax(dim=-1, keepdim=True)
+        return (scores - (top - _ATTENTION_OFFSET)).clamp_min_(0)
+
+    def round_shift(self, x: torch.Tensor, shift: int | torch.Tensor) -> torch.Tensor:
+        if isinstance(shift, torch.Tensor):
+            return (x + torch.bitwise_left_shift(torch.ones_like(shift), shift - 1)) >> shift
+        return (x + (1 << (shift - 1))) >> shift
+
+    def floor_div(self, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+        return torch.div(numerator, denominator, rounding_mode="floor")
+
+    def index(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def make_backend(name: str, device: str = "cpu") -> Backend:
+    """A backend by name on a device ("cpu" or "cuda")."""
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    if name == "torch-f64":
+        return Float64Backend(torch_device)
+    if name == "torch-int64":
+        return Int64Backend(torch_device)
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+@dataclass
+class _Layer:
+    ln_1: torch.Tensor
+    c_attn: torch.Tensor
+    c_attn_shift: int
+    c_proj: torch.Tensor
+    c_proj_shift: int
+    ln_2: torch.Tensor
+    c_fc: torch.Tensor
+    c_fc_shift: int
+    mlp_proj: torch.Tensor
+    mlp_proj_shift: int
+
+
+class CanonicalEvaluator:
+    """Computes per-token losses of canonical weights on a batch, exactly."""
+
+    def __init__(self, weights: CanonicalWeights, tables: Tables, backend: Backend) -> None:
+        config = weights.config
+        validate_program_bounds(config, dict(weights.exponents))
+        self.config = config
+        self.backend = backend
+        b = backend
+        self.attention_exp = b.constant(tables.attention_exp)
+        self.loss_exp = b.constant(tables.loss_exp)
+        self.gelu = b.constant(tables.gelu)
+        self.log = b.constant(tables.log)
+        self.ln2_multiples = b.constant(tables.ln2_multiples)
+        w, e = weights.tensors, weights.exponents
+        self.wte = b.constant(w["wte.weight"].astype(np.int64) << (RESIDUAL_BITS - e["wte.weight"]))
+        self.wpe = b.constant(w["wpe.weight"].astype(np.int64) << (RESIDUAL_BITS - e["wpe.weight"]))
+        self.lm_shift = ACTIVATION_BITS + e["wte.weight"] - SCORE_BITS
+        self.lm_head = b.linear_weight(w["wte.weight"], self.lm_shift)
+        self.layers: list[_Layer] = []
+        for i in range(config.layers):
+            p = f"h.{i}."
+            shifts = {
+                "attn.c_attn": e[p + "attn.c_attn.weight"],
+                "attn.c_proj": ACTIVATION_BITS + e[p + "attn.c_proj.weight"] - RESIDUAL_BITS,
+                "mlp.c_fc": e[p + "mlp.c_fc.weight"],
+                "mlp.c_proj": ACTIVATION_BITS + e[p + "mlp.c_proj.weight"] - RESIDUAL_BITS,
+            }
+            self.layers.append(
+                _Layer(
+                    ln_1=self._norm_gain(weights, p + "ln_1.weight"),
+                    c_attn=b.linear_weight(w[p + "attn.c_attn.weight"], shifts["attn.c_attn"]),
+                    c_attn_shift=shifts["attn.c_attn"],
+                    c_proj=b.linear_weight(w[p + "attn.c_proj.weight"], shifts["attn.c_proj"]),
+                    c_proj_shift=shifts["attn.c_proj"],
+                    ln_2=self._norm_gain(weights, p + "ln_2.weight"),
+                    c_fc=b.linear_weight(w[p + "mlp.c_fc.weight"], shifts["mlp.c_fc"]),
+                    c_fc_shift=shifts["mlp.c_fc"],
+                    mlp_proj=b.linear_weight(w[p + "mlp.c_proj.weight"], shifts["mlp.c_proj"]),
+                    mlp_proj_shift=shifts["mlp.c_proj"],
+                )
+            )
+        self.ln_f = self._norm_gain(weights, "ln_f.weight")
+        # scores = q @ k.T is Q.22; Q.10 and the 1/sqrt(head size) factor make the shift.
+        self.score_shift = 2 * ACTIVATION_BITS - SCORE_BITS + _log2_exact(config.head_size) // 2
+
+    def _norm_gain(self, weights: CanonicalWeights, name: str) -> torch.Tensor:
+        # d (Q.16) * gain (Q.e) / std (Q.18) is Q.(e-2); times 2**(13-e) gives Q.11.
+        shift = ACTIVATION_BITS + LAYERNORM_STD_BITS - RESIDUAL_BITS - weights.exponents[name]
+        return self.backend.constant(weights.tensors[name].astype(np.int64) << shift)
+
+    def layernorm(self, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        """Q.16 rows (n, width) -> Q.11 rows clipped to int16."""
+        b = self.backend
+        width = x.shape[-1]
+        x = x.clamp(-LAYERNORM_INPUT_LIMIT, LAYERNORM_INPUT_LIMIT)
+        mean = b.floor_div(x.sum(dim=-1, keepdim=True), torch.full_like(x[:, :1], width))
+        deviation = x - mean
+        squares = b.round_shift(deviation * deviation, LAYERNORM_SQUARE_SHIFT)
+        variance = b.floor_div(squares.sum(dim=-1, keepdim=True), torch.full_like(x[:, :1], width))
+        std = self.isqrt((variance + LAYERNORM_EPS) * (1 << (2 * LAYERNORM_STD_BITS - 22)))
+        numerator = deviation * gain + b.floor_div(std, torch.full_like(std, 2))
+        return b.floor_div(numerator, std).clamp_(INT16_MIN, INT16_MAX)
+
+    def isqrt(self, value: torch.Tensor) -> torch.Tensor:
+        """floor(sqrt(value)) for 0 <= value < 2**53: float sqrt, then exact fix-up."""
+        root = torch.sqrt(value.to(torch.float64)).floor_().to(value.dtype)
+        root = root - (root * root > value).to(value.dtype)
+        return root + ((root + 1) * (root + 1) <= value).to(value.dtype)
+
+    def per_token_losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> EvalResult:
+        """Losses for token batches `inputs` and `targets` of shape (batch, time)."""
+        config, b = self.config, self.backend
+        batch, t = inputs.shape
+        if t > config.context:
+            raise ValueError(f"sequence length {t} exceeds context {config.context}")
+        heads, head_size = config.heads, config.head_size
+        inputs = inputs.to(b.device)
+        targets = targets.to(b.device)
+        h = (self.wte[inputs] + self.wpe[:t]).reshape(batch * t, config.width)  # (n, c) Q.16
+        for layer in self.layers:
+            a = self.layernorm(h, layer.ln_1)
+            qkv = b.linear(a, layer.c_attn, layer.c_attn_shift, 0).clamp_(INT16_MIN, INT16_MAX)
+            # (n, 3c) -> 3 x (batch * heads, t, head_size)
+            q, k, v = (
+                part.reshape(batch, t, heads, head_size).transpose(1, 2).reshape(batch * heads, t, head_size)
+                for part in torch.split(qkv, config.width, dim=1)
+            )
+            y = self.attention(q, k, v)
+            # (batch * heads, t, head_size) -> (n, c)
+            y = y.reshape(batch, heads, t, head_size).transpose(1, 2).reshape(batch * t, config.width)
+            h = h + b.linear(y, layer.c_proj, layer.c_proj_shift, 0)
+            a = self.layernorm(h, layer.ln_2)
+            index = b.linear(a, layer.c_fc, layer.c_fc_shift, -INT16_MIN).clamp_(0, INT16_MAX - INT16_MIN)
+            h = h + b.linear(torch.take(self.gelu, b.index(index)), layer.mlp_proj, layer.mlp_proj_shift, 0)
+        a = self.layernorm(h, self.ln_f)
+        logits = b.linear(a, self.lm_head, self.lm_shift, 0)  # (n, vocab) Q.10
+        losses = self.cross_entropy(logits, targets.reshape(-1))
+        return EvalResult(per_token=losses.to(torch.int64).cpu().numpy())
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of Q.11 (batch * heads, t, head_size) tensors; Q.11 output.
+
+        Query rows go in blocks, each against the keys up to its last row, which
+        skips most masked scores; the result is the same for any block size.
+        """
+        b = self.backend
+        t = q.shape[1]
+        outputs = []
+        for first in range(0, t, ATTENTION_BLOCK):
+            last = min(first + ATTENTION_BLOCK, t)
+            index = b.attention_index(q[:, first:last], k[:, :last], self.score_shift, first)
+            exp_scores = torch.take(self.attention_exp, index)  # (bh, rows, last) Q.20
+            total = exp_scores.sum(dim=-1, keepdim=True)
+            weighted = torch.bmm(exp_scores, v[:, :last])  # (bh, rows, head_size) Q.31
+            half = b.floor_div(total, torch.full_like(total, 2))
+            outputs.append(b.floor_div(weighted + half, total))  # Q.11
+        return torch.cat(outputs, dim=1)
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """-log softmax(logits)[target] in Q.16, from Q.10 logits."""
+        b = self.backend
+        shifted = (logits - logits.amax(dim=-1, keepdim=True)).clamp_min_(-_LOSS_OFFSET)
+        total = torch.take(self.loss_exp, b.index(shifted + _LOSS_OFFSET)).sum(dim=-1)  # Q.32, in [2**32, 2**40]
+        exponent = torch.frexp(total.to(torch.float64)).exponent.to(total.dtype) - 1  # floor(log2 total)
+        mantissa = b.round_shift(total, exponent - LOG_MANTISSA_BITS)  # in [2**15, 2**16]
+        log_total = torch.take(self.log, b.index(mantissa - (1 << LOG_MANTISSA_BITS)))
+        log_total = log_total + torch.take(self.ln2_multiples, b.index(exponent - LOSS_EXP_BITS))
+        target_logit = shifted.gather(1, targets.unsqueeze(1)).squeeze(1)
+        return log_total - target_logit * (1 << (LOSS_BITS - SCORE_BITS))
