@@ -1,0 +1,79 @@
+"""Cost of one canonical evaluation relative to a float32 forward pass.
+
+    python bench/eval_cost.py [--genesis genesis/devnet.json] [--repeats 20]
+
+Both run in this process on the same model (the genesis weights), the same
+validation batch and the same threads; each figure is the median of
+`--repeats` timed runs after warm-up. Prints one JSON object;
+`canonical_over_float32` is the figure of merit (target <= 2.0 on the devnet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from genesis import DEVNET, chunk_directory, load_genesis
+from training.data import load_split, sample_batch, seed_from_int
+from training.evaluate import CanonicalEvaluator, make_backend
+
+
+def median_seconds(function: Callable[[], object], repeats: int) -> float:
+    for _ in range(3):
+        function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--genesis", type=Path, default=DEVNET)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    args = parser.parse_args()
+
+    genesis = load_genesis(args.genesis)
+    text = load_split(genesis.dataset, chunk_directory(args.genesis, genesis), "validation")
+    sequences = genesis.evaluation.validation_sequences
+    inputs, targets = sample_batch(text, seed_from_int(7), sequences, genesis.model.context)
+    weights = genesis.initial_weights()
+    model = weights.to_model().to(args.device).eval()
+    float_inputs = inputs.to(args.device)
+
+    def float32_forward() -> None:
+        with torch.no_grad():
+            model(float_inputs).sum().item()
+
+    figures: dict[str, object] = {
+        "genesis": genesis.chain_id,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "tokens": inputs.numel(),
+    }
+    float32 = median_seconds(float32_forward, args.repeats)
+    figures["float32_seconds"] = round(float32, 5)
+    for backend in ("torch-f64", "torch-int64"):
+        if backend == "torch-int64" and args.device != "cpu":
+            continue
+        evaluator = CanonicalEvaluator(weights, genesis.tables(), make_backend(backend, args.device))
+        repeats = args.repeats if backend == "torch-f64" else max(3, args.repeats // 4)
+        seconds = median_seconds(partial(evaluator.per_token_losses, inputs, targets), repeats)
+        figures[f"{backend}_seconds"] = round(seconds, 5)
+        figures[f"{backend}_over_float32"] = round(seconds / float32, 3)
+    figures["canonical_over_float32"] = figures["torch-f64_over_float32"]
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
