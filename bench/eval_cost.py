@@ -4,7 +4,8 @@
 
 Both run in this process on the same model (the genesis weights), the same
 validation batch and the same threads; each figure is the median of
-`--repeats` timed runs after warm-up. Prints one JSON object;
+`--repeats` timed runs after warm-up, the two alternating; ratios are
+medians of per-pair ratios. Prints one JSON object;
 `canonical_over_float32` is the figure of merit (target <= 2.0 on the devnet).
 """
 
@@ -25,21 +26,34 @@ from training.data import load_split, sample_batch, seed_from_int
 from training.evaluate import CanonicalEvaluator, make_backend
 
 
-def median_seconds(function: Callable[[], object], repeats: int) -> float:
+def paired_seconds(
+    baseline: Callable[[], object], candidate: Callable[[], object], repeats: int
+) -> tuple[float, float, float]:
+    """Median baseline and candidate times and the median of their per-pair ratios.
+
+    Runs alternate (baseline, candidate, baseline, ...) so that drift in the
+    machine's speed affects both sides of each pair alike.
+    """
     for _ in range(3):
-        function()
-    times = []
+        baseline()
+        candidate()
+    base_times, candidate_times, ratios = [], [], []
     for _ in range(repeats):
         started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        baseline()
+        middle = time.perf_counter()
+        candidate()
+        ended = time.perf_counter()
+        base_times.append(middle - started)
+        candidate_times.append(ended - middle)
+        ratios.append((ended - middle) / (middle - started))
+    return statistics.median(base_times), statistics.median(candidate_times), statistics.median(ratios)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--genesis", type=Path, default=DEVNET)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
 
@@ -61,16 +75,18 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "tokens": inputs.numel(),
     }
-    float32 = median_seconds(float32_forward, args.repeats)
-    figures["float32_seconds"] = round(float32, 5)
     for backend in ("torch-f64", "torch-int64"):
         if backend == "torch-int64" and args.device != "cpu":
             continue
         evaluator = CanonicalEvaluator(weights, genesis.tables(), make_backend(backend, args.device))
         repeats = args.repeats if backend == "torch-f64" else max(3, args.repeats // 4)
-        seconds = median_seconds(partial(evaluator.per_token_losses, inputs, targets), repeats)
+        float32, seconds, ratio = paired_seconds(
+            float32_forward, partial(evaluator.per_token_losses, inputs, targets), repeats
+        )
         figures[f"{backend}_seconds"] = round(seconds, 5)
-        figures[f"{backend}_over_float32"] = round(seconds / float32, 3)
+        figures[f"{backend}_over_float32"] = round(ratio, 3)
+        if backend == "torch-f64":
+            figures["float32_seconds"] = round(float32, 5)
     figures["canonical_over_float32"] = figures["torch-f64_over_float32"]
     print(json.dumps(figures))
 

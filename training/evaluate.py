@@ -151,12 +151,20 @@ class Backend(Protocol):
         """
         ...
 
+    def prepare_queries(self, q: torch.Tensor, shift: int) -> torch.Tensor:
+        """Queries as `attention_index` takes them."""
+        ...
+
     def round_shift(self, x: torch.Tensor, shift: int | torch.Tensor) -> torch.Tensor:
         """floor((x + 2**(shift-1)) / 2**shift) for shift >= 1."""
         ...
 
-    def floor_div(self, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-        """floor(numerator / denominator) for denominator >= 1."""
+    def square_round_shift(self, x: torch.Tensor, shift: int) -> torch.Tensor:
+        """round_shift(x * x, shift)."""
+        ...
+
+    def floor_div_(self, numerator: torch.Tensor, denominator: torch.Tensor | int) -> torch.Tensor:
+        """floor(numerator / denominator) for denominator >= 1, in place in `numerator`."""
         ...
 
     def index(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +180,7 @@ class Float64Backend:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._bias: torch.Tensor | None = None
+        self._masks: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def constant(self, values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(values, dtype=np.float64)).to(self.device)
@@ -188,30 +196,40 @@ class Float64Backend:
 
     def attention_index(self, q: torch.Tensor, k: torch.Tensor, shift: int, first_row: int) -> torch.Tensor:
         rows, columns = q.shape[-2], k.shape[-2]
-        bias = self._causal_bias(first_row + rows)[first_row : first_row + rows, :columns]
-        # acc = q @ k.T * 2**-shift + 1/2, exact; then s = floor(acc) and
-        # s - max(s) + 16384 = floor(acc - (floor(max acc) - 16384)), and for a
-        # non-negative value the conversion to long is the floor.
-        scores = torch.baddbmm(bias, q * 2.0**-shift, k.transpose(1, 2))
-        top = scores.amax(dim=-1, keepdim=True).floor_()
-        return scores.sub_(top - _ATTENTION_OFFSET).clamp_min_(0).long()
+        # acc = q @ k.T * 2**-shift is exact, s = floor(acc + 1/2) and
+        # s - max(s) + 16384 = floor(acc - (floor(max(acc) + 1/2) - 16384.5));
+        # for a non-negative value the conversion to long is that floor.
+        scores = torch.bmm(q, k.transpose(1, 2))
+        if first_row + rows > 1:
+            # Only keys from first_row on can lie in a row's future.
+            scores[:, :, first_row:].masked_fill_(self._future(first_row, rows, columns), _MASKED)
+        top = scores.amax(dim=-1, keepdim=True).add_(0.5).floor_()
+        return scores.sub_(top - (_ATTENTION_OFFSET + 0.5)).clamp_min_(0).long()
 
-    def _causal_bias(self, t: int) -> torch.Tensor:
-        """1/2 (the rounding term) on and below the diagonal, -2**40 above it."""
-        if self._bias is None or self._bias.shape[0] < t:
-            ones = torch.ones(t, t, dtype=torch.bool, device=self.device)
-            self._bias = torch.where(ones.triu(1), _MASKED, 0.5).to(self.dtype)
-        return self._bias
+    def _future(self, first_row: int, rows: int, columns: int) -> torch.Tensor:
+        """(rows, columns - first_row) mask: key first_row + j is after query first_row + i."""
+        key = (first_row, rows, columns)
+        if key not in self._masks:
+            row = torch.arange(first_row, first_row + rows, device=self.device).unsqueeze(1)
+            self._masks[key] = torch.arange(first_row, columns, device=self.device).unsqueeze(0) > row
+        return self._masks[key]
+
+    def prepare_queries(self, q: torch.Tensor, shift: int) -> torch.Tensor:
+        return q * 2.0**-shift  # exact: a power of two
 
     def round_shift(self, x: torch.Tensor, shift: int | torch.Tensor) -> torch.Tensor:
         if isinstance(shift, torch.Tensor):
-            return torch.floor(torch.ldexp(x, -shift) + 0.5)
-        return torch.floor(x * 2.0**-shift + 0.5)
+            return torch.ldexp(x, -shift).add_(0.5).floor_()
+        return (x * 2.0**-shift).add_(0.5).floor_()
 
-    def floor_div(self, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    def square_round_shift(self, x: torch.Tensor, shift: int) -> torch.Tensor:
+        # x * x * 2**-shift + 1/2 is exact (|x * x| < 2**53), then floor.
+        return torch.addcmul(torch.tensor(0.5, dtype=self.dtype, device=self.device), x, x, value=2.0**-shift).floor_()
+
+    def floor_div_(self, numerator: torch.Tensor, denominator: torch.Tensor | int) -> torch.Tensor:
         # For |numerator| < 2**53 and denominator >= 1, the correctly rounded
         # quotient cannot cross an integer, so its floor is exact.
-        return torch.floor(numerator / denominator)
+        return numerator.div_(denominator).floor_()
 
     def index(self, x: torch.Tensor) -> torch.Tensor:
         return x.long()
@@ -247,13 +265,19 @@ class Int64Backend:
         top = scores.amax(dim=-1, keepdim=True)
         return (scores - (top - _ATTENTION_OFFSET)).clamp_min_(0)
 
+    def prepare_queries(self, q: torch.Tensor, shift: int) -> torch.Tensor:
+        return q
+
     def round_shift(self, x: torch.Tensor, shift: int | torch.Tensor) -> torch.Tensor:
         if isinstance(shift, torch.Tensor):
             return (x + torch.bitwise_left_shift(torch.ones_like(shift), shift - 1)) >> shift
         return (x + (1 << (shift - 1))) >> shift
 
-    def floor_div(self, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-        return torch.div(numerator, denominator, rounding_mode="floor")
+    def square_round_shift(self, x: torch.Tensor, shift: int) -> torch.Tensor:
+        return (x * x + (1 << (shift - 1))) >> shift
+
+    def floor_div_(self, numerator: torch.Tensor, denominator: torch.Tensor | int) -> torch.Tensor:
+        return numerator.div_(denominator, rounding_mode="floor")
 
     def index(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -340,14 +364,14 @@ class CanonicalEvaluator:
         """Q.16 rows (n, width) -> Q.11 rows clipped to int16."""
         b = self.backend
         width = x.shape[-1]
-        x = x.clamp(-LAYERNORM_INPUT_LIMIT, LAYERNORM_INPUT_LIMIT)
-        mean = b.floor_div(x.sum(dim=-1, keepdim=True), torch.full_like(x[:, :1], width))
-        deviation = x - mean
-        squares = b.round_shift(deviation * deviation, LAYERNORM_SQUARE_SHIFT)
-        variance = b.floor_div(squares.sum(dim=-1, keepdim=True), torch.full_like(x[:, :1], width))
+        deviation = x.clamp(-LAYERNORM_INPUT_LIMIT, LAYERNORM_INPUT_LIMIT)
+        mean = b.floor_div_(deviation.sum(dim=-1, keepdim=True), width)
+        deviation.sub_(mean)
+        squares = b.square_round_shift(deviation, LAYERNORM_SQUARE_SHIFT)
+        variance = b.floor_div_(squares.sum(dim=-1, keepdim=True), width)
         std = self.isqrt((variance + LAYERNORM_EPS) * (1 << (2 * LAYERNORM_STD_BITS - 22)))
-        numerator = deviation * gain + b.floor_div(std, torch.full_like(std, 2))
-        return b.floor_div(numerator, std).clamp_(INT16_MIN, INT16_MAX)
+        numerator = torch.addcmul(b.floor_div_(std.clone(), 2), deviation, gain)
+        return b.floor_div_(numerator, std).clamp_(INT16_MIN, INT16_MAX)
 
     def isqrt(self, value: torch.Tensor) -> torch.Tensor:
         """floor(sqrt(value)) for 0 <= value < 2**53: float sqrt, then exact fix-up."""
@@ -376,10 +400,10 @@ class CanonicalEvaluator:
             y = self.attention(q, k, v)
             # (batch * heads, t, head_size) -> (n, c)
             y = y.reshape(batch, heads, t, head_size).transpose(1, 2).reshape(batch * t, config.width)
-            h = h + b.linear(y, layer.c_proj, layer.c_proj_shift, 0)
+            h.add_(b.linear(y, layer.c_proj, layer.c_proj_shift, 0))
             a = self.layernorm(h, layer.ln_2)
             index = b.linear(a, layer.c_fc, layer.c_fc_shift, -INT16_MIN).clamp_(0, INT16_MAX - INT16_MIN)
-            h = h + b.linear(torch.take(self.gelu, b.index(index)), layer.mlp_proj, layer.mlp_proj_shift, 0)
+            h.add_(b.linear(torch.take(self.gelu, b.index(index)), layer.mlp_proj, layer.mlp_proj_shift, 0))
         a = self.layernorm(h, self.ln_f)
         logits = b.linear(a, self.lm_head, self.lm_shift, 0)  # (n, vocab) Q.10
         losses = self.cross_entropy(logits, targets.reshape(-1))
@@ -393,6 +417,7 @@ class CanonicalEvaluator:
         """
         b = self.backend
         t = q.shape[1]
+        q = b.prepare_queries(q, self.score_shift)
         outputs = []
         for first in range(0, t, ATTENTION_BLOCK):
             last = min(first + ATTENTION_BLOCK, t)
@@ -400,18 +425,18 @@ class CanonicalEvaluator:
             exp_scores = torch.take(self.attention_exp, index)  # (bh, rows, last) Q.20
             total = exp_scores.sum(dim=-1, keepdim=True)
             weighted = torch.bmm(exp_scores, v[:, :last])  # (bh, rows, head_size) Q.31
-            half = b.floor_div(total, torch.full_like(total, 2))
-            outputs.append(b.floor_div(weighted + half, total))  # Q.11
+            weighted.add_(b.floor_div_(total.clone(), 2))
+            outputs.append(b.floor_div_(weighted, total))  # Q.11
         return torch.cat(outputs, dim=1)
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """-log softmax(logits)[target] in Q.16, from Q.10 logits."""
         b = self.backend
-        shifted = (logits - logits.amax(dim=-1, keepdim=True)).clamp_min_(-_LOSS_OFFSET)
-        total = torch.take(self.loss_exp, b.index(shifted + _LOSS_OFFSET)).sum(dim=-1)  # Q.32, in [2**32, 2**40]
+        shifted = logits.sub_(logits.amax(dim=-1, keepdim=True)).clamp_min_(-_LOSS_OFFSET)
+        target_logit = shifted.gather(1, targets.unsqueeze(1)).squeeze(1)
+        total = torch.take(self.loss_exp, b.index(shifted.add_(_LOSS_OFFSET))).sum(dim=-1)  # Q.32, [2**32, 2**40]
         exponent = torch.frexp(total.to(torch.float64)).exponent.to(total.dtype) - 1  # floor(log2 total)
         mantissa = b.round_shift(total, exponent - LOG_MANTISSA_BITS)  # in [2**15, 2**16]
         log_total = torch.take(self.log, b.index(mantissa - (1 << LOG_MANTISSA_BITS)))
         log_total = log_total + torch.take(self.ln2_multiples, b.index(exponent - LOSS_EXP_BITS))
-        target_logit = shifted.gather(1, targets.unsqueeze(1)).squeeze(1)
         return log_total - target_logit * (1 << (LOSS_BITS - SCORE_BITS))
