@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import sys
 import time
@@ -14,6 +15,25 @@ from genesis import DEVNET, chunk_directory, load_genesis
 from training.data import SPLITS, ChunkError, load_split, sample_batch, seed_from_int
 from training.evaluate import BACKENDS, CanonicalEvaluator, make_backend
 from training.weights import WeightsError, load_weights
+
+
+def tune_memory_allocator() -> None:
+    """Keep freed memory in the process instead of returning it to the kernel.
+
+    The evaluator and the miner allocate and free many same-sized tensors of
+    several MiB; glibc by default maps each with mmap and unmaps it on free, so
+    every allocation pays page faults again (about a third of an evaluation's
+    time on the devnet). Raising the mmap and trim thresholds makes the heap
+    reuse that memory. A no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value
+    mallopt(m_trim_threshold, 1 << 30)
 
 
 class UserError(Exception):
@@ -72,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_memory_allocator()
     try:
         result = args.handler(args)
     except (UserError, GenesisError, ChunkError, WeightsError, ValueError) as error:

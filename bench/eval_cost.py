@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from genesis import DEVNET, chunk_directory, load_genesis
+from node import tune_memory_allocator
 from training.data import load_split, sample_batch, seed_from_int
 from training.evaluate import CanonicalEvaluator, make_backend
 
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
+    tune_memory_allocator()  # as the node does
 
     genesis = load_genesis(args.genesis)
     text = load_split(genesis.dataset, chunk_directory(args.genesis, genesis), "validation")
