@@ -13,7 +13,7 @@ from pathlib import Path
 from consensus.genesis import GenesisError
 from genesis import DEVNET, chunk_directory, load_genesis
 from training.data import SPLITS, ChunkError, load_split, sample_batch, seed_from_int
-from training.evaluate import BACKENDS, CanonicalEvaluator, make_backend
+from training.evaluate import BACKENDS, CanonicalEvaluator, default_backend, make_backend
 from training.weights import WeightsError, load_weights
 
 
@@ -56,14 +56,15 @@ def command_eval(args: argparse.Namespace) -> dict[str, object]:
     text = load_split(genesis.dataset, chunk_directory(args.genesis, genesis), args.split)
     sequences = genesis.evaluation.test_sequences if args.split == "test" else genesis.evaluation.validation_sequences
     inputs, targets = sample_batch(text, seed_from_int(args.seed), sequences, genesis.model.context)
-    evaluator = CanonicalEvaluator(weights, genesis.tables(), make_backend(args.backend, args.device))
+    backend = args.backend or default_backend(args.device)
+    evaluator = CanonicalEvaluator(weights, genesis.tables(), make_backend(backend, args.device))
     started = time.perf_counter()
     result = evaluator.per_token_losses(inputs, targets)
     return {
         "genesis_hash": genesis.hash,
         "split": args.split,
         "seed": args.seed,
-        "backend": args.backend,
+        "backend": backend,
         "device": args.device,
         "threads": torch.get_num_threads(),
         "loss_total": result.loss_total,
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=SPLITS, default="validation")
     evaluate.add_argument("--seed", type=int, default=0, help="batch seed, a non-negative integer")
     evaluate.add_argument("--weights", type=Path, help="canonical weights (safetensors); default: genesis weights")
-    evaluate.add_argument("--backend", choices=BACKENDS, default="torch-f64")
+    evaluate.add_argument("--backend", choices=BACKENDS, help="default: cpu-fused on the CPU, torch-f64 on CUDA")
     evaluate.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     evaluate.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     evaluate.set_defaults(handler=command_eval)

@@ -6,7 +6,7 @@ Both run in this process on the same model (the genesis weights), the same
 validation batch and the same threads; each figure is the median of
 `--repeats` timed runs after warm-up, the two alternating; ratios are
 medians of per-pair ratios. Prints one JSON object;
-`canonical_over_float32` is the figure of merit (target <= 2.0 on the devnet).
+`canonical_over_float32` (the node's default backend) is the figure of merit (target <= 2.0 on the devnet).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from genesis import DEVNET, chunk_directory, load_genesis
 from node import tune_memory_allocator
 from training.data import load_split, sample_batch, seed_from_int
-from training.evaluate import CanonicalEvaluator, make_backend
+from training.evaluate import CanonicalEvaluator, default_backend, make_backend
 
 
 def paired_seconds(
@@ -77,19 +77,20 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "tokens": inputs.numel(),
     }
-    for backend in ("torch-f64", "torch-int64"):
-        if backend == "torch-int64" and args.device != "cpu":
-            continue
+    default = default_backend(args.device)
+    backends = ["cpu-fused", "torch-f64", "torch-int64"] if args.device == "cpu" else ["torch-f64"]
+    for backend in backends:
         evaluator = CanonicalEvaluator(weights, genesis.tables(), make_backend(backend, args.device))
-        repeats = args.repeats if backend == "torch-f64" else max(3, args.repeats // 4)
+        repeats = args.repeats if backend != "torch-int64" else max(3, args.repeats // 4)
         float32, seconds, ratio = paired_seconds(
             float32_forward, partial(evaluator.per_token_losses, inputs, targets), repeats
         )
         figures[f"{backend}_seconds"] = round(seconds, 5)
         figures[f"{backend}_over_float32"] = round(ratio, 3)
-        if backend == "torch-f64":
+        if backend == default:
             figures["float32_seconds"] = round(float32, 5)
-    figures["canonical_over_float32"] = figures["torch-f64_over_float32"]
+            figures["canonical_backend"] = backend
+            figures["canonical_over_float32"] = round(ratio, 3)
     print(json.dumps(figures))
 
 

@@ -12,9 +12,11 @@ import sys
 from tests.conftest import ROOT, run_potchain
 
 CONFIGURATIONS = [
+    ("cpu-fused", 1, None),
+    ("cpu-fused", 2, None),
+    ("cpu-fused", 2, "default"),
     ("torch-f64", 1, None),
     ("torch-f64", 2, None),
-    ("torch-f64", 1, "default"),
     ("torch-f64", 2, "default"),
     ("torch-f64", 1, "avx2"),
     ("torch-f64", 2, "avx2"),

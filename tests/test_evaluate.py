@@ -74,9 +74,10 @@ def test_backends_agree_bit_for_bit(
     for weights in (devnet.initial_weights(), trained):
         results = [
             CanonicalEvaluator(weights, devnet.tables(), make_backend(name)).per_token_losses(*batch)
-            for name in ("torch-f64", "torch-int64")
+            for name in ("cpu-fused", "torch-f64", "torch-int64")
         ]
         assert np.array_equal(results[0].per_token, results[1].per_token)
+        assert np.array_equal(results[0].per_token, results[2].per_token)
         assert results[0].tokens == 32 * 128
 
 
@@ -86,11 +87,13 @@ def test_attention_blocking_does_not_change_results(
     batch: tuple[torch.Tensor, torch.Tensor],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    evaluator = CanonicalEvaluator(trained, devnet.tables(), make_backend("torch-f64"))
-    reference = evaluator.per_token_losses(*batch).per_token
-    for block in (7, 128):
-        monkeypatch.setattr(evaluate, "ATTENTION_BLOCK", block)
-        assert np.array_equal(evaluator.per_token_losses(*batch).per_token, reference)
+    for backend in ("cpu-fused", "torch-f64"):
+        evaluator = CanonicalEvaluator(trained, devnet.tables(), make_backend(backend))
+        reference = evaluator.per_token_losses(*batch).per_token
+        for block in (7, 128):
+            monkeypatch.setattr(evaluate, "ATTENTION_BLOCK", block)
+            assert np.array_equal(evaluator.per_token_losses(*batch).per_token, reference)
+        monkeypatch.undo()
 
 
 def test_canonical_loss_tracks_float_loss(

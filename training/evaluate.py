@@ -1,8 +1,10 @@
 """The canonical evaluator: the model's loss as an exact integer program.
 
-Every value below is an integer; docs/spec.md ("Evaluator") states the program
-step by step. Two backends run the same program:
+Every value below is an integer; docs/spec.md (section 5) states the program
+step by step. Three backends run the same program:
 
+- `cpu-fused` (the CPU default): float64 BLAS matmuls, as `torch-f64`, with
+  the elementwise steps fused into compiled kernels (`training.kernels`).
 - `torch-f64` keeps the integers in float64 tensors and runs matmuls on BLAS
   (or cuBLAS). Every operand, product and partial sum is an integer (or a
   multiple of a power of two) below 2**53, checked once per model by
@@ -51,7 +53,7 @@ LAYERNORM_STD_BITS = 18
 INT16_MIN = -(1 << 15)
 INT16_MAX = (1 << 15) - 1
 EXACT_LIMIT = 1 << 53
-BACKENDS = ("torch-f64", "torch-int64")
+BACKENDS = ("cpu-fused", "torch-f64", "torch-int64")
 
 _ATTENTION_OFFSET = -ATTENTION_EXP_MIN << SCORE_BITS  # 16384
 _LOSS_OFFSET = -LOSS_EXP_MIN << SCORE_BITS  # 24576
@@ -283,6 +285,27 @@ class Int64Backend:
         return x
 
 
+class FusedCpuBackend(Float64Backend):
+    """Float64 BLAS matmuls with the elementwise steps fused into compiled CPU
+    kernels (`training.kernels`): the same program, one pass per step."""
+
+    name = "cpu-fused"
+
+    def __init__(self, device: torch.device) -> None:
+        if device.type != "cpu":
+            raise ValueError("the cpu-fused backend runs on the CPU only; use torch-f64 on CUDA")
+        super().__init__(device)
+        from training import kernels
+
+        self.kernels = kernels
+        self.kernels.set_threads(torch.get_num_threads())
+
+
+def default_backend(device: str) -> str:
+    """The fastest backend for a device."""
+    return "cpu-fused" if device == "cpu" else "torch-f64"
+
+
 def make_backend(name: str, device: str = "cpu") -> Backend:
     """A backend by name on a device ("cpu" or "cuda")."""
     torch_device = torch.device(device)
@@ -292,6 +315,8 @@ def make_backend(name: str, device: str = "cpu") -> Backend:
         return Float64Backend(torch_device)
     if name == "torch-int64":
         return Int64Backend(torch_device)
+    if name == "cpu-fused":
+        return FusedCpuBackend(torch_device)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -323,6 +348,7 @@ class CanonicalEvaluator:
         self.gelu = b.constant(tables.gelu)
         self.log = b.constant(tables.log)
         self.ln2_multiples = b.constant(tables.ln2_multiples)
+        self.tables = tables
         w, e = weights.tensors, weights.exponents
         self.wte = b.constant(w["wte.weight"].astype(np.int64) << (RESIDUAL_BITS - e["wte.weight"]))
         self.wpe = b.constant(w["wpe.weight"].astype(np.int64) << (RESIDUAL_BITS - e["wpe.weight"]))
@@ -363,6 +389,13 @@ class CanonicalEvaluator:
     def layernorm(self, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         """Q.16 rows (n, width) -> Q.11 rows clipped to int16."""
         b = self.backend
+        if isinstance(b, FusedCpuBackend):
+            out = torch.empty_like(x)
+            b.kernels.layernorm(
+                x.numpy(), gain.numpy(), LAYERNORM_INPUT_LIMIT, LAYERNORM_SQUARE_SHIFT, LAYERNORM_EPS,
+                2 * LAYERNORM_STD_BITS - 22, out.numpy(),
+            )  # fmt: skip
+            return out
         width = x.shape[-1]
         deviation = x.clamp(-LAYERNORM_INPUT_LIMIT, LAYERNORM_INPUT_LIMIT)
         mean = b.floor_div_(deviation.sum(dim=-1, keepdim=True), width)
@@ -391,7 +424,7 @@ class CanonicalEvaluator:
         h = (self.wte[inputs] + self.wpe[:t]).reshape(batch * t, config.width)  # (n, c) Q.16
         for layer in self.layers:
             a = self.layernorm(h, layer.ln_1)
-            qkv = b.linear(a, layer.c_attn, layer.c_attn_shift, 0).clamp_(INT16_MIN, INT16_MAX)
+            qkv = self.clipped_linear(a, layer.c_attn, layer.c_attn_shift)
             # (n, 3c) -> 3 x (batch * heads, t, head_size)
             q, k, v = (
                 part.reshape(batch, t, heads, head_size).transpose(1, 2).reshape(batch * heads, t, head_size)
@@ -400,13 +433,12 @@ class CanonicalEvaluator:
             y = self.attention(q, k, v)
             # (batch * heads, t, head_size) -> (n, c)
             y = y.reshape(batch, heads, t, head_size).transpose(1, 2).reshape(batch * t, config.width)
-            h.add_(b.linear(y, layer.c_proj, layer.c_proj_shift, 0))
+            self.add_linear(h, y, layer.c_proj, layer.c_proj_shift)
             a = self.layernorm(h, layer.ln_2)
-            index = b.linear(a, layer.c_fc, layer.c_fc_shift, -INT16_MIN).clamp_(0, INT16_MAX - INT16_MIN)
-            h.add_(b.linear(torch.take(self.gelu, b.index(index)), layer.mlp_proj, layer.mlp_proj_shift, 0))
+            g = self.gelu_of_linear(a, layer.c_fc, layer.c_fc_shift)
+            self.add_linear(h, g, layer.mlp_proj, layer.mlp_proj_shift)
         a = self.layernorm(h, self.ln_f)
-        logits = b.linear(a, self.lm_head, self.lm_shift, 0)  # (n, vocab) Q.10
-        losses = self.cross_entropy(logits, targets.reshape(-1))
+        losses = self.cross_entropy(a, targets.reshape(-1))
         return EvalResult(per_token=losses.to(torch.int64).cpu().numpy())
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -421,6 +453,14 @@ class CanonicalEvaluator:
         outputs = []
         for first in range(0, t, ATTENTION_BLOCK):
             last = min(first + ATTENTION_BLOCK, t)
+            if isinstance(b, FusedCpuBackend):
+                weights = torch.bmm(q[:, first:last], k[:, :last].transpose(1, 2))
+                totals = torch.empty(weights.shape[:2], dtype=b.dtype)
+                b.kernels.attention_weights(weights.numpy(), first, self.tables.attention_exp, totals.numpy())
+                weighted = torch.bmm(weights, v[:, :last])
+                b.kernels.divide_rounded(weighted.numpy(), totals.numpy())
+                outputs.append(weighted)
+                continue
             index = b.attention_index(q[:, first:last], k[:, :last], self.score_shift, first)
             exp_scores = torch.take(self.attention_exp, index)  # (bh, rows, last) Q.20
             total = exp_scores.sum(dim=-1, keepdim=True)
@@ -429,9 +469,45 @@ class CanonicalEvaluator:
             outputs.append(b.floor_div_(weighted, total))  # Q.11
         return torch.cat(outputs, dim=1)
 
-    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """-log softmax(logits)[target] in Q.16, from Q.10 logits."""
+    def clipped_linear(self, a: torch.Tensor, weight: torch.Tensor, shift: int) -> torch.Tensor:
+        """clip(round_shift(a @ W.T, shift), int16)."""
         b = self.backend
+        if isinstance(b, FusedCpuBackend):
+            product = torch.mm(a, weight)
+            b.kernels.round_clip(product.numpy(), INT16_MIN, INT16_MAX)
+            return product
+        return b.linear(a, weight, shift, 0).clamp_(INT16_MIN, INT16_MAX)
+
+    def add_linear(self, h: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, shift: int) -> None:
+        """h += round_shift(a @ W.T, shift), in place."""
+        b = self.backend
+        if isinstance(b, FusedCpuBackend):
+            b.kernels.add_rounded(h.numpy(), torch.mm(a, weight).numpy())
+        else:
+            h.add_(b.linear(a, weight, shift, 0))
+
+    def gelu_of_linear(self, a: torch.Tensor, weight: torch.Tensor, shift: int) -> torch.Tensor:
+        """gelu[clip(round_shift(a @ W.T, shift), int16) + 32768] (Q.11)."""
+        b = self.backend
+        if isinstance(b, FusedCpuBackend):
+            product = torch.mm(a, weight)
+            b.kernels.gelu(product.numpy(), self.tables.gelu)
+            return product
+        index = b.linear(a, weight, shift, -INT16_MIN).clamp_(0, INT16_MAX - INT16_MIN)
+        return torch.take(self.gelu, b.index(index))
+
+    def cross_entropy(self, a: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """-log softmax(logits)[target] in Q.16, with Q.10 logits from the tied head."""
+        b = self.backend
+        if isinstance(b, FusedCpuBackend):
+            losses = torch.empty(a.shape[0], dtype=torch.int64)
+            t = self.tables
+            b.kernels.cross_entropy(
+                torch.mm(a, self.lm_head).numpy(), targets.numpy(), t.loss_exp, t.log, t.ln2_multiples,
+                LOG_MANTISSA_BITS, LOSS_EXP_BITS, 1 << (LOSS_BITS - SCORE_BITS), losses.numpy(),
+            )  # fmt: skip
+            return losses
+        logits = b.linear(a, self.lm_head, self.lm_shift, 0)  # (n, vocab) Q.10
         shifted = logits.sub_(logits.amax(dim=-1, keepdim=True)).clamp_min_(-_LOSS_OFFSET)
         target_logit = shifted.gather(1, targets.unsqueeze(1)).squeeze(1)
         total = torch.take(self.loss_exp, b.index(shifted.add_(_LOSS_OFFSET))).sum(dim=-1)  # Q.32, [2**32, 2**40]
