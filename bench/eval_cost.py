@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from genesis import DEVNET, chunk_directory, load_genesis
 from node import tune_memory_allocator
@@ -65,11 +66,14 @@ def main() -> None:
     inputs, targets = sample_batch(text, seed_from_int(7), sequences, genesis.model.context)
     weights = genesis.initial_weights()
     model = weights.to_model().to(args.device).eval()
-    float_inputs = inputs.to(args.device)
+    float_inputs, float_targets = inputs.to(args.device), targets.to(args.device)
 
     def float32_forward() -> None:
+        """The same task in float32: per-token losses of the batch."""
         with torch.no_grad():
-            model(float_inputs).sum().item()
+            logits = model(float_inputs)
+            losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), float_targets.reshape(-1), reduction="none")
+            losses.sum().item()
 
     figures: dict[str, object] = {
         "genesis": genesis.chain_id,

@@ -366,7 +366,7 @@ class CanonicalEvaluator:
             self.layers.append(
                 _Layer(
                     ln_1=self._norm_gain(weights, p + "ln_1.weight"),
-                    c_attn=b.linear_weight(w[p + "attn.c_attn.weight"], shifts["attn.c_attn"]),
+                    c_attn=self._attention_weight(w[p + "attn.c_attn.weight"], shifts["attn.c_attn"]),
                     c_attn_shift=shifts["attn.c_attn"],
                     c_proj=b.linear_weight(w[p + "attn.c_proj.weight"], shifts["attn.c_proj"]),
                     c_proj_shift=shifts["attn.c_proj"],
@@ -380,6 +380,15 @@ class CanonicalEvaluator:
         self.ln_f = self._norm_gain(weights, "ln_f.weight")
         # scores = q @ k.T is Q.22; Q.10 and the 1/sqrt(head size) factor make the shift.
         self.score_shift = 2 * ACTIVATION_BITS - SCORE_BITS + _log2_exact(config.head_size) // 2
+
+    def _attention_weight(self, weight: np.ndarray, shift: int) -> torch.Tensor:
+        """c_attn prepared for `linear`; for cpu-fused, rows reordered (head, q|k|v, d), untransposed."""
+        b = self.backend
+        if not isinstance(b, FusedCpuBackend):
+            return b.linear_weight(weight, shift)
+        width, heads, size = self.config.width, self.config.heads, self.config.head_size
+        order = [part * width + head * size + d for head in range(heads) for part in range(3) for d in range(size)]
+        return b.constant(weight[order] * 2.0**-shift)
 
     def _norm_gain(self, weights: CanonicalWeights, name: str) -> torch.Tensor:
         # d (Q.16) * gain (Q.e) / std (Q.18) is Q.(e-2); times 2**(13-e) gives Q.11.
@@ -418,21 +427,15 @@ class CanonicalEvaluator:
         batch, t = inputs.shape
         if t > config.context:
             raise ValueError(f"sequence length {t} exceeds context {config.context}")
-        heads, head_size = config.heads, config.head_size
         inputs = inputs.to(b.device)
         targets = targets.to(b.device)
         h = (self.wte[inputs] + self.wpe[:t]).reshape(batch * t, config.width)  # (n, c) Q.16
         for layer in self.layers:
             a = self.layernorm(h, layer.ln_1)
-            qkv = self.clipped_linear(a, layer.c_attn, layer.c_attn_shift)
-            # (n, 3c) -> 3 x (batch * heads, t, head_size)
-            q, k, v = (
-                part.reshape(batch, t, heads, head_size).transpose(1, 2).reshape(batch * heads, t, head_size)
-                for part in torch.split(qkv, config.width, dim=1)
-            )
-            y = self.attention(q, k, v)
-            # (batch * heads, t, head_size) -> (n, c)
-            y = y.reshape(batch, heads, t, head_size).transpose(1, 2).reshape(batch * t, config.width)
+            if isinstance(b, FusedCpuBackend):
+                y = self._fused_attention(a, layer.c_attn, batch)
+            else:
+                y = self.attention(self.clipped_linear(a, layer.c_attn, layer.c_attn_shift), batch)
             self.add_linear(h, y, layer.c_proj, layer.c_proj_shift)
             a = self.layernorm(h, layer.ln_2)
             g = self.gelu_of_linear(a, layer.c_fc, layer.c_fc_shift)
@@ -441,33 +444,57 @@ class CanonicalEvaluator:
         losses = self.cross_entropy(a, targets.reshape(-1))
         return EvalResult(per_token=losses.to(torch.int64).cpu().numpy())
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention of Q.11 (batch * heads, t, head_size) tensors; Q.11 output.
+    def attention(self, qkv: torch.Tensor, batch: int) -> torch.Tensor:
+        """Causal self-attention: (n, 3c) Q.11 q|k|v columns -> (n, c) Q.11 (section 5.3 step 2.3).
 
         Query rows go in blocks, each against the keys up to its last row, which
         skips most masked scores; the result is the same for any block size.
         """
-        b = self.backend
-        t = q.shape[1]
+        config, b = self.config, self.backend
+        t, heads, head_size = qkv.shape[0] // batch, config.heads, config.head_size
+        # (n, 3c) -> 3 x (batch * heads, t, head_size)
+        q, k, v = (
+            part.reshape(batch, t, heads, head_size).transpose(1, 2).reshape(batch * heads, t, head_size)
+            for part in torch.split(qkv, config.width, dim=1)
+        )
         q = b.prepare_queries(q, self.score_shift)
         outputs = []
         for first in range(0, t, ATTENTION_BLOCK):
             last = min(first + ATTENTION_BLOCK, t)
-            if isinstance(b, FusedCpuBackend):
-                weights = torch.bmm(q[:, first:last], k[:, :last].transpose(1, 2))
-                totals = torch.empty(weights.shape[:2], dtype=b.dtype)
-                b.kernels.attention_weights(weights.numpy(), first, self.tables.attention_exp, totals.numpy())
-                weighted = torch.bmm(weights, v[:, :last])
-                b.kernels.divide_rounded(weighted.numpy(), totals.numpy())
-                outputs.append(weighted)
-                continue
             index = b.attention_index(q[:, first:last], k[:, :last], self.score_shift, first)
             exp_scores = torch.take(self.attention_exp, index)  # (bh, rows, last) Q.20
             total = exp_scores.sum(dim=-1, keepdim=True)
             weighted = torch.bmm(exp_scores, v[:, :last])  # (bh, rows, head_size) Q.31
             weighted.add_(b.floor_div_(total.clone(), 2))
             outputs.append(b.floor_div_(weighted, total))  # Q.11
-        return torch.cat(outputs, dim=1)
+        y = torch.cat(outputs, dim=1)
+        # (batch * heads, t, head_size) -> (n, c)
+        return y.reshape(batch, heads, t, head_size).transpose(1, 2).reshape(batch * t, config.width)
+
+    def _fused_attention(self, a: torch.Tensor, weight: torch.Tensor, batch: int) -> torch.Tensor:
+        """q|k|v projection and `attention` for cpu-fused.
+
+        The projection runs per sequence as weight @ a.T, with the weight's rows
+        ordered (head, q|k|v, d), so every head's q.T, k.T and v.T are views of
+        the product (no copies): (batch, 3c, t) = (batch * heads, 3, head size, t).
+        """
+        config, b = self.config, self.backend
+        assert isinstance(b, FusedCpuBackend)
+        heads, size = config.heads, config.head_size
+        t = a.shape[0] // batch
+        product = torch.matmul(weight, a.view(batch, t, config.width).transpose(1, 2))  # (batch, 3c, t)
+        b.kernels.round_clip_heads(product.numpy(), heads, 2.0**-self.score_shift)
+        parts = product.view(batch * heads, 3, size, t)
+        queries, keys, values = parts[:, 0], parts[:, 1], parts[:, 2]  # (batch * heads, size, t)
+        y = torch.empty(batch * t, config.width, dtype=b.dtype)
+        for first in range(0, t, ATTENTION_BLOCK):
+            last = min(first + ATTENTION_BLOCK, t)
+            weights = torch.bmm(queries[:, :, first:last].transpose(1, 2), keys[:, :, :last])
+            totals = torch.empty(weights.shape[:2], dtype=b.dtype)
+            b.kernels.attention_weights(weights.numpy(), first, self.tables.attention_exp, totals.numpy())
+            weighted = torch.bmm(weights, values[:, :, :last].transpose(1, 2))
+            b.kernels.merge_heads(weighted.numpy(), totals.numpy(), first, t, heads, y.numpy())
+        return y
 
     def clipped_linear(self, a: torch.Tensor, weight: torch.Tensor, shift: int) -> torch.Tensor:
         """clip(round_shift(a @ W.T, shift), int16)."""

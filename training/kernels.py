@@ -50,7 +50,7 @@ def layernorm(
             out[row, c] = min(max(quotient, _INT16_MIN), _INT16_MAX)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, fastmath=True)
 def attention_weights(scores: np.ndarray, first_row: int, table: np.ndarray, totals: np.ndarray) -> None:
     """In place: scaled scores q.k * 2**-shift (bh, rows, columns) -> exp table values (Q.20).
 
@@ -81,16 +81,35 @@ def attention_weights(scores: np.ndarray, first_row: int, table: np.ndarray, tot
 
 
 @numba.njit(cache=True, parallel=True)
-def divide_rounded(weighted: np.ndarray, totals: np.ndarray) -> None:
-    """In place: weighted[b, r, :] = floor((weighted + floor(total / 2)) / total)."""
-    heads, rows, width = weighted.shape
-    for flat in prange(heads * rows):
-        head = flat // rows
+def round_clip_heads(product: np.ndarray, heads: int, query_scale: float) -> None:
+    """In place on (batch, 3C, t) q|k|v products, rows ordered (head, part, d):
+    clip(floor(x + 1/2), int16), and query rows (part 0) times query_scale."""
+    batch, rows, length = product.shape
+    size = rows // (3 * heads)
+    for item in prange(batch * rows):
+        sequence = item // rows
+        row = item % rows
+        scale = query_scale if (row // size) % 3 == 0 else 1.0
+        for t in range(length):
+            value = min(max(math.floor(product[sequence, row, t] + 0.5), -32768.0), 32767.0)
+            product[sequence, row, t] = value * scale
+
+
+@numba.njit(cache=True, parallel=True)
+def merge_heads(
+    weighted: np.ndarray, totals: np.ndarray, first_row: int, length: int, heads: int, out: np.ndarray
+) -> None:
+    """out[token, head columns] = floor((weighted + floor(total / 2)) / total) for rows from first_row."""
+    count, rows, head_size = weighted.shape
+    for flat in prange(count * rows):
+        index = flat // rows
         row = flat % rows
-        total = totals[head, row]
+        token = (index // heads) * length + first_row + row
+        column = (index % heads) * head_size
+        total = totals[index, row]
         half = math.floor(total * 0.5)
-        for c in range(width):
-            weighted[head, row, c] = math.floor((weighted[head, row, c] + half) / total)
+        for d in range(head_size):
+            out[token, column + d] = math.floor((weighted[index, row, d] + half) / total)
 
 
 @numba.njit(cache=True, parallel=True)
