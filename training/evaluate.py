@@ -378,6 +378,9 @@ class CanonicalEvaluator:
                 )
             )
         self.ln_f = self._norm_gain(weights, "ln_f.weight")
+        self._norm_constants = (
+            LAYERNORM_INPUT_LIMIT, LAYERNORM_SQUARE_SHIFT, LAYERNORM_EPS, 2 * LAYERNORM_STD_BITS - 22,
+        )  # fmt: skip
         # scores = q @ k.T is Q.22; Q.10 and the 1/sqrt(head size) factor make the shift.
         self.score_shift = 2 * ACTIVATION_BITS - SCORE_BITS + _log2_exact(config.head_size) // 2
 
@@ -396,14 +399,11 @@ class CanonicalEvaluator:
         return self.backend.constant(weights.tensors[name].astype(np.int64) << shift)
 
     def layernorm(self, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-        """Q.16 rows (n, width) -> Q.11 rows clipped to int16."""
+        """Q.16 rows (n, width) -> Q.11 rows clipped to int16 (section 5.4)."""
         b = self.backend
         if isinstance(b, FusedCpuBackend):
             out = torch.empty_like(x)
-            b.kernels.layernorm(
-                x.numpy(), gain.numpy(), LAYERNORM_INPUT_LIMIT, LAYERNORM_SQUARE_SHIFT, LAYERNORM_EPS,
-                2 * LAYERNORM_STD_BITS - 22, out.numpy(),
-            )  # fmt: skip
+            b.kernels.layernorm(x.numpy(), x.numpy(), False, gain.numpy(), *self._norm_constants, out.numpy())
             return out
         width = x.shape[-1]
         deviation = x.clamp(-LAYERNORM_INPUT_LIMIT, LAYERNORM_INPUT_LIMIT)
@@ -414,6 +414,19 @@ class CanonicalEvaluator:
         std = self.isqrt((variance + LAYERNORM_EPS) * (1 << (2 * LAYERNORM_STD_BITS - 22)))
         numerator = torch.addcmul(b.floor_div_(std.clone(), 2), deviation, gain)
         return b.floor_div_(numerator, std).clamp_(INT16_MIN, INT16_MAX)
+
+    def residual_layernorm(
+        self, h: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, shift: int, gain: torch.Tensor
+    ) -> torch.Tensor:
+        """h += round_shift(a @ W.T, shift) in place; returns layernorm(h, gain)."""
+        b = self.backend
+        if isinstance(b, FusedCpuBackend):
+            out = torch.empty_like(h)
+            products = torch.mm(a, weight).numpy()
+            b.kernels.layernorm(h.numpy(), products, True, gain.numpy(), *self._norm_constants, out.numpy())
+            return out
+        self.add_linear(h, a, weight, shift)
+        return self.layernorm(h, gain)
 
     def isqrt(self, value: torch.Tensor) -> torch.Tensor:
         """floor(sqrt(value)) for 0 <= value < 2**53: float sqrt, then exact fix-up."""
@@ -430,17 +443,17 @@ class CanonicalEvaluator:
         inputs = inputs.to(b.device)
         targets = targets.to(b.device)
         h = (self.wte[inputs] + self.wpe[:t]).reshape(batch * t, config.width)  # (n, c) Q.16
-        for layer in self.layers:
-            a = self.layernorm(h, layer.ln_1)
+        # Each residual update is fused with the LayerNorm that follows it.
+        a = self.layernorm(h, self.layers[0].ln_1)
+        for index, layer in enumerate(self.layers):
             if isinstance(b, FusedCpuBackend):
                 y = self._fused_attention(a, layer.c_attn, batch)
             else:
                 y = self.attention(self.clipped_linear(a, layer.c_attn, layer.c_attn_shift), batch)
-            self.add_linear(h, y, layer.c_proj, layer.c_proj_shift)
-            a = self.layernorm(h, layer.ln_2)
+            a = self.residual_layernorm(h, y, layer.c_proj, layer.c_proj_shift, layer.ln_2)
             g = self.gelu_of_linear(a, layer.c_fc, layer.c_fc_shift)
-            self.add_linear(h, g, layer.mlp_proj, layer.mlp_proj_shift)
-        a = self.layernorm(h, self.ln_f)
+            gain = self.layers[index + 1].ln_1 if index + 1 < len(self.layers) else self.ln_f
+            a = self.residual_layernorm(h, g, layer.mlp_proj, layer.mlp_proj_shift, gain)
         losses = self.cross_entropy(a, targets.reshape(-1))
         return EvalResult(per_token=losses.to(torch.int64).cpu().numpy())
 

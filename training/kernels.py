@@ -22,12 +22,27 @@ _INT16_MAX = 32767
 
 @numba.njit(cache=True, parallel=True)
 def layernorm(
-    x: np.ndarray, gain: np.ndarray, limit: int, square_shift: int, eps: int, std_shift: int, out: np.ndarray
+    x: np.ndarray,
+    products: np.ndarray,
+    add: bool,
+    gain: np.ndarray,
+    limit: int,
+    square_shift: int,
+    eps: int,
+    std_shift: int,
+    out: np.ndarray,
 ) -> None:
-    """out = LayerNorm(x) (section 5.4); x (n, C) Q.16, gain pre-scaled by 2**(13 - e), out Q.11."""
+    """out = LayerNorm(x) (section 5.4); x (n, C) Q.16, gain pre-scaled by 2**(13 - e), out Q.11.
+
+    With `add`, first x += floor(products + 1/2) in place (the residual update
+    that precedes every LayerNorm but the first), in the same pass.
+    """
     rows, width = x.shape
     square_half = 1 << (square_shift - 1)
     for row in prange(rows):
+        if add:
+            for c in range(width):
+                x[row, c] += math.floor(products[row, c] + 0.5)
         total = 0
         for c in range(width):
             total += min(max(np.int64(x[row, c]), -limit), limit)  # type: ignore[operator]
