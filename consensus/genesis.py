@@ -47,6 +47,42 @@ class EvaluationParameters:
 
 
 @dataclass(frozen=True)
+class ConsensusParameters:
+    """The consensus rules' numbers; fixed by genesis."""
+
+    initial_difficulty: int
+    """Minimum validation gain (Q.16 loss units over a validation batch) at genesis."""
+    target_interval_seconds: int
+    """Desired time between finalized training blocks."""
+    retarget_divisor: int
+    """Each retarget moves difficulty by difficulty // divisor (at least 1)."""
+    quorum_numerator: int
+    """Attesting stake must be at least numerator / denominator of all stake."""
+    quorum_denominator: int
+    """See quorum_numerator."""
+    max_future_seconds: int
+    """A block's timestamp may be at most this far past the receiving node's clock."""
+    round_timeout_seconds: int
+    """A training block not validated within this time is orphaned (node policy)."""
+    block_reward: int
+    """Units minted per finalized training block."""
+    miner_share_percent: int
+    """The miner's share of the block reward; attesting validators split the rest by stake."""
+
+
+@dataclass(frozen=True)
+class GenesisAccount:
+    """An account that exists at genesis."""
+
+    public_key: bytes
+    """Ed25519 public key (the account address)."""
+    balance: int
+    """Initial balance."""
+    stake: int
+    """Initial stake (validators have stake > 0)."""
+
+
+@dataclass(frozen=True)
 class Genesis:
     """The parsed genesis document."""
 
@@ -68,6 +104,10 @@ class Genesis:
     """Where chunk files are, relative to the genesis file."""
     evaluation: EvaluationParameters
     """Evaluation program and batch sizes."""
+    consensus: ConsensusParameters
+    """Difficulty, quorum, timing and rewards."""
+    accounts: tuple[GenesisAccount, ...]
+    """Initial accounts: validators with their stake, and balances."""
     hash: str
     """SHA-256 of the canonical JSON of the document."""
 
@@ -246,6 +286,39 @@ def parse_genesis(raw: bytes) -> Genesis:
         test_sequences=evaluation_fields.integer("test_sequences", 1, 4096),
     )
     evaluation_fields.done()
+
+    consensus_fields = root.object("consensus")
+    consensus = ConsensusParameters(
+        initial_difficulty=consensus_fields.integer("initial_difficulty", 1, 2**62),
+        target_interval_seconds=consensus_fields.integer("target_interval_seconds", 1, 86400),
+        retarget_divisor=consensus_fields.integer("retarget_divisor", 2, 1 << 16),
+        quorum_numerator=consensus_fields.integer("quorum_numerator", 1, 1 << 16),
+        quorum_denominator=consensus_fields.integer("quorum_denominator", 1, 1 << 16),
+        max_future_seconds=consensus_fields.integer("max_future_seconds", 0, 3600),
+        round_timeout_seconds=consensus_fields.integer("round_timeout_seconds", 1, 86400),
+        block_reward=consensus_fields.integer("block_reward", 0, 2**62),
+        miner_share_percent=consensus_fields.integer("miner_share_percent", 0, 100),
+    )
+    consensus_fields.done()
+    if not 2 * consensus.quorum_denominator <= 3 * consensus.quorum_numerator <= 3 * consensus.quorum_denominator:
+        raise GenesisError("consensus: quorum must lie in [2/3, 1]")
+
+    accounts = []
+    for index, item in enumerate(root.array("accounts")):
+        fields = _Reader(item, f"accounts[{index}]")
+        key = fields.string("public_key", _HEX64)
+        accounts.append(
+            GenesisAccount(
+                public_key=bytes.fromhex(key),
+                balance=fields.integer("balance", 0, 2**62),
+                stake=fields.integer("stake", 0, 2**62),
+            )
+        )
+        fields.done()
+    if len({account.public_key for account in accounts}) != len(accounts):
+        raise GenesisError("accounts: a public key appears twice")
+    if not any(account.stake for account in accounts):
+        raise GenesisError("accounts: no validator (an account with stake > 0)")
     root.done()
 
     return Genesis(
@@ -258,5 +331,7 @@ def parse_genesis(raw: bytes) -> Genesis:
         dataset=dataset,
         chunk_directory=chunk_directory,
         evaluation=evaluation,
+        consensus=consensus,
+        accounts=tuple(accounts),
         hash=hashlib.sha256(canonical_json(document)).hexdigest(),
     )

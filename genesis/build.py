@@ -21,6 +21,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from chain.crypto import devnet_key
 from training.data import chunk_document
 from training.model import ModelConfig
 from training.tables import build_tables
@@ -28,6 +29,8 @@ from training.tables import build_tables
 GENESIS_DIR = Path(__file__).resolve().parent
 CHUNK_DIR = GENESIS_DIR / "data" / "shakespeare"
 CHUNK_SIZE = 1 << 16
+DEVNET_VALIDATORS = 4
+"""Validators at genesis, with the INSECURE keys devnet_key("validator-0"), ..."""
 HELD_OUT_DOCUMENTS = 3
 """Documents in each of the validation and test splits."""
 
@@ -119,6 +122,21 @@ def genesis_document(
             "validation_sequences": batch_sequences,
             "test_sequences": batch_sequences,
         },
+        "consensus": {
+            "initial_difficulty": 1,
+            "target_interval_seconds": 10,
+            "retarget_divisor": 8,
+            "quorum_numerator": 2,
+            "quorum_denominator": 3,
+            "max_future_seconds": 15,
+            "round_timeout_seconds": 60,
+            "block_reward": 1_000_000,
+            "miner_share_percent": 70,
+        },
+        "accounts": [
+            {"public_key": devnet_key(f"validator-{index}").public_key.hex(), "balance": 0, "stake": 1_000_000}
+            for index in range(DEVNET_VALIDATORS)
+        ],
     }
 
 

@@ -217,6 +217,21 @@ class SliceLayout:
     def slice_hashes(self, weights: CanonicalWeights) -> list[str]:
         return [self.slice_hash(weights, slice_id) for slice_id in range(self.partition.slices)]
 
+    def assemble(self, exponents: Mapping[str, int], slices: list[np.ndarray]) -> CanonicalWeights:
+        """Weights from every slice's values (the slices cover every element once)."""
+        if len(slices) != self.partition.slices:
+            raise WeightsError(f"{len(slices)} slices, want {self.partition.slices}")
+        shapes = self.config.tensor_shapes()
+        flat = {name: np.empty(math.prod(shape), dtype=np.int16) for name, shape in shapes.items()}
+        for slice_id, values in enumerate(slices):
+            if values.shape != (self.slice_size(slice_id),):
+                raise WeightsError(f"slice {slice_id}: {values.shape} values, want ({self.slice_size(slice_id)},)")
+            offset = 0
+            for name, index in self.indices[slice_id].items():
+                flat[name][index] = values[offset : offset + len(index)]
+                offset += len(index)
+        return make_weights(self.config, exponents, {name: flat[name].reshape(shapes[name]) for name in shapes})
+
     def apply(self, weights: CanonicalWeights, slice_id: int, values: np.ndarray) -> CanonicalWeights:
         """Weights with one slice's values replaced."""
         expected = self.slice_size(slice_id)
