@@ -10,10 +10,20 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from consensus.genesis import GenesisError
+from chain.blocks import Block, Kind, TrainingBody, decode_block
+from chain.crypto import PrivateKey, devnet_key
+from chain.encoding import DecodeError
+from chain.state import State
+from chain.store import ChainDB, CorruptStore
+from consensus.fork_choice import HeadChange, Store
+from consensus.genesis import Genesis, GenesisError
+from consensus.proposals import attest, propose_training_block, propose_validation_block
+from consensus.rules import Chain, InvalidBlock, apply_block, compute_assigned_slice, genesis_block, genesis_state
 from genesis import DEVNET, chunk_directory, load_genesis
 from training.data import SPLITS, ChunkError, load_split, sample_batch, seed_from_int
 from training.evaluate import BACKENDS, CanonicalEvaluator, default_backend, make_backend
+from training.miner import TrainingConfig, train_slice
+from training.tables import LOSS_BITS
 from training.weights import WeightsError, load_weights
 
 
@@ -75,6 +85,198 @@ def command_eval(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+class FullNode:
+    """One node's chain: the fork-choice store and the LevelDB store, kept in step.
+
+    Every block, from a local miner or (later) a peer, enters through
+    `import_block`: decode, validate against the fork-choice store, then one
+    atomic write to the database.
+    """
+
+    def __init__(self, genesis_path: Path, datadir: Path, backend: str | None = None) -> None:
+        self.genesis = load_genesis(genesis_path)
+        directory = chunk_directory(genesis_path, self.genesis)
+        self.chain = Chain(
+            self.genesis,
+            validation_text=load_split(self.genesis.dataset, directory, "validation"),
+            test_text=load_split(self.genesis.dataset, directory, "test"),
+            backend=backend or default_backend("cpu"),
+        )
+        first_state = genesis_state(self.genesis)
+        first_block = genesis_block(self.genesis, first_state)
+        self.db = ChainDB(datadir / "chain", bytes.fromhex(self.genesis.hash), first_block, first_state)
+        finalized = self.db.finalized()
+        self.store = Store.from_anchor(
+            self.chain, self.db.block(finalized), self.db.state(finalized), self.db.confirmed_gain(finalized)
+        )
+        self.store.on_tick(int(time.time()))
+        head = self.db.head()
+        if head != finalized:
+            try:  # the head is a training block awaiting validation: check it again
+                self.store.on_block(self.db.block(head))
+            except (InvalidBlock, KeyError, DecodeError) as error:
+                raise CorruptStore(f"{datadir}: stored head {head.hex()} does not validate: {error}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def import_block(self, data: bytes) -> HeadChange:
+        """Decode, validate and store a block; raises DecodeError or InvalidBlock."""
+        block = decode_block(data)
+        self.store.on_tick(int(time.time()))
+        change = self.store.on_block(block)
+        node = self.store.nodes[block.hash]
+        self.db.import_block(
+            block,
+            node.state,
+            node.confirmed_gain,
+            change.new_head,
+            change.new_canonical,
+            change.old_canonical,
+            self.store.finalized,
+        )
+        return change
+
+    def finalized(self) -> tuple[Block, State]:
+        node = self.store.nodes[self.store.finalized]
+        return node.block, node.state
+
+
+def validator_keys(genesis: Genesis) -> list[PrivateKey]:
+    """The INSECURE devnet keys of genesis validators (validator-0, validator-1, ...)."""
+    stakers = {account.public_key for account in genesis.accounts if account.stake}
+    keys = [devnet_key(f"validator-{index}") for index in range(len(stakers))]
+    return [key for key in keys if key.public_key in stakers]
+
+
+def mean_loss(chain: Chain, state: State, split: str) -> float:
+    """Nats per token on the split's report batch (seed 0): informative only."""
+    sequences = chain.genesis.evaluation.validation_sequences
+    if split == "test":
+        sequences = chain.genesis.evaluation.test_sequences
+    tokens = sequences * chain.genesis.model.context
+    return round(chain.loss(state, split, seed_from_int(0)) / tokens / (1 << LOSS_BITS), 5)
+
+
+def command_localnet(args: argparse.Namespace) -> dict[str, object]:
+    """An in-process network: devnet validators and one CPU miner, until N training blocks are final."""
+    if args.finalize < 1:
+        raise UserError(f"--finalize must be at least 1, got {args.finalize}")
+    started = time.perf_counter()
+    node = FullNode(args.genesis, args.datadir)
+    chain, genesis = node.chain, node.genesis
+    train_text = load_split(genesis.dataset, chunk_directory(args.genesis, genesis), "train")
+    validators = validator_keys(genesis)
+    if not validators:
+        raise UserError("genesis has no devnet validator keys; localnet needs them")
+    miner = devnet_key("miner-0")
+    config = TrainingConfig(steps=args.steps, device=args.device)
+    initial = genesis_state(genesis)
+    losses = {"validation_loss_genesis": mean_loss(chain, initial, "validation")}
+    losses["test_loss_genesis"] = mean_loss(chain, initial, "test")
+    try:
+        while (node.finalized()[1].finalized_height + 1) // 2 < args.finalize:
+            parent, state = node.finalized()
+            slice_id = compute_assigned_slice(parent.hash, miner.public_key, genesis.partition.slices)
+            weights = chain.weights(state)
+            training = None
+            for attempt in range(args.attempts):
+                seed = parent.hash + miner.public_key + attempt.to_bytes(4, "big")
+                values = train_slice(weights, chain.layout, slice_id, train_text, seed, config)
+                timestamp = max(int(time.time()), parent.header.timestamp + 1)
+                candidate = propose_training_block(chain, parent, state, miner, values, timestamp, config.steps)
+                assert isinstance(candidate.body, TrainingBody)
+                gain = candidate.body.loss_before - candidate.body.loss_after
+                if gain >= state.difficulty:
+                    training = candidate
+                    break
+                weights = chain.layout.apply(weights, slice_id, values)
+            if training is None:
+                raise UserError(
+                    f"the miner found no update with gain >= {state.difficulty} in {args.attempts} attempts"
+                )
+            node.import_block(training.encode())
+            for key in validators:
+                node.store.on_attestation(attest(chain, key, state, training))
+            attestations = list(node.store.attestations.get(training.hash, {}).values())
+            proposer = validators[training.header.height % len(validators)]
+            timestamp = max(int(time.time()), training.header.timestamp + 1)
+            evidence = list(node.store.evidence.values())
+            validation = propose_validation_block(chain, training, state, proposer, attestations, evidence, timestamp)
+            node.import_block(validation.encode())
+            node.store.evidence.clear()
+            final_state = node.finalized()[1]
+            count = (final_state.finalized_height + 1) // 2
+            print(
+                f"[localnet] finalized {count}/{args.finalize} height {validation.header.height} "
+                f"gain {gain} difficulty {final_state.difficulty} "
+                f"val {mean_loss(chain, final_state, 'validation'):.4f} "
+                f"({time.perf_counter() - started:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        head_block, head_state = node.finalized()
+        losses["validation_loss_head"] = mean_loss(chain, head_state, "validation")
+        losses["test_loss_head"] = mean_loss(chain, head_state, "test")
+        return {
+            "finalized_height": head_state.finalized_height,
+            "finalized_training_blocks": (head_state.finalized_height + 1) // 2,
+            "head_hash": node.db.head().hex(),
+            "head_height": head_block.header.height,
+            "state_root": head_state.root.hex(),
+            **losses,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    finally:
+        node.close()
+
+
+def command_replay(args: argparse.Namespace) -> dict[str, object]:
+    """Re-validate the stored canonical chain from genesis into a fresh state."""
+    genesis = load_genesis(args.genesis)
+    directory = chunk_directory(args.genesis, genesis)
+    chain = Chain(
+        genesis,
+        validation_text=load_split(genesis.dataset, directory, "validation"),
+        test_text=load_split(genesis.dataset, directory, "test"),
+    )
+    state = genesis_state(genesis)
+    parent = genesis_block(genesis, state)
+    if not (args.datadir / "chain").exists():
+        raise UserError(f"{args.datadir}: no chain database here")
+    db = ChainDB(args.datadir / "chain", bytes.fromhex(genesis.hash), parent, state)
+    try:
+        head = db.head()
+        stored_root = db.state(head).root
+        started = time.perf_counter()
+        blocks = 0
+        for block in db.canonical_blocks():
+            if block.header.kind == Kind.GENESIS:
+                if block.hash != parent.hash:
+                    raise CorruptStore(f"stored genesis block {block.hash.hex()} is not this genesis's")
+                continue
+            try:
+                state = apply_block(state, parent, block, chain)
+            except InvalidBlock as error:
+                raise CorruptStore(f"stored block at height {block.header.height} is invalid: {error}") from None
+            parent = block
+            blocks += 1
+        seconds = time.perf_counter() - started
+    finally:
+        db.close()
+    if parent.hash != head:
+        raise CorruptStore(f"the canonical chain ends at {parent.hash.hex()}, the head is {head.hex()}")
+    if state.root != stored_root:
+        raise CorruptStore(f"state_root: replay gives {state.root.hex()}, the store has {stored_root.hex()}")
+    return {
+        "state_root": state.root.hex(),
+        "head_hash": head.hex(),
+        "blocks": blocks,
+        "seconds": round(seconds, 3),
+        "blocks_per_second": round(blocks / seconds, 3) if seconds > 0 else None,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="potchain", description="A proof-of-training blockchain full node.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -88,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     evaluate.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     evaluate.set_defaults(handler=command_eval)
+
+    localnet = commands.add_parser("localnet", help="in-process network: devnet validators and a CPU miner")
+    localnet.add_argument("--genesis", type=Path, default=DEVNET)
+    localnet.add_argument("--datadir", type=Path, required=True, help="node data directory (created if missing)")
+    localnet.add_argument("--finalize", type=int, default=10, help="stop once this many training blocks are final")
+    localnet.add_argument("--steps", type=int, default=30, help="optimizer steps per mining attempt")
+    localnet.add_argument("--attempts", type=int, default=8, help="mining attempts before giving up on a height")
+    localnet.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    localnet.set_defaults(handler=command_localnet)
+
+    replay = commands.add_parser("replay", help="re-validate the stored chain from genesis (one JSON line)")
+    replay.add_argument("--genesis", type=Path, default=DEVNET)
+    replay.add_argument("--datadir", type=Path, required=True)
+    replay.set_defaults(handler=command_replay)
     return parser
 
 
@@ -96,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_memory_allocator()
     try:
         result = args.handler(args)
-    except (UserError, GenesisError, ChunkError, WeightsError, ValueError) as error:
+    except (UserError, GenesisError, ChunkError, WeightsError, CorruptStore, ValueError) as error:
         print(f"potchain: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

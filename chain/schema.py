@@ -1,0 +1,35 @@
+"""Every LevelDB key the node writes, built in one place."""
+
+from __future__ import annotations
+
+FORMAT_VERSION = b"1"
+
+META_FORMAT = b"m:format"
+META_GENESIS = b"m:genesis"
+META_HEAD = b"m:head"
+META_FINALIZED = b"m:finalized"
+
+
+def block_key(block_hash: bytes) -> bytes:
+    """Encoded block by its hash."""
+    return b"b:" + block_hash
+
+
+def state_key(block_hash: bytes) -> bytes:
+    """State record (slice hashes, accounts, scalars) after a block."""
+    return b"s:" + block_hash
+
+
+def gain_key(block_hash: bytes) -> bytes:
+    """Cumulative confirmed gain up to a block (fork choice)."""
+    return b"g:" + block_hash
+
+
+def slice_key(slice_hash: bytes) -> bytes:
+    """Slice content by its SHA-256 (content-addressed: forks share slices)."""
+    return b"c:" + slice_hash
+
+
+def canonical_key(height: int) -> bytes:
+    """Canonical block hash at a height (8-byte big-endian, so keys sort by height)."""
+    return b"n:" + height.to_bytes(8, "big")

@@ -1,0 +1,159 @@
+"""The chain database on LevelDB (plyvel).
+
+Every public write is one atomic, synced write batch: a block import stores
+the block, its state record, new slice contents, the canonical-index changes
+of a reorg, the head and the finalized block together, or nothing at all.
+Opening checks the store's format, its genesis, and that the head and the
+finalized block, their states and their slices are all present and decode;
+a store that fails these checks raises `CorruptStore`, never starts silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import plyvel
+
+from chain import schema
+from chain.blocks import Block, decode_block
+from chain.encoding import DecodeError, pack, unpack
+from chain.state import State, decode_state_record
+
+
+class CorruptStore(Exception):
+    """The database is unreadable or inconsistent."""
+
+
+class ChainDB:
+    """Blocks, states and the canonical chain of one network."""
+
+    def __init__(self, path: Path, genesis_hash: bytes, genesis: Block, genesis_state: State) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = plyvel.DB(str(path), create_if_missing=True, paranoid_checks=True)
+        except plyvel.CorruptionError as error:
+            raise CorruptStore(f"{path}: LevelDB corruption: {error}") from None
+        except plyvel.IOError as error:
+            raise CorruptStore(f"{path}: cannot open LevelDB: {error}") from None
+        self.path = path
+        stored_format = self.db.get(schema.META_FORMAT)
+        if stored_format is None:
+            self._initialize(genesis_hash, genesis, genesis_state)
+        else:
+            self._check(stored_format, genesis_hash)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _initialize(self, genesis_hash: bytes, genesis: Block, state: State) -> None:
+        with self.db.write_batch(transaction=True, sync=True) as batch:
+            self._put_block(batch, genesis, state, 0)
+            batch.put(schema.canonical_key(0), genesis.hash)
+            batch.put(schema.META_HEAD, genesis.hash)
+            batch.put(schema.META_FINALIZED, genesis.hash)
+            batch.put(schema.META_GENESIS, genesis_hash)
+            batch.put(schema.META_FORMAT, schema.FORMAT_VERSION)
+
+    def _check(self, stored_format: bytes, genesis_hash: bytes) -> None:
+        if stored_format != schema.FORMAT_VERSION:
+            raise CorruptStore(f"{self.path}: store format {stored_format!r}, want {schema.FORMAT_VERSION!r}")
+        stored_genesis = self.db.get(schema.META_GENESIS)
+        if stored_genesis != genesis_hash:
+            got = stored_genesis.hex() if stored_genesis else None
+            raise CorruptStore(f"{self.path}: genesis {got}, this node runs {genesis_hash.hex()}")
+        for name, key in (("head", schema.META_HEAD), ("finalized", schema.META_FINALIZED)):
+            block_hash = self.db.get(key)
+            if block_hash is None:
+                raise CorruptStore(f"{self.path}: no {name} pointer")
+            try:
+                self.block(block_hash)
+                self.state(block_hash)
+            except (KeyError, DecodeError) as error:
+                raise CorruptStore(f"{self.path}: {name} block {block_hash.hex()}: {error}") from None
+
+    # --- reads ----------------------------------------------------------------
+
+    def head(self) -> bytes:
+        return self._get(schema.META_HEAD)
+
+    def finalized(self) -> bytes:
+        return self._get(schema.META_FINALIZED)
+
+    def has_block(self, block_hash: bytes) -> bool:
+        return self.db.get(schema.block_key(block_hash)) is not None
+
+    def block(self, block_hash: bytes) -> Block:
+        return decode_block(self._get(schema.block_key(block_hash)))
+
+    def state(self, block_hash: bytes) -> State:
+        hashes, accounts, difficulty, height, finalized, timestamp = decode_state_record(
+            self._get(schema.state_key(block_hash))
+        )
+        slices = tuple(self._get(schema.slice_key(h)) for h in hashes)
+        state = State(slices, accounts, difficulty, height, finalized, timestamp)
+        if state.slice_hashes != tuple(hashes):
+            raise DecodeError(f"state of {block_hash.hex()}: a slice does not match its hash")
+        return state
+
+    def confirmed_gain(self, block_hash: bytes) -> int:
+        value = unpack(self._get(schema.gain_key(block_hash)), "gain")
+        if not isinstance(value, int):
+            raise DecodeError("gain: not an integer")
+        return value
+
+    def canonical_hash(self, height: int) -> bytes | None:
+        return self.db.get(schema.canonical_key(height))  # type: ignore[no-any-return]
+
+    def canonical_blocks(self) -> Iterator[Block]:
+        """The canonical chain from genesis to the head, in order."""
+        height = 0
+        while (block_hash := self.canonical_hash(height)) is not None:
+            yield self.block(block_hash)
+            height += 1
+
+    def dump(self) -> list[tuple[bytes, bytes]]:
+        """Every key and value, in key order (for tests and diagnostics)."""
+        return list(self.db.iterator())
+
+    def _get(self, key: bytes) -> bytes:
+        value = self.db.get(key)
+        if value is None:
+            raise KeyError(f"missing key {key[:2]!r}{key[2:].hex()}")
+        return value  # type: ignore[no-any-return]
+
+    # --- writes -----------------------------------------------------------------
+
+    def _put_block(self, batch: plyvel.WriteBatch, block: Block, state: State, confirmed_gain: int) -> None:
+        batch.put(schema.block_key(block.hash), block.encode())
+        batch.put(schema.state_key(block.hash), state.record())
+        batch.put(schema.gain_key(block.hash), pack(confirmed_gain))
+        for slice_hash, content in zip(state.slice_hashes, state.slices, strict=True):
+            if self.db.get(schema.slice_key(slice_hash)) is None:
+                batch.put(schema.slice_key(slice_hash), content)
+
+    def import_block(
+        self,
+        block: Block,
+        state: State,
+        confirmed_gain: int,
+        head: bytes,
+        new_canonical: tuple[tuple[int, bytes], ...],
+        old_canonical: tuple[tuple[int, bytes], ...],
+        finalized: bytes,
+    ) -> None:
+        """Store a valid block and move the head, in one atomic batch.
+
+        `new_canonical` and `old_canonical` are the (height, hash) pairs a
+        head change adds to and removes from the canonical chain.
+        """
+        with self.db.write_batch(transaction=True, sync=True) as batch:
+            self._put_block(batch, block, state, confirmed_gain)
+            new_heights = {height for height, _ in new_canonical}
+            for height, _ in old_canonical:
+                if height not in new_heights:
+                    batch.delete(schema.canonical_key(height))
+            for height, block_hash in new_canonical:
+                batch.put(schema.canonical_key(height), block_hash)
+            batch.put(schema.META_HEAD, head)
+            batch.put(schema.META_FINALIZED, finalized)

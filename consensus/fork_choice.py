@@ -1,0 +1,177 @@
+"""Fork choice: a `Store` of valid blocks, event handlers and `get_head`.
+
+`on_block` and `on_attestation` validate first and change the store only
+when the input is valid; an invalid call raises `InvalidBlock` and leaves the
+store exactly as it was.
+
+Finality: a validation block carries a 2/3-stake quorum, so importing one
+finalizes its training block; the validation block becomes the store's
+finalized checkpoint, every block must descend from it, and branches that do
+not are pruned. Above the checkpoint, the head is the leaf with the most
+cumulative confirmed improvement, then the one seen first, then the lowest
+hash (`get_head`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from chain.blocks import Attestation, Block, Evidence, Kind, TrainingBody
+from chain.state import State
+from consensus.rules import Chain, InvalidBlock, apply_block, validate_attestation, validate_evidence
+
+
+@dataclass
+class Node:
+    """A valid block and what the store knows of it."""
+
+    block: Block
+    """The block."""
+    state: State
+    """The state after it."""
+    confirmed_gain: int
+    """Sum of the validation gains of the finalized training blocks up to it."""
+    seen: int
+    """Arrival order (first seen is lowest)."""
+
+
+@dataclass(frozen=True)
+class HeadChange:
+    """How the canonical chain moved; a reorg has a non-empty old_canonical."""
+
+    old_head: bytes
+    new_head: bytes
+    new_canonical: tuple[tuple[int, bytes], ...]
+    """(height, hash) of blocks that joined the canonical chain, oldest first."""
+    old_canonical: tuple[tuple[int, bytes], ...]
+    """(height, hash) of blocks that left it, oldest first."""
+
+
+@dataclass
+class Store:
+    """Fork-choice store, anchored at a finalized block."""
+
+    chain: Chain
+    nodes: dict[bytes, Node]
+    finalized: bytes
+    """The finalized checkpoint: genesis or the last validation block."""
+    head: bytes
+    time: int = 0
+    """The node's clock (Unix seconds), for the future-timestamp rule."""
+    attestations: dict[bytes, dict[bytes, Attestation]] = field(default_factory=dict)
+    """Valid attestations by training block, then by validator."""
+    evidence: dict[bytes, Evidence] = field(default_factory=dict)
+    """Equivocations seen, by offender, not yet included in a block."""
+    _seen: int = 0
+
+    @classmethod
+    def from_anchor(cls, chain: Chain, anchor: Block, state: State, confirmed_gain: int = 0) -> Store:
+        node = Node(anchor, state, confirmed_gain, 0)
+        return cls(chain=chain, nodes={anchor.hash: node}, finalized=anchor.hash, head=anchor.hash)
+
+    # --- queries ------------------------------------------------------------
+
+    def get_head(self) -> bytes:
+        """The leaf above the finalized checkpoint with the most confirmed gain;
+        ties go to the block seen first, then to the lowest hash."""
+        parents = {node.block.header.parent for node in self.nodes.values()}
+        leaves = [node for node in self.nodes.values() if node.block.hash not in parents]
+        best = min(leaves, key=lambda node: (-node.confirmed_gain, node.seen, node.block.hash))
+        return best.block.hash
+
+    def is_descendant(self, block_hash: bytes, ancestor: bytes) -> bool:
+        node = self.nodes.get(block_hash)
+        stop = self.nodes[ancestor].block.header.height
+        while node is not None and node.block.header.height > stop:
+            node = self.nodes.get(node.block.header.parent)
+        return node is not None and node.block.hash == ancestor
+
+    def pending_training_blocks(self) -> list[Block]:
+        """Training blocks on the finalized checkpoint, awaiting validation."""
+        return [
+            node.block
+            for node in sorted(self.nodes.values(), key=lambda n: n.seen)
+            if node.block.header.kind == Kind.TRAINING and node.block.header.parent == self.finalized
+        ]
+
+    def path(self, block_hash: bytes) -> list[tuple[int, bytes]]:
+        """(height, hash) from the anchor's child up to `block_hash`, oldest first."""
+        steps = []
+        anchor = self._anchor()
+        node = self.nodes.get(block_hash)
+        while node is not None and node.block.hash != anchor:
+            steps.append((node.block.header.height, node.block.hash))
+            node = self.nodes.get(node.block.header.parent)
+        return steps[::-1]
+
+    def _anchor(self) -> bytes:
+        return min(self.nodes.values(), key=lambda node: node.block.header.height).block.hash
+
+    # --- events -------------------------------------------------------------
+
+    def on_tick(self, time: int) -> None:
+        self.time = max(self.time, time)
+
+    def on_block(self, block: Block) -> HeadChange:
+        """Validate and add a block; returns how the head moved."""
+        if block.hash in self.nodes:
+            return HeadChange(self.head, self.head, (), ())
+        parent = self.nodes.get(block.header.parent)
+        if parent is None:
+            raise InvalidBlock(f"parent: unknown block {block.header.parent.hex()}")
+        limit = self.time + self.chain.genesis.consensus.max_future_seconds
+        if block.header.timestamp > limit:
+            raise InvalidBlock(f"timestamp: {block.header.timestamp} is in the future (limit {limit})")
+        if not self.is_descendant(parent.block.hash, self.finalized):
+            finalized_height = self.nodes[self.finalized].block.header.height
+            raise InvalidBlock(f"parent: conflicts with the finalized block at height {finalized_height}")
+        state = apply_block(parent.state, parent.block, block, self.chain)
+
+        gain = parent.confirmed_gain
+        if block.header.kind == Kind.VALIDATION and isinstance(parent.block.body, TrainingBody):
+            gain += parent.block.body.loss_before - parent.block.body.loss_after
+        self._seen += 1
+        self.nodes[block.hash] = Node(block, state, gain, self._seen)
+        if block.header.kind != Kind.VALIDATION:
+            return self._update_head()
+        self.finalized = block.hash
+        change = self._update_head()
+        self._prune()
+        return change
+
+    def on_attestation(self, attestation: Attestation) -> Evidence | None:
+        """Keep a valid attestation of a pending training block; returns the
+        evidence when it conflicts with one the same validator gave before."""
+        node = self.nodes.get(attestation.training_block)
+        if node is None or node.block.header.kind != Kind.TRAINING:
+            raise InvalidBlock(f"attestation: unknown training block {attestation.training_block.hex()}")
+        parent = self.nodes[node.block.header.parent]
+        body = node.block.body
+        assert isinstance(body, TrainingBody)
+        updated = parent.state.with_slice(body.slice_id, body.weights)
+        validate_attestation(parent.state, attestation, node.block, updated, self.chain)
+        for other_block, by_validator in self.attestations.items():
+            other = by_validator.get(attestation.validator)
+            if other is not None and other_block != attestation.training_block and other.parent == attestation.parent:
+                validate_evidence(parent.state, other, attestation, self.chain)
+                evidence = Evidence(other, attestation)
+                self.evidence[attestation.validator] = evidence
+                return evidence
+        self.attestations.setdefault(attestation.training_block, {})[attestation.validator] = attestation
+        return None
+
+    # --- internals ----------------------------------------------------------
+
+    def _prune(self) -> None:
+        """Keep only the finalized checkpoint and its descendants: it becomes the anchor."""
+        self.nodes = {h: n for h, n in self.nodes.items() if self.is_descendant(h, self.finalized)}
+        self.attestations = {h: a for h, a in self.attestations.items() if h in self.nodes}
+
+    def _update_head(self) -> HeadChange:
+        old, new = self.head, self.get_head()
+        self.head = new
+        old_path, new_path = self.path(old), self.path(new)
+        common = 0
+        while common < min(len(old_path), len(new_path)) and old_path[common] == new_path[common]:
+            common += 1
+        return HeadChange(old, new, tuple(new_path[common:]), tuple(old_path[common:]))

@@ -1,0 +1,99 @@
+"""Building valid blocks and attestations: what miners and validators propose.
+
+Each builder computes the numbers the rules will check (losses with the
+canonical evaluator, rewards, the state root) and signs the result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from chain.blocks import (
+    Attestation,
+    Block,
+    Evidence,
+    Header,
+    Kind,
+    TrainingBody,
+    ValidationBody,
+    body_hash,
+    sign_attestation,
+    sign_block,
+    test_seed_for,
+)
+from chain.crypto import PrivateKey
+from chain.state import State
+from consensus.rules import (
+    Chain,
+    compute_assigned_slice,
+    compute_rewards,
+    compute_training_seed,
+    compute_validation_outcome,
+    compute_validation_seed,
+)
+
+
+def propose_training_block(
+    chain: Chain, parent: Block, state: State, key: PrivateKey, values: np.ndarray, timestamp: int, steps: int
+) -> Block:
+    """A training block by `key` setting its assigned slice to `values`."""
+    slice_id = compute_assigned_slice(parent.hash, key.public_key, chain.genesis.partition.slices)
+    content = values.astype("<i2").tobytes()
+    seed = compute_validation_seed(parent.hash)
+    before = chain.loss(state, "validation", seed)
+    after = chain.loss(state.with_slice(slice_id, content), "validation", seed)
+    body = TrainingBody(
+        slice_id=slice_id,
+        weights=content,
+        loss_before=before,
+        loss_after=after,
+        steps=steps,
+        data_seed=compute_training_seed(parent.hash, key.public_key),
+    )
+    header = Header(
+        chain_id=chain.genesis.chain_id,
+        height=parent.header.height + 1,
+        parent=parent.hash,
+        kind=Kind.TRAINING,
+        timestamp=timestamp,
+        proposer=key.public_key,
+        state_root=state.root,
+        body_hash=body_hash(body),
+    )
+    return sign_block(key, chain.domain, header, body)
+
+
+def attest(chain: Chain, key: PrivateKey, state: State, training: Block) -> Attestation:
+    """`key`'s attestation of a training block whose parent state is `state`."""
+    body = training.body
+    assert isinstance(body, TrainingBody)
+    seed = test_seed_for(key, chain.domain, training.hash)
+    before = chain.loss(state, "test", seed)
+    after = chain.loss(state.with_slice(body.slice_id, body.weights), "test", seed)
+    return sign_attestation(key, chain.domain, training.hash, training.header.parent, before, after)
+
+
+def propose_validation_block(
+    chain: Chain,
+    training: Block,
+    state: State,
+    key: PrivateKey,
+    attestations: list[Attestation],
+    evidence: list[Evidence],
+    timestamp: int,
+) -> Block:
+    """A validation block by validator `key` for `training` (parent state `state`)."""
+    rewards = compute_rewards(state, chain.genesis, training.header.proposer, [a.validator for a in attestations])
+    body = ValidationBody(tuple(attestations), tuple(evidence), rewards)
+    new_state = compute_validation_outcome(state, training, body, timestamp, chain)
+    header = Header(
+        chain_id=chain.genesis.chain_id,
+        height=training.header.height + 1,
+        parent=training.hash,
+        kind=Kind.VALIDATION,
+        timestamp=timestamp,
+        proposer=key.public_key,
+        state_root=new_state.root,
+        body_hash=body_hash(body),
+    )
+    return sign_block(key, chain.domain, header, body)
