@@ -116,6 +116,11 @@ class Store:
         """Validate and add a block; returns how the head moved."""
         if block.hash in self.nodes:
             return HeadChange(self.head, self.head, (), ())
+        finalized_height = self.nodes[self.finalized].block.header.height
+        if block.header.height <= finalized_height:
+            raise InvalidBlock(
+                f"height: {block.header.height} conflicts with the finalized block at height {finalized_height}"
+            )
         parent = self.nodes.get(block.header.parent)
         if parent is None:
             raise InvalidBlock(f"parent: unknown block {block.header.parent.hex()}")
@@ -123,7 +128,6 @@ class Store:
         if block.header.timestamp > limit:
             raise InvalidBlock(f"timestamp: {block.header.timestamp} is in the future (limit {limit})")
         if not self.is_descendant(parent.block.hash, self.finalized):
-            finalized_height = self.nodes[self.finalized].block.header.height
             raise InvalidBlock(f"parent: conflicts with the finalized block at height {finalized_height}")
         state = apply_block(parent.state, parent.block, block, self.chain)
 
