@@ -95,7 +95,7 @@ def rebuild(block: Block, key: PrivateKey, domain: Any, **overrides: Any) -> Blo
     body = block.body
     body_changes = {k: v for k, v in overrides.items() if k in TRAINING_FIELDS and isinstance(body, TrainingBody)}
     if body_changes:
-        body = dataclasses.replace(body, **body_changes)  # type: ignore[type-var]
+        body = dataclasses.replace(body, **body_changes)
     header_changes = {k: v for k, v in overrides.items() if k in HEADER_FIELDS}
     header_changes.setdefault("body_hash", body_hash(body))
     header = dataclasses.replace(block.header, **header_changes)
