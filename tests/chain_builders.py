@@ -46,15 +46,21 @@ class Scenario:
     def chain(self) -> Any:
         return self.node.chain
 
-    def trained_values(self, parent: Block, state: State, steps: int = 8) -> np.ndarray:
-        slice_id = compute_assigned_slice(parent.hash, self.miner.public_key, self.node.genesis.partition.slices)
+    def trained_values(
+        self, parent: Block, state: State, steps: int = 8, miner: PrivateKey | None = None
+    ) -> np.ndarray:
+        key = miner or self.miner
+        slice_id = compute_assigned_slice(parent.hash, key.public_key, self.node.genesis.partition.slices)
         config = TrainingConfig(steps=steps)
         return train_slice(self.chain.weights(state), self.chain.layout, slice_id, self.train_text, parent.hash, config)
 
-    def valid_training_block(self, parent: Block, state: State, timestamp: int | None = None) -> Block:
-        values = self.trained_values(parent, state)
+    def valid_training_block(
+        self, parent: Block, state: State, timestamp: int | None = None, miner: PrivateKey | None = None
+    ) -> Block:
+        key = miner or self.miner
+        values = self.trained_values(parent, state, miner=key)
         when = timestamp if timestamp is not None else parent.header.timestamp + 10
-        return propose_training_block(self.chain, parent, state, self.miner, values, when, 8)
+        return propose_training_block(self.chain, parent, state, key, values, when, 8)
 
     def build_training_block(self, on: Block, state: State, key: PrivateKey | None = None, **overrides: Any) -> Block:
         """A valid training block on block `on` (state `state`), then with `overrides` applied."""
