@@ -69,7 +69,9 @@ class ChainDB:
             try:
                 self.block(block_hash)
                 self.state(block_hash)
-            except (KeyError, DecodeError) as error:
+            except KeyError as error:
+                raise CorruptStore(f"{self.path}: {name} block {block_hash.hex()}: {error.args[0]}") from None
+            except DecodeError as error:
                 raise CorruptStore(f"{self.path}: {name} block {block_hash.hex()}: {error}") from None
 
     # --- reads ----------------------------------------------------------------
@@ -119,7 +121,7 @@ class ChainDB:
     def _get(self, key: bytes) -> bytes:
         value = self.db.get(key)
         if value is None:
-            raise KeyError(f"missing key {key[:2]!r}{key[2:].hex()}")
+            raise KeyError(f"missing key {key[:2].decode()}{key[2:].hex()}")
         return value  # type: ignore[no-any-return]
 
     # --- writes -----------------------------------------------------------------

@@ -3,6 +3,7 @@ that answer any bytes with DecodeError and nothing else."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import msgpack
@@ -76,10 +77,8 @@ DECODERS = [decode_block, decode_attestation, decode_state_record]
 @given(data=st.binary(max_size=512))
 def test_random_bytes_raise_only_decode_errors(data: bytes) -> None:
     for decoder in DECODERS:
-        try:
+        with contextlib.suppress(DecodeError):
             decoder(data)
-        except DecodeError:
-            pass
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -92,10 +91,8 @@ def test_mutated_encodings_raise_only_decode_errors(
     index = position % len(original)
     mutated = original[:index] if cut else original[:index] + replacement + original[index + len(replacement) :]
     for decoder in DECODERS:
-        try:
+        with contextlib.suppress(DecodeError):
             decoder(mutated)
-        except DecodeError:
-            pass
 
 
 def test_state_record_fields(samples: dict[str, bytes]) -> None:
