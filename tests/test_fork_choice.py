@@ -56,3 +56,27 @@ def test_head_reorg_and_slashing(tmp_path: Path) -> None:
     with pytest.raises(InvalidBlock, match="conflicts with the finalized block"):
         node.store.on_block(first)
     node.close()
+
+
+def test_get_head_tie_breaks_on_gain_then_first_seen_then_lowest_hash(tmp_path: Path) -> None:
+    from chain.blocks import ZERO_HASH, Block, GenesisBody, Header, Kind
+    from consensus.fork_choice import Node
+
+    scenario = Scenario.create(tmp_path)
+    store = scenario.node.store
+    anchor = store.nodes[store.finalized]
+
+    def leaf(timestamp: int, gain: int, seen: int) -> Node:
+        header = Header("potchain-devnet-1", 1, anchor.block.hash, Kind.TRAINING, timestamp, ZERO_HASH, ZERO_HASH,
+                        ZERO_HASH)  # fmt: skip
+        return Node(Block(header, GenesisBody()), anchor.state, gain, seen)
+
+    a, b, c = leaf(1, 5, 3), leaf(2, 5, 3), leaf(3, 4, 1)
+    for node in (a, b, c):
+        store.nodes[node.block.hash] = node
+    assert store.get_head() == min(a.block.hash, b.block.hash)  # equal gain and arrival: lowest hash
+    b.seen = 2
+    assert store.get_head() == b.block.hash  # equal gain: first seen
+    c.confirmed_gain = 6
+    assert store.get_head() == c.block.hash  # most confirmed gain
+    scenario.node.close()

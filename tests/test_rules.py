@@ -160,3 +160,23 @@ def test_validation_rules(scenario: Scenario, genesis: tuple[Block, State], trai
     # A training block on genesis now conflicts with finality.
     competitor = scenario.build_training_block(parent, state, timestamp=parent.header.timestamp + 11)
     assert_rejected(scenario, competitor, "height: 1 conflicts with the finalized block at height 2")
+
+
+def test_difficulty_retarget_and_rewards(scenario: Scenario, genesis: tuple[Block, State]) -> None:
+    from consensus.rules import compute_difficulty, compute_rewards
+
+    g = scenario.node.genesis
+    target = g.consensus.target_interval_seconds
+    assert compute_difficulty(80, target // 2 - 1, g) == 90  # fast: up by 80 // 8
+    assert compute_difficulty(80, target, g) == 80
+    assert compute_difficulty(80, 2 * target + 1, g) == 70  # slow: down
+    assert compute_difficulty(1, 10**6, g) == 1  # never below 1
+    assert compute_difficulty(1, 0, g) == 2  # at least one step
+
+    _, state = genesis
+    attesters = [key.public_key for key in scenario.validators[:3]]
+    rewards = compute_rewards(state, g, scenario.miner.public_key, attesters)
+    assert rewards[0].address == scenario.miner.public_key and rewards[0].amount == 700_000
+    assert [r.address for r in rewards[1:]] == sorted(attesters)
+    assert all(r.amount == 100_000 for r in rewards[1:])
+    assert sum(r.amount for r in rewards) <= g.consensus.block_reward
