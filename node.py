@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from chain.blocks import Block, Kind, TrainingBody, decode_block
+from chain.blocks import Block, Kind, TrainingBody, ValidationBody, decode_block
 from chain.crypto import PrivateKey, devnet_key
 from chain.encoding import DecodeError
 from chain.state import State
@@ -18,11 +18,20 @@ from chain.store import ChainDB, CorruptStore
 from consensus.fork_choice import HeadChange, Store
 from consensus.genesis import Genesis, GenesisError
 from consensus.proposals import attest, propose_training_block, propose_validation_block
-from consensus.rules import Chain, InvalidBlock, apply_block, compute_assigned_slice, genesis_block, genesis_state
+from consensus.rules import (
+    Chain,
+    InvalidBlock,
+    apply_block,
+    compute_assigned_slice,
+    compute_training_seed,
+    genesis_block,
+    genesis_state,
+    is_confirmed,
+)
 from genesis import DEVNET, chunk_directory, load_genesis
 from training.data import SPLITS, ChunkError, load_split, sample_batch, seed_from_int
 from training.evaluate import BACKENDS, CanonicalEvaluator, default_backend, make_backend
-from training.miner import TrainingConfig, train_slice
+from training.miner import Miner, TrainingConfig
 from training.tables import LOSS_BITS
 from training.weights import WeightsError, load_weights
 
@@ -169,32 +178,31 @@ def command_localnet(args: argparse.Namespace) -> dict[str, object]:
     validators = validator_keys(genesis)
     if not validators:
         raise UserError("genesis has no devnet validator keys; localnet needs them")
-    miner = devnet_key("miner-0")
+    miner_key = devnet_key("miner-0")
     config = TrainingConfig(steps=args.steps, device=args.device)
+    miner = Miner(chain.weights(node.finalized()[1]), chain.layout, train_text, config)
     initial = genesis_state(genesis)
     losses = {"validation_loss_genesis": mean_loss(chain, initial, "validation")}
     losses["test_loss_genesis"] = mean_loss(chain, initial, "test")
     try:
         while (node.finalized()[1].finalized_height + 1) // 2 < args.finalize:
             parent, state = node.finalized()
-            slice_id = compute_assigned_slice(parent.hash, miner.public_key, genesis.partition.slices)
-            weights = chain.weights(state)
+            slice_id = compute_assigned_slice(parent.header, miner_key.public_key, genesis.partition.slices)
+            seed = compute_training_seed(parent.hash, miner_key.public_key)
             training = None
             for attempt in range(args.attempts):
-                seed = parent.hash + miner.public_key + attempt.to_bytes(4, "big")
-                values = train_slice(weights, chain.layout, slice_id, train_text, seed, config)
+                work = miner.work(chain.weights(state), slice_id, seed + attempt.to_bytes(4, "big"))
                 timestamp = max(int(time.time()), parent.header.timestamp + 1)
-                candidate = propose_training_block(chain, parent, state, miner, values, timestamp, config.steps)
+                candidate = propose_training_block(chain, parent, state, miner_key, work.values, timestamp, work.steps)
                 assert isinstance(candidate.body, TrainingBody)
                 gain = candidate.body.loss_before - candidate.body.loss_after
                 if gain >= state.difficulty:
                     training = candidate
                     break
-                weights = chain.layout.apply(weights, slice_id, values)
+                miner.rejected(chain.weights(state))
             if training is None:
-                raise UserError(
-                    f"the miner found no update with gain >= {state.difficulty} in {args.attempts} attempts"
-                )
+                need = state.difficulty
+                raise UserError(f"the miner found no update with gain >= {need} in {args.attempts} attempts")
             node.import_block(training.encode())
             for key in validators:
                 node.store.on_attestation(attest(chain, key, state, training))
@@ -205,6 +213,13 @@ def command_localnet(args: argparse.Namespace) -> dict[str, object]:
             validation = propose_validation_block(chain, training, state, proposer, attestations, evidence, timestamp)
             node.import_block(validation.encode())
             node.store.evidence.clear()
+            assert isinstance(validation.body, ValidationBody)
+            if is_confirmed(validation.body):
+                miner.published(work)
+            else:
+                test_gain = sum(a.gain for a in validation.body.attestations)
+                print(f"[localnet] update rejected out of sample (test gain {test_gain})", file=sys.stderr)
+                miner.rejected(chain.weights(node.finalized()[1]))
             final_state = node.finalized()[1]
             count = (final_state.finalized_height + 1) // 2
             print(
@@ -295,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     localnet.add_argument("--genesis", type=Path, default=DEVNET)
     localnet.add_argument("--datadir", type=Path, required=True, help="node data directory (created if missing)")
     localnet.add_argument("--finalize", type=int, default=10, help="stop once this many training blocks are final")
-    localnet.add_argument("--steps", type=int, default=30, help="optimizer steps per mining attempt")
+    localnet.add_argument("--steps", type=int, default=50, help="optimizer steps per mining attempt")
     localnet.add_argument("--attempts", type=int, default=8, help="mining attempts before giving up on a height")
     localnet.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     localnet.set_defaults(handler=command_localnet)

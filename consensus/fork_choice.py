@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from chain.blocks import Attestation, Block, Evidence, Kind, TrainingBody
+from chain.blocks import Attestation, Block, Evidence, Kind, TrainingBody, ValidationBody
 from chain.state import State
-from consensus.rules import Chain, InvalidBlock, apply_block, validate_attestation, validate_evidence
+from consensus.rules import Chain, InvalidBlock, apply_block, is_confirmed, validate_attestation, validate_evidence
 
 
 @dataclass
@@ -132,7 +132,11 @@ class Store:
         state = apply_block(parent.state, parent.block, block, self.chain)
 
         gain = parent.confirmed_gain
-        if block.header.kind == Kind.VALIDATION and isinstance(parent.block.body, TrainingBody):
+        if (
+            isinstance(block.body, ValidationBody)
+            and is_confirmed(block.body)
+            and isinstance(parent.block.body, TrainingBody)
+        ):
             gain += parent.block.body.loss_before - parent.block.body.loss_after
         self._seen += 1
         self.nodes[block.hash] = Node(block, state, gain, self._seen)

@@ -30,6 +30,7 @@ from consensus.rules import (
     compute_training_seed,
     compute_validation_outcome,
     compute_validation_seed,
+    is_confirmed,
 )
 
 
@@ -37,7 +38,7 @@ def propose_training_block(
     chain: Chain, parent: Block, state: State, key: PrivateKey, values: np.ndarray, timestamp: int, steps: int
 ) -> Block:
     """A training block by `key` setting its assigned slice to `values`."""
-    slice_id = compute_assigned_slice(parent.hash, key.public_key, chain.genesis.partition.slices)
+    slice_id = compute_assigned_slice(parent.header, key.public_key, chain.genesis.partition.slices)
     content = values.astype("<i2").tobytes()
     seed = compute_validation_seed(parent.hash)
     before = chain.loss(state, "validation", seed)
@@ -83,8 +84,13 @@ def propose_validation_block(
     timestamp: int,
 ) -> Block:
     """A validation block by validator `key` for `training` (parent state `state`)."""
-    rewards = compute_rewards(state, chain.genesis, training.header.proposer, [a.validator for a in attestations])
-    body = ValidationBody(tuple(attestations), tuple(evidence), rewards)
+    body = ValidationBody(tuple(attestations), tuple(evidence))
+    miner = training.header.proposer if is_confirmed(body) else None
+    body = ValidationBody(
+        tuple(attestations),
+        tuple(evidence),
+        compute_rewards(state, chain.genesis, miner, [a.validator for a in attestations]),
+    )
     new_state = compute_validation_outcome(state, training, body, timestamp, chain)
     header = Header(
         chain_id=chain.genesis.chain_id,

@@ -19,11 +19,11 @@ from chain.blocks import Attestation, Block, Header, Kind, TrainingBody, Validat
 from chain.crypto import PrivateKey, devnet_key
 from chain.state import State
 from consensus.proposals import attest, propose_training_block, propose_validation_block
-from consensus.rules import compute_assigned_slice, compute_rewards
+from consensus.rules import compute_assigned_slice, compute_rewards, is_confirmed
 from genesis import DEVNET, chunk_directory
 from node import FullNode, validator_keys
 from training.data import load_split
-from training.miner import TrainingConfig, train_slice
+from training.miner import Miner, TrainingConfig
 
 HEADER_FIELDS = {f.name for f in dataclasses.fields(Header)}
 TRAINING_FIELDS = {f.name for f in dataclasses.fields(TrainingBody)}
@@ -50,9 +50,10 @@ class Scenario:
         self, parent: Block, state: State, steps: int = 8, miner: PrivateKey | None = None
     ) -> np.ndarray:
         key = miner or self.miner
-        slice_id = compute_assigned_slice(parent.hash, key.public_key, self.node.genesis.partition.slices)
-        config = TrainingConfig(steps=steps)
-        return train_slice(self.chain.weights(state), self.chain.layout, slice_id, self.train_text, parent.hash, config)
+        slice_id = compute_assigned_slice(parent.header, key.public_key, self.node.genesis.partition.slices)
+        config = TrainingConfig(steps=steps, batch_sequences=16, warmup_steps=1)
+        weights = self.chain.weights(state)
+        return Miner(weights, self.chain.layout, self.train_text, config).work(weights, slice_id, parent.hash).values
 
     def valid_training_block(
         self, parent: Block, state: State, timestamp: int | None = None, miner: PrivateKey | None = None
@@ -80,8 +81,8 @@ class Scenario:
     ) -> Block:
         """A validation block for `training` carrying exactly these attestations (rewards to match)."""
         attesters = [a.validator for a in attestations]
-        rewards = compute_rewards(state, self.node.genesis, training.header.proposer, attesters)
-        body = ValidationBody(tuple(attestations), (), rewards)
+        miner = training.header.proposer if is_confirmed(ValidationBody(tuple(attestations))) else None
+        body = ValidationBody(tuple(attestations), (), compute_rewards(state, self.node.genesis, miner, attesters))
         header = Header(
             chain_id=self.node.genesis.chain_id,
             height=training.header.height + 1,

@@ -43,7 +43,7 @@ def assert_rejected(scenario: Scenario, block: Block, reason: str) -> None:
 
 def test_wrong_slice(scenario: Scenario, genesis: tuple[Block, State]) -> None:
     parent, _ = genesis
-    assigned = compute_assigned_slice(parent.hash, scenario.miner.public_key, 4)
+    assigned = compute_assigned_slice(parent.header, scenario.miner.public_key, 4)
     block = scenario.build_training_block(*genesis, slice_id=(assigned + 1) % 4)
     assert_rejected(scenario, block, f"slice_id: got {(assigned + 1) % 4}, want {assigned}")
 
@@ -180,3 +180,6 @@ def test_difficulty_retarget_and_rewards(scenario: Scenario, genesis: tuple[Bloc
     assert [r.address for r in rewards[1:]] == sorted(attesters)
     assert all(r.amount == 100_000 for r in rewards[1:])
     assert sum(r.amount for r in rewards) <= g.consensus.block_reward
+    # A rejected update pays the validators for their work, and not the miner.
+    rejected = compute_rewards(state, g, None, attesters)
+    assert [r.address for r in rejected] == sorted(attesters) and all(r.amount == 100_000 for r in rejected)

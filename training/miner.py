@@ -1,33 +1,77 @@
-"""The miner: train one slice of the model, in float, from canonical weights.
+"""The miner: train the model in float, publish the assigned slice.
 
-Every weight outside the slice stays exactly as it was (its gradient is
-masked, so Adam never moves it), so only the slice changes when the result
-is quantized back to the canonical format.
+A miner keeps a local float model and its AdamW state across blocks (miner
+state, not consensus data; saved atomically to a file when asked). For each
+block it
+
+1. adopts every slice the chain changed since it last looked (another miner's
+   accepted work), keeping its own progress on the others (after a rejected
+   update it adopts every slice: see `rejected`);
+2. trains for `steps` optimizer steps on training batches drawn from the
+   block's training seed (batch i uses seed || i, so anyone can replay it);
+3. quantizes the local model and returns the assigned slice's values.
+
+Two schemes (measured in docs/benchmarks.md):
+- "model": the local model trains every weight; the published slice carries
+  the slice's share of that progress and the rest stays local for later blocks.
+- "slice": only the assigned slice trains (gradients of other weights are
+  masked), after taking the chain's weights for every slice.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from training.data import sample_batch
+from training.model import GPT
 from training.weights import CanonicalWeights, SliceLayout, quantize
+
+Scheme = Literal["model", "slice"]
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """How a miner trains a slice (miner-local: not consensus)."""
+    """How a miner trains (miner-local: not consensus)."""
 
-    steps: int = 30
-    """Optimizer steps per attempt."""
+    steps: int = 50
+    """Optimizer steps per block."""
     learning_rate: float = 3e-3
-    """Adam learning rate."""
-    batch_sequences: int = 16
+    """AdamW peak learning rate."""
+    warmup_steps: int = 50
+    """Linear warm-up from 0, counted over the miner's lifetime."""
+    batch_sequences: int = 32
     """Sequences per training batch."""
+    scheme: Scheme = "model"
+    """"model" (train everything locally) or "slice" (train only the assigned slice)."""
     device: str = "cpu"
-    """"cpu" or "cuda"."""
+    """"cpu" or "cuda" (bf16 autocast on CUDA)."""
+
+
+@dataclass(frozen=True)
+class Work:
+    """A slice update ready to be proposed."""
+
+    slice_id: int
+    values: np.ndarray
+    """The slice's new int16 values, in the slice's element order."""
+    steps: int
+    """Optimizer steps taken for this block."""
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; use cpu or cuda")
+    return device
 
 
 def slice_masks(layout: SliceLayout, slice_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -40,33 +84,104 @@ def slice_masks(layout: SliceLayout, slice_id: int, device: torch.device) -> dic
     return masks
 
 
-def train_slice(
-    weights: CanonicalWeights,
-    layout: SliceLayout,
-    slice_id: int,
-    train_text: bytes,
-    seed: bytes,
-    config: TrainingConfig,
-) -> np.ndarray:
-    """The slice's new canonical values after `config.steps` Adam steps on
-    training batches drawn with `seed` (batch i uses seed || i)."""
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available")
-    model = weights.to_model().to(device)
-    masks = slice_masks(layout, slice_id, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    for step in range(config.steps):
-        inputs, targets = sample_batch(
-            train_text, seed + step.to_bytes(4, "big"), config.batch_sequences, weights.config.context
+class Miner:
+    """A local float model and optimizer that turn blocks' assignments into slice updates."""
+
+    def __init__(self, start: CanonicalWeights, layout: SliceLayout, train_text: bytes, config: TrainingConfig) -> None:
+        self.config = config
+        self.layout = layout
+        self.train_text = train_text
+        self.device = resolve_device(config.device)
+        self.model: GPT = start.to_model().to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.0
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss = model.loss(inputs.to(device), targets.to(device))
+        self.steps_done = 0
+        self.known = [self._hash(layout.extract(start, s)) for s in range(layout.partition.slices)]
+        """The chain's content hash of each slice when this miner last adopted or published it."""
+        self._masks: dict[int, dict[str, torch.Tensor]] = {}
+
+    @staticmethod
+    def _hash(values: np.ndarray) -> bytes:
+        return hashlib.sha256(values.astype("<i2").tobytes()).digest()
+
+    def adopt(self, chain: CanonicalWeights, everything: bool = False) -> None:
+        """Take the chain's values for every slice it changed since we last looked
+        (with `everything`, or in the "slice" scheme, for every slice)."""
+        with torch.no_grad():
+            for slice_id in range(self.layout.partition.slices):
+                values = self.layout.extract(chain, slice_id)
+                digest = self._hash(values)
+                if digest == self.known[slice_id] and self.config.scheme == "model" and not everything:
+                    continue
+                for name, parameter in self.model.named_parameters():
+                    index = torch.tensor(self.layout.indices[slice_id][name], device=self.device)
+                    real = chain.real(name).reshape(-1).to(self.device)
+                    parameter.view(-1)[index] = real[index]
+                self.known[slice_id] = digest
+
+    def work(self, chain: CanonicalWeights, slice_id: int, seed: bytes) -> Work:
+        """Train for one block and return the assigned slice's new values."""
+        self.adopt(chain)
+        masks = None
+        if self.config.scheme == "slice":
+            if slice_id not in self._masks:
+                self._masks[slice_id] = slice_masks(self.layout, slice_id, self.device)
+            masks = self._masks[slice_id]
+        self.model.train()
+        for step in range(self.config.steps):
+            self._train_step(seed + step.to_bytes(4, "big"), masks)
+        state = self.model.state_dict()
+        quantized = chain.replace({name: quantize(state[name], chain.exponents[name]) for name in chain.tensors})
+        values = self.layout.extract(quantized, slice_id)
+        return Work(slice_id, values, self.config.steps)
+
+    def rejected(self, chain: CanonicalWeights) -> None:
+        """The last work did not improve the chain's model enough: the local model
+        has drifted too far from the chain for one slice to carry its progress.
+        Start again from the chain's weights (the optimizer's moments stay)."""
+        self.adopt(chain, everything=True)
+
+    def published(self, work: Work) -> None:
+        """Record that `work` was accepted: the chain now holds exactly these values."""
+        self.known[work.slice_id] = self._hash(work.values)
+
+    def _train_step(self, seed: bytes, masks: dict[str, torch.Tensor] | None) -> None:
+        config = self.config
+        rate = config.learning_rate * min(1.0, (self.steps_done + 1) / max(1, config.warmup_steps))
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+        inputs, targets = sample_batch(self.train_text, seed, config.batch_sequences, self.model.config.context)
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss = self.model.loss(inputs, targets)
         loss.backward()  # type: ignore[no-untyped-call]
-        for name, parameter in model.named_parameters():
-            assert parameter.grad is not None
-            parameter.grad.mul_(masks[name])
-        optimizer.step()
-    state = model.state_dict()
-    trained = weights.replace({name: quantize(state[name], weights.exponents[name]) for name in weights.tensors})
-    return layout.extract(trained, slice_id)
+        if masks is not None:
+            for name, parameter in self.model.named_parameters():
+                assert parameter.grad is not None
+                parameter.grad.mul_(masks[name])
+        self.optimizer.step()
+        self.steps_done += 1
+
+    def save(self, path: Path) -> None:
+        """Write the miner's state atomically (a temporary file, then a rename)."""
+        temporary = path.with_suffix(path.suffix + ".tmp")
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "steps_done": self.steps_done,
+                "known": self.known,
+            },
+            temporary,
+        )
+        os.replace(temporary, path)
+
+    def load(self, path: Path) -> None:
+        """Restore state written by `save` (weights-only unpickling)."""
+        saved = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.steps_done = int(saved["steps_done"])
+        self.known = [bytes(h) for h in saved["known"]]

@@ -1,0 +1,215 @@
+"""How much of centralized training's progress the chain keeps.
+
+    python bench/convergence.py [--steps 1000] [--block-steps 50] [--scheme model|slice]
+
+In one run: trains the devnet model centralized (AdamW, every step on every
+weight) and through the chain (a miner publishing slices of 1/4 of the
+weights, validators attesting, every block through the real rules and the
+canonical evaluator) for the same number of optimizer steps, then prints JSON:
+
+- `loss_reduction_ratio`: rU = (L_unigram - L_chain) / (L_unigram - L_central)
+  on the test split at equal optimizer steps; L_unigram is the test loss of
+  the training split's byte frequencies, computed in this run;
+- `loss_reduction_ratio_equal_compute`: the same against the centralized run
+  at the step count its time per step buys with the chain's whole wall time
+  (mining, proofs, attestations and verification);
+- the curves (optimizer steps, test loss) of both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from chain.blocks import TrainingBody, ValidationBody
+from chain.crypto import devnet_key
+from consensus.fork_choice import Store
+from consensus.proposals import attest, propose_training_block, propose_validation_block
+from consensus.rules import (
+    Chain,
+    compute_assigned_slice,
+    compute_training_seed,
+    genesis_block,
+    genesis_state,
+    is_confirmed,
+)
+from genesis import DEVNET, chunk_directory, load_genesis
+from node import tune_memory_allocator, validator_keys
+from training.data import load_split, sample_batch, seed_from_int
+from training.evaluate import CanonicalEvaluator, default_backend, make_backend
+from training.miner import Miner, TrainingConfig
+from training.tables import LOSS_BITS
+from training.weights import CanonicalWeights, from_model
+
+TEST_BATCHES = 4
+
+
+def unigram_loss(train_text: bytes, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Test loss (nats per byte) of the training split's byte frequencies (add-one smoothed)."""
+    counts = Counter(train_text)
+    total = len(train_text) + 256
+    log_probability = {byte: math.log((counts.get(byte, 0) + 1) / total) for byte in range(256)}
+    targets = torch.cat([t.reshape(-1) for _, t in batches]).tolist()
+    return -sum(log_probability[b] for b in targets) / len(targets)
+
+
+class TestLoss:
+    """Canonical test loss (nats per byte) over fixed test batches."""
+
+    def __init__(self, chain: Chain, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.tables = chain.genesis.tables()
+        self.batches = batches
+
+    def __call__(self, weights: CanonicalWeights) -> float:
+        evaluator = CanonicalEvaluator(weights, self.tables, make_backend(default_backend("cpu")))
+        results = [evaluator.per_token_losses(x, y) for x, y in self.batches]
+        return sum(r.loss_total for r in results) / sum(r.tokens for r in results) / (1 << LOSS_BITS)
+
+
+def run_chain(
+    chain: Chain, train_text: bytes, steps: int, config: TrainingConfig, test_loss: TestLoss
+) -> tuple[list[tuple[int, float]], float, dict[str, int]]:
+    """Mine until `steps` optimizer steps; returns the curve, seconds, and block counts."""
+    genesis = chain.genesis
+    state = genesis_state(genesis)
+    anchor = genesis_block(genesis, state)
+    store = Store.from_anchor(chain, anchor, state)
+    miner_key = devnet_key("miner-0")
+    validators = validator_keys(genesis)
+    miner = Miner(chain.weights(state), chain.layout, train_text, config)
+    curve = [(0, test_loss(chain.weights(state)))]
+    counts = {"accepted": 0, "rejected": 0, "rejected_out_of_sample": 0}
+    started = time.perf_counter()
+    done = 0
+    while done < steps:
+        parent = store.nodes[store.finalized]
+        slice_id = compute_assigned_slice(parent.block.header, miner_key.public_key, genesis.partition.slices)
+        seed = compute_training_seed(parent.block.hash, miner_key.public_key) + done.to_bytes(4, "big")
+        work = miner.work(chain.weights(parent.state), slice_id, seed)
+        done += work.steps
+        timestamp = parent.block.header.timestamp + genesis.consensus.target_interval_seconds
+        training = propose_training_block(
+            chain, parent.block, parent.state, miner_key, work.values, timestamp, work.steps
+        )
+        body = training.body
+        assert isinstance(body, TrainingBody)
+        if body.loss_before - body.loss_after < parent.state.difficulty:
+            counts["rejected"] += 1  # not worth proposing: the miner starts again from the chain
+            miner.rejected(chain.weights(parent.state))
+            continue
+        store.on_tick(timestamp)
+        store.on_block(training)
+        attestations = [attest(chain, key, parent.state, training) for key in validators]
+        proposer = validators[training.header.height % len(validators)]
+        validation = propose_validation_block(chain, training, parent.state, proposer, attestations, [], timestamp + 1)
+        store.on_tick(timestamp + 1)
+        store.on_block(validation)
+        assert isinstance(validation.body, ValidationBody)
+        if not is_confirmed(validation.body):
+            counts["rejected_out_of_sample"] += 1
+            miner.rejected(chain.weights(parent.state))
+            continue
+        miner.published(work)
+        counts["accepted"] += 1
+        curve.append((done, test_loss(chain.weights(store.nodes[store.finalized].state))))
+        print(f"[chain] {done}/{steps} steps, test loss {curve[-1][1]:.4f}", file=sys.stderr, flush=True)
+    return curve, time.perf_counter() - started, counts
+
+
+def run_central(
+    weights: CanonicalWeights, train_text: bytes, steps: int, config: TrainingConfig, every: int, test_loss: TestLoss
+) -> tuple[list[tuple[int, float]], float]:
+    """AdamW on every weight, same batches, schedule and learning rate as the miner."""
+    model = weights.to_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
+    curve = [(0, test_loss(weights))]
+    training_seconds = 0.0
+    for step in range(steps):
+        started = time.perf_counter()
+        rate = config.learning_rate * min(1.0, (step + 1) / max(1, config.warmup_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        inputs, targets = sample_batch(train_text, seed_from_int(step), config.batch_sequences, 128)
+        optimizer.zero_grad(set_to_none=True)
+        model.loss(inputs, targets).backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        training_seconds += time.perf_counter() - started
+        if (step + 1) % every == 0 or step + 1 == steps:
+            curve.append((step + 1, test_loss(from_model(model, weights.exponents))))
+            print(f"[central] {step + 1}/{steps} steps, test loss {curve[-1][1]:.4f}", file=sys.stderr, flush=True)
+    return curve, training_seconds / steps
+
+
+def loss_at(curve: list[tuple[int, float]], steps: float) -> float:
+    """Linear interpolation of a curve at `steps` (clamped to its ends)."""
+    for (s0, l0), (s1, l1) in itertools.pairwise(curve):
+        if s0 <= steps <= s1:
+            return l0 + (l1 - l0) * (steps - s0) / (s1 - s0)
+    return curve[-1][1] if steps > curve[-1][0] else curve[0][1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--genesis", type=Path, default=DEVNET)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--block-steps", type=int, default=50)
+    parser.add_argument("--scheme", choices=("model", "slice"), default="model")
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    args = parser.parse_args()
+    tune_memory_allocator()
+    torch.manual_seed(0)
+
+    genesis = load_genesis(args.genesis)
+    directory = chunk_directory(args.genesis, genesis)
+    chain = Chain(genesis, load_split(genesis.dataset, directory, "validation"),
+                  load_split(genesis.dataset, directory, "test"))  # fmt: skip
+    train_text = load_split(genesis.dataset, directory, "train")
+    batches = [sample_batch(chain.test_text, seed_from_int(900 + i), 32, genesis.model.context) for i in range(4)]
+    test_loss = TestLoss(chain, batches)
+    config = TrainingConfig(steps=args.block_steps, learning_rate=args.learning_rate, scheme=args.scheme)
+    largest_slice = max(chain.layout.slice_size(s) for s in range(genesis.partition.slices))
+
+    chain_curve, chain_seconds, counts = run_chain(chain, train_text, args.steps, config, test_loss)
+    central_curve, seconds_per_step = run_central(
+        genesis.initial_weights(), train_text, args.steps, config, args.block_steps, test_loss
+    )
+    equal_compute_steps = chain_seconds / seconds_per_step
+    if equal_compute_steps > args.steps:  # extend the centralized run to the chain's compute
+        central_long, _ = run_central(genesis.initial_weights(), train_text, math.ceil(equal_compute_steps),
+                                      config, args.block_steps, test_loss)  # fmt: skip
+    else:
+        central_long = central_curve
+    unigram = unigram_loss(train_text, batches)
+    chain_final = chain_curve[-1][1]
+    central_final = loss_at(central_curve, chain_curve[-1][0])
+    central_equal_compute = loss_at(central_long, equal_compute_steps)
+    print(json.dumps({
+        "scheme": args.scheme,
+        "steps": chain_curve[-1][0],
+        "block_steps": args.block_steps,
+        "slice_fraction": round(largest_slice / genesis.model.parameter_count(), 4),
+        "unigram_loss": round(unigram, 4),
+        "chain_test_loss": round(chain_final, 4),
+        "central_test_loss": round(central_final, 4),
+        "loss_reduction_ratio": round((unigram - chain_final) / (unigram - central_final), 4),
+        "equal_compute_central_steps": round(equal_compute_steps),
+        "central_test_loss_equal_compute": round(central_equal_compute, 4),
+        "loss_reduction_ratio_equal_compute": round((unigram - chain_final) / (unigram - central_equal_compute), 4),
+        "blocks": counts,
+        "chain_seconds": round(chain_seconds, 1),
+        "central_seconds_per_step": round(seconds_per_step, 4),
+        "chain_curve": [[s, round(v, 4)] for s, v in chain_curve],
+        "central_curve": [[s, round(v, 4)] for s, v in central_curve],
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

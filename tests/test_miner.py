@@ -1,0 +1,92 @@
+"""The miner on the CPU: trains, publishes only its slice, keeps and restores its state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from consensus.genesis import Genesis
+from training.data import sample_batch, seed_from_int
+from training.evaluate import CanonicalEvaluator, make_backend
+from training.miner import Miner, TrainingConfig
+from training.weights import SliceLayout
+
+CONFIG = TrainingConfig(steps=12, batch_sequences=8, warmup_steps=1)
+
+
+@pytest.fixture(scope="module")
+def layout(devnet: Genesis) -> SliceLayout:
+    return SliceLayout(devnet.model, devnet.partition)
+
+
+def test_work_changes_only_the_slice_and_lowers_the_loss(
+    devnet: Genesis, layout: SliceLayout, train_text: bytes, validation_text: bytes
+) -> None:
+    start = devnet.initial_weights()
+    miner = Miner(start, layout, train_text, CONFIG)
+    work = miner.work(start, 2, b"seed")
+    assert work.slice_id == 2 and work.steps == 12
+    assert work.values.dtype == np.int16 and work.values.shape == (layout.slice_size(2),)
+    updated = layout.apply(start, 2, work.values)
+    for other in (0, 1, 3):
+        assert np.array_equal(layout.extract(updated, other), layout.extract(start, other))
+    batch = sample_batch(validation_text, seed_from_int(5), 16, 128)
+    tables = devnet.tables()
+    before = CanonicalEvaluator(start, tables, make_backend("cpu-fused")).per_token_losses(*batch).loss_total
+    after = CanonicalEvaluator(updated, tables, make_backend("cpu-fused")).per_token_losses(*batch).loss_total
+    assert after < before
+
+
+def test_model_scheme_keeps_progress_and_adopts_the_chains_changes(
+    devnet: Genesis, layout: SliceLayout, train_text: bytes
+) -> None:
+    start = devnet.initial_weights()
+    miner = Miner(start, layout, train_text, CONFIG)
+    miner.work(start, 0, b"one")
+    local = {name: p.detach().clone() for name, p in miner.model.named_parameters()}
+    # Progress on slices other than 0 stays local (the chain did not take it).
+    name = "h.0.mlp.c_fc.weight"
+    index = torch.tensor(layout.indices[1][name])
+    assert not torch.equal(local[name].view(-1)[index], start.real(name).view(-1)[index])
+    # Another miner's update of slice 1 lands on the chain: this miner adopts it.
+    other = layout.apply(start, 1, (layout.extract(start, 1) // 2).astype(np.int16))
+    miner.adopt(other)
+    adopted = miner.model.state_dict()["h.0.mlp.c_fc.weight"].view(-1)[index]
+    assert torch.equal(adopted, other.real("h.0.mlp.c_fc.weight").view(-1)[index])
+    index_3 = torch.tensor(layout.indices[3]["h.0.mlp.c_fc.weight"])
+    kept = miner.model.state_dict()["h.0.mlp.c_fc.weight"].view(-1)[index_3]
+    assert torch.equal(kept, local["h.0.mlp.c_fc.weight"].view(-1)[index_3])
+
+
+def test_slice_scheme_trains_only_the_assigned_slice(devnet: Genesis, layout: SliceLayout, train_text: bytes) -> None:
+    start = devnet.initial_weights()
+    miner = Miner(start, layout, train_text, TrainingConfig(steps=5, batch_sequences=8, scheme="slice"))
+    miner.work(start, 3, b"seed")
+    name = "h.1.attn.c_attn.weight"
+    moved = (miner.model.state_dict()[name].view(-1) != start.real(name).view(-1)).nonzero().view(-1)
+    assert set(moved.tolist()) <= set(layout.indices[3][name].tolist()) and len(moved) > 0
+
+
+def test_state_survives_save_and_load(devnet: Genesis, layout: SliceLayout, train_text: bytes, tmp_path: Path) -> None:
+    start = devnet.initial_weights()
+    miner = Miner(start, layout, train_text, CONFIG)
+    miner.work(start, 1, b"seed")
+    miner.save(tmp_path / "miner.pt")
+    restored = Miner(start, layout, train_text, CONFIG)
+    restored.load(tmp_path / "miner.pt")
+    assert restored.steps_done == miner.steps_done and restored.known == miner.known
+    for (name, a), (_, b) in zip(miner.model.state_dict().items(), restored.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    first = miner.optimizer.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(first, restored.optimizer.state_dict()["state"][0]["exp_avg"])
+    assert not (tmp_path / "miner.pt.tmp").exists()
+
+
+def test_cuda_without_cuda_is_a_clear_error(devnet: Genesis, layout: SliceLayout, train_text: bytes) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        Miner(devnet.initial_weights(), layout, train_text, TrainingConfig(device="cuda"))
