@@ -10,6 +10,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from chain.blocks import Block, Kind, TrainingBody, ValidationBody, decode_block
 from chain.crypto import PrivateKey, devnet_key
 from chain.encoding import DecodeError
@@ -17,7 +19,7 @@ from chain.state import State
 from chain.store import ChainDB, CorruptStore
 from consensus.fork_choice import HeadChange, Store
 from consensus.genesis import Genesis, GenesisError
-from consensus.proposals import attest, propose_training_block, propose_validation_block
+from consensus.proposals import attest, propose_best_training_block, propose_validation_block
 from consensus.rules import (
     Chain,
     InvalidBlock,
@@ -193,13 +195,14 @@ def command_localnet(args: argparse.Namespace) -> dict[str, object]:
             for attempt in range(args.attempts):
                 work = miner.work(chain.weights(state), slice_id, seed + attempt.to_bytes(4, "big"))
                 timestamp = max(int(time.time()), parent.header.timestamp + 1)
-                candidate = propose_training_block(chain, parent, state, miner_key, work.values, timestamp, work.steps)
+                candidate = propose_best_training_block(
+                    chain, parent, state, miner_key, work.values, timestamp, work.steps
+                )
                 assert isinstance(candidate.body, TrainingBody)
                 gain = candidate.body.loss_before - candidate.body.loss_after
                 if gain >= state.difficulty:
                     training = candidate
                     break
-                miner.rejected(chain.weights(state))
             if training is None:
                 need = state.difficulty
                 raise UserError(f"the miner found no update with gain >= {need} in {args.attempts} attempts")
@@ -214,12 +217,12 @@ def command_localnet(args: argparse.Namespace) -> dict[str, object]:
             node.import_block(validation.encode())
             node.store.evidence.clear()
             assert isinstance(validation.body, ValidationBody)
+            assert isinstance(training.body, TrainingBody)
             if is_confirmed(validation.body):
-                miner.published(work)
+                miner.published(training.body.slice_id, np.frombuffer(training.body.weights, dtype="<i2"))
             else:
                 test_gain = sum(a.gain for a in validation.body.attestations)
                 print(f"[localnet] update rejected out of sample (test gain {test_gain})", file=sys.stderr)
-                miner.rejected(chain.weights(node.finalized()[1]))
             final_state = node.finalized()[1]
             count = (final_state.finalized_height + 1) // 2
             print(
@@ -310,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     localnet.add_argument("--genesis", type=Path, default=DEVNET)
     localnet.add_argument("--datadir", type=Path, required=True, help="node data directory (created if missing)")
     localnet.add_argument("--finalize", type=int, default=10, help="stop once this many training blocks are final")
-    localnet.add_argument("--steps", type=int, default=50, help="optimizer steps per mining attempt")
+    localnet.add_argument("--steps", type=int, default=10, help="optimizer steps per mining attempt")
     localnet.add_argument("--attempts", type=int, default=8, help="mining attempts before giving up on a height")
     localnet.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     localnet.set_defaults(handler=command_localnet)

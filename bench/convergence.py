@@ -27,12 +27,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from chain.blocks import TrainingBody, ValidationBody
 from chain.crypto import devnet_key
 from consensus.fork_choice import Store
-from consensus.proposals import attest, propose_training_block, propose_validation_block
+from consensus.proposals import attest, propose_best_training_block, propose_validation_block
 from consensus.rules import (
     Chain,
     compute_assigned_slice,
@@ -96,14 +97,13 @@ def run_chain(
         work = miner.work(chain.weights(parent.state), slice_id, seed)
         done += work.steps
         timestamp = parent.block.header.timestamp + genesis.consensus.target_interval_seconds
-        training = propose_training_block(
+        training = propose_best_training_block(
             chain, parent.block, parent.state, miner_key, work.values, timestamp, work.steps
         )
         body = training.body
         assert isinstance(body, TrainingBody)
         if body.loss_before - body.loss_after < parent.state.difficulty:
-            counts["rejected"] += 1  # not worth proposing: the miner starts again from the chain
-            miner.rejected(chain.weights(parent.state))
+            counts["rejected"] += 1  # not worth proposing: the miner keeps training
             continue
         store.on_tick(timestamp)
         store.on_block(training)
@@ -115,9 +115,8 @@ def run_chain(
         assert isinstance(validation.body, ValidationBody)
         if not is_confirmed(validation.body):
             counts["rejected_out_of_sample"] += 1
-            miner.rejected(chain.weights(parent.state))
             continue
-        miner.published(work)
+        miner.published(body.slice_id, np.frombuffer(body.weights, dtype="<i2"))
         counts["accepted"] += 1
         curve.append((done, test_loss(chain.weights(store.nodes[store.finalized].state))))
         print(f"[chain] {done}/{steps} steps, test loss {curve[-1][1]:.4f}", file=sys.stderr, flush=True)
@@ -160,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--genesis", type=Path, default=DEVNET)
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--block-steps", type=int, default=50)
+    parser.add_argument("--block-steps", type=int, default=10)
     parser.add_argument("--scheme", choices=("model", "slice"), default="model")
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     args = parser.parse_args()

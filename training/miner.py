@@ -5,8 +5,7 @@ state, not consensus data; saved atomically to a file when asked). For each
 block it
 
 1. adopts every slice the chain changed since it last looked (another miner's
-   accepted work), keeping its own progress on the others (after a rejected
-   update it adopts every slice: see `rejected`);
+   accepted work), keeping its own progress on the others;
 2. trains for `steps` optimizer steps on training batches drawn from the
    block's training seed (batch i uses seed || i, so anyone can replay it);
 3. quantizes the local model and returns the assigned slice's values.
@@ -40,8 +39,8 @@ Scheme = Literal["model", "slice"]
 class TrainingConfig:
     """How a miner trains (miner-local: not consensus)."""
 
-    steps: int = 50
-    """Optimizer steps per block."""
+    steps: int = 10
+    """Optimizer steps per block (10 measured best: docs/benchmarks.md)."""
     learning_rate: float = 3e-3
     """AdamW peak learning rate."""
     warmup_steps: int = 50
@@ -136,15 +135,10 @@ class Miner:
         values = self.layout.extract(quantized, slice_id)
         return Work(slice_id, values, self.config.steps)
 
-    def rejected(self, chain: CanonicalWeights) -> None:
-        """The last work did not improve the chain's model enough: the local model
-        has drifted too far from the chain for one slice to carry its progress.
-        Start again from the chain's weights (the optimizer's moments stay)."""
-        self.adopt(chain, everything=True)
-
-    def published(self, work: Work) -> None:
-        """Record that `work` was accepted: the chain now holds exactly these values."""
-        self.known[work.slice_id] = self._hash(work.values)
+    def published(self, slice_id: int, values: np.ndarray) -> None:
+        """Record that the chain accepted these values for a slice (they may be a
+        partial move toward the local model's): the local model keeps its own."""
+        self.known[slice_id] = self._hash(values)
 
     def _train_step(self, seed: bytes, masks: dict[str, torch.Tensor] | None) -> None:
         config = self.config
