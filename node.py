@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     localnet.add_argument("--genesis", type=Path, default=DEVNET)
     localnet.add_argument("--datadir", type=Path, required=True, help="node data directory (created if missing)")
     localnet.add_argument("--finalize", type=int, default=10, help="stop once this many training blocks are final")
-    localnet.add_argument("--steps", type=int, default=10, help="optimizer steps per mining attempt")
+    localnet.add_argument("--steps", type=int, default=TrainingConfig.steps, help="optimizer steps per mining attempt")
     localnet.add_argument("--attempts", type=int, default=8, help="mining attempts before giving up on a height")
     localnet.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     localnet.set_defaults(handler=command_localnet)

@@ -1,6 +1,6 @@
 """How much of centralized training's progress the chain keeps.
 
-    python bench/convergence.py [--steps 1000] [--block-steps 50] [--scheme model|slice]
+    python bench/convergence.py [--steps 1000] [--block-steps 30] [--scheme model|slice]
 
 In one run: trains the devnet model centralized (AdamW, every step on every
 weight) and through the chain (a miner publishing slices of 1/4 of the
@@ -159,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--genesis", type=Path, default=DEVNET)
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--block-steps", type=int, default=10)
+    parser.add_argument("--block-steps", type=int, default=TrainingConfig.steps)
     parser.add_argument("--scheme", choices=("model", "slice"), default="model")
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     args = parser.parse_args()
@@ -177,11 +177,12 @@ def main() -> None:
     largest_slice = max(chain.layout.slice_size(s) for s in range(genesis.partition.slices))
 
     chain_curve, chain_seconds, counts = run_chain(chain, train_text, args.steps, config, test_loss)
+    chain_steps = chain_curve[-1][0]  # whole blocks: may pass args.steps by less than a block
     central_curve, seconds_per_step = run_central(
-        genesis.initial_weights(), train_text, args.steps, config, args.block_steps, test_loss
+        genesis.initial_weights(), train_text, chain_steps, config, args.block_steps, test_loss
     )
     equal_compute_steps = chain_seconds / seconds_per_step
-    if equal_compute_steps > args.steps:  # extend the centralized run to the chain's compute
+    if equal_compute_steps > chain_steps:  # extend the centralized run to the chain's compute
         central_long, _ = run_central(genesis.initial_weights(), train_text, math.ceil(equal_compute_steps),
                                       config, args.block_steps, test_loss)  # fmt: skip
     else:

@@ -1,6 +1,6 @@
 """How much of a miner's time is useful training, and how cheap verification is.
 
-    python bench/useful_work.py [--steps 50] [--repeats 3] [--device cpu|cuda]
+    python bench/useful_work.py [--steps 30] [--repeats 3] [--device cpu|cuda]
 
 In one run, on the same model, batch size and device:
 
@@ -42,7 +42,7 @@ from training.miner import Miner, TrainingConfig
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--genesis", type=Path, default=DEVNET)
-    parser.add_argument("--steps", type=int, default=50, help="optimizer steps per block")
+    parser.add_argument("--steps", type=int, default=TrainingConfig.steps, help="optimizer steps per block")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
