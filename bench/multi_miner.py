@@ -1,0 +1,141 @@
+"""How much of several racing miners' work the chain keeps.
+
+    python bench/multi_miner.py [--miners 4] [--heights 12]
+
+Four miners mine every height from the same parent, each on its own slice
+(round-robin from its key's offset); the first valid proposal (in an order
+that rotates with the height) is validated and the others lose the race. A
+losing miner's steps are not thrown away: they stay in its local model and
+reach the chain with its later slices.
+
+`useful_work_fraction` is measured by outcome: the optimizer steps a single
+miner needs, through the same chain, to reach the racing chain's final test
+loss (from a single-miner run in this process), divided by the steps all
+racing miners computed. Racing on one slice with nothing kept would give
+1 / miners. `winning_steps_fraction` counts only the steps of the miners'
+winning blocks themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from convergence import TestLoss, run_chain
+
+from chain.blocks import TrainingBody, ValidationBody
+from chain.crypto import PrivateKey, devnet_key
+from consensus.fork_choice import Store
+from consensus.proposals import attest, propose_best_training_block, propose_validation_block
+from consensus.rules import (
+    Chain,
+    compute_assigned_slice,
+    compute_training_seed,
+    genesis_block,
+    genesis_state,
+    is_confirmed,
+)
+from genesis import DEVNET, chunk_directory, load_genesis
+from node import tune_memory_allocator, validator_keys
+from training.data import load_split, sample_batch, seed_from_int
+from training.miner import Miner, TrainingConfig
+
+
+def race(
+    chain: Chain, train_text: bytes, keys: list[PrivateKey], heights: int, config: TrainingConfig, test_loss: TestLoss
+) -> tuple[float, int, int]:
+    """Returns the final test loss, all steps computed, and the winning blocks' steps."""
+    genesis = chain.genesis
+    state = genesis_state(genesis)
+    store = Store.from_anchor(chain, genesis_block(genesis, state), state)
+    validators = validator_keys(genesis)
+    miners = [Miner(chain.weights(state), chain.layout, train_text, config) for _ in keys]
+    computed = winning = 0
+    for height in range(heights):
+        parent = store.nodes[store.finalized]
+        order = [(height + i) % len(keys) for i in range(len(keys))]
+        proposals = []
+        for index in order:
+            key, miner = keys[index], miners[index]
+            slice_id = compute_assigned_slice(parent.block.header, key.public_key, genesis.partition.slices)
+            seed = compute_training_seed(parent.block.hash, key.public_key)
+            work = miner.work(chain.weights(parent.state), slice_id, seed)
+            computed += work.steps
+            timestamp = parent.block.header.timestamp + genesis.consensus.target_interval_seconds
+            block = propose_best_training_block(
+                chain, parent.block, parent.state, key, work.values, timestamp, work.steps
+            )
+            assert isinstance(block.body, TrainingBody)
+            if block.body.loss_before - block.body.loss_after >= parent.state.difficulty:
+                proposals.append((index, block))
+        if not proposals:
+            continue
+        index, training = proposals[0]
+        store.on_tick(training.header.timestamp)
+        store.on_block(training)
+        attestations = [attest(chain, key, parent.state, training) for key in validators]
+        validation = propose_validation_block(
+            chain, training, parent.state, validators[height % len(validators)], attestations, [],
+            training.header.timestamp + 1,
+        )  # fmt: skip
+        store.on_tick(validation.header.timestamp)
+        store.on_block(validation)
+        assert isinstance(validation.body, ValidationBody) and isinstance(training.body, TrainingBody)
+        if is_confirmed(validation.body):
+            winning += training.body.steps
+            values = np.frombuffer(training.body.weights, dtype="<i2")
+            miners[index].published(training.body.slice_id, values)
+        loss = test_loss(chain.weights(store.nodes[store.finalized].state))
+        print(f"[race] height {height + 1}/{heights}: miner {index} wins, test loss {loss:.4f}", file=sys.stderr)
+    return test_loss(chain.weights(store.nodes[store.finalized].state)), computed, winning
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float:
+    """The first (interpolated) step count at which a decreasing curve reaches `target`."""
+    for (s0, l0), (s1, l1) in itertools.pairwise(curve):
+        if l1 <= target:
+            return s0 + (s1 - s0) * (l0 - target) / (l0 - l1) if l0 > target else float(s0)
+    return float("inf")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--genesis", type=Path, default=DEVNET)
+    parser.add_argument("--miners", type=int, default=4)
+    parser.add_argument("--heights", type=int, default=12)
+    args = parser.parse_args()
+    tune_memory_allocator()
+    torch.manual_seed(0)
+    genesis = load_genesis(args.genesis)
+    directory = chunk_directory(args.genesis, genesis)
+    chain = Chain(genesis, load_split(genesis.dataset, directory, "validation"),
+                  load_split(genesis.dataset, directory, "test"))  # fmt: skip
+    train_text = load_split(genesis.dataset, directory, "train")
+    batches = [sample_batch(chain.test_text, seed_from_int(900 + i), 32, genesis.model.context) for i in range(4)]
+    test_loss = TestLoss(chain, batches)
+    config = TrainingConfig()
+    keys = [devnet_key(f"miner-{i}") for i in range(args.miners)]
+
+    final, computed, winning = race(chain, train_text, keys, args.heights, config, test_loss)
+    single_curve, _, _ = run_chain(chain, train_text, computed, config, test_loss)
+    equivalent = steps_to_reach(single_curve, final)
+    print(json.dumps({
+        "miners": args.miners,
+        "heights": args.heights,
+        "steps_per_block": config.steps,
+        "steps_computed": computed,
+        "racing_test_loss": round(final, 4),
+        "single_miner_steps_to_same_loss": None if equivalent == float("inf") else round(equivalent),
+        "useful_work_fraction": round(min(equivalent, computed) / computed, 4),
+        "winning_steps_fraction": round(winning / computed, 4),
+        "single_miner_curve": [[s, round(v, 4)] for s, v in single_curve],
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
