@@ -155,6 +155,20 @@ def loss_at(curve: list[tuple[int, float]], steps: float) -> float:
     return curve[-1][1] if steps > curve[-1][0] else curve[0][1]
 
 
+def prepare(genesis_path: Path) -> tuple[Chain, bytes, TestLoss]:
+    """The node's tuning, a fixed torch seed, the chain's rules and data, and the test-loss probe."""
+    tune_memory_allocator()
+    torch.manual_seed(0)
+    genesis = load_genesis(genesis_path)
+    directory = chunk_directory(genesis_path, genesis)
+    chain = Chain(genesis, load_split(genesis.dataset, directory, "validation"),
+                  load_split(genesis.dataset, directory, "test"))  # fmt: skip
+    train_text = load_split(genesis.dataset, directory, "train")
+    context = genesis.model.context
+    batches = [sample_batch(chain.test_text, seed_from_int(900 + i), 32, context) for i in range(TEST_BATCHES)]
+    return chain, train_text, TestLoss(chain, batches)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--genesis", type=Path, default=DEVNET)
@@ -163,16 +177,9 @@ def main() -> None:
     parser.add_argument("--scheme", choices=("model", "slice"), default="model")
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     args = parser.parse_args()
-    tune_memory_allocator()
-    torch.manual_seed(0)
-
-    genesis = load_genesis(args.genesis)
-    directory = chunk_directory(args.genesis, genesis)
-    chain = Chain(genesis, load_split(genesis.dataset, directory, "validation"),
-                  load_split(genesis.dataset, directory, "test"))  # fmt: skip
-    train_text = load_split(genesis.dataset, directory, "train")
-    batches = [sample_batch(chain.test_text, seed_from_int(900 + i), 32, genesis.model.context) for i in range(4)]
-    test_loss = TestLoss(chain, batches)
+    chain, train_text, test_loss = prepare(args.genesis)
+    genesis = chain.genesis
+    batches = test_loss.batches
     config = TrainingConfig(steps=args.block_steps, learning_rate=args.learning_rate, scheme=args.scheme)
     largest_slice = max(chain.layout.slice_size(s) for s in range(genesis.partition.slices))
 

@@ -25,8 +25,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from convergence import TestLoss, run_chain
+from convergence import TestLoss, prepare, run_chain
 
 from chain.blocks import TrainingBody, ValidationBody
 from chain.crypto import PrivateKey, devnet_key
@@ -40,9 +39,8 @@ from consensus.rules import (
     genesis_state,
     is_confirmed,
 )
-from genesis import DEVNET, chunk_directory, load_genesis
-from node import tune_memory_allocator, validator_keys
-from training.data import load_split, sample_batch, seed_from_int
+from genesis import DEVNET
+from node import validator_keys
 from training.miner import Miner, TrainingConfig
 
 
@@ -109,15 +107,7 @@ def main() -> None:
     parser.add_argument("--miners", type=int, default=4)
     parser.add_argument("--heights", type=int, default=12)
     args = parser.parse_args()
-    tune_memory_allocator()
-    torch.manual_seed(0)
-    genesis = load_genesis(args.genesis)
-    directory = chunk_directory(args.genesis, genesis)
-    chain = Chain(genesis, load_split(genesis.dataset, directory, "validation"),
-                  load_split(genesis.dataset, directory, "test"))  # fmt: skip
-    train_text = load_split(genesis.dataset, directory, "train")
-    batches = [sample_batch(chain.test_text, seed_from_int(900 + i), 32, genesis.model.context) for i in range(4)]
-    test_loss = TestLoss(chain, batches)
+    chain, train_text, test_loss = prepare(args.genesis)
     config = TrainingConfig()
     keys = [devnet_key(f"miner-{i}") for i in range(args.miners)]
 
