@@ -334,13 +334,13 @@ def compute_validation_outcome(
     if not isinstance(training.body, TrainingBody):
         raise InvalidBlock("parent: not a training block")
     confirmed = is_confirmed(body)
-    updated = state.with_slice(training.body.slice_id, training.body.weights) if confirmed else state
+    with_update = state.with_slice(training.body.slice_id, training.body.weights)
+    updated = with_update if confirmed else state
     attesters: list[bytes] = []
     for attestation in body.attestations:
         if attestation.validator in attesters:
             raise InvalidBlock(f"attestations: duplicate attester {attestation.validator.hex()[:16]}")
         attesters.append(attestation.validator)
-    with_update = state.with_slice(training.body.slice_id, training.body.weights)
     for attestation in body.attestations:
         validate_attestation(state, attestation, training, with_update, chain)
     parameters = chain.genesis.consensus
