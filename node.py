@@ -12,12 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from chain.blocks import Block, Kind, TrainingBody, ValidationBody, decode_block
+from chain.blocks import Kind, TrainingBody, ValidationBody
 from chain.crypto import PrivateKey, devnet_key
-from chain.encoding import DecodeError
-from chain.state import State
 from chain.store import ChainDB, CorruptStore
-from consensus.fork_choice import HeadChange, Store
 from consensus.genesis import Genesis, GenesisError
 from consensus.proposals import attest, propose_best_training_block, propose_validation_block
 from consensus.rules import (
@@ -31,10 +28,10 @@ from consensus.rules import (
     is_confirmed,
 )
 from genesis import DEVNET, chunk_directory, load_genesis
+from p2p.full_node import FullNode, mean_loss
 from training.data import SPLITS, ChunkError, load_split, sample_batch, seed_from_int
 from training.evaluate import BACKENDS, CanonicalEvaluator, default_backend, make_backend
 from training.miner import Miner, TrainingConfig
-from training.tables import LOSS_BITS
 from training.weights import WeightsError, load_weights
 
 
@@ -96,77 +93,11 @@ def command_eval(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-class FullNode:
-    """One node's chain: the fork-choice store and the LevelDB store, kept in step.
-
-    Every block, from a local miner or (later) a peer, enters through
-    `import_block`: decode, validate against the fork-choice store, then one
-    atomic write to the database.
-    """
-
-    def __init__(self, genesis_path: Path, datadir: Path, backend: str | None = None) -> None:
-        self.genesis = load_genesis(genesis_path)
-        directory = chunk_directory(genesis_path, self.genesis)
-        self.chain = Chain(
-            self.genesis,
-            validation_text=load_split(self.genesis.dataset, directory, "validation"),
-            test_text=load_split(self.genesis.dataset, directory, "test"),
-            backend=backend or default_backend("cpu"),
-        )
-        first_state = genesis_state(self.genesis)
-        first_block = genesis_block(self.genesis, first_state)
-        self.db = ChainDB(datadir / "chain", bytes.fromhex(self.genesis.hash), first_block, first_state)
-        finalized = self.db.finalized()
-        self.store = Store.from_anchor(
-            self.chain, self.db.block(finalized), self.db.state(finalized), self.db.confirmed_gain(finalized)
-        )
-        self.store.on_tick(int(time.time()))
-        head = self.db.head()
-        if head != finalized:
-            try:  # the head is a training block awaiting validation: check it again
-                self.store.on_block(self.db.block(head))
-            except (InvalidBlock, KeyError, DecodeError) as error:
-                raise CorruptStore(f"{datadir}: stored head {head.hex()} does not validate: {error}") from None
-
-    def close(self) -> None:
-        self.db.close()
-
-    def import_block(self, data: bytes) -> HeadChange:
-        """Decode, validate and store a block; raises DecodeError or InvalidBlock."""
-        block = decode_block(data)
-        self.store.on_tick(int(time.time()))
-        change = self.store.on_block(block)
-        node = self.store.nodes[block.hash]
-        self.db.import_block(
-            block,
-            node.state,
-            node.confirmed_gain,
-            change.new_head,
-            change.new_canonical,
-            change.old_canonical,
-            self.store.finalized,
-        )
-        return change
-
-    def finalized(self) -> tuple[Block, State]:
-        node = self.store.nodes[self.store.finalized]
-        return node.block, node.state
-
-
 def validator_keys(genesis: Genesis) -> list[PrivateKey]:
     """The INSECURE devnet keys of genesis validators (validator-0, validator-1, ...)."""
     stakers = {account.public_key for account in genesis.accounts if account.stake}
     keys = [devnet_key(f"validator-{index}") for index in range(len(stakers))]
     return [key for key in keys if key.public_key in stakers]
-
-
-def mean_loss(chain: Chain, state: State, split: str) -> float:
-    """Nats per token on the split's report batch (seed 0): informative only."""
-    sequences = chain.genesis.evaluation.validation_sequences
-    if split == "test":
-        sequences = chain.genesis.evaluation.test_sequences
-    tokens = sequences * chain.genesis.model.context
-    return round(chain.loss(state, split, seed_from_int(0)) / tokens / (1 << LOSS_BITS), 5)
 
 
 def command_localnet(args: argparse.Namespace) -> dict[str, object]:

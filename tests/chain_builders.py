@@ -21,7 +21,8 @@ from chain.state import State
 from consensus.proposals import attest, propose_training_block, propose_validation_block
 from consensus.rules import compute_assigned_slice, compute_rewards, is_confirmed
 from genesis import DEVNET, chunk_directory
-from node import FullNode, validator_keys
+from node import validator_keys
+from p2p.full_node import FullNode
 from training.data import load_split
 from training.miner import Miner, TrainingConfig
 

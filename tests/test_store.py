@@ -19,7 +19,8 @@ import pytest
 from chain import schema
 from chain.store import CorruptStore
 from genesis import DEVNET
-from node import FullNode, command_replay
+from node import command_replay
+from p2p.full_node import FullNode
 from tests.conftest import ROOT, run_potchain
 
 IMPORTER = """
@@ -27,7 +28,7 @@ import sys
 from pathlib import Path
 from chain.blocks import decode_block
 from genesis import DEVNET
-from node import FullNode
+from p2p.full_node import FullNode
 node = FullNode(DEVNET, Path(sys.argv[1]))
 for path in sorted(Path(sys.argv[2]).glob("*.block")):
     data = path.read_bytes()
