@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import logging
+import os
+import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -226,6 +229,184 @@ def command_replay(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+# --- the networked node -------------------------------------------------------------
+
+NODE_DEFAULTS: dict[str, object] = {
+    "genesis": str(DEVNET),
+    "listen": "/ip4/127.0.0.1/tcp/0",
+    "bootstrap": [],
+    "rpc_host": "127.0.0.1",
+    "rpc_port": 0,
+    "mine": False,
+    "miner_key": None,
+    "validator_key": [],
+    "device": "cpu",
+    "steps": TrainingConfig.steps,
+    "threads": None,
+    "log_level": "info",
+    "log_format": "text",
+}
+"""Every `potchain node` setting: a TOML file (--config) sets any of them, flags override it."""
+
+
+def load_key(spec: str) -> PrivateKey:
+    """A signing key: `devnet:NAME` (INSECURE, derived from the name) or a file holding
+    the 32-byte seed as 64 hex characters (created, mode 0600, if it does not exist)."""
+    if spec.startswith("devnet:"):
+        return devnet_key(spec.removeprefix("devnet:"))
+    path = Path(spec)
+    if not path.exists():
+        temporary = path.with_suffix(".tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32) + "\n")
+        os.replace(temporary, path)
+    text = path.read_text().strip()
+    try:
+        seed = bytes.fromhex(text)
+    except ValueError:
+        raise UserError(f"{path}: a key file holds 64 hex characters") from None
+    if len(seed) != 32:
+        raise UserError(f"{path}: a key file holds 64 hex characters, this one {len(text)}")
+    return PrivateKey(seed)
+
+
+def node_settings(args: argparse.Namespace) -> dict[str, object]:
+    """NODE_DEFAULTS, then the TOML file, then the flags given on the command line."""
+    import tomllib
+
+    settings = dict(NODE_DEFAULTS)
+    if args.config is not None:
+        try:
+            document = tomllib.loads(args.config.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{args.config}: no such file") from None
+        except tomllib.TOMLDecodeError as error:
+            raise UserError(f"{args.config}: not TOML: {error}") from None
+        for name, value in document.items():
+            key = name.replace("-", "_")
+            if key not in NODE_DEFAULTS:
+                raise UserError(f"{args.config}: unknown setting {name!r}")
+            default = NODE_DEFAULTS[key]
+            if default is not None and not isinstance(value, type(default)):
+                want = type(default).__name__
+                raise UserError(f"{args.config}: {name} must be a {want}, got {type(value).__name__}")
+            settings[key] = value
+    for key in NODE_DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None and value != [] and value is not False:
+            settings[key] = value
+    return settings
+
+
+class LogfmtFormatter(logging.Formatter):
+    """One line per record: time, level, logger and message as key=value pairs."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage().replace('"', "'")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        line = f'time={stamp} level={record.levelname.lower()} logger={record.name} msg="{message}"'
+        if record.exc_info:
+            line += ' error="' + self.formatException(record.exc_info).replace("\n", " | ") + '"'
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": record.created, "level": record.levelname.lower(), "logger": record.name}
+        entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, style: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if style == "json" else LogfmtFormatter())
+    handler.addFilter(lambda record: record.levelno >= logging.WARNING or not record.name.startswith("libp2p"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def write_json_atomically(path: Path, value: object) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(temporary, path)
+
+
+def command_node(args: argparse.Namespace) -> dict[str, object]:
+    """A full node on the network until SIGINT or SIGTERM."""
+    import torch
+    import trio
+    from p2p.rpc import RpcServer, load_or_create_token
+
+    from p2p.service import NetworkBackend, NetworkNode, NodeConfig
+
+    settings = node_settings(args)
+    if settings["log_level"] not in ("debug", "info", "warning", "error"):
+        raise UserError(f"log_level must be debug, info, warning or error, got {settings['log_level']!r}")
+    configure_logging(str(settings["log_level"]), str(settings["log_format"]))
+    if settings["threads"] is not None:
+        torch.set_num_threads(int(str(settings["threads"])))
+    datadir: Path = args.datadir
+    datadir.mkdir(parents=True, exist_ok=True)
+    validators = [load_key(str(spec)) for spec in settings["validator_key"]]  # type: ignore[attr-defined]
+    miner_key = None
+    if settings["mine"]:
+        miner_key = load_key(str(settings["miner_key"] or datadir / "miner_key"))
+    device = str(settings["device"])
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"device must be cpu or cuda, got {device!r}")
+    training = TrainingConfig(steps=int(str(settings["steps"])), device=device)
+    if miner_key is not None:
+        from training.miner import resolve_device
+
+        resolve_device(device)
+    node = FullNode(Path(str(settings["genesis"])), datadir)
+    config = NodeConfig(
+        datadir=datadir,
+        listen=str(settings["listen"]),
+        bootstrap=[str(b) for b in settings["bootstrap"]],  # type: ignore[attr-defined]
+        validator_keys=validators,
+        miner_key=miner_key,
+        training=training,
+    )
+    network = NetworkNode(node, config)
+    server = RpcServer(
+        NetworkBackend(network),
+        host=str(settings["rpc_host"]),
+        port=int(str(settings["rpc_port"])),
+        token=load_or_create_token(datadir),
+    )
+    log = logging.getLogger("potchain.node")
+
+    async def started(network: NetworkNode) -> None:
+        port = await trio.to_thread.run_sync(server.start)
+        rpc_url = f"http://{settings['rpc_host']}:{port}"
+        addresses = [f"{address}/p2p/{network.peer_id}" if "/p2p/" not in address else address
+                     for address in network.listen_addresses]  # fmt: skip
+        write_json_atomically(datadir / "node.json", {"peer_id": network.peer_id, "addresses": addresses,
+                                                      "rpc": rpc_url, "pid": os.getpid()})  # fmt: skip
+        log.info("rpc at %s, peer id %s", rpc_url, network.peer_id)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(network.stop_on_signals)
+            await network.run(on_started=started)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(run)
+    finally:
+        server.stop()
+        head, state = node.head()
+        node.close()
+    log.info("stopped cleanly at height %d", head.header.height)
+    return {"stopped": True, "head_height": head.header.height, "head_hash": head.hash.hex(),
+            "finalized_height": state.finalized_height}  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="potchain", description="A proof-of-training blockchain full node.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -253,6 +434,24 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--genesis", type=Path, default=DEVNET)
     replay.add_argument("--datadir", type=Path, required=True)
     replay.set_defaults(handler=command_replay)
+
+    run_node = commands.add_parser("node", help="run a full node on the network until SIGINT/SIGTERM")
+    run_node.add_argument("--datadir", type=Path, required=True, help="chain database, node key, RPC token")
+    run_node.add_argument("--config", type=Path, help="TOML file with any of the settings below")
+    run_node.add_argument("--genesis", help=f"genesis file (default {DEVNET.name})")
+    run_node.add_argument("--listen", help="libp2p listen multiaddr (default /ip4/127.0.0.1/tcp/0)")
+    run_node.add_argument("--bootstrap", action="append", help="a peer's multiaddr with /p2p/ id (repeatable)")
+    run_node.add_argument("--rpc-host", help="RPC bind address (default 127.0.0.1)")
+    run_node.add_argument("--rpc-port", type=int, help="RPC port (default: any free port; see DATADIR/node.json)")
+    run_node.add_argument("--mine", action="store_true", default=None, help="mine in this process")
+    run_node.add_argument("--miner-key", help="devnet:NAME or a key file (default DATADIR/miner_key)")
+    run_node.add_argument("--validator-key", action="append", help="devnet:NAME or a key file (repeatable)")
+    run_node.add_argument("--device", choices=("cpu", "cuda"), help="the miner's device (default cpu)")
+    run_node.add_argument("--steps", type=int, help="the miner's optimizer steps per attempt")
+    run_node.add_argument("--threads", type=int, help="torch threads")
+    run_node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    run_node.add_argument("--log-format", choices=("text", "json"))
+    run_node.set_defaults(handler=command_node)
     return parser
 
 

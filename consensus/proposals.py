@@ -139,3 +139,24 @@ def propose_validation_block(
         body_hash=body_hash(body),
     )
     return sign_block(key, chain.domain, header, body)
+
+
+def get_validation_proposers(state: State, training: Block) -> list[bytes]:
+    """The validators, in the order they may propose the validation block of
+    `training`: staked keys sorted, rotated by the number of training blocks
+    decided before it. The first proposes as soon as it has a quorum; each
+    next one only after the ones before it had their turn (a node waits
+    `position * backoff` seconds), so a missing proposer delays the round
+    without stopping it."""
+    stakers = sorted(address for address, account in state.accounts.items() if account.stake > 0)
+    if not stakers:
+        return []
+    offset = (training.header.height // 2) % len(stakers)
+    return stakers[offset:] + stakers[:offset]
+
+
+def get_quorum_stake(state: State, chain: Chain) -> int:
+    """The least attesting stake a validation block needs (ceiling of the quorum fraction)."""
+    parameters = chain.genesis.consensus
+    total = state.total_stake
+    return -(-total * parameters.quorum_numerator // parameters.quorum_denominator)

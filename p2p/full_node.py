@@ -28,6 +28,7 @@ from consensus.rules import (
     compute_validation_seed,
     genesis_block,
     genesis_state,
+    validate_evidence,
 )
 from genesis import chunk_directory, load_genesis
 from training.data import load_split, seed_from_int
@@ -144,6 +145,18 @@ class FullNode:
         """Validate and keep an attestation (raises InvalidBlock)."""
         with self.lock:
             return self.store.on_attestation(attestation)
+
+    def on_evidence(self, evidence: Evidence) -> bool:
+        """Validate and keep equivocation evidence for the next validation block;
+        False when the offender's evidence is already kept (raises InvalidBlock)."""
+        with self.lock:
+            offender = evidence.first.validator
+            if offender in self.store.evidence:
+                return False
+            state = self.store.nodes[self.store.finalized].state
+            validate_evidence(state, evidence.first, evidence.second, self.chain)
+            self.store.evidence[offender] = evidence
+            return True
 
     # --- reads ------------------------------------------------------------------
 

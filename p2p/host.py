@@ -1,0 +1,100 @@
+"""The libp2p host: a persistent node key, TCP with Noise and Yamux, GossipSub.
+
+py-libp2p 0.8.1's defaults drop messages in ways a chain cannot afford;
+`configure_libp2p` sets, once per process, what a node needs (each a
+measured problem):
+
+- dials wait 250 ms of "happy eyeballs" even for one address: no delay;
+- per-peer outbound queues of 32 RPCs and subscription channels of 32
+  messages drop bursts silently: 1024 each;
+- the `libp2p` logger has no handler: its records go to ours.
+
+GossipSub's own spam protection (10 messages a second per forwarder and
+topic, counting our own publishes) is off; the node rate-limits verification
+work per peer itself (p2p/peers.py). Heartbeat: 1 s.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.custom_types import TProtocol
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+
+GOSSIPSUB_PROTOCOL = TProtocol("/meshsub/1.1.0")
+QUEUE_SIZE = 1024
+MAX_RPC_BYTES = 1 << 20
+"""Inbound gossip RPC limit: equal to the sender's (py-libp2p splits outbound RPCs at 1 MiB)."""
+_configured = False
+
+
+def configure_libp2p() -> None:
+    global _configured
+    if _configured:
+        return
+    import libp2p.network.swarm as swarm
+    import libp2p.pubsub.pubsub as pubsub_module
+    from libp2p.pubsub.rpc_queue import RpcQueue
+
+    setattr(swarm, "_HAPPY_EYEBALLS_DELAY", 0)  # noqa: B010 - module constants, set on purpose
+    setattr(pubsub_module, "SUBSCRIPTION_CHANNEL_SIZE", QUEUE_SIZE)  # noqa: B010
+    setattr(pubsub_module, "RpcQueue", functools.partial(RpcQueue, max_size=QUEUE_SIZE))  # noqa: B010
+    library_logger = logging.getLogger("libp2p")
+    library_logger.propagate = True
+    library_logger.setLevel(logging.WARNING)
+    _configured = True
+
+
+def load_or_create_node_key(path: Path) -> KeyPair:
+    """The node's libp2p identity: a 32-byte Ed25519 seed kept in `path` (mode 0600).
+
+    Created atomically on first start, so the peer id survives restarts."""
+    if path.exists():
+        seed = path.read_bytes()
+        if len(seed) != 32:
+            raise ValueError(f"{path}: a node key is 32 bytes, this file has {len(seed)}")
+    else:
+        seed = secrets.token_bytes(32)
+        temporary = path.with_suffix(".tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(seed)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    return create_new_key_pair(seed)
+
+
+def make_host(key_pair: KeyPair) -> IHost:
+    """A TCP host with Noise and Yamux (the defaults), identify and ping."""
+    configure_libp2p()
+    return new_host(key_pair=key_pair)
+
+
+def make_pubsub(host: IHost) -> tuple[Pubsub, GossipSub]:
+    """GossipSub with strict signing, a 1 s heartbeat and the gossip size limit."""
+    router = GossipSub(
+        [GOSSIPSUB_PROTOCOL],
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_interval=1,
+        spam_protection_enabled=False,
+    )
+    pubsub = Pubsub(
+        host,
+        router,
+        strict_signing=True,
+        max_inbound_rpc_size=MAX_RPC_BYTES,
+        validation_timeout=60.0,
+    )
+    return pubsub, router
