@@ -339,8 +339,8 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
     """A full node on the network until SIGINT or SIGTERM."""
     import torch
     import trio
-    from p2p.rpc import RpcServer, load_or_create_token
 
+    from p2p.rpc import RpcServer, load_or_create_token
     from p2p.service import NetworkBackend, NetworkNode, NodeConfig
 
     settings = node_settings(args)
@@ -407,6 +407,39 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
             "finalized_height": state.finalized_height}  # fmt: skip
 
 
+def command_devnet(args: argparse.Namespace) -> dict[str, object]:
+    """A local network of separate node processes (see sim/devnet.py)."""
+    from sim.devnet import DevnetConfig, run_devnet
+    from sim.processes import NodeProcessError
+
+    if args.nodes < 1:
+        raise UserError(f"--nodes must be at least 1, got {args.nodes}")
+    if args.finalize is not None and args.finalize < 1:
+        raise UserError(f"--finalize must be at least 1, got {args.finalize}")
+    genesis = load_genesis(args.genesis)
+    validators = len(validator_keys(genesis))
+    if validators == 0:
+        raise UserError(f"{args.genesis}: no devnet validator keys (validator-0, ...) in this genesis")
+    config = DevnetConfig(
+        genesis=args.genesis.resolve(),
+        nodes=args.nodes,
+        out=args.out.resolve(),
+        finalize=args.finalize,
+        validators=validators,
+        miners=args.miners,
+        steps=args.steps,
+        threads=args.threads,
+        timeout=args.timeout,
+    )
+    try:
+        summary = run_devnet(config)
+    except NodeProcessError as error:
+        raise UserError(str(error)) from None
+    return {key: summary[key] for key in ("finalized_height", "finalized_hash", "agree", "seconds")} | {
+        "summary": str(args.out / "summary.json")
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="potchain", description="A proof-of-training blockchain full node.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -452,6 +485,17 @@ def build_parser() -> argparse.ArgumentParser:
     run_node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     run_node.add_argument("--log-format", choices=("text", "json"))
     run_node.set_defaults(handler=command_node)
+
+    devnet = commands.add_parser("devnet", help="a local network of node processes on loopback")
+    devnet.add_argument("--genesis", type=Path, default=DEVNET)
+    devnet.add_argument("--nodes", type=int, default=4)
+    devnet.add_argument("--miners", type=int, default=1, help="nodes 0..N-1 mine (default 1)")
+    devnet.add_argument("--out", type=Path, required=True, help="data directories, logs and summary.json")
+    devnet.add_argument("--finalize", type=int, help="stop once every node finalized this height (default: run)")
+    devnet.add_argument("--steps", type=int, help="the miners' optimizer steps per attempt")
+    devnet.add_argument("--threads", type=int, default=1, help="torch threads per node (default 1)")
+    devnet.add_argument("--timeout", type=float, default=900, help="seconds to wait for --finalize")
+    devnet.set_defaults(handler=command_devnet)
     return parser
 
 

@@ -14,6 +14,12 @@ loss (from a single-miner run in this process), divided by the steps all
 racing miners computed. Racing on one slice with nothing kept would give
 1 / miners. `winning_steps_fraction` counts only the steps of the miners'
 winning blocks themselves.
+
+`data_parallel_ceiling` bounds what any way of combining several miners'
+work could keep: centralized training with the miners' batches averaged into
+one (batch x miners) for the racing run's steps per miner, measured as the
+single-batch centralized steps that reach the same test loss, over all the
+steps computed. Both centralized runs are in this process.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from convergence import TestLoss, prepare, run_chain
+from convergence import TestLoss, prepare, run_central, run_chain
 
 from chain.blocks import TrainingBody, ValidationBody
 from chain.crypto import PrivateKey, devnet_key
@@ -114,6 +120,12 @@ def main() -> None:
     final, computed, winning = race(chain, train_text, keys, args.heights, config, test_loss)
     single_curve, _, _ = run_chain(chain, train_text, computed, config, test_loss)
     equivalent = steps_to_reach(single_curve, final)
+    genesis = chain.genesis
+    per_miner = computed // args.miners
+    central, _ = run_central(genesis.initial_weights(), train_text, computed, config, config.steps, test_loss)
+    wide = TrainingConfig(batch_sequences=config.batch_sequences * args.miners)
+    averaged, _ = run_central(genesis.initial_weights(), train_text, per_miner, wide, config.steps, test_loss)
+    ceiling = steps_to_reach(central, averaged[-1][1])
     print(json.dumps({
         "miners": args.miners,
         "heights": args.heights,
@@ -123,6 +135,8 @@ def main() -> None:
         "single_miner_steps_to_same_loss": None if equivalent == float("inf") else round(equivalent),
         "useful_work_fraction": round(min(equivalent, computed) / computed, 4),
         "winning_steps_fraction": round(winning / computed, 4),
+        "data_parallel_ceiling": round(min(ceiling, computed) / computed, 4),
+        "averaged_batch_test_loss": round(averaged[-1][1], 4),
         "single_miner_curve": [[s, round(v, 4)] for s, v in single_curve],
     }))  # fmt: skip
 

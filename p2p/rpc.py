@@ -11,6 +11,7 @@ Bytes are lowercase hex; the paths and schemas are in `p2p.openapi`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -477,10 +478,8 @@ class RpcServer:
             if thread is None:
                 return
             if loop is not None and stopping is not None and thread.is_alive():
-                try:
+                with contextlib.suppress(RuntimeError):  # the loop has just closed
                     loop.call_soon_threadsafe(stopping.set)
-                except RuntimeError:  # the loop has already closed
-                    pass
             thread.join()
             self._executor.shutdown(wait=True, cancel_futures=True)
 

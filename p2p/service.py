@@ -172,12 +172,12 @@ class NetworkNode:
                         pubsub.set_topic_validator(topic, validator, True)
                         subscription = await pubsub.subscribe(topic)
                         tasks.start_soon(self._drain, subscription)
-                    tasks.start_soon(self._watch_peers)
-                    tasks.start_soon(self._sync_loop)
+                    tasks.start_soon(self._supervise, self._watch_peers)
+                    tasks.start_soon(self._supervise, self._sync_loop)
                     if self.config.validator_keys:
-                        tasks.start_soon(self._propose_loop)
+                        tasks.start_soon(self._supervise, self._propose_loop)
                     if self.config.miner_key is not None:
-                        tasks.start_soon(self._mine_loop, self.config.miner_key)
+                        tasks.start_soon(self._supervise, self._mine_loop, self.config.miner_key)
                     log.info("listening on %s", " ".join(self.listen_addresses))
                     if on_started is not None:
                         result = on_started(self)
@@ -186,6 +186,17 @@ class NetworkNode:
                 log.info("stopping")
             outer.cancel_scope.cancel()
         pubsub.seen_messages.stop()
+
+    async def _supervise(self, task: Callable[..., Awaitable[None]], *arguments: Any) -> None:
+        """Run a task; if it fails unexpectedly, log the error and restart it a second later.
+        A bug in one duty must not take the node down."""
+        while True:
+            try:
+                await task(*arguments)
+                return
+            except Exception:
+                log.exception("task %s failed; restarting it", task.__name__)
+                await trio.sleep(1.0)
 
     def stop(self) -> None:
         """Cancel the node's tasks (from the trio thread)."""
@@ -234,7 +245,10 @@ class NetworkNode:
                     await self.host.disconnect(peer)
                     continue
                 if name not in known:
-                    addresses = [str(a) for a in self.host.get_peerstore().addrs(peer)]
+                    try:
+                        addresses = [str(a) for a in self.host.get_peerstore().addrs(peer)]
+                    except Exception:
+                        addresses = []
                     self.peers.on_connected(name, addresses)
                     log.info("peer connected %s", name)
             for name in known - set(connected):

@@ -247,12 +247,17 @@ class SliceLayout:
         return weights.replace(updates)
 
 
-def save_weights(weights: CanonicalWeights, path: Path) -> None:
-    """Write canonical weights as safetensors (int16 tensors, exponents in metadata)."""
-    from safetensors.numpy import save_file
+def encode_weights(weights: CanonicalWeights) -> bytes:
+    """Canonical weights as safetensors bytes (int16 tensors, exponents in metadata)."""
+    from safetensors.numpy import save
 
     metadata = {"format": FILE_FORMAT, "exponents": json.dumps(dict(weights.exponents))}
-    save_file({name: np.ascontiguousarray(v) for name, v in weights.tensors.items()}, str(path), metadata)
+    return save({name: np.ascontiguousarray(v) for name, v in weights.tensors.items()}, metadata)
+
+
+def save_weights(weights: CanonicalWeights, path: Path) -> None:
+    """Write canonical weights as a safetensors file (`encode_weights`)."""
+    path.write_bytes(encode_weights(weights))
 
 
 def load_weights(path: Path, config: ModelConfig, exponents: Mapping[str, int]) -> CanonicalWeights:

@@ -1,0 +1,527 @@
+"""The HTTP RPC on a real node and server: every endpoint, its errors, the
+OpenAPI document against the router and the answers, and served weights that
+reproduce the node's loss."""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.numpy import load
+
+from chain.blocks import Block, TrainingBody, ValidationBody, decode_block
+from chain.state import State
+from consensus.proposals import attest
+from p2p.full_node import FullNode, ImportResult
+from p2p.rpc import DEFAULT_MAX_BODY_BYTES, LocalBackend, RpcServer, RpcStartError, load_or_create_token
+from tests.chain_builders import Scenario, rebuild
+from training.data import sample_batch, seed_from_int
+from training.evaluate import CanonicalEvaluator, make_backend
+from training.tables import LOSS_BITS
+from training.weights import encode_weights, load_weights
+
+HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options"}
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: Message
+    body: bytes
+
+    def json(self) -> Any:
+        assert self.headers["Content-Type"].startswith("application/json"), self.headers["Content-Type"]
+        return json.loads(self.body)
+
+
+@dataclass
+class Rpc:
+    """A client of one server."""
+
+    url: str
+    token: str
+
+    def request(self, method: str, path: str, body: bytes | None = None, token: str | None = None) -> Reply:
+        request = urllib.request.Request(self.url + path, data=body, method=method)
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        if body is not None:
+            request.add_header("Content-Type", "application/octet-stream")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return Reply(response.status, response.headers, response.read())
+        except urllib.error.HTTPError as error:
+            with error:
+                return Reply(error.code, error.headers, error.read())
+
+    def get(self, path: str, status: int = 200) -> Reply:
+        reply = self.request("GET", path)
+        assert reply.status == status, (path, reply.status, reply.body[:300])
+        return reply
+
+    def json(self, path: str, schema: str | None = None) -> Any:
+        value = self.get(path).json()
+        if schema is not None:
+            conform(value, {"$ref": f"#/components/schemas/{schema}"}, OPENAPI)
+        return value
+
+    def error(self, method: str, path: str, status: int, body: bytes | None = None, token: str | None = None) -> str:
+        """The message of an error answer, checked to be JSON `{"error": ...}` with `status`."""
+        reply = self.request(method, path, body, token)
+        assert reply.status == status, (method, path, reply.status, reply.body[:300])
+        value = reply.json()
+        assert list(value) == ["error"] and isinstance(value["error"], str), value
+        return str(value["error"])
+
+
+OPENAPI: dict[str, Any] = {}
+
+
+def conform(value: Any, schema: dict[str, Any], document: dict[str, Any], where: str = "$") -> None:
+    """Assert `value` matches a JSON schema (the subset p2p/openapi.py uses)."""
+    if "$ref" in schema:
+        name = schema["$ref"].removeprefix("#/components/schemas/")
+        conform(value, document["components"]["schemas"][name], document, where)
+        return
+    if "oneOf" in schema:
+        matches = 0
+        for option in schema["oneOf"]:
+            try:
+                conform(value, option, document, where)
+                matches += 1
+            except AssertionError:
+                pass
+        assert matches == 1, f"{where}: matches {matches} of oneOf"
+        return
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    checks = {
+        "object": lambda v: isinstance(v, dict),
+        "array": lambda v: isinstance(v, list),
+        "string": lambda v: isinstance(v, str),
+        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        "boolean": lambda v: isinstance(v, bool),
+        "null": lambda v: v is None,
+    }
+    assert not types or any(checks[t](value) for t in types), f"{where}: {value!r} is not {types}"
+    if "enum" in schema:
+        assert value in schema["enum"], f"{where}: {value!r} not in {schema['enum']}"
+    if "pattern" in schema and isinstance(value, str):
+        assert re.search(schema["pattern"], value), f"{where}: {value!r} !~ {schema['pattern']}"
+    if "minimum" in schema and isinstance(value, int):
+        assert value >= schema["minimum"], f"{where}: {value} < {schema['minimum']}"
+    if isinstance(value, dict) and "properties" in schema:
+        assert set(schema.get("required", [])) <= set(value), f"{where}: missing {set(schema['required']) - set(value)}"
+        if schema.get("additionalProperties") is False:
+            assert set(value) <= set(schema["properties"]), f"{where}: extra {set(value) - set(schema['properties'])}"
+        for key, sub in schema["properties"].items():
+            if key in value:
+                conform(value[key], sub, document, f"{where}.{key}")
+    if isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            conform(item, schema["items"], document, f"{where}[{index}]")
+
+
+@dataclass
+class Net:
+    """A node with genesis, a training block and its validation block, served over HTTP."""
+
+    scenario: Scenario
+    server: RpcServer
+    rpc: Rpc
+    datadir: Path
+    training: Block
+    validation: Block
+    next_training: Block
+    """A valid training block on the validation block, not imported."""
+
+    @property
+    def node(self) -> FullNode:
+        return self.scenario.node
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+    datadir = tmp_path_factory.mktemp("rpc")
+    scenario = Scenario.create(datadir)
+    node = scenario.node
+    genesis, state = node.finalized()
+    training = scenario.valid_training_block(genesis, state)
+    node.import_block(training.encode())
+    validation = scenario.valid_validation_block(training, state, scenario.attestations(training, state))
+    node.import_block(validation.encode())
+    next_training = scenario.valid_training_block(*node.finalized())
+    token = load_or_create_token(datadir)
+    server = RpcServer(LocalBackend(node), token=token)
+    port = server.start()
+    rpc = Rpc(f"http://127.0.0.1:{port}", token)
+    OPENAPI.update(rpc.json("/openapi.json"))
+    yield Net(scenario, server, rpc, datadir, training, validation, next_training)
+    server.stop()
+    node.close()
+
+
+# --- Lifecycle and token ----------------------------------------------------------------
+
+
+def test_token_file_is_private_and_stable(net: Net) -> None:
+    path = net.datadir / "rpc_token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert re.fullmatch(r"[0-9a-f]{64}", net.rpc.token)
+    assert load_or_create_token(net.datadir) == net.rpc.token
+    assert [p.name for p in net.datadir.iterdir() if "rpc_token" in p.name] == ["rpc_token"]
+
+
+class FlagBackend(LocalBackend):
+    ready = False
+    syncing = True
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    def is_syncing(self) -> bool:
+        return self.syncing
+
+
+def test_health_port_taken_and_stop(net: Net) -> None:
+    assert net.rpc.get("/health").json() == {"status": "synced"}
+    backend = FlagBackend(net.node)
+    server = RpcServer(backend, token="t")
+    rpc = Rpc(f"http://127.0.0.1:{server.start()}", "t")
+    assert (rpc.get("/health", 503).json(), server.port != 0) == ({"status": "not ready"}, True)
+    backend.ready = True
+    assert rpc.get("/health", 206).json() == {"status": "syncing"}
+    assert rpc.json("/v1/status", "Status")["syncing"] is True
+    server.stop()
+    server.stop()  # idempotent
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(rpc.url + "/health", timeout=5)
+
+    taken = RpcServer(LocalBackend(net.node), port=net.server.port, token="t")
+    with pytest.raises(RpcStartError, match=f"cannot listen on 127.0.0.1:{net.server.port}"):
+        taken.start()
+    taken.stop()
+
+
+# --- Reads -----------------------------------------------------------------------------
+
+
+def test_status(net: Net) -> None:
+    status = net.rpc.json("/v1/status", "Status")
+    head, state = net.node.head()
+    checkpoint, _ = net.node.finalized()
+    assert status["chain_id"] == net.node.genesis.chain_id
+    assert status["genesis_hash"] == net.node.genesis.hash
+    assert status["genesis_block_hash"] == net.node.genesis_block.hash.hex()
+    assert (status["head_height"], status["head_hash"]) == (head.header.height, head.hash.hex())
+    assert (status["finalized_height"], status["finalized_hash"]) == (1, net.training.hash.hex())
+    assert (status["checkpoint_height"], status["checkpoint_hash"]) == (2, checkpoint.hash.hex())
+    assert checkpoint.hash == net.validation.hash
+    assert status["difficulty"] == state.difficulty
+    assert (status["syncing"], status["peer_count"]) == (False, 0)
+    assert [status["validation_loss"], status["test_loss"]] == list(net.node.mean_losses(state))
+
+
+def test_blocks_by_height_hash_and_head(net: Net) -> None:
+    genesis = net.rpc.json("/v1/blocks/0", "Block")
+    assert genesis["kind"] == "genesis" and genesis["body"] == {} and genesis["received_at"] is None
+    assert genesis["hash"] == net.node.genesis_block.hash.hex() and genesis["canonical"] is True
+
+    training = net.rpc.json("/v1/blocks/1", "Block")
+    body = net.training.body
+    assert isinstance(body, TrainingBody)
+    assert training["hash"] == net.training.hash.hex() and training["kind"] == "training"
+    assert (training["parent"], training["height"]) == (genesis["hash"], 1)
+    assert training["proposer"] == net.scenario.miner.public_key.hex()
+    assert training["timestamp"] == net.training.header.timestamp
+    assert training["state_root"] == net.training.header.state_root.hex()
+    assert training["body_hash"] == net.training.header.body_hash.hex()
+    assert training["received_at"] == net.node.received_at[net.training.hash]
+    assert (
+        training["body"]["gain"] == body.loss_before - body.loss_after >= net.node.genesis.consensus.initial_difficulty
+    )
+    assert training["body"]["weights_bytes"] == len(body.weights)
+    assert training["body"]["data_seed"] == body.data_seed.hex()
+
+    by_hash = net.rpc.json(f"/v1/blocks/{net.validation.hash.hex()}", "Block")
+    assert by_hash == net.rpc.json("/v1/blocks/2") == net.rpc.json(f"/v1/blocks/{net.validation.hash.hex().upper()}")
+    validation = net.validation.body
+    assert isinstance(validation, ValidationBody)
+    assert by_hash["body"]["confirmed"] is True and by_hash["body"]["evidence"] == 0
+    assert [a["validator"] for a in by_hash["body"]["attestations"]] == [
+        v.public_key.hex() for v in net.scenario.validators
+    ]
+    assert {a["training_block"] for a in by_hash["body"]["attestations"]} == {net.training.hash.hex()}
+    assert by_hash["body"]["rewards"] == [{"address": r.address.hex(), "amount": r.amount} for r in validation.rewards]
+
+    head, _ = net.node.head()
+    assert net.rpc.json("/v1/blocks/head", "Block")["hash"] == head.hash.hex()
+    raw = net.rpc.get("/v1/blocks/1?format=raw")
+    assert raw.headers["Content-Type"] == "application/octet-stream"
+    assert raw.body == net.training.encode() and decode_block(raw.body).hash == net.training.hash
+    assert net.rpc.get("/v1/blocks/head?format=raw").body == head.encode()
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/v1/blocks/99", 404),
+        ("/v1/blocks/" + "9" * 30, 404),
+        ("/v1/blocks/" + "ab" * 32, 404),
+        ("/v1/blocks/-1", 400),
+        ("/v1/blocks/abc", 400),
+        ("/v1/blocks/" + "a" * 63, 400),
+        ("/v1/blocks/%D9%A1", 400),  # an Arabic-Indic digit one
+        ("/v1/blocks/1%0A", 400),
+        ("/v1/blocks/1?format=xml", 400),
+        ("/v1/blocks/head?format=", 400),
+        ("/v1/model?height=x", 400),
+        ("/v1/model?height=-1", 400),
+        ("/v1/model?height=1.5", 400),
+        ("/v1/model?height=", 400),
+        ("/v1/model?height=99", 404),
+        ("/v1/model/weights?height=99", 404),
+        ("/v1/model/weights?height=0x1", 400),
+        ("/v1/accounts/zz", 400),
+        ("/v1/accounts/" + "0" * 66, 400),
+        ("/v1/mining/work", 400),
+        ("/v1/mining/work?miner=12", 400),
+        ("/v1/nope", 404),
+        ("/v1/blocks", 404),
+    ],
+)
+def test_bad_reads(net: Net, path: str, status: int) -> None:
+    assert net.rpc.error("GET", path, status)
+
+
+def test_finality(net: Net) -> None:
+    finality = net.rpc.json("/v1/finality", "Finality")
+    _, state = net.node.head()
+    assert (finality["finalized_height"], finality["finalized_hash"]) == (1, net.training.hash.hex())
+    assert finality["finalized_timestamp"] == net.validation.header.timestamp == state.finalized_timestamp
+    assert (finality["checkpoint_height"], finality["checkpoint_hash"]) == (2, net.validation.hash.hex())
+    assert finality["total_stake"] == state.total_stake
+    assert [p["hash"] for p in finality["pending"]] == [b.hash.hex() for b in net.node.pending_training_blocks()]
+
+
+def test_model(net: Net) -> None:
+    _, state = net.node.head()
+    model = net.rpc.json("/v1/model", "Model")
+    config = net.node.genesis.model
+    assert model["config"] == {
+        "layers": config.layers,
+        "heads": config.heads,
+        "width": config.width,
+        "context": config.context,
+        "vocab_size": config.vocab_size,
+        "parameter_count": config.parameter_count(),
+    }
+    assert (model["state_root"], model["weights_root"]) == (state.root.hex(), state.weights_root.hex())
+    assert model["slice_hashes"] == [h.hex() for h in state.slice_hashes]
+    assert [model["validation_loss"], model["test_loss"]] == list(net.node.mean_losses(state))
+    assert model["difficulty"] == state.difficulty
+    at_two = net.rpc.json("/v1/model?height=2", "Model")
+    assert at_two["block_hash"] == net.validation.hash.hex() and at_two["weights_root"] == model["weights_root"]
+
+    genesis = net.rpc.json("/v1/model?height=0", "Model")
+    genesis_state = net.node.state_of(net.node.genesis_block.hash)
+    assert genesis_state is not None and genesis["state_root"] == genesis_state.root.hex()
+    changed = [a != b for a, b in zip(genesis["slice_hashes"], model["slice_hashes"], strict=True)]
+    assert changed.count(True) == 1  # the confirmed block updated one slice
+    assert genesis["validation_loss"] > model["validation_loss"]
+
+
+def test_weights_load_and_reproduce_the_validation_loss(net: Net, tmp_path: Path) -> None:
+    genesis = net.node.genesis
+    reply = net.rpc.get("/v1/model/weights")
+    head, state = net.node.head()
+    assert reply.headers["Content-Type"] == "application/octet-stream"
+    assert reply.headers["Content-Disposition"] == f'attachment; filename="potchain-{head.header.height}.safetensors"'
+    tensors = load(reply.body)
+    expected = net.node.weights_of(state)
+    assert set(tensors) == set(expected.tensors)
+    for name, values in expected.tensors.items():
+        assert tensors[name].dtype == np.int16 and np.array_equal(tensors[name], values)
+    path = tmp_path / "head.safetensors"
+    path.write_bytes(reply.body)
+    weights = load_weights(path, genesis.model, genesis.exponents)
+
+    # The canonical evaluator, on another backend than the node's, gives the node's number.
+    sequences, context = genesis.evaluation.validation_sequences, genesis.model.context
+    inputs, targets = sample_batch(net.node.chain.validation_text, seed_from_int(0), sequences, context)
+    evaluator = CanonicalEvaluator(weights, genesis.tables(), make_backend("torch-int64"))
+    total = evaluator.per_token_losses(inputs, targets).loss_total
+    assert total == net.node.chain.loss(state, "validation", seed_from_int(0))
+    status = net.rpc.json("/v1/status")
+    assert round(total / (sequences * context) / (1 << LOSS_BITS), 5) == status["validation_loss"]
+
+    at_genesis = net.rpc.get("/v1/model/weights?height=0")
+    assert at_genesis.headers["Content-Disposition"] == 'attachment; filename="potchain-0.safetensors"'
+    path.write_bytes(at_genesis.body)
+    served = load_weights(path, genesis.model, genesis.exponents)
+    initial = genesis.initial_weights()
+    assert all(np.array_equal(served.tensors[n], v) for n, v in initial.tensors.items())
+    assert load(encode_weights(initial)).keys() == load(at_genesis.body).keys()
+
+
+def test_accounts(net: Net) -> None:
+    _, state = net.node.head()
+    validator = net.scenario.validators[1].public_key
+    account = net.rpc.json(f"/v1/accounts/{validator.hex()}", "Account")
+    assert account == {
+        "address": validator.hex(),
+        "balance": state.accounts[validator].balance,
+        "stake": state.stake_of(validator),
+    }
+    assert account["stake"] > 0
+    miner = net.scenario.miner.public_key
+    assert net.rpc.json(f"/v1/accounts/{miner.hex()}")["balance"] == state.accounts[miner].balance > 0
+    unknown = "ef" * 32
+    assert net.rpc.json(f"/v1/accounts/{unknown.upper()}") == {"address": unknown, "balance": 0, "stake": 0}
+
+
+def test_peers(net: Net) -> None:
+    assert net.rpc.json("/v1/peers", "Peers") == {"peers": []}
+
+
+def test_mining_work(net: Net) -> None:
+    miner = net.scenario.miner.public_key
+    work = net.rpc.json(f"/v1/mining/work?miner={miner.hex()}", "Work")
+    expected = net.node.work_for(miner)
+    assert work["parent_hash"] == expected.parent_hash.hex() == net.validation.hash.hex()
+    assert (work["height"], work["slice_id"], work["difficulty"]) == (3, expected.slice_id, expected.difficulty)
+    assert work["state_root"] == expected.state_root.hex()
+    assert work["validation_seed"] == expected.validation_seed.hex()
+    assert work["training_seed"] == expected.training_seed.hex()
+    assert work["min_timestamp"] == expected.min_timestamp
+    assert work["weights_url"] == "/v1/model/weights?height=2"
+    assert net.rpc.get(work["weights_url"]).headers["Content-Disposition"].endswith('"potchain-2.safetensors"')
+
+
+# --- Writes ----------------------------------------------------------------------------
+
+
+def test_submit_auth_and_bad_blocks(net: Net) -> None:
+    rpc, block = net.rpc, net.next_training
+    assert "missing" in rpc.error("POST", "/v1/mining/submit", 401, block.encode())
+    assert "wrong" in rpc.error("POST", "/v1/mining/submit", 401, block.encode(), token=rpc.token[:-1] + "x")
+    assert rpc.request("POST", "/v1/mining/submit", block.encode(), token="wrong").headers["WWW-Authenticate"]
+    assert rpc.error("POST", "/v1/mining/submit", 400, b"\x93garbage", token=rpc.token).startswith("block:")
+    assert rpc.error("POST", "/v1/mining/submit", 400, b"", token=rpc.token)
+
+    body = block.body
+    assert isinstance(body, TrainingBody)
+    wrong = rebuild(block, net.scenario.miner, net.node.chain.domain, loss_after=body.loss_after + 1)
+    message = rpc.error("POST", "/v1/mining/submit", 422, wrong.encode(), token=rpc.token)
+    assert message == f"loss_after: got {body.loss_after + 1}, want {body.loss_after}"
+    on_genesis = rebuild(net.training, net.scenario.miner, net.node.chain.domain, timestamp=9)
+    assert "conflicts with the finalized block" in rpc.error(
+        "POST", "/v1/mining/submit", 422, on_genesis.encode(), token=rpc.token
+    )
+    assert not net.node.has_block(wrong.hash)
+
+
+def test_oversized_body(net: Net) -> None:
+    big = bytes(DEFAULT_MAX_BODY_BYTES + 1)
+    message = net.rpc.error("POST", "/v1/mining/submit", 413, big, token=net.rpc.token)
+    assert str(DEFAULT_MAX_BODY_BYTES) in message
+    assert net.rpc.get("/health").json() == {"status": "synced"}  # still serving
+
+
+def test_submit_then_attest(net: Net) -> None:
+    rpc, block = net.rpc, net.next_training
+    first = rpc.request("POST", "/v1/mining/submit", block.encode(), token=rpc.token)
+    assert first.status == 200, first.body
+    assert first.json() == {"hash": block.hash.hex(), "height": 3, "known": False}
+    conform(first.json(), {"$ref": "#/components/schemas/SubmitResult"}, OPENAPI)
+    again = rpc.request("POST", "/v1/mining/submit", block.encode(), token=rpc.token)
+    assert again.json() == {"hash": block.hash.hex(), "height": 3, "known": True}
+    assert rpc.json("/v1/blocks/head")["hash"] == block.hash.hex()
+    assert rpc.json("/v1/status")["head_height"] == 3
+    assert rpc.json("/v1/blocks/3")["received_at"] is not None
+
+    checkpoint_state: State = net.node.finalized()[1]
+    validator = net.scenario.validators[2]
+    assert net.node.on_attestation(attest(net.node.chain, validator, checkpoint_state, block)) is None
+    (pending,) = rpc.json("/v1/finality", "Finality")["pending"]
+    consensus = net.node.genesis.consensus
+    total = checkpoint_state.total_stake
+    assert pending["hash"] == block.hash.hex() and pending["attestations"] == 1
+    assert pending["attesting_stake"] == checkpoint_state.stake_of(validator.public_key)
+    assert pending["quorum_stake"] * consensus.quorum_denominator >= total * consensus.quorum_numerator
+    assert (pending["quorum_stake"] - 1) * consensus.quorum_denominator < total * consensus.quorum_numerator
+
+
+def test_submit_reaches_the_backend(net: Net) -> None:
+    calls: list[bytes] = []
+
+    class Recording(LocalBackend):
+        def submit_block(self, data: bytes) -> ImportResult:
+            calls.append(data)
+            return super().submit_block(data)
+
+    server = RpcServer(Recording(net.node), token="t")
+    rpc = Rpc(f"http://127.0.0.1:{server.start()}", "t")
+    try:
+        assert rpc.request("POST", "/v1/mining/submit", net.validation.encode(), token="t").json()["known"] is True
+    finally:
+        server.stop()
+    assert calls == [net.validation.encode()]
+
+
+def test_a_bug_is_a_json_500(net: Net, caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(LocalBackend):
+        def peers(self) -> list[dict[str, object]]:
+            raise RuntimeError("peer table corrupt")
+
+    server = RpcServer(Broken(net.node), token="t")
+    rpc = Rpc(f"http://127.0.0.1:{server.start()}", "t")
+    try:
+        assert rpc.error("GET", "/v1/peers", 500) == "internal error"
+        assert rpc.get("/health").json() == {"status": "synced"}
+    finally:
+        server.stop()
+    assert "peer table corrupt" in caplog.text
+
+
+# --- Routing and the document ------------------------------------------------------------
+
+
+def test_wrong_method_and_unknown_route(net: Net) -> None:
+    assert net.rpc.error("DELETE", "/v1/status", 405).startswith("method not allowed")
+    assert net.rpc.request("PUT", "/v1/status", b"x").headers["Allow"] == "GET"
+    assert net.rpc.error("GET", "/v1/mining/submit", 405)
+    assert net.rpc.error("POST", "/v1/status", 405, b"")
+    assert net.rpc.error("GET", "/nothing/here", 404) == "not found: GET /nothing/here"
+
+
+def test_openapi_lists_every_route(net: Net) -> None:
+    document = net.rpc.json("/openapi.json")
+    assert document["openapi"].startswith("3.1")
+    served = set()
+    for resource in net.server.app.router.resources():
+        info = resource.get_info()
+        for route in resource:
+            served.add((route.method.lower(), info.get("path") or info["formatter"]))
+    documented = {(m, p) for p, ops in document["paths"].items() for m in ops if m in HTTP_METHODS}
+    assert served == documented
+    assert len(served) == 12
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            in_path = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
+            assert in_path == set(re.findall(r"{(\w+)}", path)), path
+            assert "200" in operation["responses"]
+    schemas = document["components"]["schemas"]
+    refs = re.findall(r'"#/components/schemas/(\w+)"', json.dumps(document))
+    assert set(refs) <= set(schemas) and set(schemas) <= set(refs) | {"Error"}
