@@ -116,13 +116,13 @@ def command_localnet(args: argparse.Namespace) -> dict[str, object]:
         raise UserError("genesis has no devnet validator keys; localnet needs them")
     miner_key = devnet_key("miner-0")
     config = TrainingConfig(steps=args.steps, device=args.device)
-    miner = Miner(chain.weights(node.finalized()[1]), chain.layout, train_text, config)
+    miner = Miner(chain.weights(node.checkpoint()[1]), chain.layout, train_text, config)
     initial = genesis_state(genesis)
     losses = {"validation_loss_genesis": mean_loss(chain, initial, "validation")}
     losses["test_loss_genesis"] = mean_loss(chain, initial, "test")
     try:
-        while (node.finalized()[1].finalized_height + 1) // 2 < args.finalize:
-            parent, state = node.finalized()
+        while (node.checkpoint()[1].finalized_height + 1) // 2 < args.finalize:
+            parent, state = node.checkpoint()
             slice_id = compute_assigned_slice(parent.header, miner_key.public_key, genesis.partition.slices)
             seed = compute_training_seed(parent.hash, miner_key.public_key)
             training = None
@@ -157,7 +157,7 @@ def command_localnet(args: argparse.Namespace) -> dict[str, object]:
             else:
                 test_gain = sum(a.gain for a in validation.body.attestations)
                 print(f"[localnet] update rejected out of sample (test gain {test_gain})", file=sys.stderr)
-            final_state = node.finalized()[1]
+            final_state = node.checkpoint()[1]
             count = (final_state.finalized_height + 1) // 2
             print(
                 f"[localnet] finalized {count}/{args.finalize} height {validation.header.height} "
@@ -167,7 +167,7 @@ def command_localnet(args: argparse.Namespace) -> dict[str, object]:
                 file=sys.stderr,
                 flush=True,
             )
-        head_block, head_state = node.finalized()
+        head_block, head_state = node.checkpoint()
         losses["validation_loss_head"] = mean_loss(chain, head_state, "validation")
         losses["test_loss_head"] = mean_loss(chain, head_state, "test")
         return {

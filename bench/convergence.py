@@ -91,7 +91,7 @@ def run_chain(
     started = time.perf_counter()
     done = 0
     while done < steps:
-        parent = store.nodes[store.finalized]
+        parent = store.nodes[store.get_checkpoint()]
         slice_id = compute_assigned_slice(parent.block.header, miner_key.public_key, genesis.partition.slices)
         seed = compute_training_seed(parent.block.hash, miner_key.public_key) + done.to_bytes(4, "big")
         work = miner.work(chain.weights(parent.state), slice_id, seed)
@@ -118,7 +118,7 @@ def run_chain(
             continue
         miner.published(body.slice_id, np.frombuffer(body.weights, dtype="<i2"))
         counts["accepted"] += 1
-        curve.append((done, test_loss(chain.weights(store.nodes[store.finalized].state))))
+        curve.append((done, test_loss(chain.weights(store.nodes[store.get_checkpoint()].state))))
         print(f"[chain] {done}/{steps} steps, test loss {curve[-1][1]:.4f}", file=sys.stderr, flush=True)
     return curve, time.perf_counter() - started, counts
 

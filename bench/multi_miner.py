@@ -61,7 +61,7 @@ def race(
     miners = [Miner(chain.weights(state), chain.layout, train_text, config) for _ in keys]
     computed = winning = 0
     for height in range(heights):
-        parent = store.nodes[store.finalized]
+        parent = store.nodes[store.get_checkpoint()]
         order = [(height + i) % len(keys) for i in range(len(keys))]
         proposals = []
         for index in order:
@@ -94,9 +94,9 @@ def race(
             winning += training.body.steps
             values = np.frombuffer(training.body.weights, dtype="<i2")
             miners[index].published(training.body.slice_id, values)
-        loss = test_loss(chain.weights(store.nodes[store.finalized].state))
+        loss = test_loss(chain.weights(store.nodes[store.get_checkpoint()].state))
         print(f"[race] height {height + 1}/{heights}: miner {index} wins, test loss {loss:.4f}", file=sys.stderr)
-    return test_loss(chain.weights(store.nodes[store.finalized].state)), computed, winning
+    return test_loss(chain.weights(store.nodes[store.get_checkpoint()].state)), computed, winning
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float:

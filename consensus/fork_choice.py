@@ -5,11 +5,20 @@ when the input is valid; an invalid call raises `InvalidBlock` and leaves the
 store exactly as it was.
 
 Finality: a validation block carries a 2/3-stake quorum, so importing one
-finalizes its training block; the validation block becomes the store's
-finalized checkpoint, every block must descend from it, and branches that do
-not are pruned. Above the checkpoint, the head is the leaf with the most
-cumulative confirmed improvement, then the one seen first, then the lowest
-hash (`get_head`).
+finalizes its training block. That training block becomes the store's
+anchor (`finalized`): every block must descend from it, and branches that do
+not are pruned. Two validators may both propose a validation block for it
+(the second one's turn came before the first one's block reached it); both
+decide the same training block, so they compete under the fork choice like
+any siblings, and the next validation block, built on one of them, settles
+which. New training blocks build on the *checkpoint* (`get_checkpoint`): the
+head chain's validation block of the anchor, or genesis.
+
+The head (`get_head`) is found by walking down from the anchor, at each
+block taking the child whose subtree holds the most cumulative confirmed
+improvement; among validation blocks the tie goes to the lowest hash (every
+node picks the same one at once, whatever order they arrived in), among
+training blocks to the one seen first, then the lowest hash.
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ class Store:
     chain: Chain
     nodes: dict[bytes, Node]
     finalized: bytes
-    """The finalized checkpoint: genesis or the last validation block."""
+    """The anchor: genesis or the last finalized (decided) training block."""
     head: bytes
     time: int = 0
     """The node's clock (Unix seconds), for the future-timestamp rule."""
@@ -72,12 +81,39 @@ class Store:
     # --- queries ------------------------------------------------------------
 
     def get_head(self) -> bytes:
-        """The leaf above the finalized checkpoint with the most confirmed gain;
-        ties go to the block seen first, then to the lowest hash."""
-        parents = {node.block.header.parent for node in self.nodes.values()}
-        leaves = [node for node in self.nodes.values() if node.block.hash not in parents]
-        best = min(leaves, key=lambda node: (-node.confirmed_gain, node.seen, node.block.hash))
-        return best.block.hash
+        """Walk down from the anchor: at each block, the child with the most
+        confirmed gain in its subtree; ties among validation blocks go to the
+        lowest hash, among training blocks to the first seen, then the lowest hash."""
+        children: dict[bytes, list[Node]] = {}
+        for node in self.nodes.values():
+            children.setdefault(node.block.header.parent, []).append(node)
+        best_gain: dict[bytes, int] = {}
+
+        def subtree_gain(node: Node) -> int:
+            if node.block.hash not in best_gain:
+                below = [subtree_gain(child) for child in children.get(node.block.hash, [])]
+                best_gain[node.block.hash] = max([node.confirmed_gain, *below])
+            return best_gain[node.block.hash]
+
+        def preference(node: Node) -> tuple[int, int, bytes]:
+            seen = 0 if node.block.header.kind == Kind.VALIDATION else node.seen
+            return (-subtree_gain(node), seen, node.block.hash)
+
+        current = self.nodes[self.finalized]
+        while children.get(current.block.hash):
+            current = min(children[current.block.hash], key=preference)
+        return current.block.hash
+
+    def get_checkpoint(self) -> bytes:
+        """The block new training blocks build on: the anchor if it is genesis,
+        else the validation block of the anchor on the head's chain."""
+        anchor = self.nodes[self.finalized]
+        if anchor.block.header.kind == Kind.GENESIS:
+            return anchor.block.hash
+        node = self.nodes[self.head]
+        while node.block.header.height > anchor.block.header.height + 1:
+            node = self.nodes[node.block.header.parent]
+        return node.block.hash
 
     def is_descendant(self, block_hash: bytes, ancestor: bytes) -> bool:
         node = self.nodes.get(block_hash)
@@ -87,11 +123,12 @@ class Store:
         return node is not None and node.block.hash == ancestor
 
     def pending_training_blocks(self) -> list[Block]:
-        """Training blocks on the finalized checkpoint, awaiting validation."""
+        """Training blocks on the checkpoint, awaiting validation (first seen first)."""
+        checkpoint = self.get_checkpoint()
         return [
             node.block
             for node in sorted(self.nodes.values(), key=lambda n: n.seen)
-            if node.block.header.kind == Kind.TRAINING and node.block.header.parent == self.finalized
+            if node.block.header.kind == Kind.TRAINING and node.block.header.parent == checkpoint
         ]
 
     def path(self, block_hash: bytes) -> list[tuple[int, bytes]]:
@@ -140,9 +177,9 @@ class Store:
             gain += parent.block.body.loss_before - parent.block.body.loss_after
         self._seen += 1
         self.nodes[block.hash] = Node(block, state, gain, self._seen)
-        if block.header.kind != Kind.VALIDATION:
+        if block.header.kind != Kind.VALIDATION or block.header.parent == self.finalized:
             return self._update_head()
-        self.finalized = block.hash
+        self.finalized = block.header.parent
         change = self._update_head()
         self._prune()
         return change

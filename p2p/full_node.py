@@ -101,11 +101,16 @@ class FullNode:
         )
         self.store.on_tick(int(time.time()))
         head = self.db.head()
-        if head != finalized:
-            try:  # the head is a training block awaiting validation: check it again
-                self.store.on_block(self.db.block(head))
+        anchor_height = self.db.block(finalized).header.height
+        head_height = self.db.block(head).header.height
+        for height in range(anchor_height + 1, head_height + 1):
+            block_hash = self.db.canonical_hash(height)
+            try:  # the blocks above the anchor are not final: check them again
+                if block_hash is None:
+                    raise KeyError(f"no canonical block at height {height}")
+                self.store.on_block(self.db.block(block_hash))
             except (InvalidBlock, KeyError, DecodeError) as error:
-                raise CorruptStore(f"{datadir}: stored head {head.hex()} does not validate: {error}") from None
+                raise CorruptStore(f"{datadir}: stored block at height {height} does not validate: {error}") from None
 
     def close(self) -> None:
         with self.lock:
@@ -153,17 +158,18 @@ class FullNode:
             offender = evidence.first.validator
             if offender in self.store.evidence:
                 return False
-            state = self.store.nodes[self.store.finalized].state
+            state = self.store.nodes[self.store.get_checkpoint()].state
             validate_evidence(state, evidence.first, evidence.second, self.chain)
             self.store.evidence[offender] = evidence
             return True
 
     # --- reads ------------------------------------------------------------------
 
-    def finalized(self) -> tuple[Block, State]:
-        """The finalized checkpoint (genesis or the last validation block) and its state."""
+    def checkpoint(self) -> tuple[Block, State]:
+        """Where new training blocks build (genesis or the head chain's last
+        validation block) and its state."""
         with self.lock:
-            node = self.store.nodes[self.store.finalized]
+            node = self.store.nodes[self.store.get_checkpoint()]
             return node.block, node.state
 
     def head(self) -> tuple[Block, State]:
@@ -235,7 +241,7 @@ class FullNode:
     def work_for(self, miner: bytes) -> WorkAssignment:
         """The assignment for a training block by `miner` on the finalized checkpoint."""
         with self.lock:
-            parent, state = self.finalized()
+            parent, state = self.checkpoint()
             return WorkAssignment(
                 parent_hash=parent.hash,
                 height=parent.header.height + 1,

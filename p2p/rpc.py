@@ -192,7 +192,7 @@ def status_view(backend: RpcBackend) -> JSON:
     node = backend.node
     with node.lock:
         head, state = node.head()
-        checkpoint, _ = node.finalized()
+        checkpoint, _ = node.checkpoint()
     validation_loss, test_loss = node.mean_losses(state)
     return {
         "chain_id": node.genesis.chain_id,
@@ -215,7 +215,7 @@ def status_view(backend: RpcBackend) -> JSON:
 def finality_view(node: FullNode) -> JSON:
     with node.lock:
         _, state = node.head()
-        checkpoint, _ = node.finalized()
+        checkpoint, _ = node.checkpoint()
         pending = [pending_view(node, block, state) for block in node.pending_training_blocks()]
     return {
         "finalized_height": state.finalized_height,

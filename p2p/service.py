@@ -338,7 +338,7 @@ class NetworkNode:
         header = announcement.header
         if header.chain_id != self.chain_id:
             return f"chain_id {header.chain_id!r}, want {self.chain_id!r}"
-        checkpoint, state = self.node.finalized()
+        checkpoint, state = self.node.checkpoint()
         if header.height <= checkpoint.header.height:
             return f"height {header.height} is at or below the finalized checkpoint {checkpoint.header.height}"
         limit = int(time.time()) + self.node.genesis.consensus.max_future_seconds
@@ -372,7 +372,7 @@ class NetworkNode:
     async def _after_import(self, block: Block) -> None:
         if block.header.kind == Kind.VALIDATION:
             with self.node.lock:
-                state = self.node.finalized()[1]
+                state = self.node.checkpoint()[1]
                 for offender in [o for o in self.node.store.evidence if state.stake_of(o) <= 0]:
                     del self.node.store.evidence[offender]
         self._notify()
@@ -488,7 +488,7 @@ class NetworkNode:
     def status(self) -> StatusMessage:
         with self.node.lock:
             head, _ = self.node.head()
-            checkpoint, _ = self.node.finalized()
+            checkpoint, _ = self.node.checkpoint()
             return StatusMessage(
                 bytes.fromhex(self.node.genesis.hash), head.header.height, head.hash,
                 checkpoint.header.height, checkpoint.hash,
@@ -542,7 +542,7 @@ class NetworkNode:
         self.syncing = True
         try:
             while True:
-                checkpoint, _ = self.node.finalized()
+                checkpoint, _ = self.node.checkpoint()
                 start = checkpoint.header.height + 1
                 try:
                     payload = await self.request(peer, Request("blocks", (start, MAX_BLOCKS_PER_REQUEST)))
@@ -650,12 +650,12 @@ class NetworkNode:
     async def _mine_loop(self, key: PrivateKey) -> None:
         node, genesis = self.node, self.node.genesis
         train_text = await trio.to_thread.run_sync(lambda: load_split(genesis.dataset, node.chunk_directory, "train"))
-        miner = Miner(node.weights_of(node.finalized()[1]), node.chain.layout, train_text, self.config.training)
+        miner = Miner(node.weights_of(node.checkpoint()[1]), node.chain.layout, train_text, self.config.training)
         proposed: dict[bytes, Block] = {}
         attempts = 0
         last_parent = b""
         while True:
-            parent, state = node.finalized()
+            parent, state = node.checkpoint()
             if parent.hash != last_parent:
                 self._credit_miner(miner, parent, proposed)
                 last_parent, attempts = parent.hash, 0
@@ -673,7 +673,7 @@ class NetworkNode:
                 self._locked, propose_best_training_block, node.chain, parent, state, key, work.values, timestamp,
                 work.steps,
             )  # fmt: skip
-            if node.finalized()[0].hash != parent.hash:
+            if node.checkpoint()[0].hash != parent.hash:
                 continue  # the checkpoint moved while we trained: the work stays in the local model
             assert isinstance(block.body, TrainingBody)
             gain = block.body.loss_before - block.body.loss_after

@@ -72,10 +72,13 @@ class Scenario:
     def attestations(self, training: Block, state: State) -> list[Attestation]:
         return [attest(self.chain, key, state, training) for key in self.validators]
 
-    def valid_validation_block(self, training: Block, state: State, attestations: list[Attestation]) -> Block:
+    def valid_validation_block(
+        self, training: Block, state: State, attestations: list[Attestation], proposer: PrivateKey | None = None
+    ) -> Block:
         return propose_validation_block(
-            self.chain, training, state, self.validators[0], attestations, [], training.header.timestamp + 10
-        )
+            self.chain, training, state, proposer or self.validators[0], attestations, [],
+            training.header.timestamp + 10,
+        )  # fmt: skip
 
     def build_validation_block(
         self, training: Block, state: State, attestations: list[Attestation], **overrides: Any

@@ -20,7 +20,7 @@ from tests.chain_builders import Scenario
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, bytes]]:
     scenario = Scenario.create(tmp_path_factory.mktemp("encoding"))
-    genesis, state = scenario.node.finalized()
+    genesis, state = scenario.node.checkpoint()
     training = scenario.valid_training_block(genesis, state)
     attestations = scenario.attestations(training, state)
     validation = scenario.valid_validation_block(training, state, attestations)

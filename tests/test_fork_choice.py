@@ -16,7 +16,7 @@ from tests.chain_builders import Scenario
 def test_head_reorg_and_slashing(tmp_path: Path) -> None:
     scenario = Scenario.create(tmp_path)
     node = scenario.node
-    genesis, state = node.finalized()
+    genesis, state = node.checkpoint()
     first = scenario.valid_training_block(genesis, state)
     second = scenario.valid_training_block(genesis, state, timestamp=genesis.header.timestamp + 11,
                                            miner=devnet_key("miner-1"))  # fmt: skip
@@ -48,7 +48,7 @@ def test_head_reorg_and_slashing(tmp_path: Path) -> None:
     assert change.new_canonical == ((1, second.hash), (2, validation.hash))
     assert change.old_canonical == ((1, first.hash),)
     assert node.db.canonical_hash(1) == second.hash and node.db.head() == validation.hash
-    final_state = node.finalized()[1]
+    final_state = node.checkpoint()[1]
     assert final_state.stake_of(equivocator.public_key) == 0
     assert final_state.total_stake == 3_000_000
 

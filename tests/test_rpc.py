@@ -156,12 +156,12 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     datadir = tmp_path_factory.mktemp("rpc")
     scenario = Scenario.create(datadir)
     node = scenario.node
-    genesis, state = node.finalized()
+    genesis, state = node.checkpoint()
     training = scenario.valid_training_block(genesis, state)
     node.import_block(training.encode())
     validation = scenario.valid_validation_block(training, state, scenario.attestations(training, state))
     node.import_block(validation.encode())
-    next_training = scenario.valid_training_block(*node.finalized())
+    next_training = scenario.valid_training_block(*node.checkpoint())
     token = load_or_create_token(datadir)
     server = RpcServer(LocalBackend(node), token=token)
     port = server.start()
@@ -220,7 +220,7 @@ def test_health_port_taken_and_stop(net: Net) -> None:
 def test_status(net: Net) -> None:
     status = net.rpc.json("/v1/status", "Status")
     head, state = net.node.head()
-    checkpoint, _ = net.node.finalized()
+    checkpoint, _ = net.node.checkpoint()
     assert status["chain_id"] == net.node.genesis.chain_id
     assert status["genesis_hash"] == net.node.genesis.hash
     assert status["genesis_block_hash"] == net.node.genesis_block.hash.hex()
@@ -451,7 +451,7 @@ def test_submit_then_attest(net: Net) -> None:
     assert rpc.json("/v1/status")["head_height"] == 3
     assert rpc.json("/v1/blocks/3")["received_at"] is not None
 
-    checkpoint_state: State = net.node.finalized()[1]
+    checkpoint_state: State = net.node.checkpoint()[1]
     validator = net.scenario.validators[2]
     assert net.node.on_attestation(attest(net.node.chain, validator, checkpoint_state, block)) is None
     (pending,) = rpc.json("/v1/finality", "Finality")["pending"]

@@ -25,7 +25,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
 
 @pytest.fixture(scope="module")
 def genesis(scenario: Scenario) -> tuple[Block, State]:
-    return scenario.node.finalized()
+    return scenario.node.checkpoint()
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_validation_rules(scenario: Scenario, genesis: tuple[Block, State], trai
     valid = scenario.valid_validation_block(training, state, attestations)
     change = scenario.node.import_block(valid.encode())
     assert change.new_head == valid.hash
-    final_block, final_state = scenario.node.finalized()
+    final_block, final_state = scenario.node.checkpoint()
     assert final_block.hash == valid.hash
     assert final_state.finalized_hash == training.hash
     assert final_state.slices[training.body.slice_id] == training.body.weights
@@ -159,7 +159,16 @@ def test_validation_rules(scenario: Scenario, genesis: tuple[Block, State], trai
 
     # A training block on genesis now conflicts with finality.
     competitor = scenario.build_training_block(parent, state, timestamp=parent.header.timestamp + 11)
-    assert_rejected(scenario, competitor, "height: 1 conflicts with the finalized block at height 2")
+    assert_rejected(scenario, competitor, "height: 1 conflicts with the finalized block at height 1")
+
+    # A second validator's validation block for the same training block (another
+    # quorum) competes as a sibling: every node picks the same head at once.
+    sibling = scenario.valid_validation_block(training, state, attestations[:3], proposer=scenario.validators[1])
+    change = scenario.node.import_block(sibling.encode())
+    both = {valid.hash, sibling.hash}
+    assert scenario.node.store.get_head() == min(both)
+    assert scenario.node.checkpoint()[0].hash == min(both)
+    assert scenario.node.db.canonical_hash(2) == min(both)
 
 
 def test_difficulty_retarget_and_rewards(scenario: Scenario, genesis: tuple[Block, State]) -> None:
