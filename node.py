@@ -399,6 +399,10 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
     try:
         trio.run(run)
     finally:
+        import signal
+
+        for signum in (signal.SIGINT, signal.SIGTERM):  # the last steps of a clean stop run to the end
+            signal.signal(signum, signal.SIG_IGN)
         server.stop()
         head, state = node.head()
         node.close()

@@ -204,11 +204,12 @@ class NetworkNode:
             self._stop.cancel()
 
     async def stop_on_signals(self) -> None:
+        """Stop on the first SIGINT or SIGTERM; later ones are noted, not obeyed
+        (run this until the node has stopped)."""
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                log.info("received %s", signal.Signals(signum).name)
+                log.info("received %s; stopping", signal.Signals(signum).name)
                 self.stop()
-                return
 
     def _locked(self, function: Callable[..., Any], *arguments: Any) -> Any:
         """Call `function` holding the node's lock (the evaluator's caches are not thread-safe)."""

@@ -68,8 +68,7 @@ def start_devnet(config: DevnetConfig) -> list[NodeProcess]:
 def stop_all(processes: list[NodeProcess]) -> dict[str, int]:
     codes = {}
     for process in processes:
-        if process.process is not None and process.is_running():
-            process.process.send_signal(15)
+        process.terminate()
     for process in processes:
         try:
             codes[process.name] = process.stop()

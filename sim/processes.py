@@ -39,6 +39,7 @@ class NodeProcess:
     process: subprocess.Popen[bytes] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     """node.json: peer_id, addresses, rpc, pid."""
+    terminated: bool = False
 
     @property
     def log_path(self) -> Path:
@@ -54,7 +55,7 @@ class NodeProcess:
                    "--datadir", str(self.datadir), *self.arguments]  # fmt: skip
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log, stderr=log)
-        self.info = {}
+        self.info, self.terminated = {}, False
 
     def wait_started(self, timeout: float = 120) -> dict[str, Any]:
         """Wait for node.json from this run (the node is listening and serving the RPC)."""
@@ -94,12 +95,18 @@ class NodeProcess:
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def terminate(self) -> None:
+        """Send SIGTERM once (the node stops cleanly)."""
+        if self.process is not None and self.process.poll() is None and not self.terminated:
+            self.process.send_signal(signal.SIGTERM)
+            self.terminated = True
+
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM, then wait; SIGKILL only if it does not stop in time. Returns the exit code."""
         if self.process is None:
             return 0
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
