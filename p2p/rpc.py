@@ -204,9 +204,10 @@ def status_view(backend: RpcBackend) -> JSON:
         "finalized_hash": state.finalized_hash.hex(),
         "checkpoint_height": checkpoint.header.height,
         "checkpoint_hash": checkpoint.hash.hex(),
+        "state_root": state.root.hex(),
         "difficulty": state.difficulty,
         "syncing": backend.is_syncing(),
-        "peer_count": len(backend.peers()),
+        "peer_count": sum(1 for peer in backend.peers() if peer.get("connected", True)),
         "validation_loss": validation_loss,
         "test_loss": test_loss,
     }

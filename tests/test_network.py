@@ -1,0 +1,146 @@
+"""Functional tests on real node processes: libp2p over loopback TCP, LevelDB, the RPC.
+
+Each starts `potchain node` processes (sim/processes.py), drives them and
+reads their state over the RPC, like an operator would.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import trio
+
+from chain.crypto import devnet_key
+from chain.state import State
+from consensus.rules import genesis_state
+from genesis import DEVNET
+from p2p.full_node import FullNode
+from p2p.service import NodeConfig
+from sim.adversaries import InvalidBlockSpammer, forge_training_block
+from sim.devnet import stop_all, wait_finalized
+from sim.processes import NodeProcess
+from tests.conftest import run_potchain
+
+pytestmark = pytest.mark.slow
+
+
+def start(name: str, root: Path, *arguments: str, bootstrap: Sequence[NodeProcess] = ()) -> NodeProcess:
+    flags = ["--rpc-port", "0", "--threads", "1", *arguments]
+    for peer in bootstrap:
+        flags += ["--bootstrap", peer.address]
+    process = NodeProcess(name, root / name, flags)
+    process.start()
+    process.wait_started()
+    return process
+
+
+def genesis_test_loss(tmp_path: Path) -> float:
+    node = FullNode(DEVNET, tmp_path / "reference")
+    try:
+        state: State = genesis_state(node.genesis)
+        return node.mean_losses(state)[1]
+    finally:
+        node.close()
+
+
+def test_devnet_finalizes_on_every_node_and_stops_cleanly(tmp_path: Path) -> None:
+    out = tmp_path / "devnet"
+    completed = run_potchain("devnet", "--nodes", "4", "--finalize", "5", "--out", str(out), timeout=900)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert completed.json()["agree"] is True
+    summary = json.loads((out / "summary.json").read_text())
+    nodes = summary["nodes"]
+    assert len(nodes) == 4
+    assert len({n["finalized_hash"] for n in nodes}) == 1
+    assert all(n["finalized_height"] >= 5 for n in nodes)
+    assert all(n["peer_count"] >= 1 for n in nodes)
+    assert set(summary["exit_codes"].values()) == {0}
+    assert summary["propagation_seconds_max"] is not None
+    assert all(n["test_loss"] < genesis_test_loss(tmp_path) for n in nodes)
+
+
+def test_a_restarted_node_catches_up_to_the_same_finality_and_state(tmp_path: Path) -> None:
+    miner = start("miner", tmp_path, "--mine", "--miner-key", "devnet:miner-0",
+                  "--validator-key", "devnet:validator-0", "--validator-key", "devnet:validator-1")  # fmt: skip
+    processes = [miner]
+    try:
+        validator = start("validator", tmp_path, "--validator-key", "devnet:validator-2",
+                          "--validator-key", "devnet:validator-3", bootstrap=[miner])  # fmt: skip
+        follower = start("follower", tmp_path, bootstrap=[miner, validator])
+        processes += [validator, follower]
+        wait_finalized(processes, 3, timeout=300)
+
+        assert follower.stop() == 0
+        follower_height = 0
+        stopped_at = miner.get("/v1/status")["finalized_height"]
+        wait_finalized([miner, validator], stopped_at + 4, timeout=300)
+
+        follower.start()  # same data directory: it reopens its store and syncs the rest
+        follower.wait_started()
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            status = follower.get("/v1/status")
+            follower_height = status["finalized_height"]
+            if follower_height >= stopped_at + 4:
+                theirs = miner.get(f"/v1/blocks/{follower_height}")
+                if theirs["hash"] == status["finalized_hash"]:
+                    ours = follower.get(f"/v1/blocks/{follower_height + 1}")
+                    reference = miner.get(f"/v1/blocks/{ours['hash']}")
+                    assert ours["state_root"] == reference["state_root"]
+                    break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the restarted node reached finalized height {follower_height}, want {stopped_at + 4}")
+    finally:
+        assert set(stop_all(processes).values()) == {0}
+
+
+def test_an_invalid_gossiped_block_is_rejected_and_its_sender_penalized(tmp_path: Path) -> None:
+    miner = start("miner", tmp_path, "--mine", "--miner-key", "devnet:miner-0",
+                  "--validator-key", "devnet:validator-0", "--validator-key", "devnet:validator-1")  # fmt: skip
+    processes = [miner]
+    try:
+        validator = start("validator", tmp_path, "--validator-key", "devnet:validator-2",
+                          "--validator-key", "devnet:validator-3", bootstrap=[miner])  # fmt: skip
+        processes.append(validator)
+        wait_finalized(processes, 1, timeout=300)
+        honest = [miner, validator]
+
+        node = FullNode(DEVNET, tmp_path / "spammer")
+        spammer = InvalidBlockSpammer(node, NodeConfig(tmp_path / "spammer", bootstrap=[p.address for p in honest]))
+        key = devnet_key("mallory")
+
+        def reasons() -> list[str]:
+            found = []
+            for process in honest:
+                for peer in process.get("/v1/peers")["peers"]:
+                    if peer["peer_id"] == spammer.peer_id and peer["score"] < 0:
+                        found += [penalty["reason"] for penalty in peer["penalties"]]
+            return found
+
+        async def attack() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(spammer.run)
+                for _ in range(6):
+                    await trio.sleep(3)  # connect, join the mesh, sync
+                    await spammer.spam(forge_training_block(spammer, key, loss_after_offset=-1))
+                    await trio.sleep(2)
+                    if any("loss_after" in reason for reason in await trio.to_thread.run_sync(reasons)):
+                        break
+                spammer.stop()
+
+        try:
+            trio.run(attack)
+        finally:
+            node.close()
+        found = reasons()
+        assert any("loss_after" in reason for reason in found), found
+        assert all(process.is_running() for process in honest)
+        finalized = miner.get("/v1/status")["finalized_height"]
+        wait_finalized(honest, finalized + 2, timeout=300)  # the chain goes on
+    finally:
+        assert set(stop_all(processes).values()) == {0}
