@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chain.blocks import Kind, TrainingBody, ValidationBody
+from chain.blocks import Kind, TrainingBody, ValidationBody, decode_block
 from chain.crypto import PrivateKey, devnet_key
 from chain.store import ChainDB, CorruptStore
 from consensus.genesis import Genesis, GenesisError
@@ -444,6 +444,93 @@ def command_devnet(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def command_mine(args: argparse.Namespace) -> dict[str, object]:
+    """An external miner: fetch work from a node's RPC, train on --device, submit blocks."""
+    import tempfile
+
+    import torch
+
+    from chain.state import State
+    from p2p.rpc_client import RpcClient, RpcClientError
+    from training.miner import Miner, resolve_device
+
+    resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    token = args.token
+    if token is None and args.token_file is not None:
+        token = args.token_file.read_text().strip()
+    if token is None:
+        raise UserError("submitting needs the node's RPC token: --token or --token-file (DATADIR/rpc_token)")
+    key = load_key(str(args.key))
+    genesis = load_genesis(args.genesis)
+    directory = chunk_directory(args.genesis, genesis)
+    chain = Chain(genesis, load_split(genesis.dataset, directory, "validation"),
+                  load_split(genesis.dataset, directory, "test"), backend=default_backend(args.device),
+                  device=args.device)  # fmt: skip
+    train_text = load_split(genesis.dataset, directory, "train")
+    client = RpcClient(args.rpc, token)
+    status = client.get_json("/v1/status")
+    if status["genesis_hash"] != genesis.hash:
+        raise UserError(f"the node runs genesis {status['genesis_hash']}, this miner {genesis.hash}")
+    miner: Miner | None = None
+    accepted, attempts, proposed_on = 0, 0, b""
+    started = time.perf_counter()
+    print(f"[mine] miner {key.public_key.hex()[:16]} on {args.device}, node {args.rpc}", file=sys.stderr, flush=True)
+    while args.blocks is None or accepted < args.blocks:
+        try:
+            work = client.get_json(f"/v1/mining/work?miner={key.public_key.hex()}")
+            parent_hash = bytes.fromhex(work["parent_hash"])
+            if parent_hash == proposed_on:
+                time.sleep(1.0)
+                continue
+            with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
+                handle.write(client.get_bytes(work["weights_url"]))
+                handle.flush()
+                weights = load_weights(Path(handle.name), genesis.model, genesis.exponents)
+            parent = decode_block(client.get_bytes(f"/v1/blocks/{work['parent_hash']}?format=raw"))
+        except RpcClientError as error:
+            print(f"[mine] {error}; retrying", file=sys.stderr, flush=True)
+            time.sleep(2.0)
+            continue
+        if miner is None:
+            miner = Miner(weights, chain.layout, train_text, TrainingConfig(steps=args.steps, device=args.device))
+            if args.state is not None and args.state.exists():
+                miner.load(args.state)
+        slices = tuple(
+            chain.layout.extract(weights, s).astype("<i2").tobytes() for s in range(genesis.partition.slices)
+        )
+        model_state = State(slices, {}, int(work["difficulty"]), 0, bytes(32), 0)
+        seed = bytes.fromhex(work["training_seed"]) + attempts.to_bytes(4, "big")
+        result = miner.work(weights, int(work["slice_id"]), seed)
+        attempts += 1
+        timestamp = max(int(time.time()), int(work["min_timestamp"]))
+        block = propose_best_training_block(chain, parent, model_state, key, result.values, timestamp, result.steps,
+                                            state_root=bytes.fromhex(work["state_root"]))  # fmt: skip
+        assert isinstance(block.body, TrainingBody)
+        gain = block.body.loss_before - block.body.loss_after
+        if args.state is not None:
+            miner.save(args.state)
+        if gain < int(work["difficulty"]):
+            print(f"[mine] height {work['height']}: gain {gain} below difficulty {work['difficulty']}; training on",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            continue
+        try:
+            answer = client.post_bytes("/v1/mining/submit", block.encode())
+        except RpcClientError as error:
+            if error.status is not None and error.status < 500 and error.status != 422:
+                raise UserError(str(error)) from None
+            print(f"[mine] submit: {error}", file=sys.stderr, flush=True)
+            continue
+        accepted += 1
+        proposed_on, attempts = parent_hash, 0
+        miner.published(block.body.slice_id, np.frombuffer(block.body.weights, dtype="<i2"))
+        elapsed = time.perf_counter() - started
+        print(f"[mine] submitted block {answer['height']} {answer['hash'][:16]} slice {block.body.slice_id} "
+              f"gain {gain} ({accepted} blocks, {elapsed:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+    return {"submitted": accepted, "miner": key.public_key.hex(), "seconds": round(time.perf_counter() - started, 1)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="potchain", description="A proof-of-training blockchain full node.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -489,6 +576,19 @@ def build_parser() -> argparse.ArgumentParser:
     run_node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     run_node.add_argument("--log-format", choices=("text", "json"))
     run_node.set_defaults(handler=command_node)
+
+    mine = commands.add_parser("mine", help="mine against a node's RPC (a GPU box can mine for a remote node)")
+    mine.add_argument("--rpc", required=True, help="the node's RPC URL, e.g. http://127.0.0.1:8645")
+    mine.add_argument("--token", help="the node's RPC token")
+    mine.add_argument("--token-file", type=Path, help="file holding the RPC token (the node's DATADIR/rpc_token)")
+    mine.add_argument("--key", default="miner_key", help="devnet:NAME or a key file (created if missing)")
+    mine.add_argument("--genesis", type=Path, default=DEVNET)
+    mine.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    mine.add_argument("--steps", type=int, default=TrainingConfig.steps, help="optimizer steps per attempt")
+    mine.add_argument("--threads", type=int, help="torch threads")
+    mine.add_argument("--blocks", type=int, help="stop after submitting this many blocks (default: run)")
+    mine.add_argument("--state", type=Path, help="keep the miner's model and optimizer state in this file")
+    mine.set_defaults(handler=command_mine)
 
     devnet = commands.add_parser("devnet", help="a local network of node processes on loopback")
     devnet.add_argument("--genesis", type=Path, default=DEVNET)

@@ -35,9 +35,19 @@ from consensus.rules import (
 
 
 def propose_training_block(
-    chain: Chain, parent: Block, state: State, key: PrivateKey, values: np.ndarray, timestamp: int, steps: int
+    chain: Chain,
+    parent: Block,
+    state: State,
+    key: PrivateKey,
+    values: np.ndarray,
+    timestamp: int,
+    steps: int,
+    state_root: bytes | None = None,
 ) -> Block:
-    """A training block by `key` setting its assigned slice to `values`."""
+    """A training block by `key` setting its assigned slice to `values`.
+
+    `state_root` is the parent state's root when `state` holds only the
+    parent's model (an external miner that fetched the weights over the RPC)."""
     slice_id = compute_assigned_slice(parent.header, key.public_key, chain.genesis.partition.slices)
     content = values.astype("<i2").tobytes()
     seed = compute_validation_seed(parent.hash)
@@ -58,7 +68,7 @@ def propose_training_block(
         kind=Kind.TRAINING,
         timestamp=timestamp,
         proposer=key.public_key,
-        state_root=state.root,
+        state_root=state.root if state_root is None else state_root,
         body_hash=body_hash(body),
     )
     return sign_block(key, chain.domain, header, body)
@@ -73,6 +83,7 @@ def propose_best_training_block(
     timestamp: int,
     steps: int,
     fractions: tuple[float, ...] = (1.0, 0.5, 0.25),
+    state_root: bytes | None = None,
 ) -> Block:
     """A training block moving the assigned slice a fraction of the way from the
     chain's values to `values`: the first fraction whose validation gain meets
@@ -89,7 +100,7 @@ def propose_best_training_block(
     best_gain = 0
     for fraction in fractions:
         moved = np.floor(current + fraction * (values.astype(np.int64) - current) + 0.5).astype(np.int16)
-        block = propose_training_block(chain, parent, state, key, moved, timestamp, steps)
+        block = propose_training_block(chain, parent, state, key, moved, timestamp, steps, state_root)
         assert isinstance(block.body, TrainingBody)
         gain = block.body.loss_before - block.body.loss_after
         if best is None or gain > best_gain:

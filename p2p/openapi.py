@@ -143,7 +143,9 @@ def _node_schemas() -> dict[str, Schema]:
                 "head_hash": _hash("Head block hash"),
                 "finalized_height": _integer("Height of the last finalized training block (0: genesis)"),
                 "finalized_hash": _hash("Hash of the last finalized training block (the genesis hash at first)"),
-                "checkpoint_height": _integer("Height of the checkpoint new training blocks build on (genesis or a validation block)"),
+                "checkpoint_height": _integer(
+                    "Height of the checkpoint new training blocks build on (genesis or a validation block)"
+                ),
                 "checkpoint_hash": _hash("Hash of the finalized checkpoint"),
                 "state_root": _hash("Root of the head's state"),
                 "difficulty": _integer("Minimum validation gain of the next training block"),

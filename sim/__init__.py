@@ -1,1 +1,1 @@
-"""Multi-node network simulation."""
+"""Local networks of real node processes (devnet), adversaries, and network simulation."""

@@ -96,3 +96,4 @@ def test_bad_arguments() -> None:
     assert_user_error(run_potchain("eval", "--seed", "-1"), "seed -1")
     if not torch.cuda.is_available():
         assert_user_error(run_potchain("eval", "--device", "cuda"), "no CUDA device")
+        assert_user_error(run_potchain("mine", "--rpc", "http://127.0.0.1:9", "--device", "cuda"), "no CUDA device")

@@ -144,3 +144,23 @@ def test_an_invalid_gossiped_block_is_rejected_and_its_sender_penalized(tmp_path
         wait_finalized(honest, finalized + 2, timeout=300)  # the chain goes on
     finally:
         assert set(stop_all(processes).values()) == {0}
+
+
+def test_an_external_miner_mines_through_the_rpc(tmp_path: Path) -> None:
+    validators = [arg for i in range(4) for arg in ("--validator-key", f"devnet:validator-{i}")]
+    node = start("node", tmp_path, *validators)
+    try:
+        token = str(node.datadir / "rpc_token")
+        completed = run_potchain("mine", "--rpc", node.rpc, "--token-file", token, "--key", str(tmp_path / "key"),
+                                 "--blocks", "2", "--steps", "10", "--state", str(tmp_path / "miner.pt"),
+                                 timeout=600)  # fmt: skip
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert completed.json()["submitted"] == 2
+        assert (tmp_path / "miner.pt").exists()
+        wait_finalized([node], 3, timeout=120)
+        miner = completed.json()["miner"]
+        assert node.get(f"/v1/accounts/{miner}")["balance"] > 0
+        missing = run_potchain("mine", "--rpc", node.rpc, "--key", str(tmp_path / "key"), "--blocks", "1")
+        assert missing.returncode == 2 and "RPC token" in missing.stderr
+    finally:
+        assert set(stop_all([node]).values()) == {0}
