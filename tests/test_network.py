@@ -38,6 +38,19 @@ def start(name: str, root: Path, *arguments: str, bootstrap: Sequence[NodeProces
     return process
 
 
+def start_miner_and_validator(root: Path) -> list[NodeProcess]:
+    """A mining node with two of the devnet validators, and a node with the other two."""
+    miner = start("miner", root, "--mine", "--miner-key", "devnet:miner-0",
+                  "--validator-key", "devnet:validator-0", "--validator-key", "devnet:validator-1")  # fmt: skip
+    try:
+        validator = start("validator", root, "--validator-key", "devnet:validator-2",
+                          "--validator-key", "devnet:validator-3", bootstrap=[miner])  # fmt: skip
+    except BaseException:
+        stop_all([miner])
+        raise
+    return [miner, validator]
+
+
 def genesis_test_loss(tmp_path: Path) -> float:
     node = FullNode(DEVNET, tmp_path / "reference")
     try:
@@ -64,14 +77,11 @@ def test_devnet_finalizes_on_every_node_and_stops_cleanly(tmp_path: Path) -> Non
 
 
 def test_a_restarted_node_catches_up_to_the_same_finality_and_state(tmp_path: Path) -> None:
-    miner = start("miner", tmp_path, "--mine", "--miner-key", "devnet:miner-0",
-                  "--validator-key", "devnet:validator-0", "--validator-key", "devnet:validator-1")  # fmt: skip
-    processes = [miner]
+    processes = start_miner_and_validator(tmp_path)
+    miner, validator = processes
     try:
-        validator = start("validator", tmp_path, "--validator-key", "devnet:validator-2",
-                          "--validator-key", "devnet:validator-3", bootstrap=[miner])  # fmt: skip
         follower = start("follower", tmp_path, bootstrap=[miner, validator])
-        processes += [validator, follower]
+        processes.append(follower)
         wait_finalized(processes, 3, timeout=300)
 
         assert follower.stop() == 0
@@ -100,13 +110,9 @@ def test_a_restarted_node_catches_up_to_the_same_finality_and_state(tmp_path: Pa
 
 
 def test_an_invalid_gossiped_block_is_rejected_and_its_sender_penalized(tmp_path: Path) -> None:
-    miner = start("miner", tmp_path, "--mine", "--miner-key", "devnet:miner-0",
-                  "--validator-key", "devnet:validator-0", "--validator-key", "devnet:validator-1")  # fmt: skip
-    processes = [miner]
+    processes = start_miner_and_validator(tmp_path)
+    miner, validator = processes
     try:
-        validator = start("validator", tmp_path, "--validator-key", "devnet:validator-2",
-                          "--validator-key", "devnet:validator-3", bootstrap=[miner])  # fmt: skip
-        processes.append(validator)
         wait_finalized(processes, 1, timeout=300)
         honest = [miner, validator]
 
