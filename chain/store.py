@@ -98,6 +98,9 @@ class ChainDB:
             raise DecodeError(f"state of {block_hash.hex()}: a slice does not match its hash")
         return state
 
+    def slice_content(self, slice_hash: bytes) -> bytes | None:
+        return self.db.get(schema.slice_key(slice_hash))  # type: ignore[no-any-return]
+
     def confirmed_gain(self, block_hash: bytes) -> int:
         value = unpack(self._get(schema.gain_key(block_hash)), "gain")
         if not isinstance(value, int):

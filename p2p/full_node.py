@@ -202,6 +202,11 @@ class FullNode:
         block = self.block_by_hash(block_hash)
         return None if block is None else block.encode()
 
+    def slice_content(self, slice_hash: bytes) -> bytes | None:
+        """A slice's content by its SHA-256 (any stored state's)."""
+        with self.lock:
+            return self.db.slice_content(slice_hash)
+
     def state_of(self, block_hash: bytes) -> State | None:
         with self.lock:
             node = self.store.nodes.get(block_hash)

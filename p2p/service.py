@@ -469,15 +469,17 @@ class NetworkNode:
             return self.status().encode()
         if request.method == "block":
             return node.encoded_block(request.arguments[0])
-        if request.method == "blocks":
+        if request.method in ("headers", "blocks"):
             start, count = request.arguments
-            blocks = []
+            items: list[bytes] = []
             for height in range(start, start + min(count, MAX_BLOCKS_PER_REQUEST)):
                 block = node.block_at(height)
                 if block is None:
                     break
-                blocks.append(block.encode())
-            return pack(blocks)
+                items.append(block.encode() if request.method == "blocks" else pack(block.header.fields()))
+            return pack(items)
+        if request.method == "slice":
+            return node.slice_content(request.arguments[0])
         if request.method == "chunk":
             digest = request.arguments[0]
             if not all(c in "0123456789abcdef" for c in digest):

@@ -134,8 +134,10 @@ class Request:
     """A sync request: `method` and its arguments.
 
     - status: no arguments; answers StatusMessage.
+    - headers [start_height, count]: canonical headers (encoded header fields) from a height (count <= 32).
     - blocks [start_height, count]: canonical blocks from a height (count <= 32).
     - block [hash]: one block by hash.
+    - slice [hash]: one slice's content (int16 values) by its SHA-256.
     - chunk [hex digest]: a dataset chunk file by its content hash.
     """
 
@@ -146,7 +148,7 @@ class Request:
         return pack([self.method, *self.arguments])
 
 
-METHODS = {"status": 0, "blocks": 2, "block": 1, "chunk": 1}
+METHODS = {"status": 0, "headers": 2, "blocks": 2, "block": 1, "slice": 1, "chunk": 1}
 
 
 def decode_request(data: bytes) -> Request:
@@ -158,12 +160,12 @@ def decode_request(data: bytes) -> Request:
         raise DecodeError(f"request: unknown method {method!r}")
     if len(arguments) != METHODS[method]:
         raise DecodeError(f"request {method}: {len(arguments)} arguments, want {METHODS[method]}")
-    if method == "blocks":
+    if method in ("headers", "blocks"):
         start, count = arguments
         if not (isinstance(start, int) and isinstance(count, int) and start >= 0 and 0 < count <= 32):
-            raise DecodeError("request blocks: want [start >= 0, 0 < count <= 32]")
-    if method == "block" and not (isinstance(arguments[0], bytes) and len(arguments[0]) == 32):
-        raise DecodeError("request block: want a 32-byte hash")
+            raise DecodeError(f"request {method}: want [start >= 0, 0 < count <= 32]")
+    if method in ("block", "slice") and not (isinstance(arguments[0], bytes) and len(arguments[0]) == 32):
+        raise DecodeError(f"request {method}: want a 32-byte hash")
     if method == "chunk" and not (isinstance(arguments[0], str) and len(arguments[0]) == 64):
         raise DecodeError("request chunk: want a 64-character hex digest")
     return Request(method, arguments)

@@ -1,0 +1,169 @@
+"""The wire protocol and the sync path on two real libp2p hosts over loopback TCP."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+from libp2p.custom_types import TProtocol
+
+from chain.blocks import Header, decode_block
+from chain.encoding import DecodeError, unpack
+from p2p.full_node import FullNode
+from p2p.service import NetworkNode, NodeConfig
+from p2p.wire import (
+    ERROR,
+    MAX_FRAME_BYTES,
+    NOT_FOUND,
+    OK,
+    ProtocolError,
+    Request,
+    StatusMessage,
+    decode_block_list,
+    decode_request,
+    encode_varint,
+    read_frame,
+    read_response,
+    sync_protocol,
+    write_frame,
+    write_response,
+)
+from tests.chain_builders import Scenario
+
+
+class Pipe:
+    """Bytes written come back out in reads of at most `chunk` bytes (as Yamux splits them)."""
+
+    def __init__(self, chunk: int = 7) -> None:
+        self.buffer = bytearray()
+        self.chunk = chunk
+
+    async def write(self, data: bytes) -> None:
+        self.buffer += data
+
+    async def read(self, n: int | None = None) -> bytes:
+        count = min(self.chunk, len(self.buffer), n if n is not None else self.chunk)
+        data = bytes(self.buffer[:count])
+        del self.buffer[:count]
+        return data
+
+
+def test_frames_and_responses_survive_any_split() -> None:
+    async def main() -> None:
+        pipe = Pipe()
+        await write_frame(pipe, b"hello")
+        assert await read_frame(pipe) == b"hello"
+        payload = bytes(range(256)) * 40_000  # 10 MB: three frames
+        await write_response(pipe, OK, payload)
+        pipe.chunk = 1 << 16
+        assert await read_response(pipe) == (OK, payload)
+        pipe.buffer += encode_varint(MAX_FRAME_BYTES + 1)
+        with pytest.raises(ProtocolError, match="limit"):
+            await read_frame(pipe)
+        pipe.buffer = bytearray(encode_varint(10) + b"short")
+        with pytest.raises(ProtocolError, match="stream ended"):
+            await read_frame(pipe)
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "message"),
+    [
+        (b"\xc1", "request"),
+        (Request("nonsense").encode(), "unknown method"),
+        (Request("blocks", (0,)).encode(), "1 arguments, want 2"),
+        (Request("blocks", (0, 33)).encode(), "count <= 32"),
+        (Request("block", (b"short",)).encode(), "32-byte hash"),
+        (Request("chunk", (12,)).encode(), "hex digest"),
+    ],
+)
+def test_malformed_requests_are_refused_with_a_reason(request_bytes: bytes, message: str) -> None:
+    with pytest.raises(DecodeError, match=message):
+        decode_request(request_bytes)
+
+
+def run_pair(tmp_path: Path, body: Callable[[NetworkNode, NetworkNode, Scenario], Awaitable[None]]) -> None:
+    """Node A holds a two-block chain; node B starts empty and dials A."""
+    scenario = Scenario.create(tmp_path / "a")
+    parent, state = scenario.node.checkpoint()
+    training = scenario.valid_training_block(parent, state)
+    scenario.node.import_block(training.encode())
+    validation = scenario.valid_validation_block(training, state, scenario.attestations(training, state))
+    scenario.node.import_block(validation.encode())
+    other = FullNode(scenario.node.genesis_path, tmp_path / "b")
+    a = NetworkNode(scenario.node, NodeConfig(tmp_path / "a"))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            ready = trio.Event()
+
+            async def started(_: NetworkNode) -> None:
+                ready.set()
+
+            nursery.start_soon(a.run, started)
+            await ready.wait()
+            b = NetworkNode(other, NodeConfig(tmp_path / "b", bootstrap=[f"{a.listen_addresses[0]}/p2p/{a.peer_id}"]))
+            b_ready = trio.Event()
+
+            async def b_started(_: NetworkNode) -> None:
+                b_ready.set()
+
+            nursery.start_soon(b.run, b_started)
+            await b_ready.wait()
+            with trio.fail_after(30):
+                while not b.connected_peers():
+                    await trio.sleep(0.1)
+                await body(a, b, scenario)
+            a.stop()
+            b.stop()
+
+    try:
+        trio.run(main)
+    finally:
+        scenario.node.close()
+        other.close()
+
+
+def test_sync_protocol_answers_every_method_and_a_new_node_catches_up(tmp_path: Path) -> None:
+    async def body(a: NetworkNode, b: NetworkNode, scenario: Scenario) -> None:
+        peer = b.connected_peers()[0]
+        status = StatusMessage.decode(await b.request(peer, Request("status")) or b"")
+        head, head_state = scenario.node.head()
+        assert (status.head_height, status.head_hash) == (head.header.height, head.hash)
+        blocks = [decode_block(d) for d in decode_block_list(await b.request(peer, Request("blocks", (0, 32))) or b"")]
+        assert [block.hash for block in blocks] == [scenario.node.block_at(h).hash for h in range(3)]  # type: ignore[union-attr]
+        headers = unpack(await b.request(peer, Request("headers", (1, 5))) or b"", "headers")
+        assert [Header.from_fields(unpack(h, "header")).hash for h in headers] == [blocks[1].hash, blocks[2].hash]
+        assert await b.request(peer, Request("block", (head.hash,))) == head.encode()
+        assert await b.request(peer, Request("block", (bytes(32),))) is None
+        content = head_state.slices[0]
+        assert await b.request(peer, Request("slice", (hashlib.sha256(content).digest(),))) == content
+        digest = scenario.node.genesis.dataset.documents[0].chunks[0]
+        chunk = await b.request(peer, Request("chunk", (digest,)))
+        assert chunk == (scenario.node.chunk_directory / f"{digest}.xz").read_bytes()
+        assert await b.request(peer, Request("chunk", ("0" * 64,))) is None
+        # B's sync loop fetches and validates A's chain on its own.
+        while b.node.head()[0].hash != head.hash:
+            await trio.sleep(0.2)
+        assert b.node.head()[1].root == head_state.root
+
+    run_pair(tmp_path, body)
+
+
+def test_a_malformed_request_is_answered_with_an_error_and_costs_the_peer(tmp_path: Path) -> None:
+    async def body(a: NetworkNode, b: NetworkNode, scenario: Scenario) -> None:
+        assert b.host is not None
+        stream = await b.host.new_stream(b.connected_peers()[0], [TProtocol(sync_protocol(a.chain_id))])
+        await write_frame(stream, b"\x93\xa8nonsense")
+        status, message = await read_response(stream)
+        await stream.close()
+        assert status == ERROR and b"request" in message
+        record = a.peers.get(b.peer_id)
+        assert record.score < 0 and "sync request" in record.penalties[-1][2]
+        assert status not in (OK, NOT_FOUND)
+
+    run_pair(tmp_path, body)
