@@ -145,6 +145,7 @@ class NetworkNode:
         self._syncing_from: set[str] = set()
         self._stop: trio.CancelScope | None = None
         self._sync_tasks: trio.Nursery | None = None
+        self._tasks: trio.Nursery | None = None
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -167,7 +168,7 @@ class NetworkNode:
                     (evidence_topic(self.chain_id), self._validate_evidence_message),
                 ]
                 async with trio.open_nursery() as tasks:
-                    self._stop = tasks.cancel_scope
+                    self._stop, self._tasks = tasks.cancel_scope, tasks
                     for topic, validator in topics:
                         pubsub.set_topic_validator(topic, validator, True)
                         subscription = await pubsub.subscribe(topic)
@@ -377,8 +378,8 @@ class NetworkNode:
                 for offender in [o for o in self.node.store.evidence if state.stake_of(o) <= 0]:
                     del self.node.store.evidence[offender]
         self._notify()
-        if block.header.kind == Kind.TRAINING and self.config.validator_keys:
-            await self._attest(block)
+        if block.header.kind == Kind.TRAINING and self.config.validator_keys and self._tasks is not None:
+            self._tasks.start_soon(self._attest, block)  # after the block is relayed, not before
 
     async def _validate_attestation_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
         peer = str(forwarder)
