@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from sim.adversaries import InvalidBlockSpammer, forge_training_block
 from sim.devnet import stop_all, wait_finalized
 from sim.processes import NodeProcess
 from tests.conftest import run_potchain
+from training.tables import LOSS_BITS
 
 pytestmark = pytest.mark.slow
 
@@ -120,22 +122,33 @@ def test_an_invalid_gossiped_block_is_rejected_and_its_sender_penalized(tmp_path
         spammer = InvalidBlockSpammer(node, NodeConfig(tmp_path / "spammer", bootstrap=[p.address for p in honest]))
         key = devnet_key("mallory")
 
-        def reasons() -> list[str]:
-            found = []
-            for process in honest:
-                for peer in process.get("/v1/peers")["peers"]:
-                    if peer["peer_id"] == spammer.peer_id and peer["score"] < 0:
-                        found += [penalty["reason"] for penalty in peer["penalties"]]
-            return found
+        def reasons(process: NodeProcess) -> list[str]:
+            """The penalties `process` gave the spammer (a negative score)."""
+            return [
+                penalty["reason"]
+                for peer in process.get("/v1/peers")["peers"]
+                if peer["peer_id"] == spammer.peer_id and peer["score"] < 0
+                for penalty in peer["penalties"]
+            ]
+
+        def every_honest_node_rejected() -> bool:
+            return all(any("loss_after" in reason for reason in reasons(p)) for p in honest)
 
         async def attack() -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(spammer.run)
-                for _ in range(6):
-                    await trio.sleep(3)  # connect, join the mesh, sync
+                await trio.sleep(3)  # connect and join the mesh
+                for _ in range(8):
+                    # Forge on the checkpoint the honest nodes build on, once the spammer has synced it.
+                    with trio.move_on_after(10):
+                        while True:
+                            want = (await trio.to_thread.run_sync(miner.get, "/v1/status"))["checkpoint_hash"]
+                            if spammer.node.checkpoint()[0].hash.hex() == want:
+                                break
+                            await trio.sleep(0.2)
                     await spammer.spam(forge_training_block(spammer, key, loss_after_offset=-1))
                     await trio.sleep(2)
-                    if any("loss_after" in reason for reason in await trio.to_thread.run_sync(reasons)):
+                    if await trio.to_thread.run_sync(every_honest_node_rejected):
                         break
                 spammer.stop()
 
@@ -143,8 +156,7 @@ def test_an_invalid_gossiped_block_is_rejected_and_its_sender_penalized(tmp_path
             trio.run(attack)
         finally:
             node.close()
-        found = reasons()
-        assert any("loss_after" in reason for reason in found), found
+        assert every_honest_node_rejected(), [reasons(p) for p in honest]
         assert all(process.is_running() for process in honest)
         finalized = miner.get("/v1/status")["finalized_height"]
         wait_finalized(honest, finalized + 2, timeout=300)  # the chain goes on
@@ -166,6 +178,20 @@ def test_an_external_miner_mines_through_the_rpc(tmp_path: Path) -> None:
         wait_finalized([node], 3, timeout=120)
         miner = completed.json()["miner"]
         assert node.get(f"/v1/accounts/{miner}")["balance"] > 0
+        # The running node's RPC: health, its OpenAPI document, and weights that reproduce its loss.
+        assert node.get("/health") == {"status": "synced"}
+        assert "/v1/mining/submit" in node.get("/openapi.json")["paths"]
+        status = node.get("/v1/status")
+        weights_path = tmp_path / "head.safetensors"
+        with urllib.request.urlopen(node.rpc + "/v1/model/weights") as response:
+            weights_path.write_bytes(response.read())
+        evaluated = run_potchain("eval", "--weights", str(weights_path), "--split", "validation", "--seed", "0")
+        report = FullNode(DEVNET, tmp_path / "reference")
+        tokens = report.genesis.evaluation.validation_sequences * report.genesis.model.context
+        report.close()
+        assert (
+            round(int(str(evaluated.json()["loss_total"])) / tokens / (1 << LOSS_BITS), 5) == status["validation_loss"]
+        )
         missing = run_potchain("mine", "--rpc", node.rpc, "--key", str(tmp_path / "key"), "--blocks", "1")
         assert missing.returncode == 2 and "RPC token" in missing.stderr
     finally:

@@ -86,15 +86,20 @@ def test_malformed_requests_are_refused_with_a_reason(request_bytes: bytes, mess
         decode_request(request_bytes)
 
 
-def run_pair(tmp_path: Path, body: Callable[[NetworkNode, NetworkNode, Scenario], Awaitable[None]]) -> None:
-    """Node A holds a two-block chain; node B starts empty and dials A."""
+def run_pair(
+    tmp_path: Path,
+    body: Callable[[NetworkNode, NetworkNode, Scenario], Awaitable[None]],
+    b_datadir: Path | None = None,
+) -> None:
+    """Node A holds a two-block chain; node B (empty, or the store in `b_datadir`) dials A."""
     scenario = Scenario.create(tmp_path / "a")
     parent, state = scenario.node.checkpoint()
     training = scenario.valid_training_block(parent, state)
     scenario.node.import_block(training.encode())
     validation = scenario.valid_validation_block(training, state, scenario.attestations(training, state))
     scenario.node.import_block(validation.encode())
-    other = FullNode(scenario.node.genesis_path, tmp_path / "b")
+    b_datadir = b_datadir or tmp_path / "b"
+    other = FullNode(scenario.node.genesis_path, b_datadir)
     a = NetworkNode(scenario.node, NodeConfig(tmp_path / "a"))
 
     async def main() -> None:
@@ -106,7 +111,7 @@ def run_pair(tmp_path: Path, body: Callable[[NetworkNode, NetworkNode, Scenario]
 
             nursery.start_soon(a.run, started)
             await ready.wait()
-            b = NetworkNode(other, NodeConfig(tmp_path / "b", bootstrap=[f"{a.listen_addresses[0]}/p2p/{a.peer_id}"]))
+            b = NetworkNode(other, NodeConfig(b_datadir, bootstrap=[f"{a.listen_addresses[0]}/p2p/{a.peer_id}"]))
             b_ready = trio.Event()
 
             async def b_started(_: NetworkNode) -> None:
@@ -167,3 +172,32 @@ def test_a_malformed_request_is_answered_with_an_error_and_costs_the_peer(tmp_pa
         assert status not in (OK, NOT_FOUND)
 
     run_pair(tmp_path, body)
+
+
+def test_a_chain_that_crosses_the_finalized_block_is_refused(tmp_path: Path) -> None:
+    """B finalized its own first training block; A's chain decided another one there."""
+    from chain.crypto import devnet_key
+
+    theirs = Scenario.create(tmp_path / "b-chain")
+    parent, state = theirs.node.checkpoint()
+    training = theirs.valid_training_block(parent, state, miner=devnet_key("miner-1"))
+    theirs.node.import_block(training.encode())
+    theirs.node.import_block(
+        theirs.valid_validation_block(training, state, theirs.attestations(training, state)).encode()
+    )
+    theirs.node.close()
+
+    async def body(a: NetworkNode, b: NetworkNode, scenario: Scenario) -> None:
+        # Give A a second round so its chain is ahead of B's.
+        parent, state = scenario.node.checkpoint()
+        second = scenario.valid_training_block(parent, state)
+        await a.import_block(second, "test")
+        validation = scenario.valid_validation_block(second, state, scenario.attestations(second, state))
+        await a.import_block(validation, "test")
+        record = b.peers.get(a.peer_id)
+        while not any("does not descend" in reason for _, _, reason in record.penalties):
+            await trio.sleep(0.2)
+        assert b.node.checkpoint()[0].header.height == 2
+        assert b.node.checkpoint()[1].finalized_hash == training.hash
+
+    run_pair(tmp_path, body, b_datadir=tmp_path / "b-chain")
