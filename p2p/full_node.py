@@ -129,7 +129,7 @@ class FullNode:
 
     def import_decoded(self, block: Block) -> ImportResult:
         with self.lock:
-            if block.hash in self.store.nodes:
+            if block.hash in self.store.nodes or self.db.has_block(block.hash):
                 return ImportResult(block, True, HeadChange(self.store.head, self.store.head, (), ()))
             self.store.on_tick(int(time.time()))
             change = self.store.on_block(block)
