@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 
 from chain.blocks import Attestation, Block, Evidence, Kind, TrainingBody, ValidationBody
 from chain.state import State
-from consensus.rules import Chain, InvalidBlock, apply_block, is_confirmed, validate_attestation, validate_evidence
+from consensus.rules import (
+    Chain,
+    InvalidBlock,
+    StaleBlock,
+    apply_block,
+    is_confirmed,
+    validate_attestation,
+    validate_evidence,
+)
 
 
 @dataclass
@@ -155,7 +163,7 @@ class Store:
             return HeadChange(self.head, self.head, (), ())
         finalized_height = self.nodes[self.finalized].block.header.height
         if block.header.height <= finalized_height:
-            raise InvalidBlock(
+            raise StaleBlock(
                 f"height: {block.header.height} conflicts with the finalized block at height {finalized_height}"
             )
         parent = self.nodes.get(block.header.parent)
@@ -165,7 +173,7 @@ class Store:
         if block.header.timestamp > limit:
             raise InvalidBlock(f"timestamp: {block.header.timestamp} is in the future (limit {limit})")
         if not self.is_descendant(parent.block.hash, self.finalized):
-            raise InvalidBlock(f"parent: conflicts with the finalized block at height {finalized_height}")
+            raise StaleBlock(f"parent: conflicts with the finalized block at height {finalized_height}")
         state = apply_block(parent.state, parent.block, block, self.chain)
 
         gain = parent.confirmed_gain

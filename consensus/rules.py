@@ -47,6 +47,11 @@ class InvalidBlock(Exception):
     """A block that breaks a rule; the message names the rule and the numbers."""
 
 
+class StaleBlock(InvalidBlock):
+    """A block that conflicts with finality: it may have been valid when it was
+    made, and arrived too late (a losing racer's), so its sender is not at fault."""
+
+
 @dataclass
 class Chain:
     """What the rules need besides the state: genesis, data and an evaluator.

@@ -53,7 +53,7 @@ from consensus.proposals import (
     propose_best_training_block,
     propose_validation_block,
 )
-from consensus.rules import InvalidBlock, compute_assigned_slice, compute_training_seed, is_confirmed
+from consensus.rules import InvalidBlock, StaleBlock, compute_assigned_slice, compute_training_seed, is_confirmed
 from p2p.full_node import FullNode, ImportResult
 from p2p.host import load_or_create_node_key, make_host, make_pubsub
 from p2p.peers import PENALTY_INVALID, PENALTY_MALFORMED, PENALTY_OVER_BUDGET, PeerBook
@@ -87,6 +87,8 @@ REQUEST_TIMEOUT = 20.0
 SYNC_INTERVAL = 2.0
 PROPOSER_BACKOFF = 3.0
 """Seconds each validator after the first in the rotation waits for the ones before it."""
+ATTEST_WINDOW = 1.0
+"""Seconds a validator waits after the first training block on a parent before choosing one to attest."""
 QUORUM_GRACE = 0.5
 """Seconds the proposer waits after a quorum for the remaining attestations."""
 
@@ -122,6 +124,12 @@ class Rejection:
     reason: str
 
 
+def compute_claimed_gain(block: Block) -> int:
+    """A training block's validation gain (its claim, checked on import)."""
+    body = block.body
+    return body.loss_before - body.loss_after if isinstance(body, TrainingBody) else 0
+
+
 class NetworkNode:
     """A full node on the network; see the module docstring."""
 
@@ -139,6 +147,8 @@ class NetworkNode:
         self.trio_token: trio.lowlevel.TrioToken | None = None
         self._changed = trio.Event()
         self._attested: set[tuple[bytes, bytes]] = set()
+        self._attest_windows: set[bytes] = set()
+        """Parents whose attestation window has opened."""
         """(parent, validator) pairs this node's validators attested on."""
         self._quorum_since: dict[bytes, float] = {}
         self._proposed: set[bytes] = set()
@@ -307,6 +317,9 @@ class NetworkNode:
         block_hash = announcement.block_hash
         if self.node.has_block(block_hash):
             return True
+        checkpoint_height = self.node.checkpoint()[0].header.height
+        if announcement.header.height <= checkpoint_height:
+            return False  # stale (a losing racer's block, say): ignored, not punished
         reason = self._check_announcement(announcement)
         if reason is not None:
             self._reject(peer, "block announcement", reason, PENALTY_INVALID)
@@ -359,6 +372,10 @@ class NetworkNode:
         """Import a block in a worker thread; a rule it breaks is the source's fault."""
         try:
             result = await trio.to_thread.run_sync(self.node.import_decoded, block)
+        except StaleBlock as error:
+            log.info("ignored stale %s block %s from %s: %s", block.header.kind.name.lower(), block.hash.hex()[:16],
+                     source, error)  # fmt: skip
+            return False
         except InvalidBlock as error:
             self._reject(source, f"{block.header.kind.name.lower()} block {block.hash.hex()[:16]}", str(error),
                          PENALTY_INVALID)  # fmt: skip
@@ -579,13 +596,23 @@ class NetworkNode:
 
     # --- validator duties ------------------------------------------------------------
 
-    async def _attest(self, training: Block) -> None:
-        """Each of our validators attests the first valid training block it sees on a parent."""
+    async def _attest(self, first: Block) -> None:
+        """Our validators attest one training block per parent: the best (largest
+        validation gain, then lowest hash) of those seen within ATTEST_WINDOW of
+        the first. Racing miners finish at about the same time; choosing by a
+        rule rather than by arrival makes validators who saw the same blocks
+        attest the same one, so their stake is not split."""
         assert self.pubsub is not None
-        parent_hash = training.header.parent
-        state = self.node.state_of(parent_hash)
-        if state is None or training.hash not in self.node.store.nodes:
+        parent_hash = first.header.parent
+        if parent_hash in self._attest_windows:
             return
+        self._attest_windows.add(parent_hash)
+        await trio.sleep(ATTEST_WINDOW)
+        state = self.node.state_of(parent_hash)
+        candidates = [b for b in self.node.pending_training_blocks() if b.header.parent == parent_hash]
+        if state is None or not candidates:
+            return
+        training = min(candidates, key=lambda block: (-compute_claimed_gain(block), block.hash))
         for key in self.config.validator_keys:
             if (parent_hash, key.public_key) in self._attested or state.stake_of(key.public_key) <= 0:
                 continue
