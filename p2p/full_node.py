@@ -91,6 +91,8 @@ class FullNode:
         self.received_at: dict[bytes, float] = {}
         """Wall-clock time (Unix seconds) each block was first imported here."""
         self._losses: dict[bytes, tuple[float, float]] = {}
+        self.orphaned: list[str] = []
+        """Hashes of valid blocks that finality dropped from the store (they lost a race)."""
         first_state = genesis_state(self.genesis)
         first_block = genesis_block(self.genesis, first_state)
         self.genesis_block = first_block
@@ -132,8 +134,16 @@ class FullNode:
             if block.hash in self.store.nodes or self.db.has_block(block.hash):
                 return ImportResult(block, True, HeadChange(self.store.head, self.store.head, (), ()))
             self.store.on_tick(int(time.time()))
+            before, anchor = dict(self.store.nodes), self.store.finalized
             change = self.store.on_block(block)
             node = self.store.nodes[block.hash]
+            if self.store.finalized != anchor:
+                final: set[bytes] = set()  # the new anchor and its ancestors: pruned because they are final
+                cursor = before.get(self.store.finalized)
+                while cursor is not None:
+                    final.add(cursor.block.hash)
+                    cursor = before.get(cursor.block.header.parent)
+                self.orphaned += [h.hex() for h in before if h not in self.store.nodes and h not in final]
             self.db.import_block(
                 block,
                 node.state,

@@ -16,6 +16,7 @@ _ERROR_DESCRIPTIONS = {
     401: "Missing or wrong bearer token",
     404: "Unknown object",
     413: "Request body too large",
+    409: "Not possible on this node",
     422: "Invalid block",
 }
 
@@ -245,6 +246,9 @@ def _json(schema_name: str, description: str) -> Schema:
     return {"description": description, "content": {"application/json": {"schema": _ref(schema_name)}}}
 
 
+_ANY: Schema = {"type": "object"}
+
+
 def _responses(ok: Schema, *errors: int, ok_status: str = "200") -> Schema:
     responses: Schema = {ok_status: ok}
     for status in errors:
@@ -351,6 +355,41 @@ def _paths() -> dict[str, Schema]:
             "get": _operation("miningWork", "A miner's assignment", _responses(_json("Work", "OK"), 400), [miner])
         },
         "/v1/mining/submit": {"post": submit},
+        "/v1/node": {
+            "get": _operation(
+                "node",
+                "This node: peer id, addresses, orphaned blocks, rejected messages, blocked peers",
+                {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}},
+            )
+        },
+        "/v1/admin/blocked-peers": {
+            "post": {
+                "operationId": "setBlockedPeers",
+                "summary": "Refuse exactly these peers (partitions a test network)",
+                "security": [{"bearer": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["peers"],
+                                "properties": {"peers": {"type": "array", "items": {"type": "string"}}},
+                            }
+                        }
+                    },
+                },
+                "responses": _responses(
+                    {
+                        "description": "The peers now refused",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    400,
+                    401,
+                    409,
+                ),
+            }
+        },
         "/openapi.json": {
             "get": _operation(
                 "openapi",

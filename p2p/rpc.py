@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -76,6 +77,14 @@ class RpcBackend(Protocol):
         """Import (and gossip) an encoded block; raises DecodeError or InvalidBlock."""
         ...
 
+    def node_info(self) -> dict[str, object]:
+        """The node itself: peer id, orphaned blocks, rejected messages."""
+        ...
+
+    def set_blocked_peers(self, peers: list[str]) -> None:
+        """Refuse exactly these peers from now on (disconnecting them)."""
+        ...
+
 
 class LocalBackend:
     """A node without a network: no peers, always ready and synced."""
@@ -94,6 +103,12 @@ class LocalBackend:
 
     def submit_block(self, data: bytes) -> ImportResult:
         return self.node.import_encoded(data)
+
+    def node_info(self) -> dict[str, object]:
+        return {"peer_id": None, "orphaned_blocks": list(self.node.orphaned), "rejections": []}
+
+    def set_blocked_peers(self, peers: list[str]) -> None:
+        raise RpcError(409, "this node has no network")
 
 
 # --- The write token --------------------------------------------------------------
@@ -454,6 +469,8 @@ class RpcServer:
             web.get("/v1/peers", self.peers, allow_head=False),
             web.get("/v1/mining/work", self.work, allow_head=False),
             web.post("/v1/mining/submit", self.submit),
+            web.get("/v1/node", self.node_info, allow_head=False),
+            web.post("/v1/admin/blocked-peers", self.blocked_peers),
             web.get("/openapi.json", self.openapi, allow_head=False),
         ]
 
@@ -590,6 +607,22 @@ class RpcServer:
         except InvalidBlock as error:
             raise RpcError(422, str(error)) from None
         return web.json_response(submit_view(result))
+
+    async def node_info(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._call(self.backend.node_info))
+
+    async def blocked_peers(self, request: web.Request) -> web.Response:
+        """Replace the set of peers this node refuses (a network partition, for simulations and operators)."""
+        self._authorize(request)
+        try:
+            document = json.loads(await request.read())
+        except ValueError:
+            raise RpcError(400, "body: not JSON") from None
+        peers = document.get("peers") if isinstance(document, dict) else None
+        if not isinstance(peers, list) or not all(isinstance(p, str) and 0 < len(p) <= 128 for p in peers):
+            raise RpcError(400, 'body: want {"peers": [peer id, ...]}')
+        await self._call(self.backend.set_blocked_peers, peers)
+        return web.json_response({"peers": sorted(set(peers))})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(self._openapi)

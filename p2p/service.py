@@ -156,6 +156,8 @@ class NetworkNode:
         self._stop: trio.CancelScope | None = None
         self._sync_tasks: trio.Nursery | None = None
         self._tasks: trio.Nursery | None = None
+        self.blocked: set[str] = set()
+        """Peer ids this node refuses (set over the RPC to partition a test network)."""
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -244,16 +246,16 @@ class NetworkNode:
 
     def connected_peers(self) -> list[ID]:
         assert self.host is not None
-        return list(self.host.get_connected_peers())
+        return [peer for peer in self.host.get_connected_peers() if str(peer) not in self.blocked]
 
     async def _watch_peers(self) -> None:
         """Track connections, drop banned peers, and re-dial bootstrap peers."""
         assert self.host is not None
         known: set[str] = set()
         while True:
-            connected = {str(peer): peer for peer in self.connected_peers()}
+            connected = {str(peer): peer for peer in self.host.get_connected_peers()}
             for name, peer in connected.items():
-                if self.peers.is_banned(name):
+                if self.peers.is_banned(name) or name in self.blocked:
                     await self.host.disconnect(peer)
                     continue
                 if name not in known:
@@ -266,7 +268,7 @@ class NetworkNode:
             for name in known - set(connected):
                 self.peers.on_disconnected(name)
                 log.info("peer disconnected %s", name)
-            known = {name for name in connected if not self.peers.is_banned(name)}
+            known = {name for name in connected if not self.peers.is_banned(name) and name not in self.blocked}
             for address in self.config.bootstrap:
                 await self._dial(address, connected)
             await trio.sleep(1.0)
@@ -278,7 +280,11 @@ class NetworkNode:
         except Exception as error:
             log.error("bootstrap address %s: %s", address, error)
             return
-        if str(info.peer_id) in connected or self.peers.is_banned(str(info.peer_id)):
+        if (
+            str(info.peer_id) in connected
+            or self.peers.is_banned(str(info.peer_id))
+            or str(info.peer_id) in self.blocked
+        ):
             return
         try:
             with trio.fail_after(5):
@@ -307,6 +313,8 @@ class NetworkNode:
 
     async def _validate_block_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
         peer = str(forwarder)
+        if peer in self.blocked:
+            return False
         if self.host is not None and forwarder == self.host.get_id():
             return True
         try:
@@ -400,6 +408,8 @@ class NetworkNode:
 
     async def _validate_attestation_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
         peer = str(forwarder)
+        if peer in self.blocked:
+            return False
         if self.host is not None and forwarder == self.host.get_id():
             return True
         try:
@@ -427,6 +437,8 @@ class NetworkNode:
 
     async def _validate_evidence_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
         peer = str(forwarder)
+        if peer in self.blocked:
+            return False
         if self.host is not None and forwarder == self.host.get_id():
             return True
         try:
@@ -760,3 +772,18 @@ class NetworkBackend:
 
     def submit_block(self, data: bytes) -> ImportResult:
         return self.network.submit_block(data)
+
+    def node_info(self) -> dict[str, object]:
+        network = self.network
+        return {
+            "peer_id": network.peer_id if network.host is not None else None,
+            "addresses": network.listen_addresses,
+            "orphaned_blocks": list(network.node.orphaned),
+            "rejections": [
+                {"time": r.time, "peer_id": r.peer_id, "what": r.what, "reason": r.reason} for r in network.rejections
+            ],
+            "blocked_peers": sorted(network.blocked),
+        }
+
+    def set_blocked_peers(self, peers: list[str]) -> None:
+        self.network.blocked = set(peers)

@@ -516,7 +516,7 @@ def test_openapi_lists_every_route(net: Net) -> None:
             served.add((route.method.lower(), info.get("path") or info["formatter"]))
     documented = {(m, p) for p, ops in document["paths"].items() for m in ops if m in HTTP_METHODS}
     assert served == documented
-    assert len(served) == 12
+    assert len(served) == 14
     for path, operations in document["paths"].items():
         for operation in operations.values():
             in_path = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
@@ -525,3 +525,14 @@ def test_openapi_lists_every_route(net: Net) -> None:
     schemas = document["components"]["schemas"]
     refs = re.findall(r'"#/components/schemas/(\w+)"', json.dumps(document))
     assert set(refs) <= set(schemas) and set(schemas) <= set(refs) | {"Error"}
+
+
+def test_node_info_and_blocked_peers(net: Net) -> None:
+    info = net.rpc.json("/v1/node")
+    assert info["peer_id"] is None and info["rejections"] == [] and isinstance(info["orphaned_blocks"], list)
+    rpc = net.rpc
+    body = json.dumps({"peers": ["12D3KooWexample"]}).encode()
+    assert "missing" in rpc.error("POST", "/v1/admin/blocked-peers", 401, body)
+    assert rpc.error("POST", "/v1/admin/blocked-peers", 400, b"not json", token=rpc.token) == "body: not JSON"
+    assert "want" in rpc.error("POST", "/v1/admin/blocked-peers", 400, b'{"peers": [1]}', token=rpc.token)
+    assert rpc.error("POST", "/v1/admin/blocked-peers", 409, body, token=rpc.token) == "this node has no network"
