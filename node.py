@@ -245,6 +245,7 @@ NODE_DEFAULTS: dict[str, object] = {
     "threads": None,
     "log_level": "info",
     "log_format": "text",
+    "adversary": "",
 }
 """Every `potchain node` setting: a TOML file (--config) sets any of them, flags override it."""
 
@@ -373,6 +374,10 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
         training=training,
     )
     network = NetworkNode(node, config)
+    if settings["adversary"]:
+        from sim.adversaries import make_adversary
+
+        network = make_adversary(str(settings["adversary"]), node, config)
     server = RpcServer(
         NetworkBackend(network),
         host=str(settings["rpc_host"]),
@@ -531,6 +536,31 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
     return {"submitted": accepted, "miner": key.public_key.hex(), "seconds": round(time.perf_counter() - started, 1)}
 
 
+def command_sim(args: argparse.Namespace) -> dict[str, object]:
+    """Run a scenario on real node processes and write its report (sim/)."""
+    from sim.report import write_report
+    from sim.runner import report_losses, run_scenario
+    from sim.scenario import ScenarioError, load_scenario
+
+    genesis = load_genesis(args.genesis)
+    try:
+        scenario = load_scenario(args.scenario, len(validator_keys(genesis)))
+    except ScenarioError as error:
+        raise UserError(str(error)) from None
+    if args.seed is not None:
+        import dataclasses
+
+        scenario = dataclasses.replace(scenario, seed=args.seed)
+    out: Path = args.out.resolve()
+    data = run_scenario(scenario, out, args.genesis.resolve(), genesis)
+    report = write_report(data, report_losses(genesis, args.genesis, genesis.initial_weights()), out)
+    if data.get("failure"):
+        raise UserError(f"{data['failure']} (report: {out / 'report.html'})")
+    keys = ("finalized_height", "honest_nodes_agree", "invalid_blocks_finalized", "honest_node_crashes",
+            "test_loss_genesis", "test_loss_head")  # fmt: skip
+    return {key: report[key] for key in keys} | {"report": str(out / "report.html")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="potchain", description="A proof-of-training blockchain full node.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -575,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_node.add_argument("--threads", type=int, help="torch threads")
     run_node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     run_node.add_argument("--log-format", choices=("text", "json"))
+    run_node.add_argument("--adversary", help="SIMULATION ONLY: misbehave as this adversary (sim/adversaries.py)")
     run_node.set_defaults(handler=command_node)
 
     mine = commands.add_parser("mine", help="mine against a node's RPC (a GPU box can mine for a remote node)")
@@ -589,6 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
     mine.add_argument("--blocks", type=int, help="stop after submitting this many blocks (default: run)")
     mine.add_argument("--state", type=Path, help="keep the miner's model and optimizer state in this file")
     mine.set_defaults(handler=command_mine)
+
+    sim = commands.add_parser("sim", help="run a network scenario on real node processes; write its report")
+    sim.add_argument("--scenario", type=Path, required=True, help="a scenario file (sim/scenarios/*.toml)")
+    sim.add_argument("--out", type=Path, required=True, help="node data, logs, report.json and report.html")
+    sim.add_argument("--seed", type=int, help="override the scenario's seed (a run logs its seed)")
+    sim.add_argument("--genesis", type=Path, default=DEVNET)
+    sim.set_defaults(handler=command_sim)
 
     devnet = commands.add_parser("devnet", help="a local network of node processes on loopback")
     devnet.add_argument("--genesis", type=Path, default=DEVNET)

@@ -44,11 +44,12 @@ from consensus.rules import (
 )
 from genesis import DEVNET, chunk_directory, load_genesis
 from node import tune_memory_allocator, validator_keys
+from training.baseline import train_centralized
 from training.data import load_split, sample_batch, seed_from_int
 from training.evaluate import CanonicalEvaluator, default_backend, make_backend
 from training.miner import Miner, TrainingConfig
 from training.tables import LOSS_BITS
-from training.weights import CanonicalWeights, from_model
+from training.weights import CanonicalWeights
 
 TEST_BATCHES = 4
 
@@ -127,24 +128,11 @@ def run_central(
     weights: CanonicalWeights, train_text: bytes, steps: int, config: TrainingConfig, every: int, test_loss: TestLoss
 ) -> tuple[list[tuple[int, float]], float]:
     """AdamW on every weight, same batches, schedule and learning rate as the miner."""
-    model = weights.to_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
-    curve = [(0, test_loss(weights))]
-    training_seconds = 0.0
-    for step in range(steps):
-        started = time.perf_counter()
-        rate = config.learning_rate * min(1.0, (step + 1) / max(1, config.warmup_steps))
-        for group in optimizer.param_groups:
-            group["lr"] = rate
-        inputs, targets = sample_batch(train_text, seed_from_int(step), config.batch_sequences, 128)
-        optimizer.zero_grad(set_to_none=True)
-        model.loss(inputs, targets).backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        training_seconds += time.perf_counter() - started
-        if (step + 1) % every == 0 or step + 1 == steps:
-            curve.append((step + 1, test_loss(from_model(model, weights.exponents))))
-            print(f"[central] {step + 1}/{steps} steps, test loss {curve[-1][1]:.4f}", file=sys.stderr, flush=True)
-    return curve, training_seconds / steps
+
+    def progress(step: int, loss: float) -> None:
+        print(f"[central] {step}/{steps} steps, test loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    return train_centralized(weights, train_text, steps, config, every, test_loss, progress)
 
 
 def loss_at(curve: list[tuple[int, float]], steps: float) -> float:

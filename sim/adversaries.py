@@ -55,3 +55,11 @@ class InvalidBlockSpammer(NetworkNode):
         self.forged[block.hash] = block
         log.warning("announcing invalid block %s", block.hash.hex()[:16])
         await self.publish_block(block)
+
+
+def make_adversary(kind: str, node: FullNode, config: NodeConfig) -> NetworkNode:
+    """The NetworkNode subclass for an adversary kind (sim/scenario.py ADVERSARIES)."""
+    kinds: dict[str, type[NetworkNode]] = {"invalid-blocks": InvalidBlockSpammer}
+    if kind not in kinds:
+        raise ValueError(f"unknown adversary {kind!r}; known: {', '.join(sorted(kinds))}")
+    return kinds[kind](node, config)
