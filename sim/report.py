@@ -54,13 +54,17 @@ def summarize(data: dict[str, Any], genesis_losses: tuple[float, float]) -> dict
     }
 
 
-def arrival_delays(chain: list[dict[str, Any]]) -> list[float]:
-    """Seconds from each block's first arrival on any node to its arrival on each other node."""
+def arrival_delays(chain: list[dict[str, Any]], starts: dict[str, list[float]]) -> list[float]:
+    """Seconds from each block's first arrival on any node to its arrival on each other node,
+    leaving out nodes that (re)started in between (they synced the block, it did not propagate)."""
     delays = []
     for block in chain:
-        arrivals = list(block["arrivals"].values())
-        if len(arrivals) > 1:
-            delays += [round(a - min(arrivals), 4) for a in arrivals if a > min(arrivals)]
+        if len(block["arrivals"]) < 2:
+            continue
+        first = min(block["arrivals"].values())
+        for name, arrival in block["arrivals"].items():
+            if arrival > first and not any(first <= start <= arrival for start in starts.get(name, [])):
+                delays.append(round(arrival - first, 4))
     return sorted(delays)
 
 
@@ -126,7 +130,7 @@ def plot_losses(data: dict[str, Any], genesis_losses: tuple[float, float], path:
 def plot_propagation(data: dict[str, Any], path: Path) -> None:
     chain = data.get("chain", [])
     figure, axes = plt.subplots(figsize=(8, 3.5))
-    axes.hist(arrival_delays(chain) or [0.0], bins=30, color="tab:blue")
+    axes.hist(arrival_delays(chain, data.get("node_starts", {})) or [0.0], bins=30, color="tab:blue")
     axes.set_xlabel("seconds after the block's first arrival anywhere")
     axes.set_ylabel("arrivals")
     axes.set_title("Block propagation")

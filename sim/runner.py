@@ -44,6 +44,9 @@ class Run:
     unexpected_exits: dict[int, int] = field(default_factory=dict)
     """Nodes that exited without being told to, with their exit codes."""
     samples: list[dict[str, Any]] = field(default_factory=list)
+    starts: dict[str, list[float]] = field(default_factory=dict)
+    """Wall-clock times each node was (re)started: blocks it fetched by syncing after a start did not
+    propagate to it, so the report leaves them out of the propagation times."""
 
     @property
     def elapsed(self) -> float:
@@ -76,6 +79,7 @@ class Run:
             process = NodeProcess(spec.name, self.out / spec.name, [])
             self.processes[index] = process
         process.arguments = self.arguments(spec)
+        self.starts.setdefault(spec.name, []).append(time.time())
         process.start()
         process.wait_started()
         self.crashed.discard(index)
@@ -296,7 +300,7 @@ def run_scenario(scenario: Scenario, out: Path, genesis_path: Path, genesis: Gen
         "scenario": scenario.name, "seed": scenario.seed, "failure": failure, "exit_codes": codes,
         "timeline": run.timeline, "honest_node_crashes": crashes, "replays": replays,
         "stored_chains_valid": all(r["ok"] for r in replays.values()),
-        "samples": run.samples, "seconds": round(run.elapsed, 1),
+        "samples": run.samples, "node_starts": run.starts, "seconds": round(run.elapsed, 1),
     })  # fmt: skip
     if failure is None:
         steps = sum(b["body"].get("steps", 0) for b in data["chain"] if b["kind"] == "training" and b.get("confirmed"))

@@ -1,0 +1,56 @@
+"""The network simulation: scenario files, and scenarios run on real node processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sim.scenario import ScenarioError, load_scenario
+from tests.conftest import ROOT, run_potchain
+
+SCENARIOS = ROOT / "sim" / "scenarios"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name = 1", "name: expected"),
+        ('name = "x"\nseed = 1\nfinalize = 2\n', "missing 'node'"),
+        ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\nvalidators = [9]\n', "9 is out of range 0..3"),
+        ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\nmine = 1\n', "expected <class 'bool'>"),
+        ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\nadversary = "ghost"\n', "adversary: 'ghost'"),
+        ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\ncolour = "red"\n', "unknown field(s) colour"),
+        ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\n[[event]]\nat = 1\naction = "explode"\n', "'explode'"),
+        ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\n[[event]]\nat = 1\naction = "crash"\n', "crash needs nodes"),
+        ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\nvalidators = [0]\n[[node]]\nvalidators = [0]\n', "two nodes"),
+    ],
+)
+def test_a_bad_scenario_is_refused_with_its_reason(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ScenarioError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_scenario(path, 4)
+
+
+def test_the_shipped_scenarios_load() -> None:
+    for path in SCENARIOS.glob("*.toml"):
+        scenario = load_scenario(path, 4)
+        assert scenario.honest_nodes
+
+
+@pytest.mark.slow
+def test_honest_scenario(tmp_path: Path) -> None:
+    out = tmp_path / "honest"
+    completed = run_potchain("sim", "--scenario", str(SCENARIOS / "honest.toml"), "--out", str(out), timeout=1500)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["finalized_height"] >= 8
+    assert report["honest_nodes_agree"] is True
+    assert report["test_loss_head"] < report["test_loss_genesis"]
+    assert report["honest_node_crashes"] == 0 and report["stored_chains_valid"] is True
+    assert "seed 7" in completed.stderr
+    for image in ("loss.png", "propagation.png", "finality.png", "heights.png", "peers.png"):
+        assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f'src="{image}"' in (out / "report.html").read_text()
