@@ -191,6 +191,7 @@ class NetworkNode:
                         tasks.start_soon(self._supervise, self._propose_loop)
                     if self.config.miner_key is not None:
                         tasks.start_soon(self._supervise, self._mine_loop, self.config.miner_key)
+                    tasks.start_soon(self._supervise, self.run_behaviour)
                     log.info("listening on %s", " ".join(self.listen_addresses))
                     if on_started is not None:
                         result = on_started(self)
@@ -199,6 +200,19 @@ class NetworkNode:
                 log.info("stopping")
             outer.cancel_scope.cancel()
         pubsub.seen_messages.stop()
+
+    async def run_behaviour(self) -> None:
+        """A subclass's own behaviour, run beside the node's duties (the simulation's
+        adversaries, sim/adversaries/); an honest node has none."""
+
+    def training_text(self, parent: Block, train_text: bytes) -> bytes:
+        """The text the miner trains on for a block on `parent`: the training split.
+        (The simulation's overfitting miner returns the validation batch instead.)"""
+        return train_text
+
+    async def announce_mined(self, block: Block) -> None:
+        """Gossip a block this node mined (the simulation's withholding miner delays it)."""
+        await self.publish_block(block)
 
     async def _supervise(self, task: Callable[..., Awaitable[None]], *arguments: Any) -> None:
         """Run a task; if it fails unexpectedly, log the error and restart it a second later.
@@ -702,6 +716,7 @@ class NetworkNode:
             if parent.hash != last_parent:
                 self._credit_miner(miner, parent, proposed)
                 last_parent, attempts = parent.hash, 0
+                miner.train_text = self.training_text(parent, train_text)
             if parent.hash in proposed:
                 await self._wait_change(1.0)
                 continue
@@ -725,7 +740,7 @@ class NetworkNode:
                 continue
             if await self.import_block(block, "self"):
                 proposed[parent.hash] = block
-                await self.publish_block(block)
+                await self.announce_mined(block)
                 log.info("mined training block %d gain %d slice %d", block.header.height, gain, slice_id)
 
     def _credit_miner(self, miner: Miner, checkpoint: Block, proposed: dict[bytes, Block]) -> None:

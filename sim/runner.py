@@ -346,7 +346,7 @@ def collect(run: Run) -> dict[str, Any]:
                 actions.append({"node": process.name, "adversary": scenario.nodes[index].adversary, **action})
     canonical_hashes = {b["hash"] for b in chain}
     for action in actions:
-        outcome_for(action, nodes, canonical_hashes, names)
+        outcome_for(action, nodes, chain, reference)
     invalid_finalized = sum(1 for a in actions if a.get("invalid") and a.get("block") in canonical_hashes)
     return {
         "finalized_height": finalized_height,
@@ -358,33 +358,33 @@ def collect(run: Run) -> dict[str, Any]:
     }
 
 
-def outcome_for(
-    action: dict[str, Any], nodes: list[dict[str, Any]], canonical: set[str], names: dict[str, str]
-) -> None:
-    """What the honest nodes did with one adversarial action (fills action["outcome"])."""
+def outcome_for(action: dict[str, Any], nodes: list[dict[str, Any]], chain: list[dict[str, Any]],
+                reference: NodeProcess) -> None:  # fmt: skip
+    """What the honest nodes did with one adversarial action (sets action["outcome"])."""
     sender = action.get("peer_id")
-    rejected_by = []
-    for node in nodes:
-        if not node["honest"]:
-            continue
-        for rejection in node["rejections"]:
-            if rejection["peer_id"] == sender and (
-                action.get("block") is None
-                or action["block"][:16] in rejection["what"]
-                or action["block"][:16] in rejection["reason"]
-                or True
-            ):
-                rejected_by.append(node["name"])
-                break
-    scores = [n["peer_scores"].get(names.get(sender or "", ""), None) for n in nodes if n["honest"]]
-    in_chain = action.get("block") in canonical
-    if action.get("expect") == "rejected out of sample":
-        result = "rejected out of sample by the validators" if not action.get("confirmed") else "confirmed"
-    elif in_chain:
-        result = "finalized" if not action.get("invalid") else "FINALIZED (invalid)"
+    by_hash = {b["hash"]: b for b in chain}
+    rejected_by = [
+        node["name"]
+        for node in nodes
+        if node["honest"] and any(rejection["peer_id"] == sender for rejection in node["rejections"])
+    ]
+    action["sender_scores"] = [n["peer_scores"].get(action["node"]) for n in nodes if n["honest"]]
+    block = by_hash.get(action.get("block", ""))
+    expect = action.get("expect")
+    if expect == "slashed":
+        stake = reference.get(f"/v1/accounts/{action['validator']}")["stake"]
+        action["outcome"] = "slashed: stake 0" if stake == 0 else f"not slashed (stake {stake})"
+    elif block is not None and action.get("invalid"):
+        action["outcome"] = "FINALIZED although invalid"
+    elif block is not None:
+        after = next((b for b in chain if b["height"] == block["height"] + 1), None)
+        confirmed = after is not None and after["body"].get("confirmed")
+        action["outcome"] = "in the chain, confirmed out of sample" if confirmed else "rejected out of sample"
+    elif expect == "rejected out of sample":
+        action["outcome"] = "not in the chain (another block won its round)"
+    elif expect == "stale":
+        action["outcome"] = "ignored as stale: the round was decided without it"
     elif rejected_by:
-        result = f"rejected by {len(rejected_by)} honest node(s)"
+        action["outcome"] = f"rejected by {len(rejected_by)} honest node(s)"
     else:
-        result = "not in the chain"
-    action["outcome"] = result
-    action["sender_scores"] = [s for s in scores if s is not None]
+        action["outcome"] = "not relayed and not in the chain"

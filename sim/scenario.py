@@ -32,7 +32,6 @@ from typing import Any
 
 ACTIONS = ("crash", "restart", "partition", "heal")
 ADVERSARIES = (
-    "invalid-blocks",
     "overfit-miner",
     "false-claims",
     "replay-miner",

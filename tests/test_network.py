@@ -21,7 +21,7 @@ from consensus.rules import genesis_state
 from genesis import DEVNET
 from p2p.full_node import FullNode
 from p2p.service import NodeConfig
-from sim.adversaries import InvalidBlockSpammer, forge_training_block
+from sim.adversaries import Adversary, forge_training_block
 from sim.devnet import stop_all, wait_finalized
 from sim.processes import NodeProcess
 from tests.conftest import run_potchain
@@ -119,7 +119,7 @@ def test_an_invalid_gossiped_block_is_rejected_and_its_sender_penalized(tmp_path
         honest = [miner, validator]
 
         node = FullNode(DEVNET, tmp_path / "spammer")
-        spammer = InvalidBlockSpammer(node, NodeConfig(tmp_path / "spammer", bootstrap=[p.address for p in honest]))
+        spammer = Adversary(node, NodeConfig(tmp_path / "spammer", bootstrap=[p.address for p in honest]))
         key = devnet_key("mallory")
 
         def reasons(process: NodeProcess) -> list[str]:
@@ -146,7 +146,7 @@ def test_an_invalid_gossiped_block_is_rejected_and_its_sender_penalized(tmp_path
                             if spammer.node.checkpoint()[0].hash.hex() == want:
                                 break
                             await trio.sleep(0.2)
-                    await spammer.spam(forge_training_block(spammer, key, loss_after_offset=-1))
+                    await spammer.announce_forged(forge_training_block(spammer, key, loss_after_offset=-1))
                     await trio.sleep(2)
                     if await trio.to_thread.run_sync(every_honest_node_rejected):
                         break

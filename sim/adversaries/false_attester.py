@@ -1,0 +1,41 @@
+"""A validator that attests falsely: it claims a test gain its evaluation did not find.
+
+It evaluates the update honestly, then signs an attestation whose test loss
+after the update is 1,000 units lower. Every node re-computes the test loss
+on the attestation's own seed before it keeps or relays it, so the
+attestation is refused and its sender penalized; it never counts toward a
+quorum.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from chain.blocks import Block, sign_attestation
+from chain.encoding import pack
+from consensus.proposals import attest
+from p2p.service import ATTEST_WINDOW
+from p2p.wire import attestation_topic
+from sim.adversaries.base import Adversary
+
+
+class FalseAttester(Adversary):
+    kind = "false-attester"
+
+    async def _attest(self, first: Block) -> None:
+        assert self.pubsub is not None
+        parent_hash = first.header.parent
+        if parent_hash in self._attest_windows:
+            return
+        self._attest_windows.add(parent_hash)
+        await trio.sleep(ATTEST_WINDOW)
+        state = self.node.state_of(parent_hash)
+        if state is None:
+            return
+        for key in self.config.validator_keys:
+            honest = await trio.to_thread.run_sync(self._locked, attest, self.node.chain, key, state, first)
+            false = sign_attestation(key, self.node.chain.domain, honest.training_block, honest.parent,
+                                     honest.loss_before, honest.loss_after - 1000)  # fmt: skip
+            self.record("attested a test loss 1000 below its own evaluation", block=first.hash.hex(),
+                        validator=key.public_key.hex(), invalid=True)  # fmt: skip
+            await self.pubsub.publish(attestation_topic(self.chain_id), pack(false.fields()))
