@@ -194,7 +194,13 @@ class Store:
 
     def on_attestation(self, attestation: Attestation) -> Evidence | None:
         """Keep a valid attestation of a pending training block; returns the
-        evidence when it conflicts with one the same validator gave before."""
+        evidence when it conflicts with one the same validator gave before.
+
+        The conflicting attestation is kept too: it is a valid evaluation, and
+        dropping it could leave the block it attests one stake short of a
+        quorum, so that no validation block (the one that slashes the
+        equivocator) could ever be built. Counting it cannot finalize two
+        blocks unless >= 1/3 of stake equivocates, which the evidence punishes."""
         node = self.nodes.get(attestation.training_block)
         if node is None or node.block.header.kind != Kind.TRAINING:
             raise InvalidBlock(f"attestation: unknown training block {attestation.training_block.hex()}")
@@ -208,7 +214,8 @@ class Store:
             if other is not None and other_block != attestation.training_block and other.parent == attestation.parent:
                 validate_evidence(parent.state, other, attestation, self.chain)
                 evidence = Evidence(other, attestation)
-                self.evidence[attestation.validator] = evidence
+                self.evidence.setdefault(attestation.validator, evidence)
+                self.attestations.setdefault(attestation.training_block, {})[attestation.validator] = attestation
                 return evidence
         self.attestations.setdefault(attestation.training_block, {})[attestation.validator] = attestation
         return None

@@ -36,6 +36,7 @@ def test_head_reorg_and_slashing(tmp_path: Path) -> None:
     attestations = scenario.attestations(second, state)
     evidence = node.store.on_attestation(attestations[0])
     assert evidence is not None and evidence.first.validator == equivocator.public_key
+    assert equivocator.public_key in node.store.attestations[second.hash]  # it still counts toward a quorum
     for attestation in attestations[1:]:
         assert node.store.on_attestation(attestation) is None
 
