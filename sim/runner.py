@@ -44,6 +44,10 @@ class Run:
     unexpected_exits: dict[int, int] = field(default_factory=dict)
     """Nodes that exited without being told to, with their exit codes."""
     samples: list[dict[str, Any]] = field(default_factory=list)
+    addresses: dict[int, str] = field(default_factory=dict)
+    """Each node's full multiaddr (chosen before its first start)."""
+    clock_zero: float = 0.0
+    """run.elapsed when every node that starts at 0 was up: event times count from here."""
     starts: dict[str, list[float]] = field(default_factory=dict)
     """Wall-clock times each node was (re)started: blocks it fetched by syncing after a start did not
     propagate to it, so the report leaves them out of the propagation times."""
@@ -58,9 +62,23 @@ class Run:
     def running(self) -> list[NodeProcess]:
         return [p for i, p in sorted(self.processes.items()) if p.is_running() and i not in self.crashed]
 
+    def address(self, index: int) -> str:
+        """Node `index`'s full multiaddr, fixed before it starts: its key and port are chosen here."""
+        from libp2p.peer.id import ID
+
+        from p2p.host import load_or_create_node_key
+
+        if index not in self.addresses:
+            datadir = self.out / self.spec(index).name
+            datadir.mkdir(parents=True, exist_ok=True)
+            key_pair = load_or_create_node_key(datadir / "node_key")
+            self.addresses[index] = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{ID.from_pubkey(key_pair.public_key)}"
+        return self.addresses[index]
+
     def arguments(self, spec: NodeSpec) -> list[str]:
         scenario = self.scenario
-        flags = ["--genesis", str(self.genesis_path), "--rpc-port", "0", "--threads", "1"]
+        listen = self.address(spec.index).rsplit("/p2p/", 1)[0]
+        flags = ["--genesis", str(self.genesis_path), "--rpc-port", "0", "--threads", "1", "--listen", listen]
         flags += ["--steps", str(scenario.steps), "--log-level", "info"]
         for validator in spec.validators:
             flags += ["--validator-key", f"devnet:validator-{validator}"]
@@ -68,22 +86,29 @@ class Run:
             flags += ["--mine", "--miner-key", f"devnet:sim-{scenario.seed}-miner-{spec.index}"]
         if spec.adversary:
             flags += ["--adversary", spec.adversary]
-        for process in self.running():
-            flags += ["--bootstrap", process.address]
+        for other in self.addresses:
+            if other != spec.index:
+                flags += ["--bootstrap", self.address(other)]
         return flags
 
-    def start_node(self, index: int) -> None:
-        spec = self.spec(index)
-        process = self.processes.get(index)
-        if process is None:
-            process = NodeProcess(spec.name, self.out / spec.name, [])
-            self.processes[index] = process
-        process.arguments = self.arguments(spec)
-        self.starts.setdefault(spec.name, []).append(time.time())
-        process.start()
-        process.wait_started()
-        self.crashed.discard(index)
-        say(f"{self.elapsed:6.1f}s started {spec.name}{' (' + spec.adversary + ')' if spec.adversary else ''}")
+    def start_nodes(self, indices: list[int]) -> None:
+        """Start nodes at once (their addresses are known in advance), then wait for each."""
+        for index in indices:
+            self.address(index)
+        for index in indices:
+            spec = self.spec(index)
+            process = self.processes.get(index)
+            if process is None:
+                process = NodeProcess(spec.name, self.out / spec.name, [])
+                self.processes[index] = process
+            process.arguments = self.arguments(spec)
+            self.starts.setdefault(spec.name, []).append(time.time())
+            process.start()
+        for index in indices:
+            spec = self.spec(index)
+            self.processes[index].wait_started()
+            self.crashed.discard(index)
+            say(f"{self.elapsed:6.1f}s started {spec.name}{' (' + spec.adversary + ')' if spec.adversary else ''}")
 
     def apply(self, event: Event) -> None:
         say(f"{self.elapsed:6.1f}s {event.action} {list(event.nodes) or [list(g) for g in event.groups]}")
@@ -92,8 +117,7 @@ class Run:
                 self.processes[index].kill()
                 self.crashed.add(index)
         elif event.action == "restart":
-            for index in event.nodes:
-                self.start_node(index)
+            self.start_nodes(list(event.nodes))
         elif event.action in ("partition", "heal"):
             peer_ids = {i: p.info["peer_id"] for i, p in self.processes.items()}
             group_of = {i: g for g, members in enumerate(event.groups) for i in members}
@@ -103,7 +127,10 @@ class Run:
                 blocked = []
                 if event.action == "partition":
                     blocked = [peer_ids[j] for j in peer_ids if group_of.get(j, -1) != group_of.get(index, -2)]
-                post_json(process, "/v1/admin/blocked-peers", {"peers": blocked})
+                try:
+                    post_json(process, "/v1/admin/blocked-peers", {"peers": blocked})
+                except OSError as error:  # a node that is down misses the partition; it is reported
+                    say(f"{self.elapsed:6.1f}s {event.action}: {process.name} did not answer: {error}")
         self.timeline.append({
             "seconds": round(self.elapsed, 1), "action": event.action,
             "nodes": list(event.nodes), "groups": [list(g) for g in event.groups],
@@ -116,6 +143,15 @@ class Run:
                 if code is not None and index not in self.unexpected_exits:
                     self.unexpected_exits[index] = code
                     say(f"{self.elapsed:6.1f}s {process.name} exited unexpectedly with {code}; see {process.log_path}")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the node binds it a moment later)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def post_json(process: NodeProcess, path: str, document: object) -> Any:
@@ -145,18 +181,19 @@ def drive(run: Run) -> None:
     scenario = run.scenario
     pending_events = list(scenario.events)
     joiners = sorted((spec for spec in scenario.nodes), key=lambda s: (s.join_at, s.index))
-    for spec in [s for s in joiners if s.join_at == 0 and s.honest] + [
-        s for s in joiners if s.join_at == 0 and not s.honest
-    ]:
-        run.start_node(spec.index)
+    for spec in joiners:
+        run.address(spec.index)  # every node's address is known before any starts
+    run.start_nodes([s.index for s in joiners if s.join_at == 0])
+    run.clock_zero = run.elapsed
     waiting = [s for s in joiners if s.join_at > 0]
     last_line = ""
     deadline = scenario.timeout
-    while run.elapsed < deadline:
-        while pending_events and pending_events[0].at <= run.elapsed:
+    while run.elapsed < deadline + run.clock_zero:
+        clock = run.elapsed - run.clock_zero
+        while pending_events and pending_events[0].at <= clock:
             run.apply(pending_events.pop(0))
-        while waiting and waiting[0].join_at <= run.elapsed:
-            run.start_node(waiting.pop(0).index)
+        while waiting and waiting[0].join_at <= clock:
+            run.start_nodes([waiting.pop(0).index])
         run.check_exits()
         statuses = honest_statuses(run)
         for index, status in statuses.items():
