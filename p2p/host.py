@@ -7,7 +7,11 @@ measured problem):
 - dials wait 250 ms of "happy eyeballs" even for one address: no delay;
 - per-peer outbound queues of 32 RPCs and subscription channels of 32
   messages drop bursts silently: 1024 each;
-- the `libp2p` logger has no handler: its records go to ours.
+- the `libp2p` logger has no handler: its records go to ours;
+- the pubsub stream handler lets a protobuf DecodeError from a malformed
+  inbound RPC escape, which stops the Pubsub service and the node (seen in
+  the adversarial simulation): such a stream is reset and its peer dropped,
+  as the handler already does for the errors it expects.
 
 GossipSub's own spam protection (10 messages a second per forwarder and
 topic, counting our own publishes) is off; the node rate-limits verification
@@ -21,7 +25,9 @@ import logging
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
+from google.protobuf.message import DecodeError
 from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -48,6 +54,19 @@ def configure_libp2p() -> None:
     setattr(swarm, "_HAPPY_EYEBALLS_DELAY", 0)  # noqa: B010 - module constants, set on purpose
     setattr(pubsub_module, "SUBSCRIPTION_CHANNEL_SIZE", QUEUE_SIZE)  # noqa: B010
     setattr(pubsub_module, "RpcQueue", functools.partial(RpcQueue, max_size=QUEUE_SIZE))  # noqa: B010
+    original_handler = Pubsub.stream_handler
+
+    async def stream_handler(self: Pubsub, stream: Any) -> None:
+        try:
+            await original_handler(self, stream)
+        except DecodeError as error:
+            logging.getLogger("potchain.p2p").warning(
+                "malformed gossip RPC from %s (%s): stream reset", stream.muxed_conn.peer_id, error
+            )
+            await stream.reset()
+            self._handle_dead_peer(stream.muxed_conn.peer_id)
+
+    setattr(Pubsub, "stream_handler", stream_handler)  # noqa: B010
     library_logger = logging.getLogger("libp2p")
     library_logger.propagate = True
     library_logger.setLevel(logging.WARNING)
