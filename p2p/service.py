@@ -87,8 +87,10 @@ REQUEST_TIMEOUT = 20.0
 SYNC_INTERVAL = 2.0
 PROPOSER_BACKOFF = 3.0
 """Seconds each validator after the first in the rotation waits for the ones before it."""
-ATTEST_WINDOW = 1.0
-"""Seconds a validator waits after the first training block on a parent before choosing one to attest."""
+ATTEST_QUIET = 1.5
+"""Seconds without a new training block on a parent before a validator chooses one to attest."""
+ATTEST_WINDOW = 6.0
+"""The longest a validator waits after the first training block on a parent."""
 QUORUM_GRACE = 0.5
 """Seconds the proposer waits after a quorum for the remaining attestations."""
 
@@ -624,16 +626,24 @@ class NetworkNode:
 
     async def _attest(self, first: Block) -> None:
         """Our validators attest one training block per parent: the best (largest
-        validation gain, then lowest hash) of those seen within ATTEST_WINDOW of
-        the first. Racing miners finish at about the same time; choosing by a
-        rule rather than by arrival makes validators who saw the same blocks
-        attest the same one, so their stake is not split."""
+        validation gain, then lowest hash) of those seen once no new one has
+        arrived for ATTEST_QUIET seconds (at most ATTEST_WINDOW after the first).
+        Racing miners finish in a burst; choosing by a rule after the burst,
+        rather than by arrival, makes validators who saw the same blocks attest
+        the same one, so their stake is not split."""
         assert self.pubsub is not None
         parent_hash = first.header.parent
         if parent_hash in self._attest_windows:
             return
         self._attest_windows.add(parent_hash)
-        await trio.sleep(ATTEST_WINDOW)
+        opened = last_change = time.monotonic()
+        seen: set[bytes] = set()
+        while time.monotonic() - last_change < ATTEST_QUIET and time.monotonic() - opened < ATTEST_WINDOW:
+            current = {b.hash for b in self.node.pending_training_blocks() if b.header.parent == parent_hash}
+            if current - seen:
+                seen |= current
+                last_change = time.monotonic()
+            await trio.sleep(0.2)
         state = self.node.state_of(parent_hash)
         candidates = [b for b in self.node.pending_training_blocks() if b.header.parent == parent_hash]
         if state is None or not candidates:

@@ -13,7 +13,7 @@ import trio
 from chain.blocks import Block
 from chain.encoding import pack
 from consensus.proposals import attest
-from p2p.service import ATTEST_WINDOW
+from p2p.service import ATTEST_QUIET
 from p2p.wire import attestation_topic
 from sim.adversaries.base import Adversary
 
@@ -27,7 +27,7 @@ class Equivocator(Adversary):
         if parent_hash in self._attest_windows:
             return
         self._attest_windows.add(parent_hash)
-        await trio.sleep(ATTEST_WINDOW)
+        await trio.sleep(ATTEST_QUIET)
         state = self.node.state_of(parent_hash)
         candidates = [b for b in self.node.pending_training_blocks() if b.header.parent == parent_hash]
         if state is None:

@@ -14,7 +14,7 @@ import trio
 from chain.blocks import Block, sign_attestation
 from chain.encoding import pack
 from consensus.proposals import attest
-from p2p.service import ATTEST_WINDOW
+from p2p.service import ATTEST_QUIET
 from p2p.wire import attestation_topic
 from sim.adversaries.base import Adversary
 
@@ -28,7 +28,7 @@ class FalseAttester(Adversary):
         if parent_hash in self._attest_windows:
             return
         self._attest_windows.add(parent_hash)
-        await trio.sleep(ATTEST_WINDOW)
+        await trio.sleep(ATTEST_QUIET)
         state = self.node.state_of(parent_hash)
         if state is None:
             return
