@@ -90,7 +90,7 @@ PROPOSER_BACKOFF = 3.0
 ATTEST_QUIET = 1.5
 """Seconds without a new training block on a parent before a validator chooses one to attest."""
 ATTEST_WINDOW = 6.0
-"""The longest a validator waits after the first training block on a parent."""
+"""The longest a validator waits for the leader after the first training block on a parent."""
 QUORUM_GRACE = 0.5
 """Seconds the proposer waits after a quorum for the remaining attestations."""
 
@@ -130,6 +130,11 @@ def compute_claimed_gain(block: Block) -> int:
     """A training block's validation gain (its claim, checked on import)."""
     body = block.body
     return body.loss_before - body.loss_after if isinstance(body, TrainingBody) else 0
+
+
+def rank_candidate(block: Block) -> tuple[int, bytes]:
+    """How validators order competing training blocks: largest validation gain, then lowest hash."""
+    return (-compute_claimed_gain(block), block.hash)
 
 
 class NetworkNode:
@@ -625,30 +630,42 @@ class NetworkNode:
     # --- validator duties ------------------------------------------------------------
 
     async def _attest(self, first: Block) -> None:
-        """Our validators attest one training block per parent: the best (largest
-        validation gain, then lowest hash) of those seen once no new one has
-        arrived for ATTEST_QUIET seconds (at most ATTEST_WINDOW after the first).
-        Racing miners finish in a burst; choosing by a rule after the burst,
-        rather than by arrival, makes validators who saw the same blocks attest
-        the same one, so their stake is not split."""
+        """Our validators attest one training block per parent (a second is slashable).
+
+        Which one: the round's leader (the first validator in the proposer
+        rotation) attests the best block (largest validation gain, then lowest
+        hash) once no new one has arrived for ATTEST_QUIET seconds; the others
+        attest what the leader attested, as soon as they hold its attestation,
+        or choose by the same rule themselves ATTEST_WINDOW seconds after the
+        first block if the leader is silent. Following the leader keeps honest
+        validators from splitting their stake between racing miners' blocks
+        (no rule makes a split recoverable yet: docs/spec.md, section 14)."""
         assert self.pubsub is not None
         parent_hash = first.header.parent
         if parent_hash in self._attest_windows:
             return
         self._attest_windows.add(parent_hash)
+        state = self.node.state_of(parent_hash)
+        if state is None:
+            return
+        leader = get_validation_proposers(state, first)[0]
+        leading = leader in {key.public_key for key in self.config.validator_keys}
         opened = last_change = time.monotonic()
         seen: set[bytes] = set()
-        while time.monotonic() - last_change < ATTEST_QUIET and time.monotonic() - opened < ATTEST_WINDOW:
-            current = {b.hash for b in self.node.pending_training_blocks() if b.header.parent == parent_hash}
-            if current - seen:
-                seen |= current
+        training: Block | None = None
+        while training is None:
+            candidates = [b for b in self.node.pending_training_blocks() if b.header.parent == parent_hash]
+            if {b.hash for b in candidates} - seen:
+                seen |= {b.hash for b in candidates}
                 last_change = time.monotonic()
-            await trio.sleep(0.2)
-        state = self.node.state_of(parent_hash)
-        candidates = [b for b in self.node.pending_training_blocks() if b.header.parent == parent_hash]
-        if state is None or not candidates:
-            return
-        training = min(candidates, key=lambda block: (-compute_claimed_gain(block), block.hash))
+            followed = [b for b in candidates if any(a.validator == leader for a in self.node.attestations_for(b.hash))]
+            quiet = time.monotonic() - last_change >= ATTEST_QUIET
+            if followed and not leading:
+                training = min(followed, key=rank_candidate)
+            elif (leading and quiet) or time.monotonic() - opened >= ATTEST_WINDOW:
+                training = min(candidates, key=rank_candidate) if candidates else first
+            else:
+                await trio.sleep(0.2)
         for key in self.config.validator_keys:
             if (parent_hash, key.public_key) in self._attested or state.stake_of(key.public_key) <= 0:
                 continue
