@@ -11,7 +11,9 @@ measured problem):
 - the pubsub stream handler lets a protobuf DecodeError from a malformed
   inbound RPC escape, which stops the Pubsub service and the node (seen in
   the adversarial simulation): such a stream is reset and its peer dropped,
-  as the handler already does for the errors it expects.
+  as the handler already does for the errors it expects; and a message that
+  arrives while the Pubsub service shuts down no longer fails the node's
+  exit ("Nursery is closed to new arrivals").
 
 GossipSub's own spam protection (10 messages a second per forwarder and
 topic, counting our own publishes) is off; the node rate-limits verification
@@ -65,6 +67,10 @@ def configure_libp2p() -> None:
             )
             await stream.reset()
             self._handle_dead_peer(stream.muxed_conn.peer_id)
+        except RuntimeError as error:  # a message arriving while the service shuts down
+            if "closed to new arrivals" not in str(error):
+                raise
+            await stream.reset()
 
     setattr(Pubsub, "stream_handler", stream_handler)  # noqa: B010
     library_logger = logging.getLogger("libp2p")

@@ -54,3 +54,28 @@ def test_honest_scenario(tmp_path: Path) -> None:
     for image in ("loss.png", "propagation.png", "finality.png", "heights.png", "peers.png"):
         assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f'src="{image}"' in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_adversarial_scenario(tmp_path: Path) -> None:
+    from sim.scenario import ADVERSARIES
+
+    out = tmp_path / "adversarial"
+    completed = run_potchain("sim", "--scenario", str(SCENARIOS / "adversarial.toml"), "--out", str(out),
+                             timeout=1500)  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["invalid_blocks_finalized"] == 0
+    assert report["honest_nodes_agree"] is True
+    assert report["honest_node_crashes"] == 0 and report["stored_chains_valid"] is True
+    assert report["test_loss_head"] < report["test_loss_genesis"]
+    details = report["details"]
+    assert {event["action"] for event in details["timeline"]} == {"crash", "restart", "partition", "heal"}
+    actions = details["adversarial_actions"]
+    assert {action["adversary"] for action in actions} == set(ADVERSARIES)
+    assert all(action["outcome"] for action in actions)
+    assert not any("FINALIZED" in action["outcome"] for action in actions)
+    slashed = [a for a in actions if a["adversary"] == "equivocator"]
+    assert any(a["outcome"] == "slashed: stake 0" for a in slashed)
+    html = (out / "report.html").read_text()
+    assert all(kind in html for kind in ADVERSARIES)

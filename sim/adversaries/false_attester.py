@@ -36,6 +36,6 @@ class FalseAttester(Adversary):
             honest = await trio.to_thread.run_sync(self._locked, attest, self.node.chain, key, state, first)
             false = sign_attestation(key, self.node.chain.domain, honest.training_block, honest.parent,
                                      honest.loss_before, honest.loss_after - 1000)  # fmt: skip
-            self.record("attested a test loss 1000 below its own evaluation", block=first.hash.hex(),
+            self.record("attested a test loss 1000 below its own evaluation", attestation_of=first.hash.hex(),
                         validator=key.public_key.hex(), invalid=True)  # fmt: skip
             await self.pubsub.publish(attestation_topic(self.chain_id), pack(false.fields()))
