@@ -536,6 +536,22 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
     return {"submitted": accepted, "miner": key.public_key.hex(), "seconds": round(time.perf_counter() - started, 1)}
 
 
+def command_sim_model(args: argparse.Namespace, genesis: Genesis) -> dict[str, object]:
+    """The modeled network: the real rules' blocks, a discrete-event network (sim/model.py)."""
+    from sim.model import ModelConfig, run_model
+
+    if args.nodes < 10:
+        raise UserError(f"--nodes must be at least 10 in model mode, got {args.nodes}")
+    config = ModelConfig(nodes=args.nodes, seed=args.seed if args.seed is not None else 1,
+                         latency_ms=args.latency_ms, rounds=args.rounds)  # fmt: skip
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    result = run_model(genesis, args.genesis, config, out)
+    write_json_atomically(out / "report.json", result)
+    keys = ("nodes", "propagation_seconds", "finality_lag_seconds", "round_seconds", "seconds")
+    return {key: result[key] for key in keys} | {"report": str(out / "report.json")}
+
+
 def command_sim(args: argparse.Namespace) -> dict[str, object]:
     """Run a scenario on real node processes and write its report (sim/)."""
     from sim.report import write_report
@@ -543,6 +559,10 @@ def command_sim(args: argparse.Namespace) -> dict[str, object]:
     from sim.scenario import ScenarioError, load_scenario
 
     genesis = load_genesis(args.genesis)
+    if args.mode == "model":
+        return command_sim_model(args, genesis)
+    if args.scenario is None:
+        raise UserError("--scenario is required in process mode")
     try:
         scenario = load_scenario(args.scenario, len(validator_keys(genesis)))
     except ScenarioError as error:
@@ -622,7 +642,16 @@ def build_parser() -> argparse.ArgumentParser:
     mine.set_defaults(handler=command_mine)
 
     sim = commands.add_parser("sim", help="run a network scenario on real node processes; write its report")
-    sim.add_argument("--scenario", type=Path, required=True, help="a scenario file (sim/scenarios/*.toml)")
+    sim.add_argument(
+        "--mode",
+        choices=("process", "model"),
+        default="process",
+        help="process: real node processes (default); model: the real rules on a modeled network",
+    )
+    sim.add_argument("--scenario", type=Path, help="a scenario file (sim/scenarios/*.toml), process mode")
+    sim.add_argument("--nodes", type=int, default=1000, help="model mode: nodes (default 1000)")
+    sim.add_argument("--rounds", type=int, default=6, help="model mode: training blocks to finalize")
+    sim.add_argument("--latency-ms", type=float, default=1.3, help="model mode: median link latency")
     sim.add_argument("--out", type=Path, required=True, help="node data, logs, report.json and report.html")
     sim.add_argument("--seed", type=int, help="override the scenario's seed (a run logs its seed)")
     sim.add_argument("--genesis", type=Path, default=DEVNET)

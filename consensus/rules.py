@@ -91,6 +91,10 @@ class Chain:
         self._weights = (state.weights_root, weights)
         return weights
 
+    def forget_losses(self) -> None:
+        """Drop the memoized losses (to time a cold validation, as a fresh node does it)."""
+        self._losses.clear()
+
     def loss(self, state: State, split: str, seed: bytes) -> int:
         """Canonical loss total of the state's model on the split's batch for `seed`."""
         key = (state.weights_root, split, seed)

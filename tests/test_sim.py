@@ -79,3 +79,16 @@ def test_adversarial_scenario(tmp_path: Path) -> None:
     assert any(a["outcome"] == "slashed: stake 0" for a in slashed)
     html = (out / "report.html").read_text()
     assert all(kind in html for kind in ADVERSARIES)
+
+
+def test_model_mode_reports_propagation_and_finality(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    completed = run_potchain("sim", "--mode", "model", "--nodes", "60", "--rounds", "2", "--out", str(out))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["nodes"] == 60 and report["rounds"] == 2
+    for key in ("propagation_seconds", "finality_lag_seconds", "round_seconds"):
+        assert 0 < report[key]["median"] <= report[key]["p90"] <= report[key]["max"]
+    assert all(m["training_bytes"] > 0 and m["training_validate_seconds"] > 0 for m in report["measured"])
+    assert report["finality_lag_seconds"]["median"] > report["propagation_seconds"]["median"]
+    assert run_potchain("sim", "--mode", "model", "--nodes", "3", "--out", str(out)).returncode == 2
