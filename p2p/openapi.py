@@ -362,6 +362,31 @@ def _paths() -> dict[str, Schema]:
                 {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}},
             )
         },
+        "/v1/admin/link-delay": {
+            "post": {
+                "operationId": "setLinkDelay",
+                "summary": "Delay everything the node sends (simulates a slow link)",
+                "security": [{"bearer": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["seconds"],
+                                "properties": {"seconds": {"type": "number", "minimum": 0, "maximum": 10}},
+                            }
+                        }
+                    },
+                },
+                "responses": _responses(
+                    {"description": "The delay now applied", "content": {"application/json": {"schema": _ANY}}},
+                    400,
+                    401,
+                    409,
+                ),
+            }
+        },
         "/v1/admin/blocked-peers": {
             "post": {
                 "operationId": "setBlockedPeers",

@@ -85,6 +85,10 @@ class RpcBackend(Protocol):
         """Refuse exactly these peers from now on (disconnecting them)."""
         ...
 
+    def set_link_delay(self, seconds: float) -> None:
+        """Delay everything the node sends by `seconds`."""
+        ...
+
 
 class LocalBackend:
     """A node without a network: no peers, always ready and synced."""
@@ -108,6 +112,9 @@ class LocalBackend:
         return {"peer_id": None, "orphaned_blocks": list(self.node.orphaned), "rejections": []}
 
     def set_blocked_peers(self, peers: list[str]) -> None:
+        raise RpcError(409, "this node has no network")
+
+    def set_link_delay(self, seconds: float) -> None:
         raise RpcError(409, "this node has no network")
 
 
@@ -471,6 +478,7 @@ class RpcServer:
             web.post("/v1/mining/submit", self.submit),
             web.get("/v1/node", self.node_info, allow_head=False),
             web.post("/v1/admin/blocked-peers", self.blocked_peers),
+            web.post("/v1/admin/link-delay", self.link_delay),
             web.get("/openapi.json", self.openapi, allow_head=False),
         ]
 
@@ -623,6 +631,19 @@ class RpcServer:
             raise RpcError(400, 'body: want {"peers": [peer id, ...]}')
         await self._call(self.backend.set_blocked_peers, peers)
         return web.json_response({"peers": sorted(set(peers))})
+
+    async def link_delay(self, request: web.Request) -> web.Response:
+        """Delay everything this node sends by a number of seconds (0 to 10; simulations)."""
+        self._authorize(request)
+        try:
+            document = json.loads(await request.read())
+        except ValueError:
+            raise RpcError(400, "body: not JSON") from None
+        seconds = document.get("seconds") if isinstance(document, dict) else None
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds <= 10:
+            raise RpcError(400, 'body: want {"seconds": 0 to 10}')
+        await self._call(self.backend.set_link_delay, float(seconds))
+        return web.json_response({"seconds": float(seconds)})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(self._openapi)

@@ -163,6 +163,8 @@ class NetworkNode:
         self._stop: trio.CancelScope | None = None
         self._sync_tasks: trio.Nursery | None = None
         self._tasks: trio.Nursery | None = None
+        self.link_delay = 0.0
+        """Seconds added before everything this node sends (set over the RPC to slow a test node's links)."""
         self.blocked: set[str] = set()
         """Peer ids this node refuses (set over the RPC to partition a test network)."""
 
@@ -328,9 +330,15 @@ class NetworkNode:
         while True:
             await subscription.get()
 
-    async def publish_block(self, block: Block) -> None:
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Gossip a message (after the node's added link delay, if any)."""
         assert self.pubsub is not None
-        await self.pubsub.publish(block_topic(self.chain_id), Announcement.of(block).encode())
+        if self.link_delay:
+            await trio.sleep(self.link_delay)
+        await self.pubsub.publish(topic, data)
+
+    async def publish_block(self, block: Block) -> None:
+        await self.publish(block_topic(self.chain_id), Announcement.of(block).encode())
 
     async def _validate_block_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
         peer = str(forwarder)
@@ -476,7 +484,7 @@ class NetworkNode:
     async def _publish_evidence(self, evidence: Evidence) -> None:
         assert self.pubsub is not None
         log.warning("equivocation by validator %s", evidence.first.validator.hex()[:16])
-        await self.pubsub.publish(evidence_topic(self.chain_id), pack(evidence.fields()))
+        await self.publish(evidence_topic(self.chain_id), pack(evidence.fields()))
 
     # --- sync --------------------------------------------------------------------------
 
@@ -507,6 +515,8 @@ class NetworkNode:
                     await write_response(stream, ERROR, str(error).encode())
                     return
                 payload = await trio.to_thread.run_sync(self._answer, request)
+                if self.link_delay:
+                    await trio.sleep(self.link_delay)
                 await write_response(stream, OK if payload is not None else NOT_FOUND, payload or b"")
         except (trio.TooSlowError, ProtocolError, Exception) as error:
             log.debug("sync stream from %s failed: %s", peer, error)
@@ -677,7 +687,7 @@ class NetworkNode:
             except InvalidBlock as error:  # the checkpoint moved on meanwhile
                 log.info("own attestation not kept: %s", error)
                 continue
-            await self.pubsub.publish(attestation_topic(self.chain_id), pack(attestation.fields()))
+            await self.publish(attestation_topic(self.chain_id), pack(attestation.fields()))
             log.info("attested %s as %s", training.hash.hex()[:16], key.public_key.hex()[:16])
             self._notify()
 
@@ -825,7 +835,11 @@ class NetworkBackend:
                 {"time": r.time, "peer_id": r.peer_id, "what": r.what, "reason": r.reason} for r in network.rejections
             ],
             "blocked_peers": sorted(network.blocked),
+            "link_delay_seconds": network.link_delay,
         }
 
     def set_blocked_peers(self, peers: list[str]) -> None:
         self.network.blocked = set(peers)
+
+    def set_link_delay(self, seconds: float) -> None:
+        self.network.link_delay = seconds

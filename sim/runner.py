@@ -118,6 +118,12 @@ class Run:
                 self.crashed.add(index)
         elif event.action == "restart":
             self.start_nodes(list(event.nodes))
+        elif event.action == "latency":
+            for index in event.nodes:
+                try:
+                    post_json(self.processes[index], "/v1/admin/link-delay", {"seconds": event.ms / 1000})
+                except OSError as error:
+                    say(f"{self.elapsed:6.1f}s latency: {self.processes[index].name} did not answer: {error}")
         elif event.action in ("partition", "heal"):
             peer_ids = {i: p.info["peer_id"] for i, p in self.processes.items()}
             group_of = {i: g for g, members in enumerate(event.groups) for i in members}
@@ -133,7 +139,7 @@ class Run:
                     say(f"{self.elapsed:6.1f}s {event.action}: {process.name} did not answer: {error}")
         self.timeline.append({
             "seconds": round(self.elapsed, 1), "action": event.action,
-            "nodes": list(event.nodes), "groups": [list(g) for g in event.groups],
+            "nodes": list(event.nodes), "groups": [list(g) for g in event.groups], "ms": event.ms,
         })  # fmt: skip
 
     def check_exits(self) -> None:

@@ -16,9 +16,10 @@ A scenario is a TOML file (sim/scenarios/*.toml):
 
     [[event]]           # the fault timeline
     at = 30             # seconds after the start
-    action = "crash"    # crash | restart | partition | heal
-    nodes = [3]         # crash, restart: these nodes
+    action = "crash"    # crash | restart | partition | heal | latency
+    nodes = [3]         # crash, restart, latency: these nodes
     groups = [[0, 1, 2], [3, 4, 5]]   # partition: nodes only reach their own group
+    ms = 300            # latency: added to everything the nodes send (0 removes it)
 
 Every field is checked on load; a mistake names the file, the table and the field.
 """
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ACTIONS = ("crash", "restart", "partition", "heal")
+ACTIONS = ("crash", "restart", "partition", "heal", "latency")
 ADVERSARIES = (
     "overfit-miner",
     "false-claims",
@@ -77,6 +78,8 @@ class Event:
     action: str
     nodes: tuple[int, ...] = ()
     groups: tuple[tuple[int, ...], ...] = ()
+    ms: int = 0
+    """latency: milliseconds added to what the nodes send."""
 
 
 @dataclass(frozen=True)
@@ -180,10 +183,14 @@ def load_scenario(path: Path, validators: int) -> Scenario:
         at = float(table.get("at", (int, float)))
         targets = _indices(table.get("nodes", list, []), f"{table.where}.nodes", len(nodes))
         groups = tuple(_indices(g, f"{table.where}.groups", len(nodes)) for g in table.get("groups", list, []))
+        ms = table.get("ms", int, 0) if "ms" in table.value else 0
+        table.used.add("ms")
         table.done()
+        if action == "latency" and (not targets or not 0 <= ms <= 10_000):
+            raise ScenarioError(f"{table.where}: latency needs nodes and 0 <= ms <= 10000")
         if action in ("crash", "restart") and not targets:
             raise ScenarioError(f"{table.where}: {action} needs nodes")
         if action == "partition" and len(groups) < 2:
             raise ScenarioError(f"{table.where}: partition needs at least two groups")
-        events.append(Event(at, action, targets, groups))
+        events.append(Event(at, action, targets, groups, ms))
     return Scenario(name, seed, finalize, timeout, steps, tuple(nodes), tuple(sorted(events, key=lambda e: e.at)), path)

@@ -516,7 +516,7 @@ def test_openapi_lists_every_route(net: Net) -> None:
             served.add((route.method.lower(), info.get("path") or info["formatter"]))
     documented = {(m, p) for p, ops in document["paths"].items() for m in ops if m in HTTP_METHODS}
     assert served == documented
-    assert len(served) == 14
+    assert len(served) == 15
     for path, operations in document["paths"].items():
         for operation in operations.values():
             in_path = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
@@ -536,3 +536,7 @@ def test_node_info_and_blocked_peers(net: Net) -> None:
     assert rpc.error("POST", "/v1/admin/blocked-peers", 400, b"not json", token=rpc.token) == "body: not JSON"
     assert "want" in rpc.error("POST", "/v1/admin/blocked-peers", 400, b'{"peers": [1]}', token=rpc.token)
     assert rpc.error("POST", "/v1/admin/blocked-peers", 409, body, token=rpc.token) == "this node has no network"
+    assert "missing" in rpc.error("POST", "/v1/admin/link-delay", 401, b'{"seconds": 1}')
+    assert "0 to 10" in rpc.error("POST", "/v1/admin/link-delay", 400, b'{"seconds": 11}', token=rpc.token)
+    assert "0 to 10" in rpc.error("POST", "/v1/admin/link-delay", 400, b'{"seconds": true}', token=rpc.token)
+    assert rpc.error("POST", "/v1/admin/link-delay", 409, b'{"seconds": 1}', token=rpc.token)

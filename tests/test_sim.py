@@ -24,6 +24,10 @@ SCENARIOS = ROOT / "sim" / "scenarios"
         ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\ncolour = "red"\n', "unknown field(s) colour"),
         ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\n[[event]]\nat = 1\naction = "explode"\n', "'explode'"),
         ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\n[[event]]\nat = 1\naction = "crash"\n', "crash needs nodes"),
+        (
+            'name = "x"\nseed = 1\nfinalize = 2\n[[node]]\n[[event]]\nat = 1\naction = "latency"\nnodes = [0]\nms = -1\n',
+            "0 <= ms",
+        ),
         ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\nvalidators = [0]\n[[node]]\nvalidators = [0]\n', "two nodes"),
     ],
 )
@@ -70,7 +74,7 @@ def test_adversarial_scenario(tmp_path: Path) -> None:
     assert report["honest_node_crashes"] == 0 and report["stored_chains_valid"] is True
     assert report["test_loss_head"] < report["test_loss_genesis"]
     details = report["details"]
-    assert {event["action"] for event in details["timeline"]} == {"crash", "restart", "partition", "heal"}
+    assert {event["action"] for event in details["timeline"]} == {"crash", "restart", "partition", "heal", "latency"}
     actions = details["adversarial_actions"]
     assert {action["adversary"] for action in actions} == set(ADVERSARIES)
     assert all(action["outcome"] for action in actions)
