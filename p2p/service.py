@@ -330,6 +330,15 @@ class NetworkNode:
         while True:
             await subscription.get()
 
+    def _screen(self, forwarder: ID) -> bool | None:
+        """A gossip message's fate before it is read: dropped (a blocked peer's),
+        accepted (our own, already checked), or None: check it."""
+        if str(forwarder) in self.blocked:
+            return False
+        if self.host is not None and forwarder == self.host.get_id():
+            return True
+        return None
+
     async def publish(self, topic: str, data: bytes) -> None:
         """Gossip a message (after the node's added link delay, if any)."""
         assert self.pubsub is not None
@@ -341,11 +350,9 @@ class NetworkNode:
         await self.publish(block_topic(self.chain_id), Announcement.of(block).encode())
 
     async def _validate_block_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
+        if (verdict := self._screen(forwarder)) is not None:
+            return verdict
         peer = str(forwarder)
-        if peer in self.blocked:
-            return False
-        if self.host is not None and forwarder == self.host.get_id():
-            return True
         try:
             announcement = Announcement.decode(message.data)
         except DecodeError as error:
@@ -436,11 +443,9 @@ class NetworkNode:
             self._tasks.start_soon(self._attest, block)  # after the block is relayed, not before
 
     async def _validate_attestation_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
+        if (verdict := self._screen(forwarder)) is not None:
+            return verdict
         peer = str(forwarder)
-        if peer in self.blocked:
-            return False
-        if self.host is not None and forwarder == self.host.get_id():
-            return True
         try:
             attestation = decode_attestation(message.data)
         except DecodeError as error:
@@ -465,11 +470,9 @@ class NetworkNode:
         return True
 
     async def _validate_evidence_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
+        if (verdict := self._screen(forwarder)) is not None:
+            return verdict
         peer = str(forwarder)
-        if peer in self.blocked:
-            return False
-        if self.host is not None and forwarder == self.host.get_id():
-            return True
         try:
             evidence = Evidence.from_fields(unpack(message.data, "evidence", 8192))
         except DecodeError as error:

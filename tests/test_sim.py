@@ -24,10 +24,7 @@ SCENARIOS = ROOT / "sim" / "scenarios"
         ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\ncolour = "red"\n', "unknown field(s) colour"),
         ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\n[[event]]\nat = 1\naction = "explode"\n', "'explode'"),
         ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\n[[event]]\nat = 1\naction = "crash"\n', "crash needs nodes"),
-        (
-            'name = "x"\nseed = 1\nfinalize = 2\n[[node]]\n[[event]]\nat = 1\naction = "latency"\nnodes = [0]\nms = -1\n',
-            "0 <= ms",
-        ),
+        ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\n[[event]]\nat = 1\naction = "latency"\nms = -1\n', "0 <= ms"),
         ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\nvalidators = [0]\n[[node]]\nvalidators = [0]\n', "two nodes"),
     ],
 )

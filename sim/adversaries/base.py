@@ -8,8 +8,11 @@ import logging
 import time
 from typing import Any
 
+import trio
+
 from chain.blocks import Block, Header, TrainingBody, body_hash, sign_block
 from chain.crypto import PrivateKey, devnet_key
+from chain.state import State
 from consensus.proposals import propose_training_block
 from consensus.rules import compute_assigned_slice
 from p2p.full_node import FullNode
@@ -41,6 +44,16 @@ class Adversary(NetworkNode):
         block = self.forged.get(request.arguments[0]) if request.method == "block" else None
         return block.encode() if block is not None else super()._answer(request)
 
+    async def open_window(self, first: Block, seconds: float) -> State | None:
+        """For a validator adversary: once per parent, wait `seconds` after its first
+        training block; the parent's state, or None when this parent was handled."""
+        parent_hash = first.header.parent
+        if parent_hash in self._attest_windows:
+            return None
+        self._attest_windows.add(parent_hash)
+        await trio.sleep(seconds)
+        return self.node.state_of(parent_hash)
+
     async def announce_forged(self, block: Block) -> None:
         """Gossip an announcement of `block` without importing it (and serve it when asked)."""
         self.forged[block.hash] = block
@@ -66,8 +79,6 @@ def forge_training_block(node: NetworkNode, key: PrivateKey, loss_after_offset: 
 
 async def next_checkpoint(node: NetworkNode, last: bytes) -> Block:
     """Wait until the node's checkpoint is not `last`."""
-    import trio
-
     while True:
         checkpoint = node.node.checkpoint()[0]
         if checkpoint.hash != last:

@@ -22,20 +22,14 @@ class Equivocator(Adversary):
     kind = "equivocator"
 
     async def _attest(self, first: Block) -> None:
-        assert self.pubsub is not None
-        parent_hash = first.header.parent
-        if parent_hash in self._attest_windows:
-            return
-        self._attest_windows.add(parent_hash)
-        await trio.sleep(ATTEST_QUIET)
-        state = self.node.state_of(parent_hash)
-        candidates = [b for b in self.node.pending_training_blocks() if b.header.parent == parent_hash]
+        state = await self.open_window(first, ATTEST_QUIET)
         if state is None:
             return
+        candidates = [b for b in self.node.pending_training_blocks() if b.header.parent == first.header.parent]
         for key in self.config.validator_keys:
             for training in candidates:
                 attestation = await trio.to_thread.run_sync(self._locked, attest, self.node.chain, key, state, training)
-                await self.pubsub.publish(attestation_topic(self.chain_id), pack(attestation.fields()))
+                await self.publish(attestation_topic(self.chain_id), pack(attestation.fields()))
             if len(candidates) > 1:
                 self.record("attested two training blocks on one parent", block=candidates[1].hash.hex(),
                             validator=key.public_key.hex(), invalid=False, expect="slashed")  # fmt: skip

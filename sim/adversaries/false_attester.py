@@ -23,13 +23,7 @@ class FalseAttester(Adversary):
     kind = "false-attester"
 
     async def _attest(self, first: Block) -> None:
-        assert self.pubsub is not None
-        parent_hash = first.header.parent
-        if parent_hash in self._attest_windows:
-            return
-        self._attest_windows.add(parent_hash)
-        await trio.sleep(ATTEST_QUIET)
-        state = self.node.state_of(parent_hash)
+        state = await self.open_window(first, ATTEST_QUIET)
         if state is None:
             return
         for key in self.config.validator_keys:
@@ -38,4 +32,4 @@ class FalseAttester(Adversary):
                                      honest.loss_before, honest.loss_after - 1000)  # fmt: skip
             self.record("attested a test loss 1000 below its own evaluation", attestation_of=first.hash.hex(),
                         validator=key.public_key.hex(), invalid=True)  # fmt: skip
-            await self.pubsub.publish(attestation_topic(self.chain_id), pack(false.fields()))
+            await self.publish(attestation_topic(self.chain_id), pack(false.fields()))
