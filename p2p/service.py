@@ -645,15 +645,16 @@ class NetworkNode:
     async def _attest(self, first: Block) -> None:
         """Our validators attest one training block per parent (a second is slashable).
 
-        Which one: the round's leader (the first validator in the proposer
-        rotation) attests the best block (largest validation gain, then lowest
-        hash) once no new one has arrived for ATTEST_QUIET seconds; the others
-        attest what the leader attested, as soon as they hold its attestation,
-        or choose by the same rule themselves ATTEST_WINDOW seconds after the
-        first block if the leader is silent. Following the leader keeps honest
-        validators from splitting their stake between racing miners' blocks
-        (no rule makes a split recoverable yet: docs/spec.md, section 14)."""
-        assert self.pubsub is not None
+        Which one: validators follow the proposer rotation. The first in it
+        (the round's leader) attests the best block (largest validation gain,
+        then lowest hash) once no new one has arrived for ATTEST_QUIET seconds;
+        every other validator attests what the earliest validator before it in
+        the rotation attested, as soon as it holds that attestation, and leads
+        by the same rule itself if none has come ATTEST_WINDOW seconds per
+        position after the first block (a silent or lying leader hands over to
+        the next). Following keeps honest validators from splitting their stake
+        between racing miners' blocks; no rule makes a split recoverable yet
+        (docs/spec.md, section 14)."""
         parent_hash = first.header.parent
         if parent_hash in self._attest_windows:
             return
@@ -661,8 +662,9 @@ class NetworkNode:
         state = self.node.state_of(parent_hash)
         if state is None:
             return
-        leader = get_validation_proposers(state, first)[0]
-        leading = leader in {key.public_key for key in self.config.validator_keys}
+        rotation = get_validation_proposers(state, first)
+        ours = {key.public_key for key in self.config.validator_keys}
+        position = min((i for i, validator in enumerate(rotation) if validator in ours), default=len(rotation))
         opened = last_change = time.monotonic()
         seen: set[bytes] = set()
         training: Block | None = None
@@ -671,13 +673,17 @@ class NetworkNode:
             if {b.hash for b in candidates} - seen:
                 seen |= {b.hash for b in candidates}
                 last_change = time.monotonic()
-            followed = [b for b in candidates if any(a.validator == leader for a in self.node.attestations_for(b.hash))]
-            quiet = time.monotonic() - last_change >= ATTEST_QUIET
-            if followed and not leading:
-                training = min(followed, key=rank_candidate)
-            elif (leading and quiet) or time.monotonic() - opened >= ATTEST_WINDOW:
+            for earlier in rotation[:position]:
+                followed = [
+                    b for b in candidates if any(a.validator == earlier for a in self.node.attestations_for(b.hash))
+                ]
+                if followed:
+                    training = min(followed, key=rank_candidate)
+                    break
+            now = time.monotonic()
+            if training is None and now - opened >= position * ATTEST_WINDOW and now - last_change >= ATTEST_QUIET:
                 training = min(candidates, key=rank_candidate) if candidates else first
-            else:
+            if training is None:
                 await trio.sleep(0.2)
         for key in self.config.validator_keys:
             if (parent_hash, key.public_key) in self._attested or state.stake_of(key.public_key) <= 0:
