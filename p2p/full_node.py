@@ -131,7 +131,7 @@ class FullNode:
 
     def import_decoded(self, block: Block) -> ImportResult:
         with self.lock:
-            if block.hash in self.store.nodes or self.db.has_block(block.hash):
+            if self.is_known(block):
                 return ImportResult(block, True, HeadChange(self.store.head, self.store.head, (), ()))
             self.store.on_tick(int(time.time()))
             before, anchor = dict(self.store.nodes), self.store.finalized
@@ -186,6 +186,23 @@ class FullNode:
         with self.lock:
             node = self.store.nodes[self.store.head]
             return node.block, node.state
+
+    def is_known(self, block: Block) -> bool:
+        """In the fork-choice store, or stored at or below the anchor (final, or lost to it).
+
+        A block stored above the anchor but not in the store (a branch the
+        store dropped on a restart, which reloads only the canonical chain)
+        is not known: importing it puts it back."""
+        with self.lock:
+            if block.hash in self.store.nodes:
+                return True
+            anchor_height = self.store.nodes[self.store.finalized].block.header.height
+            return block.header.height <= anchor_height and self.db.has_block(block.hash)
+
+    def in_store(self, block_hash: bytes) -> bool:
+        """In the fork-choice store: at or above the anchor, and importable on."""
+        with self.lock:
+            return block_hash in self.store.nodes
 
     def has_block(self, block_hash: bytes) -> bool:
         with self.lock:

@@ -359,7 +359,7 @@ class NetworkNode:
             self._reject(peer, "block announcement", str(error), PENALTY_MALFORMED)
             return False
         block_hash = announcement.block_hash
-        if self.node.has_block(block_hash):
+        if self.node.in_store(block_hash):
             return True
         checkpoint_height = self.node.checkpoint()[0].header.height
         if announcement.header.height <= checkpoint_height:
@@ -368,7 +368,7 @@ class NetworkNode:
         if reason is not None:
             self._reject(peer, "block announcement", reason, PENALTY_INVALID)
             return False
-        if not self.node.has_block(announcement.header.parent):
+        if not self.node.in_store(announcement.header.parent):
             self._request_sync(forwarder)
             return False
         if not self.peers.spend(peer, 2):
@@ -590,7 +590,7 @@ class NetworkNode:
                         self._reject(str(peer), "status", "a different genesis", PENALTY_INVALID)
                         continue
                     head, _ = self.node.head()
-                    if status.head_height > head.header.height and not self.node.has_block(status.head_hash):
+                    if status.head_height > head.header.height and not self.node.in_store(status.head_hash):
                         behind = behind or status.head_height > head.header.height + 1
                         if str(peer) not in self._syncing_from:
                             nursery.start_soon(self._sync_from, peer)
@@ -623,13 +623,13 @@ class NetworkNode:
                     return
                 if not blocks:
                     return
-                if blocks[0].header.parent != checkpoint.hash and not self.node.has_block(blocks[0].header.parent):
+                if blocks[0].header.parent != checkpoint.hash and not self.node.in_store(blocks[0].header.parent):
                     self._reject(name, "chain", f"does not descend from our finalized block at height "
                                  f"{checkpoint.header.height}", PENALTY_MALFORMED)  # fmt: skip
                     return
                 imported = 0
                 for block in blocks:
-                    if self.node.has_block(block.hash):
+                    if self.node.is_known(block):
                         continue
                     if not await self.import_block(block, name):
                         return
