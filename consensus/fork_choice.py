@@ -31,6 +31,7 @@ from consensus.rules import (
     Chain,
     InvalidBlock,
     StaleBlock,
+    UnknownParent,
     apply_block,
     is_confirmed,
     validate_attestation,
@@ -168,7 +169,7 @@ class Store:
             )
         parent = self.nodes.get(block.header.parent)
         if parent is None:
-            raise InvalidBlock(f"parent: unknown block {block.header.parent.hex()}")
+            raise UnknownParent(f"parent: unknown block {block.header.parent.hex()}")
         limit = self.time + self.chain.genesis.consensus.max_future_seconds
         if block.header.timestamp > limit:
             raise InvalidBlock(f"timestamp: {block.header.timestamp} is in the future (limit {limit})")

@@ -47,6 +47,10 @@ class InvalidBlock(Exception):
     """A block that breaks a rule; the message names the rule and the numbers."""
 
 
+class UnknownParent(InvalidBlock):
+    """A block whose parent this node does not hold (yet): not proof of a fault."""
+
+
 class StaleBlock(InvalidBlock):
     """A block that conflicts with finality: it may have been valid when it was
     made, and arrived too late (a losing racer's), so its sender is not at fault."""

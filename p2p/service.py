@@ -53,7 +53,14 @@ from consensus.proposals import (
     propose_best_training_block,
     propose_validation_block,
 )
-from consensus.rules import InvalidBlock, StaleBlock, compute_assigned_slice, compute_training_seed, is_confirmed
+from consensus.rules import (
+    InvalidBlock,
+    StaleBlock,
+    UnknownParent,
+    compute_assigned_slice,
+    compute_training_seed,
+    is_confirmed,
+)
 from p2p.full_node import FullNode, ImportResult
 from p2p.host import load_or_create_node_key, make_host, make_pubsub
 from p2p.peers import PENALTY_INVALID, PENALTY_MALFORMED, PENALTY_OVER_BUDGET, PeerBook
@@ -416,8 +423,8 @@ class NetworkNode:
         """Import a block in a worker thread; a rule it breaks is the source's fault."""
         try:
             result = await trio.to_thread.run_sync(self.node.import_decoded, block)
-        except StaleBlock as error:
-            log.info("ignored stale %s block %s from %s: %s", block.header.kind.name.lower(), block.hash.hex()[:16],
+        except (StaleBlock, UnknownParent) as error:
+            log.info("ignored %s block %s from %s: %s", block.header.kind.name.lower(), block.hash.hex()[:16],
                      source, error)  # fmt: skip
             return False
         except InvalidBlock as error:

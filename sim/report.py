@@ -3,8 +3,9 @@
 Plots are PNG files made with matplotlib (Agg backend, no display):
 loss.png (validation and test loss against height, next to the centralized
 baseline at the same optimizer steps), propagation.png, finality.png,
-heights.png (each node's head and finalized height over time, faults
-marked) and peers.png (every node's score of every peer).
+heights.png (each node's finalized height over time, faults marked),
+peers.png (every node's score of every peer) and orphans.png (forks: the
+valid blocks each node dropped when finality chose another branch).
 """
 
 from __future__ import annotations
@@ -172,7 +173,10 @@ def plot_heights(data: dict[str, Any], path: Path) -> None:
 
 def plot_peers(data: dict[str, Any], path: Path) -> None:
     nodes = data.get("nodes", [])
-    names = sorted({name for n in nodes for name in n["peer_scores"]} | {n["name"] for n in nodes})
+    names = sorted(
+        {name for n in nodes for name in n["peer_scores"]} | {n["name"] for n in nodes},
+        key=lambda name: (len(name), name),
+    )  # node2 before node10
     matrix = [[n["peer_scores"].get(name, 0) for name in names] for n in nodes]
     figure, axes = plt.subplots(figsize=(8, 0.5 * len(nodes) + 1.8))
     image = axes.imshow(matrix or [[0]], cmap="RdYlGn", vmin=-150, vmax=0, aspect="auto")
@@ -180,6 +184,19 @@ def plot_peers(data: dict[str, Any], path: Path) -> None:
     axes.set_yticks(range(len(nodes)), [n["name"] for n in nodes], fontsize=7)
     axes.set_title("Peer scores (row: the node scoring; column: the peer)")
     figure.colorbar(image)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_orphans(data: dict[str, Any], path: Path) -> None:
+    """Blocks each node held and then dropped when finality chose another branch (lost races)."""
+    nodes = data.get("nodes", [])
+    figure, axes = plt.subplots(figsize=(8, 3.2))
+    axes.bar([n["name"] for n in nodes], [len(n["orphaned_blocks"]) for n in nodes], color="tab:orange")
+    axes.set_ylabel("orphaned blocks")
+    axes.set_title("Forks: valid blocks each node dropped when finality chose another branch")
+    axes.tick_params(axis="x", labelsize=7, rotation=45)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -196,6 +213,7 @@ def write_report(data: dict[str, Any], genesis_losses: tuple[float, float], out:
         "finality.png": lambda p: plot_finality(data, p),
         "heights.png": lambda p: plot_heights(data, p),
         "peers.png": lambda p: plot_peers(data, p),
+        "orphans.png": lambda p: plot_orphans(data, p),
     }
     for name, draw in plots.items():
         draw(out / name)

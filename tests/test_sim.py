@@ -52,7 +52,7 @@ def test_honest_scenario(tmp_path: Path) -> None:
     assert report["test_loss_head"] < report["test_loss_genesis"]
     assert report["honest_node_crashes"] == 0 and report["stored_chains_valid"] is True
     assert "seed 7" in completed.stderr
-    for image in ("loss.png", "propagation.png", "finality.png", "heights.png", "peers.png"):
+    for image in ("loss.png", "propagation.png", "finality.png", "heights.png", "peers.png", "orphans.png"):
         assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f'src="{image}"' in (out / "report.html").read_text()
 
