@@ -257,6 +257,20 @@ def _responses(ok: Schema, *errors: int, ok_status: str = "200") -> Schema:
     return responses
 
 
+def _admin_operation(operation_id: str, summary: str, field: str, schema: Schema, result: str) -> Schema:
+    """A token-guarded POST whose JSON body is one required field."""
+    body = {"type": "object", "required": [field], "properties": {field: schema}}
+    return {
+        "operationId": operation_id,
+        "summary": summary,
+        "security": [{"bearer": []}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+        "responses": _responses(
+            {"description": result, "content": {"application/json": {"schema": _ANY}}}, 400, 401, 409
+        ),
+    }
+
+
 def _operation(operation_id: str, summary: str, responses: Schema, parameters: list[Schema] | None = None) -> Schema:
     operation: Schema = {"operationId": operation_id, "summary": summary, "responses": responses}
     if parameters:
@@ -363,57 +377,22 @@ def _paths() -> dict[str, Schema]:
             )
         },
         "/v1/admin/link-delay": {
-            "post": {
-                "operationId": "setLinkDelay",
-                "summary": "Delay everything the node sends (simulates a slow link)",
-                "security": [{"bearer": []}],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["seconds"],
-                                "properties": {"seconds": {"type": "number", "minimum": 0, "maximum": 10}},
-                            }
-                        }
-                    },
-                },
-                "responses": _responses(
-                    {"description": "The delay now applied", "content": {"application/json": {"schema": _ANY}}},
-                    400,
-                    401,
-                    409,
-                ),
-            }
+            "post": _admin_operation(
+                "setLinkDelay",
+                "Delay everything the node sends (simulates a slow link)",
+                "seconds",
+                {"type": "number", "minimum": 0, "maximum": 10},
+                "The delay now applied",
+            )
         },
         "/v1/admin/blocked-peers": {
-            "post": {
-                "operationId": "setBlockedPeers",
-                "summary": "Refuse exactly these peers (partitions a test network)",
-                "security": [{"bearer": []}],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["peers"],
-                                "properties": {"peers": {"type": "array", "items": {"type": "string"}}},
-                            }
-                        }
-                    },
-                },
-                "responses": _responses(
-                    {
-                        "description": "The peers now refused",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
-                    },
-                    400,
-                    401,
-                    409,
-                ),
-            }
+            "post": _admin_operation(
+                "setBlockedPeers",
+                "Refuse exactly these peers (partitions a test network)",
+                "peers",
+                {"type": "array", "items": {"type": "string"}},
+                "The peers now refused",
+            )
         },
         "/openapi.json": {
             "get": _operation(

@@ -616,17 +616,21 @@ class RpcServer:
             raise RpcError(422, str(error)) from None
         return web.json_response(submit_view(result))
 
+    async def _json_field(self, request: web.Request, name: str) -> Any:
+        """One field of a JSON object body (None when the object lacks it); 400 if the body is not JSON."""
+        try:
+            document = json.loads(await request.read())
+        except ValueError:
+            raise RpcError(400, "body: not JSON") from None
+        return document.get(name) if isinstance(document, dict) else None
+
     async def node_info(self, request: web.Request) -> web.Response:
         return web.json_response(await self._call(self.backend.node_info))
 
     async def blocked_peers(self, request: web.Request) -> web.Response:
         """Replace the set of peers this node refuses (a network partition, for simulations and operators)."""
         self._authorize(request)
-        try:
-            document = json.loads(await request.read())
-        except ValueError:
-            raise RpcError(400, "body: not JSON") from None
-        peers = document.get("peers") if isinstance(document, dict) else None
+        peers = await self._json_field(request, "peers")
         if not isinstance(peers, list) or not all(isinstance(p, str) and 0 < len(p) <= 128 for p in peers):
             raise RpcError(400, 'body: want {"peers": [peer id, ...]}')
         await self._call(self.backend.set_blocked_peers, peers)
@@ -635,11 +639,7 @@ class RpcServer:
     async def link_delay(self, request: web.Request) -> web.Response:
         """Delay everything this node sends by a number of seconds (0 to 10; simulations)."""
         self._authorize(request)
-        try:
-            document = json.loads(await request.read())
-        except ValueError:
-            raise RpcError(400, "body: not JSON") from None
-        seconds = document.get("seconds") if isinstance(document, dict) else None
+        seconds = await self._json_field(request, "seconds")
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds <= 10:
             raise RpcError(400, 'body: want {"seconds": 0 to 10}')
         await self._call(self.backend.set_link_delay, float(seconds))

@@ -248,22 +248,36 @@ def collect_chain(reference: NodeProcess, processes: list[NodeProcess], up_to: i
 
 def report_losses(genesis: Genesis, genesis_path: Path, weights: Any) -> tuple[float, float]:
     """(validation, test) nats per token on the report batches (seed 0), as the RPC reports them."""
-    from genesis import chunk_directory
-    from training.data import load_split, sample_batch, seed_from_int
-    from training.evaluate import CanonicalEvaluator, default_backend, make_backend
-    from training.tables import LOSS_BITS
+    return ReportBatches(genesis, genesis_path).losses(weights)
 
-    directory = chunk_directory(genesis_path, genesis)
-    losses = []
-    for split, sequences in (("validation", genesis.evaluation.validation_sequences),
-                             ("test", genesis.evaluation.test_sequences)):  # fmt: skip
-        text = load_split(genesis.dataset, directory, split)
-        inputs, targets = sample_batch(text, seed_from_int(0), sequences, genesis.model.context)
-        result = CanonicalEvaluator(weights, genesis.tables(), make_backend(default_backend("cpu"))).per_token_losses(
-            inputs, targets
-        )
-        losses.append(round(result.loss_total / (sequences * genesis.model.context) / (1 << LOSS_BITS), 5))
-    return losses[0], losses[1]
+
+class ReportBatches:
+    """The validation and test report batches (seed 0), loaded once, and the canonical loss on them."""
+
+    def __init__(self, genesis: Genesis, genesis_path: Path) -> None:
+        from genesis import chunk_directory
+        from training.data import load_split, sample_batch, seed_from_int
+
+        self.genesis = genesis
+        self.tables = genesis.tables()
+        directory = chunk_directory(genesis_path, genesis)
+        self.batches = []
+        for split, sequences in (("validation", genesis.evaluation.validation_sequences),
+                                 ("test", genesis.evaluation.test_sequences)):  # fmt: skip
+            text = load_split(genesis.dataset, directory, split)
+            self.batches.append((sample_batch(text, seed_from_int(0), sequences, genesis.model.context), sequences))
+
+    def losses(self, weights: Any) -> tuple[float, float]:
+        from training.evaluate import CanonicalEvaluator, default_backend, make_backend
+        from training.tables import LOSS_BITS
+
+        evaluator = CanonicalEvaluator(weights, self.tables, make_backend(default_backend("cpu")))
+        context = self.genesis.model.context
+        results = [
+            round(evaluator.per_token_losses(*batch).loss_total / (sequences * context) / (1 << LOSS_BITS), 5)
+            for batch, sequences in self.batches
+        ]
+        return results[0], results[1]
 
 
 def centralized_baseline(genesis: Genesis, genesis_path: Path, steps: int, every: int) -> list[dict[str, Any]]:
@@ -274,10 +288,11 @@ def centralized_baseline(genesis: Genesis, genesis_path: Path, steps: int, every
     from training.miner import TrainingConfig
 
     train_text = load_split(genesis.dataset, chunk_directory(genesis_path, genesis), "train")
+    batches = ReportBatches(genesis, genesis_path)
     points: list[dict[str, Any]] = []
 
     def evaluate(weights: Any) -> float:
-        validation, test = report_losses(genesis, genesis_path, weights)
+        validation, test = batches.losses(weights)
         points.append({"validation_loss": validation, "test_loss": test})
         return test
 
