@@ -182,6 +182,12 @@ class FullNode:
             node = self.store.nodes[self.store.get_checkpoint()]
             return node.block, node.state
 
+    def anchor(self) -> Block:
+        """The last finalized training block (or genesis): every block above it is
+        still open, sibling validation blocks of it included."""
+        with self.lock:
+            return self.store.nodes[self.store.finalized].block
+
     def head(self) -> tuple[Block, State]:
         with self.lock:
             node = self.store.nodes[self.store.head]

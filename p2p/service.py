@@ -10,10 +10,10 @@ is cancelled (SIGINT or SIGTERM):
   then the full check. A block is fetched by hash from the peer that relayed
   it and imported before we relay it, so invalid blocks stop at the first
   honest node, and the penalty lands on the peer that sent it.
-- **sync**: every two seconds, ask each peer for its status; when a peer is
-  ahead, fetch its canonical blocks from our finalized checkpoint up and
-  import each one (a chain that does not descend from our checkpoint is
-  refused: no reorg crosses a finalized block).
+- **sync**: every two seconds, ask each peer for its status; when a peer's
+  head is as high as ours and unknown to us, fetch its canonical blocks from
+  our finalized block up and import each one (a chain that does not descend
+  from it is refused: no reorg crosses a finalized block).
 - **duties**: a validator attests the first valid training block on the
   checkpoint and proposes the validation block in its turn; a miner trains
   and proposes training blocks.
@@ -43,7 +43,16 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
-from chain.blocks import Block, Evidence, Kind, TrainingBody, ValidationBody, decode_attestation, decode_block
+from chain.blocks import (
+    Attestation,
+    Block,
+    Evidence,
+    Kind,
+    TrainingBody,
+    ValidationBody,
+    decode_attestation,
+    decode_block,
+)
 from chain.crypto import MessageType, PrivateKey, verify
 from chain.encoding import DecodeError, pack, unpack
 from consensus.proposals import (
@@ -368,8 +377,7 @@ class NetworkNode:
         block_hash = announcement.block_hash
         if self.node.in_store(block_hash):
             return True
-        checkpoint_height = self.node.checkpoint()[0].header.height
-        if announcement.header.height <= checkpoint_height:
+        if announcement.header.height <= self.node.anchor().header.height:
             return False  # stale (a losing racer's block, say): ignored, not punished
         reason = self._check_announcement(announcement)
         if reason is not None:
@@ -381,32 +389,41 @@ class NetworkNode:
         if not self.peers.spend(peer, 2):
             self._reject(peer, "block announcement", "verification budget exhausted", PENALTY_OVER_BUDGET)
             return False
+        block = await self._fetch_block(forwarder, block_hash, "announced")
+        return block is not None and await self.import_block(block, peer)
+
+    async def _fetch_block(self, forwarder: ID, block_hash: bytes, how: str) -> Block | None:
+        """Fetch a block by hash from the peer that gossiped something naming it
+        (a peer validates before it relays, so it holds the block)."""
+        peer = str(forwarder)
         try:
             data = await self.request(forwarder, Request("block", (block_hash,)))
         except (ProtocolError, trio.TooSlowError, OSError, Exception) as error:
             log.info("fetching block %s from %s failed: %s", block_hash.hex()[:16], peer, error)
-            return False
+            return None
         if data is None:
-            self._reject(peer, "block", "announced a block it does not serve", PENALTY_MALFORMED)
-            return False
+            self._reject(peer, "block", f"{how} a block it does not serve", PENALTY_MALFORMED)
+            return None
         try:
             block = decode_block(data)
         except DecodeError as error:
             self._reject(peer, "block", str(error), PENALTY_MALFORMED)
-            return False
+            return None
         if block.hash != block_hash:
-            self._reject(peer, "block", "served a different block than it announced", PENALTY_MALFORMED)
-            return False
-        return await self.import_block(block, peer)
+            self._reject(peer, "block", f"served a different block than it {how}", PENALTY_MALFORMED)
+            return None
+        return block
 
     def _check_announcement(self, announcement: Announcement) -> str | None:
         """The checks that cost no evaluation: chain, height window, timestamp, signature."""
         header = announcement.header
         if header.chain_id != self.chain_id:
             return f"chain_id {header.chain_id!r}, want {self.chain_id!r}"
-        checkpoint, state = self.node.checkpoint()
-        if header.height <= checkpoint.header.height:
-            return f"height {header.height} is at or below the finalized checkpoint {checkpoint.header.height}"
+        anchor, state = self.node.anchor(), self.node.checkpoint()[1]
+        if header.height == anchor.header.height + 1:  # a sibling of our checkpoint: staked before it
+            state = self.node.state_of(anchor.hash) or state
+        if header.height <= anchor.header.height:
+            return f"height {header.height} is at or below the finalized block {anchor.header.height}"
         limit = int(time.time()) + self.node.genesis.consensus.max_future_seconds
         if header.timestamp > limit:
             return f"timestamp {header.timestamp} is in the future (limit {limit})"
@@ -461,10 +478,13 @@ class NetworkNode:
         known = self.node.attestations_for(attestation.training_block)
         if attestation in known:
             return True
-        if attestation.training_block not in self.node.store.nodes:
-            return False  # stale or not yet seen: neither relayed nor punished
+        unknown = attestation.training_block not in self.node.store.nodes
+        if unknown and attestation.parent != self.node.checkpoint()[0].hash:
+            return False  # stale: neither relayed nor punished
         if not self.peers.spend(peer, 2):
             self._reject(peer, "attestation", "verification budget exhausted", PENALTY_OVER_BUDGET)
+            return False
+        if unknown and not await self._fetch_attested_block(forwarder, attestation):
             return False
         try:
             evidence = await trio.to_thread.run_sync(self.node.on_attestation, attestation)
@@ -474,6 +494,24 @@ class NetworkNode:
         if evidence is not None:
             await self._publish_evidence(evidence)
         self._notify()
+        return True
+
+    async def _fetch_attested_block(self, forwarder: ID, attestation: Attestation) -> bool:
+        """An attestation of a training block we have not seen, on our checkpoint:
+        fetch the block from the peer that relayed the attestation, import it and
+        gossip it on. A racing miner's block can miss a node (gossip is best
+        effort); a validator that never sees the block its peers attest cannot
+        follow them, and the round splits."""
+        peer = str(forwarder)
+        checkpoint, state = self.node.checkpoint()
+        if state.stake_of(attestation.validator) <= 0 or not attestation.is_signed_by_validator(self.node.chain.domain):
+            self._reject(peer, "attestation", "not signed by a validator", PENALTY_INVALID)
+            return False
+        block = await self._fetch_block(forwarder, attestation.training_block, "attested")
+        if block is None or block.header.parent != checkpoint.hash or not await self.import_block(block, peer):
+            return False
+        log.info("fetched attested block %s from %s", block.hash.hex()[:16], forwarder)
+        await self.publish_block(block)
         return True
 
     async def _validate_evidence_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
@@ -597,7 +635,8 @@ class NetworkNode:
                         self._reject(str(peer), "status", "a different genesis", PENALTY_INVALID)
                         continue
                     head, _ = self.node.head()
-                    if status.head_height > head.header.height and not self.node.in_store(status.head_hash):
+                    # A head as high as ours that we lack: a racing block, or a sibling validation block.
+                    if status.head_height >= head.header.height and not self.node.in_store(status.head_hash):
                         behind = behind or status.head_height > head.header.height + 1
                         if str(peer) not in self._syncing_from:
                             nursery.start_soon(self._sync_from, peer)
@@ -608,7 +647,9 @@ class NetworkNode:
                 await trio.sleep(SYNC_INTERVAL)
 
     async def _sync_from(self, peer: ID) -> None:
-        """Fetch and import a peer's canonical blocks from our checkpoint up."""
+        """Fetch and import a peer's canonical blocks from our finalized block up
+        (from the anchor, not the checkpoint: the peer may follow a sibling of
+        our checkpoint, which is still open)."""
         name = str(peer)
         if name in self._syncing_from:
             return
@@ -616,8 +657,8 @@ class NetworkNode:
         self.syncing = True
         try:
             while True:
-                checkpoint, _ = self.node.checkpoint()
-                start = checkpoint.header.height + 1
+                anchor = self.node.anchor()
+                start = anchor.header.height + 1
                 try:
                     payload = await self.request(peer, Request("blocks", (start, MAX_BLOCKS_PER_REQUEST)))
                     encoded = decode_block_list(payload or pack([]))
@@ -630,9 +671,9 @@ class NetworkNode:
                     return
                 if not blocks:
                     return
-                if blocks[0].header.parent != checkpoint.hash and not self.node.in_store(blocks[0].header.parent):
+                if blocks[0].header.parent != anchor.hash and not self.node.in_store(blocks[0].header.parent):
                     self._reject(name, "chain", f"does not descend from our finalized block at height "
-                                 f"{checkpoint.header.height}", PENALTY_MALFORMED)  # fmt: skip
+                                 f"{anchor.header.height}", PENALTY_MALFORMED)  # fmt: skip
                     return
                 imported = 0
                 for block in blocks:

@@ -201,3 +201,59 @@ def test_a_chain_that_crosses_the_finalized_block_is_refused(tmp_path: Path) -> 
         assert b.node.checkpoint()[1].finalized_hash == training.hash
 
     run_pair(tmp_path, body, b_datadir=tmp_path / "b-chain")
+
+
+def test_an_attestation_of_an_unseen_block_makes_the_node_fetch_the_block(tmp_path: Path) -> None:
+    """A racing block that missed B reaches it through the attestations naming it."""
+    from chain.encoding import pack
+    from p2p.wire import attestation_topic
+
+    async def body(a: NetworkNode, b: NetworkNode, scenario: Scenario) -> None:
+        with trio.fail_after(60):
+            while b.node.checkpoint()[0].hash != scenario.node.checkpoint()[0].hash:
+                await trio.sleep(0.2)
+            parent, state = scenario.node.checkpoint()
+            training = scenario.valid_training_block(parent, state)
+            await a.import_block(training, "test")  # imported on A, never announced
+            attestation = scenario.attestations(training, state)[0]
+            while attestation not in b.node.attestations_for(training.hash):
+                await a.publish(attestation_topic(a.chain_id), pack(attestation.fields()))
+                await trio.sleep(1.0)
+        assert b.node.in_store(training.hash)
+        assert [block.hash for block in b.node.pending_training_blocks()] == [training.hash]
+        assert b.peers.get(a.peer_id).score >= 0
+
+    run_pair(tmp_path, body)
+
+
+def test_a_sibling_validation_block_reaches_a_node_through_sync(tmp_path: Path) -> None:
+    """B holds a second validation block for A's finalized training block, one
+    that wins the fork choice (lower hash); A's sync fetches it although B's
+    head is no higher than A's, and both settle on it."""
+    from consensus.proposals import propose_validation_block
+
+    async def body(a: NetworkNode, b: NetworkNode, scenario: Scenario) -> None:
+        with trio.fail_after(60):
+            while b.node.head()[0].hash != scenario.node.head()[0].hash:
+                await trio.sleep(0.2)
+        ours, _ = scenario.node.head()
+        training = scenario.node.block_at(ours.header.height - 1)
+        assert training is not None
+        state = scenario.node.state_of(training.header.parent)
+        assert state is not None
+        attestations = scenario.attestations(training, state)
+        siblings = [
+            propose_validation_block(scenario.chain, training, state, key, attestations, [], ours.header.timestamp + t)
+            for key in scenario.validators
+            for t in range(4)
+        ]
+        sibling = min(siblings, key=lambda block: block.hash)
+        assert sibling.hash < ours.hash
+        await b.import_block(sibling, "test")  # B only; nothing announces it
+        assert b.node.head()[0].hash == sibling.hash
+        with trio.fail_after(60):
+            while a.node.head()[0].hash != sibling.hash:
+                await trio.sleep(0.2)
+        assert a.node.in_store(ours.hash)  # the sibling it replaced is still held, as a fork
+
+    run_pair(tmp_path, body)
