@@ -58,7 +58,6 @@ def test_honest_scenario(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.liveness  # stalls in some runs: honest validators can split (docs/spec.md, section 14)
 def test_adversarial_scenario(tmp_path: Path) -> None:
     from sim.scenario import ADVERSARIES
 
