@@ -122,6 +122,7 @@ def run_pair(
             with trio.fail_after(30):
                 while not b.connected_peers():
                     await trio.sleep(0.1)
+            with trio.fail_after(300):  # generous: a loaded machine evaluates slowly
                 await body(a, b, scenario)
             a.stop()
             b.stop()
@@ -209,7 +210,7 @@ def test_an_attestation_of_an_unseen_block_makes_the_node_fetch_the_block(tmp_pa
     from p2p.wire import attestation_topic
 
     async def body(a: NetworkNode, b: NetworkNode, scenario: Scenario) -> None:
-        with trio.fail_after(60):
+        with trio.fail_after(120):
             while b.node.checkpoint()[0].hash != scenario.node.checkpoint()[0].hash:
                 await trio.sleep(0.2)
             parent, state = scenario.node.checkpoint()
@@ -233,7 +234,7 @@ def test_a_sibling_validation_block_reaches_a_node_through_sync(tmp_path: Path) 
     from consensus.proposals import propose_validation_block
 
     async def body(a: NetworkNode, b: NetworkNode, scenario: Scenario) -> None:
-        with trio.fail_after(60):
+        with trio.fail_after(120):
             while b.node.head()[0].hash != scenario.node.head()[0].hash:
                 await trio.sleep(0.2)
         ours, _ = scenario.node.head()
@@ -251,7 +252,7 @@ def test_a_sibling_validation_block_reaches_a_node_through_sync(tmp_path: Path) 
         assert sibling.hash < ours.hash
         await b.import_block(sibling, "test")  # B only; nothing announces it
         assert b.node.head()[0].hash == sibling.hash
-        with trio.fail_after(60):
+        with trio.fail_after(120):
             while a.node.head()[0].hash != sibling.hash:
                 await trio.sleep(0.2)
         assert a.node.in_store(ours.hash)  # the sibling it replaced is still held, as a fork
