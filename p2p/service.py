@@ -73,6 +73,7 @@ from consensus.rules import (
 from p2p.full_node import FullNode, ImportResult
 from p2p.host import load_or_create_node_key, make_host, make_pubsub
 from p2p.peers import PENALTY_INVALID, PENALTY_MALFORMED, PENALTY_OVER_BUDGET, PeerBook
+from p2p.votes import VoteRecord
 from p2p.wire import (
     ERROR,
     MAX_BLOCKS_PER_REQUEST,
@@ -170,6 +171,8 @@ class NetworkNode:
         self.trio_token: trio.lowlevel.TrioToken | None = None
         self._changed = trio.Event()
         self._attested: set[tuple[bytes, bytes]] = set()
+        self.votes = VoteRecord.open(config.datadir / "votes")
+        """What our validators attested, on disk: a restart never makes them attest twice on one parent."""
         self._attest_windows: set[bytes] = set()
         """Parents whose attestation window has opened."""
         """(parent, validator) pairs this node's validators attested on."""
@@ -716,8 +719,13 @@ class NetworkNode:
         opened = last_change = time.monotonic()
         seen: set[bytes] = set()
         training: Block | None = None
+        recorded = {self.votes.attested_block(key.public_key, parent_hash) for key in self.config.validator_keys}
         while training is None:
             candidates = [b for b in self.node.pending_training_blocks() if b.header.parent == parent_hash]
+            before_restart = [b for b in candidates if b.hash in recorded]
+            if before_restart:
+                training = before_restart[0]  # attested before a restart: the only block we may attest
+                break
             if {b.hash for b in candidates} - seen:
                 seen |= {b.hash for b in candidates}
                 last_change = time.monotonic()
@@ -737,7 +745,12 @@ class NetworkNode:
             if (parent_hash, key.public_key) in self._attested or state.stake_of(key.public_key) <= 0:
                 continue
             self._attested.add((parent_hash, key.public_key))
-
+            known = self.votes.attested_block(key.public_key, parent_hash)
+            if known is not None and known != training.hash:
+                log.warning("not attesting %s as %s: it attested %s on this parent before a restart",
+                            training.hash.hex()[:16], key.public_key.hex()[:16], known.hex()[:16])  # fmt: skip
+                continue
+            await trio.to_thread.run_sync(self.votes.record, key.public_key, parent_hash, training.hash)
             attestation = await trio.to_thread.run_sync(self._locked, attest, self.node.chain, key, state, training)
             try:
                 await trio.to_thread.run_sync(self.node.on_attestation, attestation)
