@@ -170,12 +170,10 @@ class NetworkNode:
         self.listen_addresses: list[str] = []
         self.trio_token: trio.lowlevel.TrioToken | None = None
         self._changed = trio.Event()
-        self._attested: set[tuple[bytes, bytes]] = set()
         self.votes = VoteRecord.open(config.datadir / "votes")
         """What our validators attested, on disk: a restart never makes them attest twice on one parent."""
         self._attest_windows: set[bytes] = set()
-        """Parents whose attestation window has opened."""
-        """(parent, validator) pairs this node's validators attested on."""
+        """Parents whose attestation window has opened (`_attest` runs once per parent)."""
         self._quorum_since: dict[bytes, float] = {}
         self._proposed: set[bytes] = set()
         self._syncing_from: set[str] = set()
@@ -481,7 +479,7 @@ class NetworkNode:
         known = self.node.attestations_for(attestation.training_block)
         if attestation in known:
             return True
-        unknown = attestation.training_block not in self.node.store.nodes
+        unknown = not self.node.in_store(attestation.training_block)
         if unknown and attestation.parent != self.node.checkpoint()[0].hash:
             return False  # stale: neither relayed nor punished
         if not self.peers.spend(peer, 2):
@@ -742,9 +740,8 @@ class NetworkNode:
             if training is None:
                 await trio.sleep(0.2)
         for key in self.config.validator_keys:
-            if (parent_hash, key.public_key) in self._attested or state.stake_of(key.public_key) <= 0:
+            if state.stake_of(key.public_key) <= 0:
                 continue
-            self._attested.add((parent_hash, key.public_key))
             known = self.votes.attested_block(key.public_key, parent_hash)
             if known is not None and known != training.hash:
                 log.warning("not attesting %s as %s: it attested %s on this parent before a restart",
