@@ -10,6 +10,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from chain import vrf
+
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 
@@ -21,6 +23,9 @@ class MessageType(IntEnum):
     VALIDATION_BLOCK = 2
     ATTESTATION = 3
     TEST_SEED = 4
+    PROPOSAL = 5
+    PREVOTE = 6
+    PRECOMMIT = 7
 
 
 @dataclass(frozen=True)
@@ -45,11 +50,20 @@ class PrivateKey:
     def __init__(self, seed: bytes) -> None:
         if len(seed) != 32:
             raise ValueError(f"an Ed25519 seed is 32 bytes, got {len(seed)}")
+        self._seed = bytes(seed)
         self._key = Ed25519PrivateKey.from_private_bytes(seed)
         self.public_key = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
     def sign(self, domain: Domain, message_type: MessageType, payload: bytes) -> bytes:
         return self._key.sign(domain.signing_message(message_type, payload))
+
+    def prove_vrf(self, alpha: bytes) -> bytes:
+        """The 80-byte ECVRF proof for alpha (RFC 9381, ECVRF-EDWARDS25519-SHA512-TAI) under this key.
+
+        `chain.vrf.verify(self.public_key, proof, alpha)` checks it and returns the 64-byte output beta,
+        the one value that verifies for this key and alpha.
+        """
+        return vrf.prove(self._seed, alpha)
 
 
 def verify(public_key: bytes, signature: bytes, domain: Domain, message_type: MessageType, payload: bytes) -> bool:
