@@ -12,8 +12,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chain.blocks import Block, decode_attestation, decode_block
+from chain.crypto import Domain, devnet_key
 from chain.encoding import DecodeError, pack, unpack
 from chain.state import decode_state_record
+from chain.votes import (
+    Commit,
+    Proposal,
+    Vote,
+    VoteKind,
+    decode_commit,
+    decode_proposal,
+    decode_vote,
+    sign_proposal,
+    sign_vote,
+)
 from tests.chain_builders import Scenario
 
 
@@ -70,7 +82,7 @@ def test_decoding_bombs_fail_before_allocation() -> None:
             decode_block(bomb)
 
 
-DECODERS = [decode_block, decode_attestation, decode_state_record]
+DECODERS = [decode_block, decode_attestation, decode_state_record, decode_vote, decode_proposal, decode_commit]
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -98,3 +110,45 @@ def test_mutated_encodings_raise_only_decode_errors(
 def test_state_record_fields(samples: dict[str, bytes]) -> None:
     hashes, accounts, difficulty, height, _, _ = decode_state_record(samples["state"])
     assert len(hashes) == 4 and len(accounts) == 4 and height == 0 and difficulty == 1
+
+
+def test_voting_messages_round_trip_and_signatures_bind_every_field() -> None:
+    domain = Domain("potchain-devnet-1", bytes(32))
+    key, other = devnet_key("validator-0"), devnet_key("validator-1")
+    block = bytes(range(32))
+    prevote = sign_vote(key, domain, Vote(VoteKind.PREVOTE, 3, 1, block, 1_700_000_000, key.public_key))
+    nil = sign_vote(key, domain, Vote(VoteKind.PRECOMMIT, 3, 1, None, 1_700_000_000, key.public_key))
+    proposal = sign_proposal(key, domain, Proposal(3, 2, block, 1, key.public_key))
+    for vote in (prevote, nil):
+        assert decode_vote(vote.encode()) == vote and vote.is_signed_by_validator(domain)
+    assert decode_proposal(proposal.encode()) == proposal and proposal.is_signed_by_proposer(domain)
+    # A prevote's signature is not a precommit's; another key, round or domain fails.
+    assert not Vote(VoteKind.PRECOMMIT, 3, 1, block, 1_700_000_000, key.public_key, prevote.signature) \
+        .is_signed_by_validator(domain)  # fmt: skip
+    assert not Vote(VoteKind.PREVOTE, 3, 2, block, 1_700_000_000, key.public_key, prevote.signature) \
+        .is_signed_by_validator(domain)  # fmt: skip
+    assert not Vote(VoteKind.PREVOTE, 3, 1, block, 1_700_000_000, other.public_key, prevote.signature) \
+        .is_signed_by_validator(domain)  # fmt: skip
+    assert not prevote.is_signed_by_validator(Domain("potchain-devnet-1", bytes([1]) * 32))
+    precommits = [
+        sign_vote(k, domain, Vote(VoteKind.PRECOMMIT, 3, 1, block, 1_700_000_000 + i, k.public_key))
+        for i, k in enumerate((other, key))
+    ]
+    commit = Commit.of(precommits)
+    assert decode_commit(commit.encode()) == commit
+    assert sorted(commit.precommits(), key=lambda v: v.validator) == sorted(precommits, key=lambda v: v.validator)
+    assert all(vote.is_signed_by_validator(domain) for vote in commit.precommits())
+
+
+def test_malformed_voting_messages_are_rejected_with_their_reason() -> None:
+    vote = Vote(VoteKind.PREVOTE, 3, 1, bytes(32), 5, bytes(32), bytes(64))
+    with pytest.raises(DecodeError, match="block_hash: 5 bytes"):
+        decode_vote(pack([1, 3, 1, b"short", 5, bytes(32), bytes(64)]))
+    with pytest.raises(DecodeError, match="kind"):
+        decode_vote(pack([3, *vote.fields()[1:]]))
+    with pytest.raises(DecodeError, match="valid_round: 2 is not below the round 2"):
+        decode_proposal(pack([3, 2, bytes(32), 2, bytes(32), bytes(64)]))
+    with pytest.raises(DecodeError, match="valid_round: -2"):
+        decode_proposal(pack([3, 2, bytes(32), -2, bytes(32), bytes(64)]))
+    with pytest.raises(DecodeError, match="height: 0"):
+        decode_vote(pack([1, 0, *vote.fields()[2:]]))
