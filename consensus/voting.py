@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from chain.crypto import Domain
 from chain.votes import Commit, Proposal, Vote, VoteKind
 
 ROUND_WINDOW = 64
@@ -560,3 +561,92 @@ def _same_content(first: Proposal | Vote, second: Proposal | Vote) -> bool:
     if isinstance(first, Vote) and isinstance(second, Vote):
         return first.block_hash == second.block_hash
     return False
+
+
+# --- Checking signed messages and certificates (pure; the node calls these) --
+
+
+class InvalidVote(Exception):
+    """A voting message or certificate that breaks a rule; the message names it."""
+
+
+def validate_vote(vote: Vote, validators: ValidatorSet, domain: Domain) -> None:
+    """A vote from a validator of this height's set, signed by it."""
+    if vote.validator not in validators.stakes:
+        raise InvalidVote(f"vote: {vote.validator.hex()[:16]} is not a validator at height {vote.height}")
+    if not vote.is_signed_by_validator(domain):
+        raise InvalidVote(f"vote: not {vote.validator.hex()[:16]}'s signature")
+
+
+def validate_proposal(proposal: Proposal, validators: ValidatorSet, domain: Domain) -> None:
+    """A proposal from the round's proposer, signed by it."""
+    want = compute_proposer_order(validators, proposal.height)
+    proposer = want[proposal.round % len(want)]
+    if proposal.proposer != proposer:
+        got = proposal.proposer.hex()[:16]
+        raise InvalidVote(f"proposal: proposer {got}, want {proposer.hex()[:16]} for round {proposal.round}")
+    if not proposal.is_signed_by_proposer(domain):
+        raise InvalidVote("proposal: not the proposer's signature")
+
+
+def validate_commit(commit: Commit, validators: ValidatorSet, domain: Domain) -> None:
+    """Precommits for the commit's block in its round, from distinct validators of
+    the height's set holding a quorum of stake, every signature valid."""
+    signers = [validator for validator, _, _ in commit.signatures]
+    if len(set(signers)) != len(signers):
+        raise InvalidVote("commit: a validator signs twice")
+    if signers != sorted(signers):
+        raise InvalidVote("commit: signatures not ordered by validator")
+    for vote in commit.precommits():
+        validate_vote(vote, validators, domain)
+    stake = validators.stake_of(signers)
+    if not validators.is_quorum(stake):
+        need = f"{validators.quorum_numerator}/{validators.quorum_denominator}"
+        raise InvalidVote(f"commit: stake {stake} of {validators.total}, need >= {need}")
+
+
+def compute_commit_time(commit: Commit, validators: ValidatorSet) -> int:
+    """The decided block's time: the stake-weighted median of its precommits'
+    timestamps (the lowest timestamp at which the stake precommitting at or
+    before it reaches half the certificate's stake). Faulty validators hold
+    less than 1/3 of all stake, so less than half of a quorum's: the median
+    lies between two honest validators' clocks."""
+    stamped = sorted((timestamp, validators.stakes.get(validator, 0)) for validator, timestamp, _ in commit.signatures)
+    total = sum(stake for _, stake in stamped)
+    running = 0
+    for timestamp, stake in stamped:
+        running += stake
+        if 2 * running >= total:
+            return timestamp
+    raise InvalidVote("commit: no signatures")
+
+
+def validate_equivocation(
+    first: Proposal | Vote, second: Proposal | Vote, validators: ValidatorSet, domain: Domain
+) -> bytes:
+    """Two messages one validator signed for the same height, round and type
+    with different content (two prevotes, two precommits or two proposals);
+    returns the offender."""
+    if isinstance(first, Vote) and isinstance(second, Vote):
+        if (first.validator, first.height, first.round, first.kind) != (
+            second.validator,
+            second.height,
+            second.round,
+            second.kind,
+        ):
+            raise InvalidVote("evidence: not one validator's votes of one kind in one round")
+        validate_vote(first, validators, domain)
+        validate_vote(second, validators, domain)
+    elif isinstance(first, Proposal) and isinstance(second, Proposal):
+        if (first.proposer, first.height, first.round) != (second.proposer, second.height, second.round):
+            raise InvalidVote("evidence: not one proposer's proposals in one round")
+        if first.proposer not in validators.stakes:
+            raise InvalidVote(f"evidence: {first.proposer.hex()[:16]} is not a validator")
+        for proposal in (first, second):
+            if not proposal.is_signed_by_proposer(domain):
+                raise InvalidVote("evidence: a proposal is not its proposer's signature")
+    else:
+        raise InvalidVote("evidence: a proposal and a vote do not conflict")
+    if _same_content(first, second):
+        raise InvalidVote("evidence: the two messages agree")
+    return first.validator if isinstance(first, Vote) else first.proposer

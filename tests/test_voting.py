@@ -10,10 +10,14 @@ prints its `NetworkConfig`, and running that config again replays it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chain.votes import Proposal, Vote, VoteKind
+from chain.crypto import Domain, PrivateKey, devnet_key
+from chain.votes import Commit, Proposal, Vote, VoteKind, sign_proposal, sign_vote
 from consensus.voting import (
     Action,
     Broadcast,
@@ -21,12 +25,17 @@ from consensus.voting import (
     Decide,
     Equivocation,
     HeightVoting,
+    InvalidVote,
     ProposeValue,
     Step,
     Timeout,
     TimeoutParameters,
     ValidatorSet,
+    compute_commit_time,
     compute_proposer_order,
+    validate_commit,
+    validate_equivocation,
+    validate_proposal,
 )
 from tests.voting_network import (
     FAULTS,
@@ -272,3 +281,89 @@ def test_more_than_a_third_stopped_decides_nothing_until_it_comes_back() -> None
             assert min(node.decided_at.values()) >= 60_000, config
         for height in (1, 2, 3):
             assert len(run.decided(height)) == 1
+
+
+# --- Signed messages, certificates and evidence -------------------------------
+
+DOMAIN = Domain("potchain-devnet-1", bytes(32))
+
+
+def signed_validators(stakes: tuple[int, ...]) -> tuple[list[PrivateKey], ValidatorSet]:
+    keys = [devnet_key(f"validator-{i}") for i in range(len(stakes))]
+    return keys, ValidatorSet({k.public_key: s for k, s in zip(keys, stakes, strict=True)}, 2, 3)
+
+
+def precommit(key: PrivateKey, block_hash: bytes | None, timestamp: int = 100, round: int = 0) -> Vote:
+    return sign_vote(key, DOMAIN, Vote(VoteKind.PRECOMMIT, 1, round, block_hash, timestamp, key.public_key))
+
+
+def test_a_commit_needs_a_quorum_of_distinct_valid_signatures() -> None:
+    keys, validators = signed_validators((1, 1, 1, 1))
+    target = block("decided")
+    commit = Commit.of([precommit(k, target) for k in keys[:3]])
+    validate_commit(commit, validators, DOMAIN)
+    with pytest.raises(InvalidVote, match="stake 2 of 4"):
+        validate_commit(Commit.of([precommit(k, target) for k in keys[:2]]), validators, DOMAIN)
+    forged = replace(commit, signatures=(*commit.signatures[:2], (commit.signatures[2][0], 100, bytes(64))))
+    with pytest.raises(InvalidVote, match="signature"):
+        validate_commit(forged, validators, DOMAIN)
+    twice = replace(commit, signatures=(commit.signatures[0], *commit.signatures[:2]))
+    with pytest.raises(InvalidVote, match="signs twice"):
+        validate_commit(twice, validators, DOMAIN)
+    outsider = devnet_key("outsider")
+    with pytest.raises(InvalidVote, match="not a validator"):
+        validate_commit(Commit.of([precommit(k, target) for k in [*keys[:3], outsider]]), validators, DOMAIN)
+    # Signatures for another block, or another round, do not carry over.
+    moved = replace(commit, block_hash=block("other"))
+    with pytest.raises(InvalidVote, match="signature"):
+        validate_commit(moved, validators, DOMAIN)
+
+
+def test_commit_time_is_the_stake_weighted_median_that_a_third_of_stake_cannot_move() -> None:
+    keys, validators = signed_validators((1, 1, 1, 1, 1, 1, 1))
+    target = block("timed")
+    honest = [precommit(k, target, 1000 + i) for i, k in enumerate(keys[:5])]
+    assert compute_commit_time(Commit.of(honest), validators) == 1002
+    # Two faulty validators (2/7 of stake) stamping far in the past or future stay outside the median.
+    for skew in (0, 10**9):
+        faulty = [precommit(k, target, skew) for k in keys[5:]]
+        time = compute_commit_time(Commit.of(honest + faulty), validators)
+        assert 1000 <= time <= 1004
+    weighted = ValidatorSet({k.public_key: s for k, s in zip(keys[:3], (5, 1, 1), strict=True)}, 2, 3)
+    votes = [precommit(k, target, t) for k, t in zip(keys[:3], (50, 10, 20), strict=True)]
+    assert compute_commit_time(Commit.of(votes), weighted) == 50
+
+
+def test_equivocation_evidence_is_checked() -> None:
+    keys, validators = signed_validators((1, 1, 1, 1))
+    offender = keys[1]
+    first, second = precommit(offender, block("a")), precommit(offender, None)
+    assert validate_equivocation(first, second, validators, DOMAIN) == offender.public_key
+    with pytest.raises(InvalidVote, match="agree"):
+        validate_equivocation(first, precommit(offender, block("a"), timestamp=7), validators, DOMAIN)
+    with pytest.raises(InvalidVote, match="one round"):
+        validate_equivocation(first, precommit(offender, None, round=1), validators, DOMAIN)
+    with pytest.raises(InvalidVote, match="signature"):
+        validate_equivocation(first, replace(second, signature=bytes(64)), validators, DOMAIN)
+    with pytest.raises(InvalidVote, match="one validator"):
+        validate_equivocation(first, precommit(keys[2], None), validators, DOMAIN)
+    proposer = keys[0]
+    one = sign_proposal(proposer, DOMAIN, Proposal(1, 0, block("x"), -1, proposer.public_key))
+    other = sign_proposal(proposer, DOMAIN, Proposal(1, 0, block("y"), -1, proposer.public_key))
+    assert validate_equivocation(one, other, validators, DOMAIN) == proposer.public_key
+    with pytest.raises(InvalidVote, match="do not conflict"):
+        validate_equivocation(one, first, validators, DOMAIN)
+
+
+def test_a_proposal_must_come_from_the_rounds_proposer() -> None:
+    keys, validators = signed_validators((1, 1, 1, 1))
+    by_key = {k.public_key: k for k in keys}
+    order = compute_proposer_order(validators, 1)
+    right, wrong = by_key[order[2]], by_key[order[3]]
+    validate_proposal(
+        sign_proposal(right, DOMAIN, Proposal(1, 2, block("p"), -1, right.public_key)), validators, DOMAIN
+    )
+    with pytest.raises(InvalidVote, match="proposer"):
+        validate_proposal(
+            sign_proposal(wrong, DOMAIN, Proposal(1, 2, block("p"), -1, wrong.public_key)), validators, DOMAIN
+        )
