@@ -16,6 +16,8 @@ from typing import Any
 
 from chain.crypto import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Domain, MessageType, PrivateKey, verify
 from chain.encoding import MAX_MESSAGE_BYTES, Fields, pack, unpack
+from chain.votes import Commit, Proposal, Vote
+from chain.vrf import PROOF_BYTES as VRF_PROOF_BYTES
 
 HASH_BYTES = 32
 ZERO_HASH = bytes(HASH_BYTES)
@@ -30,6 +32,9 @@ class Kind(IntEnum):
     GENESIS = 0
     TRAINING = 1
     VALIDATION = 2
+    """Wave 1: a validation block finalized by an attestation quorum (docs/spec.md, section 10)."""
+    DECIDED = 3
+    """Wave 2: the block one height's voting rounds decide (docs/spec.md, section 16)."""
 
 
 def sha256(data: bytes) -> bytes:
@@ -71,7 +76,7 @@ class Header:
     def from_fields(cls, value: Any) -> Header:
         names = ("chain_id", "height", "parent", "kind", "timestamp", "proposer", "state_root", "body_hash")
         f = Fields(value, "header", names)
-        kind = f.integer("kind", 0, 2)
+        kind = f.integer("kind", 0, 3)
         return cls(
             chain_id=f.text("chain_id"),
             height=f.integer("height"),
@@ -252,6 +257,104 @@ class ValidationBody:
         )
 
 
+MAX_TRAINING_PER_HEIGHT = 1
+"""Training blocks a decided block may name (a list, so that several miners' work can count later)."""
+MAX_EVIDENCE = 64
+
+
+@dataclass(frozen=True)
+class TrainingVerdict:
+    """A decided block's out-of-sample test of one training block."""
+
+    training_block: bytes
+    """Hash of the training block (built on the decided block's parent)."""
+    vrf_proof: bytes
+    """The decided block's proposer's ECVRF proof (RFC 9381) over
+    b"potchain/test" || parent || training_block; its output seeds the test batch."""
+    loss_before: int
+    """Canonical test loss total (Q.16) of the parent state's model on that batch."""
+    loss_after: int
+    """The same with the training block's slice applied."""
+
+    @property
+    def gain(self) -> int:
+        return self.loss_before - self.loss_after
+
+    def fields(self) -> list[Any]:
+        return [self.training_block, self.vrf_proof, self.loss_before, self.loss_after]
+
+    @classmethod
+    def from_fields(cls, value: Any) -> TrainingVerdict:
+        f = Fields(value, "training verdict", ("training_block", "vrf_proof", "loss_before", "loss_after"))
+        return cls(
+            training_block=f.binary("training_block", HASH_BYTES),
+            vrf_proof=f.binary("vrf_proof", VRF_PROOF_BYTES),
+            loss_before=f.integer("loss_before", 0, MAX_LOSS),
+            loss_after=f.integer("loss_after", 0, MAX_LOSS),
+        )
+
+
+@dataclass(frozen=True)
+class EquivocationEvidence:
+    """Two conflicting messages one validator signed in one round (docs/spec.md, section 15)."""
+
+    first: Proposal | Vote
+    second: Proposal | Vote
+
+    def fields(self) -> list[Any]:
+        return [_tagged(self.first), _tagged(self.second)]
+
+    @classmethod
+    def from_fields(cls, value: Any) -> EquivocationEvidence:
+        f = Fields(value, "evidence", ("first", "second"))
+        return cls(_untagged(f.raw("first")), _untagged(f.raw("second")))
+
+
+def _tagged(message: Proposal | Vote) -> list[Any]:
+    return [1 if isinstance(message, Vote) else 2, message.fields()]
+
+
+def _untagged(value: Any) -> Proposal | Vote:
+    f = Fields(value, "evidence message", ("type", "message"))
+    if f.integer("type", 1, 2) == 1:
+        return Vote.from_fields(f.raw("message"))
+    return Proposal.from_fields(f.raw("message"))
+
+
+@dataclass(frozen=True)
+class DecidedBody:
+    """What one height decides: the training blocks it confirms or rejects (maybe none),
+    the previous height's commit certificate, evidence to slash, and the payout."""
+
+    training: tuple[TrainingVerdict, ...]
+    """At most MAX_TRAINING_PER_HEIGHT training blocks on the parent, each with its test."""
+    last_commit: Commit | None
+    """The parent's commit certificate (None at height 1: genesis needs none)."""
+    evidence: tuple[EquivocationEvidence, ...] = ()
+    """Equivocations to slash."""
+    rewards: tuple[Reward, ...] = ()
+    """The payout the rules assign (checked exactly)."""
+
+    def fields(self) -> list[Any]:
+        return [
+            [t.fields() for t in self.training],
+            [] if self.last_commit is None else self.last_commit.fields(),
+            [e.fields() for e in self.evidence],
+            [r.fields() for r in self.rewards],
+        ]
+
+    @classmethod
+    def from_fields(cls, value: Any) -> DecidedBody:
+        f = Fields(value, "decided body", ("training", "last_commit", "evidence", "rewards"))
+        commit = f.array("last_commit", 4)
+        return cls(
+            training=tuple(TrainingVerdict.from_fields(t) for t in f.array("training", MAX_TRAINING_PER_HEIGHT)),
+            last_commit=Commit.from_fields(commit) if commit else None,
+            evidence=tuple(EquivocationEvidence.from_fields(e) for e in f.array("evidence", MAX_EVIDENCE)),
+            rewards=tuple(Reward.from_fields(r) for r in f.array("rewards", 1100)),
+        )
+
+
 @dataclass(frozen=True)
 class GenesisBody:
     """Genesis has no body beyond its hash, carried in the header's body_hash."""
@@ -260,8 +363,12 @@ class GenesisBody:
         return []
 
 
-Body = TrainingBody | ValidationBody | GenesisBody
-_SIGNED_TYPES = {Kind.TRAINING: MessageType.TRAINING_BLOCK, Kind.VALIDATION: MessageType.VALIDATION_BLOCK}
+Body = TrainingBody | ValidationBody | DecidedBody | GenesisBody
+_SIGNED_TYPES = {
+    Kind.TRAINING: MessageType.TRAINING_BLOCK,
+    Kind.VALIDATION: MessageType.VALIDATION_BLOCK,
+    Kind.DECIDED: MessageType.DECIDED_BLOCK,
+}
 
 
 @dataclass(frozen=True)
@@ -305,6 +412,8 @@ def decode_block(data: bytes) -> Block:
         body = TrainingBody.from_fields(f.raw("body"))
     elif header.kind == Kind.VALIDATION:
         body = ValidationBody.from_fields(f.raw("body"))
+    elif header.kind == Kind.DECIDED:
+        body = DecidedBody.from_fields(f.raw("body"))
     else:
         Fields(f.raw("body"), "genesis body", ())
         body = GenesisBody()

@@ -26,6 +26,7 @@ class MessageType(IntEnum):
     PROPOSAL = 5
     PREVOTE = 6
     PRECOMMIT = 7
+    DECIDED_BLOCK = 8
 
 
 @dataclass(frozen=True)

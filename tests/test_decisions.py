@@ -1,0 +1,228 @@
+"""Decided blocks (consensus/decisions.py): each rule is checked, each broken
+rule is rejected with its reason, and a height without an update is decided
+like any other."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+
+from chain import vrf
+from chain.blocks import Block, DecidedBody, EquivocationEvidence, TrainingVerdict, decode_block
+from chain.crypto import PrivateKey
+from chain.state import State
+from chain.votes import Commit, Vote, VoteKind, sign_vote
+from consensus.decisions import (
+    apply_decided_block,
+    compute_decided_difficulty,
+    compute_test_input,
+    compute_test_seed,
+    get_validator_set,
+    propose_decided_block,
+)
+from consensus.rules import InvalidBlock
+from consensus.voting import ValidatorSet
+from tests.chain_builders import Scenario, rebuild
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
+    scenario = Scenario.create(tmp_path_factory.mktemp("decisions"))
+    yield scenario
+    scenario.node.close()
+
+
+@dataclasses.dataclass
+class Decided:
+    """Height 1 decided with a training block, and what height 2 needs."""
+
+    genesis: Block
+    genesis_state: State
+    training: Block
+    first: Block
+    first_state: State
+    commit: Commit
+    validators: ValidatorSet
+
+
+def precommits(scenario: Scenario, block: Block, keys: list[PrivateKey], times: list[int]) -> Commit:
+    votes = [
+        sign_vote(
+            k, scenario.chain.domain, Vote(VoteKind.PRECOMMIT, block.header.height, 0, block.hash, t, k.public_key)
+        )
+        for k, t in zip(keys, times, strict=True)
+    ]
+    return Commit.of(votes)
+
+
+@pytest.fixture(scope="module")
+def decided(scenario: Scenario) -> Decided:
+    genesis, state = scenario.node.checkpoint()
+    training = scenario.valid_training_block(genesis, state)
+    proposer = scenario.validators[0]
+    first = propose_decided_block(
+        scenario.chain, genesis, state, proposer, training, None, None, (), genesis.header.timestamp + 20
+    )
+    first_state = apply_decided_block(state, genesis, first, {training.hash: training}, None, scenario.chain)
+    now = first.header.timestamp
+    commit = precommits(scenario, first, scenario.validators[:3], [now + 5, now + 7, now + 9])
+    return Decided(
+        genesis, state, training, first, first_state, commit, get_validator_set(state, scenario.node.genesis)
+    )
+
+
+def test_a_decided_block_with_a_training_block_applies_its_verdict(scenario: Scenario, decided: Decided) -> None:
+    body = decided.first.body
+    assert isinstance(body, DecidedBody) and len(body.training) == 1 and body.last_commit is None
+    verdict = body.training[0]
+    updated = verdict.gain > 0
+    assert (decided.first_state.weights_root != decided.genesis_state.weights_root) == updated
+    assert decided.first_state.finalized_height == 1 and decided.first_state.finalized_hash == decided.training.hash
+    assert decode_block(decided.first.encode()) == decided.first
+    # The miner is paid for a confirmed update; no commit after genesis, so no signer is.
+    assert [r.address for r in body.rewards] == ([decided.training.header.proposer] if updated else [])
+
+
+def test_a_height_without_an_update_is_decided_and_pays_the_commit_signers(
+    scenario: Scenario, decided: Decided
+) -> None:
+    second = propose_decided_block(
+        scenario.chain, decided.first, decided.first_state, scenario.validators[1], None, decided.commit,
+        decided.validators, (), 0,
+    )  # fmt: skip
+    state = apply_decided_block(decided.first_state, decided.first, second, {}, decided.validators, scenario.chain)
+    body = second.body
+    assert isinstance(body, DecidedBody) and body.training == ()
+    assert second.header.timestamp == decided.first.header.timestamp + 7  # the commit's median time
+    assert state.weights_root == decided.first_state.weights_root
+    signers = sorted(k.public_key for k in scenario.validators[:3])
+    assert [r.address for r in body.rewards] == signers
+    pool = scenario.node.genesis.consensus.block_reward * (100 - scenario.node.genesis.consensus.miner_share_percent)
+    assert sum(r.amount for r in body.rewards) == pool // 100 // 3 * 3
+
+
+def test_the_proposer_cannot_choose_the_test_seed(scenario: Scenario, decided: Decided) -> None:
+    """Another validator's proof (another seed) under this proposer's name is refused, and the seed
+    of each validator differs: the proposer can only publish its own unique ECVRF output."""
+    body = decided.first.body
+    assert isinstance(body, DecidedBody)
+    alpha = compute_test_input(decided.genesis.hash, decided.training.hash)
+    other = scenario.validators[1].prove_vrf(alpha)
+    assert compute_test_seed(vrf.proof_to_hash(other)) != compute_test_seed(
+        vrf.proof_to_hash(body.training[0].vrf_proof)
+    )
+    forged = dataclasses.replace(body, training=(dataclasses.replace(body.training[0], vrf_proof=other),))
+    block = rebuild_decided(scenario, decided.first, forged)
+    with pytest.raises(InvalidBlock, match="vrf_proof is not the proposer's proof"):
+        apply_decided_block(
+            decided.genesis_state, decided.genesis, block, {decided.training.hash: decided.training}, None,
+            scenario.chain,
+        )  # fmt: skip
+
+
+def rebuild_decided(scenario: Scenario, block: Block, body: DecidedBody, **header: object) -> Block:
+    signer = next(k for k in scenario.validators if k.public_key == block.header.proposer)
+    return rebuild(Block(block.header, body, block.signature), signer, scenario.chain.domain, **header)
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ("loss_before", "loss_before"),
+        ("loss_after", "loss_after"),
+        ("unknown_training", "unknown training block"),
+        ("two_training", "at most 1"),
+        ("rewards", "rewards"),
+        ("commit_after_genesis", "carries none"),
+    ],
+)
+def test_each_rule_of_height_one(scenario: Scenario, decided: Decided, change: str, reason: str) -> None:
+    body = decided.first.body
+    assert isinstance(body, DecidedBody)
+    verdict = body.training[0]
+    training_blocks = {decided.training.hash: decided.training}
+    if change in ("loss_before", "loss_after"):
+        value = getattr(verdict, change) + 1
+        body = dataclasses.replace(body, training=(dataclasses.replace(verdict, **{change: value}),))
+    elif change == "unknown_training":
+        training_blocks = {}
+    elif change == "two_training":
+        other = TrainingVerdict(bytes(32), verdict.vrf_proof, 0, 0)
+        body = dataclasses.replace(body, training=(verdict, other))
+    elif change == "rewards":
+        body = dataclasses.replace(body, rewards=())
+    elif change == "commit_after_genesis":
+        body = dataclasses.replace(body, last_commit=decided.commit)
+    block = rebuild_decided(scenario, decided.first, body)
+    with pytest.raises(InvalidBlock, match=reason):
+        apply_decided_block(decided.genesis_state, decided.genesis, block, training_blocks, None, scenario.chain)
+
+
+@pytest.mark.parametrize("change, reason", [
+    ("no_commit", "missing the parent's commit"),
+    ("short_commit", "stake 2000000 of 4000000"),
+    ("wrong_block", "last_commit: for height"),
+    ("timestamp", "the commit's time"),
+    ("state_root", "state_root"),
+])  # fmt: skip
+def test_each_rule_of_a_later_height(scenario: Scenario, decided: Decided, change: str, reason: str) -> None:
+    second = propose_decided_block(
+        scenario.chain, decided.first, decided.first_state, scenario.validators[1], None, decided.commit,
+        decided.validators, (), 0,
+    )  # fmt: skip
+    body = second.body
+    assert isinstance(body, DecidedBody)
+    header: dict[str, object] = {}
+    if change == "no_commit":
+        body = dataclasses.replace(body, last_commit=None)
+    elif change == "short_commit":
+        commit = decided.commit
+        body = dataclasses.replace(body, last_commit=dataclasses.replace(commit, signatures=commit.signatures[:2]))
+    elif change == "wrong_block":
+        body = dataclasses.replace(body, last_commit=dataclasses.replace(decided.commit, block_hash=bytes(32)))
+    elif change == "timestamp":
+        header = {"timestamp": second.header.timestamp + 1}
+    elif change == "state_root":
+        header = {"state_root": bytes(32)}
+    block = rebuild_decided(scenario, second, body, **header)
+    with pytest.raises(InvalidBlock, match=reason):
+        apply_decided_block(decided.first_state, decided.first, block, {}, decided.validators, scenario.chain)
+
+
+def test_equivocation_evidence_slashes_once(scenario: Scenario, decided: Decided) -> None:
+    offender = scenario.validators[2]
+    domain = scenario.chain.domain
+    votes = [
+        sign_vote(offender, domain, Vote(VoteKind.PREVOTE, 2, 0, block_hash, 1, offender.public_key))
+        for block_hash in (decided.first.hash, None)
+    ]
+    evidence = EquivocationEvidence(votes[0], votes[1])
+    second = propose_decided_block(
+        scenario.chain, decided.first, decided.first_state, scenario.validators[1], None, decided.commit,
+        decided.validators, (evidence,), 0,
+    )  # fmt: skip
+    state = apply_decided_block(decided.first_state, decided.first, second, {}, decided.validators, scenario.chain)
+    assert state.stake_of(offender.public_key) == 0 and decided.first_state.stake_of(offender.public_key) > 0
+    assert decode_block(second.encode()) == second
+    body = second.body
+    assert isinstance(body, DecidedBody)
+    twice = rebuild_decided(scenario, second, dataclasses.replace(body, evidence=(evidence, evidence)))
+    with pytest.raises(InvalidBlock, match="slashed twice"):
+        apply_decided_block(decided.first_state, decided.first, twice, {}, decided.validators, scenario.chain)
+    agreeing = EquivocationEvidence(votes[0], votes[0])
+    bad = rebuild_decided(scenario, second, dataclasses.replace(body, evidence=(agreeing,)))
+    with pytest.raises(InvalidBlock, match="agree"):
+        apply_decided_block(decided.first_state, decided.first, bad, {}, decided.validators, scenario.chain)
+
+
+def test_difficulty_falls_when_no_update_is_decided_for_long(scenario: Scenario, decided: Decided) -> None:
+    genesis = scenario.node.genesis
+    target = genesis.consensus.target_interval_seconds
+    state = dataclasses.replace(decided.first_state, difficulty=100, finalized_timestamp=1000)
+    assert compute_decided_difficulty(state, 1000 + target, False, genesis) == (100, 1000)  # no update: unchanged
+    lower, clock = compute_decided_difficulty(state, 1001 + 2 * target, False, genesis)
+    assert lower < 100 and clock == 1001 + 2 * target  # slower than twice the target: falls, clock restarts
+    assert compute_decided_difficulty(state, 1000 + target // 2 - 1, True, genesis)[0] > 100  # fast updates: rises
+    assert compute_decided_difficulty(state, 1000 + target, True, genesis) == (100, 1000 + target)
