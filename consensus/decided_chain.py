@@ -1,0 +1,186 @@
+"""The decided chain: one decided block per height, each final with its commit certificate.
+
+`DecidedChain` replaces fork choice (consensus/fork_choice.py) once the node
+decides by voting rounds (docs/spec.md, sections 15 and 16): there are no
+branches to choose between, only the next height to decide. It holds the
+head (the last decided block, its state and commit), the valid training
+blocks built on it (the next proposal's inputs), and the candidate blocks
+for the next height that were checked (the voting's `CheckBlock`).
+
+Event handlers validate first and change nothing unless the input is valid
+(`InvalidBlock` names the rule): `on_training_block`, `on_candidate` (check a
+proposed block; the result is kept, so each candidate costs its evaluations
+once) and `on_decided` (a block with its commit certificate: the head
+advances). Pure and synchronous: the node persists what they accept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from chain.blocks import Block, DecidedBody, Kind, TrainingBody
+from chain.state import State
+from chain.votes import Commit
+from consensus.decisions import apply_decided_block, get_validator_set
+from consensus.rules import Chain, InvalidBlock, StaleBlock, UnknownParent, apply_training_block
+from consensus.voting import InvalidVote, ValidatorSet, validate_commit
+
+MAX_PENDING_TRAINING = 64
+"""Valid training blocks kept on the head (the best by validation gain are kept)."""
+MAX_CANDIDATES = 64
+"""Checked candidate blocks kept for the next height."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A decided height, as the node stores it."""
+
+    block: Block
+    """The decided block."""
+    state: State
+    """The state after it."""
+    commit: Commit | None
+    """Its commit certificate (None for genesis)."""
+    training_blocks: tuple[Block, ...]
+    """The training blocks it names."""
+
+
+@dataclass
+class DecidedChain:
+    """The last decided block and what the next height is decided from."""
+
+    chain: Chain
+    head: Decision
+    """The last decided block (genesis at first)."""
+    head_validators: ValidatorSet | None
+    """The validators who voted on the head's height (None for genesis): the
+    next block's `last_commit` is checked against them."""
+    time: int = 0
+    """The node's clock (Unix seconds), for the future-timestamp rule."""
+    training: dict[bytes, Block] = field(default_factory=dict)
+    """Valid training blocks on the head, by hash."""
+    candidates: dict[bytes, State | None] = field(default_factory=dict)
+    """Candidate blocks for the next height that were checked: their state, or None if invalid."""
+    candidate_blocks: dict[bytes, Block] = field(default_factory=dict)
+    """The valid candidates themselves."""
+
+    @classmethod
+    def from_genesis(cls, chain: Chain, genesis: Block, state: State) -> DecidedChain:
+        return cls(chain, Decision(genesis, state, None, ()), None)
+
+    # --- queries ----------------------------------------------------------------
+
+    @property
+    def height(self) -> int:
+        """The height being decided next."""
+        return self.head.block.header.height + 1
+
+    def validators(self) -> ValidatorSet:
+        """The validators who vote on the next height."""
+        return get_validator_set(self.head.state, self.chain.genesis)
+
+    def get_best_training_block(self) -> Block | None:
+        """The training block a proposer names: the largest validation gain, then the lowest hash."""
+        if not self.training:
+            return None
+        return min(self.training.values(), key=rank_training_block)
+
+    # --- events -----------------------------------------------------------------
+
+    def on_tick(self, time: int) -> None:
+        self.time = max(self.time, time)
+
+    def on_training_block(self, block: Block) -> bool:
+        """Keep a valid training block on the head; False if already kept.
+        Raises StaleBlock (built on an earlier decided block), UnknownParent, or InvalidBlock."""
+        if block.hash in self.training:
+            return False
+        if block.header.kind != Kind.TRAINING:
+            raise InvalidBlock(f"kind: {block.header.kind.name}, want TRAINING")
+        self._check_time(block)
+        if block.header.parent != self.head.block.hash:
+            if block.header.height <= self.head.block.header.height:
+                raise StaleBlock(f"parent: built on height {block.header.height - 1}, decided up to {self.height - 1}")
+            raise UnknownParent(f"parent: unknown block {block.header.parent.hex()}")
+        apply_training_block(self.head.state, self.head.block, block, self.chain)
+        self.training[block.hash] = block
+        if len(self.training) > MAX_PENDING_TRAINING:
+            worst = max(self.training.values(), key=rank_training_block)
+            del self.training[worst.hash]
+        return True
+
+    def on_candidate(self, block: Block, training_blocks: Mapping[bytes, Block]) -> State:
+        """Check a block proposed for the next height (raises InvalidBlock); the outcome is kept."""
+        known = self.candidates.get(block.hash, ...)
+        if isinstance(known, State):
+            return known
+        if known is None:
+            raise InvalidBlock(f"candidate {block.hash.hex()[:16]}: invalid (checked before)")
+        try:
+            state = self._apply(block, training_blocks)
+        except InvalidBlock:
+            self._remember(block, None)
+            raise
+        self._remember(block, state)
+        return state
+
+    def on_decided(self, block: Block, commit: Commit, training_blocks: Mapping[bytes, Block]) -> Decision:
+        """The next height is decided: `block`, with its commit certificate."""
+        if block.header.height != self.height:
+            raise StaleBlock(f"height: {block.header.height}, deciding {self.height}")
+        if (commit.height, commit.block_hash) != (block.header.height, block.hash):
+            raise InvalidBlock(f"commit: for height {commit.height} block {commit.block_hash.hex()[:16]}")
+        validators = self.validators()
+        try:
+            validate_commit(commit, validators, self.chain.domain)
+        except InvalidVote as error:
+            raise InvalidBlock(str(error)) from None
+        state = self.candidates.get(block.hash)
+        if state is None:  # not checked, or found invalid: a certificate from a quorum says otherwise, check again
+            state = self._apply(block, training_blocks, check_time=False)
+        body = block.body
+        assert isinstance(body, DecidedBody)
+        named = tuple(training_blocks[verdict.training_block] for verdict in body.training)
+        self.head = Decision(block, state, commit, named)
+        self.head_validators = validators
+        self.training.clear()
+        self.candidates.clear()
+        self.candidate_blocks.clear()
+        return self.head
+
+    # --- internals ----------------------------------------------------------------
+
+    def _apply(self, block: Block, training_blocks: Mapping[bytes, Block], check_time: bool = True) -> State:
+        """The state after a block for the next height. The future-timestamp rule
+        guards what a validator votes for; a block with a certificate is already decided."""
+        if block.header.kind != Kind.DECIDED:
+            raise InvalidBlock(f"kind: {block.header.kind.name}, want DECIDED")
+        if block.header.height != self.height:
+            raise StaleBlock(f"height: {block.header.height}, deciding {self.height}")
+        if check_time:
+            self._check_time(block)
+        return apply_decided_block(
+            self.head.state, self.head.block, block, training_blocks, self.head_validators, self.chain
+        )
+
+    def _check_time(self, block: Block) -> None:
+        limit = self.time + self.chain.genesis.consensus.max_future_seconds
+        if block.header.timestamp > limit:
+            raise InvalidBlock(f"timestamp: {block.header.timestamp} is in the future (limit {limit})")
+
+    def _remember(self, block: Block, state: State | None) -> None:
+        if len(self.candidates) >= MAX_CANDIDATES:
+            oldest = next(iter(self.candidates))
+            del self.candidates[oldest]
+            self.candidate_blocks.pop(oldest, None)
+        self.candidates[block.hash] = state
+        if state is not None:
+            self.candidate_blocks[block.hash] = block
+
+
+def rank_training_block(block: Block) -> tuple[int, bytes]:
+    """Largest claimed validation gain first, then the lowest hash."""
+    body = block.body
+    gain = body.loss_before - body.loss_after if isinstance(body, TrainingBody) else 0
+    return (-gain, block.hash)

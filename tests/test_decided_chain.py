@@ -1,0 +1,110 @@
+"""The decided chain (consensus/decided_chain.py): one block per height, final
+with its certificate; invalid input changes nothing; checked candidates are
+remembered; a sibling of a decided block can never replace it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+
+from chain.blocks import Block
+from chain.crypto import PrivateKey
+from chain.votes import Commit, Vote, VoteKind, sign_vote
+from consensus.decided_chain import DecidedChain
+from consensus.decisions import propose_decided_block
+from consensus.rules import InvalidBlock, StaleBlock, UnknownParent
+from tests.chain_builders import Scenario
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
+    scenario = Scenario.create(tmp_path_factory.mktemp("decided"))
+    yield scenario
+    scenario.node.close()
+
+
+def certificate(scenario: Scenario, block: Block, keys: list[PrivateKey]) -> Commit:
+    domain, height = scenario.chain.domain, block.header.height
+    return Commit.of([
+        sign_vote(k, domain, Vote(VoteKind.PRECOMMIT, height, 0, block.hash, block.header.timestamp + 3, k.public_key))
+        for k in keys
+    ])  # fmt: skip
+
+
+def fresh_chain(scenario: Scenario) -> DecidedChain:
+    genesis, state = scenario.node.checkpoint()
+    decided = DecidedChain.from_genesis(scenario.chain, genesis, state)
+    decided.on_tick(genesis.header.timestamp + 10**6)
+    return decided
+
+
+def snapshot(decided: DecidedChain) -> tuple[object, ...]:
+    return (decided.head, decided.head_validators, dict(decided.training), dict(decided.candidates))
+
+
+def test_heights_are_decided_one_by_one_and_never_replaced(scenario: Scenario) -> None:
+    decided = fresh_chain(scenario)
+    genesis, state = decided.head.block, decided.head.state
+    training = scenario.valid_training_block(genesis, state)
+    assert decided.on_training_block(training) and not decided.on_training_block(training)
+    assert decided.get_best_training_block() == training
+    proposers = scenario.validators
+    first = propose_decided_block(scenario.chain, genesis, state, proposers[0], training, None, None, (),
+                                  genesis.header.timestamp + 20)  # fmt: skip
+    sibling = propose_decided_block(scenario.chain, genesis, state, proposers[1], None, None, None, (),
+                                    genesis.header.timestamp + 21)  # fmt: skip
+    known = {training.hash: training}
+    decided.on_candidate(first, known)
+    decided.on_candidate(sibling, {})  # both valid candidates for height 1
+
+    before = snapshot(decided)
+    with pytest.raises(InvalidBlock, match="stake 2000000 of 4000000"):
+        decided.on_decided(first, certificate(scenario, first, proposers[:2]), known)
+    assert snapshot(decided) == before  # a short certificate changes nothing
+
+    decision = decided.on_decided(first, certificate(scenario, first, proposers[:3]), known)
+    assert decided.head == decision and decided.height == 2 and decision.training_blocks == (training,)
+    assert decided.training == {} and decided.candidates == {}
+    # The sibling can never be decided now, even with a certificate: height 1 is final.
+    with pytest.raises(StaleBlock):
+        decided.on_decided(sibling, certificate(scenario, sibling, proposers), {})
+    with pytest.raises(StaleBlock):
+        decided.on_training_block(training)  # built on genesis: stale
+    assert decided.head == decision
+
+    # Height 2 decides without an update.
+    commit = decision.commit
+    assert commit is not None
+    second = propose_decided_block(scenario.chain, first, decision.state, proposers[2], None, commit,
+                                   decided.head_validators, (), 0)  # fmt: skip
+    decided.on_decided(second, certificate(scenario, second, proposers[1:]), {})
+    assert decided.height == 3 and decided.head.state.weights_root == decision.state.weights_root
+
+
+def test_invalid_input_changes_nothing_and_an_invalid_candidate_is_checked_once(scenario: Scenario) -> None:
+    decided = fresh_chain(scenario)
+    genesis, state = decided.head.block, decided.head.state
+    training = scenario.valid_training_block(genesis, state)
+    before = snapshot(decided)
+    broken = dataclasses.replace(training, signature=bytes(64))
+    with pytest.raises(InvalidBlock, match="signature"):
+        decided.on_training_block(broken)
+    orphan = scenario.build_training_block(genesis, state, parent=bytes(32), height=5)
+    with pytest.raises(UnknownParent):
+        decided.on_training_block(orphan)
+    future = scenario.build_training_block(genesis, state, timestamp=decided.time + 10**4)
+    with pytest.raises(InvalidBlock, match="future"):
+        decided.on_training_block(future)
+    assert snapshot(decided) == before
+
+    bad = propose_decided_block(scenario.chain, genesis, state, scenario.validators[0], None, None, None, (),
+                                genesis.header.timestamp + 20)  # fmt: skip
+    bad = dataclasses.replace(bad, signature=bytes(64))
+    with pytest.raises(InvalidBlock, match="signature"):
+        decided.on_candidate(bad, {})
+    with pytest.raises(InvalidBlock, match="checked before"):
+        decided.on_candidate(bad, {})
+    with pytest.raises(InvalidBlock, match="want DECIDED"):
+        decided.on_candidate(training, {})
