@@ -33,3 +33,8 @@ def slice_key(slice_hash: bytes) -> bytes:
 def canonical_key(height: int) -> bytes:
     """Canonical block hash at a height (8-byte big-endian, so keys sort by height)."""
     return b"n:" + height.to_bytes(8, "big")
+
+
+def commit_key(block_hash: bytes) -> bytes:
+    """A decided block's commit certificate, by the block's hash."""
+    return b"k:" + block_hash

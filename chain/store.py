@@ -19,6 +19,7 @@ from chain import schema
 from chain.blocks import Block, decode_block
 from chain.encoding import DecodeError, pack, unpack
 from chain.state import State, decode_state_record
+from chain.votes import Commit, decode_commit
 
 
 class CorruptStore(Exception):
@@ -107,6 +108,11 @@ class ChainDB:
             raise DecodeError("gain: not an integer")
         return value
 
+    def commit(self, block_hash: bytes) -> Commit | None:
+        """A decided block's commit certificate, if stored."""
+        data = self.db.get(schema.commit_key(block_hash))
+        return None if data is None else decode_commit(data)
+
     def canonical_hash(self, height: int) -> bytes | None:
         return self.db.get(schema.canonical_key(height))  # type: ignore[no-any-return]
 
@@ -162,3 +168,16 @@ class ChainDB:
                 batch.put(schema.canonical_key(height), block_hash)
             batch.put(schema.META_HEAD, head)
             batch.put(schema.META_FINALIZED, finalized)
+
+    def import_decision(self, block: Block, state: State, commit: Commit, training_blocks: tuple[Block, ...]) -> None:
+        """Store a decided block with its commit certificate and the training blocks
+        it names, and make it the head and the finalized block, in one atomic batch.
+        A decided block is final: it extends the canonical chain, nothing leaves it."""
+        with self.db.write_batch(transaction=True, sync=True) as batch:
+            self._put_block(batch, block, state, 0)
+            for training in training_blocks:
+                batch.put(schema.block_key(training.hash), training.encode())
+            batch.put(schema.commit_key(block.hash), commit.encode())
+            batch.put(schema.canonical_key(block.header.height), block.hash)
+            batch.put(schema.META_HEAD, block.hash)
+            batch.put(schema.META_FINALIZED, block.hash)

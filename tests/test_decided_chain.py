@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from chain.blocks import Block
 from chain.crypto import PrivateKey
+from chain.store import ChainDB
 from chain.votes import Commit, Vote, VoteKind, sign_vote
 from consensus.decided_chain import DecidedChain
 from consensus.decisions import propose_decided_block
@@ -108,3 +110,25 @@ def test_invalid_input_changes_nothing_and_an_invalid_candidate_is_checked_once(
         decided.on_candidate(bad, {})
     with pytest.raises(InvalidBlock, match="want DECIDED"):
         decided.on_candidate(training, {})
+
+
+def test_a_decision_is_stored_in_one_batch_and_reads_back(scenario: Scenario, tmp_path: Path) -> None:
+    decided = fresh_chain(scenario)
+    genesis, state = decided.head.block, decided.head.state
+    training = scenario.valid_training_block(genesis, state)
+    block = propose_decided_block(scenario.chain, genesis, state, scenario.validators[0], training, None, None, (),
+                                  genesis.header.timestamp + 20)  # fmt: skip
+    decision = decided.on_decided(block, certificate(scenario, block, scenario.validators), {training.hash: training})
+    assert decision.commit is not None
+    genesis_hash = bytes.fromhex(scenario.node.genesis.hash)
+    db = ChainDB(tmp_path / "chain", genesis_hash, genesis, state)
+    db.import_decision(decision.block, decision.state, decision.commit, decision.training_blocks)
+    db.close()
+    reopened = ChainDB(tmp_path / "chain", genesis_hash, genesis, state)
+    try:
+        assert reopened.head() == reopened.finalized() == block.hash == reopened.canonical_hash(1)
+        assert reopened.commit(block.hash) == decision.commit and reopened.commit(genesis.hash) is None
+        assert reopened.block(training.hash) == training and reopened.block(block.hash) == block
+        assert reopened.state(block.hash).root == decision.state.root
+    finally:
+        reopened.close()
