@@ -176,12 +176,9 @@ def compute_decided_state(
         raise InvalidBlock("proposer: not a validator")
 
     signers = validate_last_commit(parent, body.last_commit, previous_validators, chain)
-    if body.last_commit is not None:
-        commit_time = compute_commit_time(
-            body.last_commit, previous_validators or get_validator_set(state, chain.genesis)
-        )
-        if header.timestamp != commit_time:
-            raise InvalidBlock(f"timestamp: got {header.timestamp}, want the commit's time {commit_time}")
+    block_time = compute_block_time(parent, body.last_commit, previous_validators)
+    if header.timestamp != block_time:
+        raise InvalidBlock(f"timestamp: got {header.timestamp}, want {block_time} (the parent's commit time)")
 
     if len(body.training) > MAX_TRAINING_PER_HEIGHT:
         raise InvalidBlock(f"training: {len(body.training)} training blocks, at most {MAX_TRAINING_PER_HEIGHT}")
@@ -226,6 +223,16 @@ def compute_decided_state(
     )
 
 
+def compute_block_time(parent: Block, last_commit: Commit | None, previous_validators: ValidatorSet | None) -> int:
+    """The timestamp the decided block after `parent` carries: its parent's commit
+    time (`compute_commit_time`), or the parent's timestamp + 1 after genesis (no
+    commit, and no proposer's clock to trust). Honest validators stamp their
+    votes above the time of the block they vote on, so it always rises."""
+    if last_commit is None or previous_validators is None:
+        return parent.header.timestamp + 1
+    return compute_commit_time(last_commit, previous_validators)
+
+
 def validate_last_commit(
     parent: Block, commit: Commit | None, previous_validators: ValidatorSet | None, chain: Chain
 ) -> dict[bytes, int]:
@@ -257,11 +264,9 @@ def propose_decided_block(
     last_commit: Commit | None,
     previous_validators: ValidatorSet | None,
     evidence: tuple[EquivocationEvidence, ...],
-    timestamp: int,
 ) -> Block:
     """A decided block by validator `key` on `parent` (state `state`), naming
-    `training` (or none). Its timestamp is the commit's time when there is a
-    commit, else `timestamp` (after genesis)."""
+    `training` (or none), at the time `compute_block_time` fixes."""
     verdicts: tuple[TrainingVerdict, ...] = ()
     miner = None
     if training is not None:
@@ -277,7 +282,7 @@ def propose_decided_block(
     signers: dict[bytes, int] = {}
     if last_commit is not None and previous_validators is not None:
         signers = {validator: previous_validators.stakes[validator] for validator, _, _ in last_commit.signatures}
-        timestamp = compute_commit_time(last_commit, previous_validators)
+    timestamp = compute_block_time(parent, last_commit, previous_validators)
     body = DecidedBody(verdicts, last_commit, evidence, compute_decided_rewards(chain.genesis, miner, signers))
     unsigned = Header(
         chain_id=chain.genesis.chain_id,

@@ -29,10 +29,14 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
 
 def certificate(scenario: Scenario, block: Block, keys: list[PrivateKey]) -> Commit:
     domain, height = scenario.chain.domain, block.header.height
-    return Commit.of([
-        sign_vote(k, domain, Vote(VoteKind.PRECOMMIT, height, 0, block.hash, block.header.timestamp + 3, k.public_key))
-        for k in keys
-    ])  # fmt: skip
+    return Commit.of(
+        [
+            sign_vote(
+                k, domain, Vote(VoteKind.PRECOMMIT, height, 0, block.hash, block.header.timestamp + 3, k.public_key)
+            )
+            for k in keys
+        ]
+    )
 
 
 def fresh_chain(scenario: Scenario) -> DecidedChain:
@@ -53,10 +57,8 @@ def test_heights_are_decided_one_by_one_and_never_replaced(scenario: Scenario) -
     assert decided.on_training_block(training) and not decided.on_training_block(training)
     assert decided.get_best_training_block() == training
     proposers = scenario.validators
-    first = propose_decided_block(scenario.chain, genesis, state, proposers[0], training, None, None, (),
-                                  genesis.header.timestamp + 20)  # fmt: skip
-    sibling = propose_decided_block(scenario.chain, genesis, state, proposers[1], None, None, None, (),
-                                    genesis.header.timestamp + 21)  # fmt: skip
+    first = propose_decided_block(scenario.chain, genesis, state, proposers[0], training, None, None, ())
+    sibling = propose_decided_block(scenario.chain, genesis, state, proposers[1], None, None, None, ())
     known = {training.hash: training}
     decided.on_candidate(first, known)
     decided.on_candidate(sibling, {})  # both valid candidates for height 1
@@ -79,8 +81,9 @@ def test_heights_are_decided_one_by_one_and_never_replaced(scenario: Scenario) -
     # Height 2 decides without an update.
     commit = decision.commit
     assert commit is not None
-    second = propose_decided_block(scenario.chain, first, decision.state, proposers[2], None, commit,
-                                   decided.head_validators, (), 0)  # fmt: skip
+    second = propose_decided_block(
+        scenario.chain, first, decision.state, proposers[2], None, commit, decided.head_validators, ()
+    )
     decided.on_decided(second, certificate(scenario, second, proposers[1:]), {})
     assert decided.height == 3 and decided.head.state.weights_root == decision.state.weights_root
 
@@ -101,8 +104,7 @@ def test_invalid_input_changes_nothing_and_an_invalid_candidate_is_checked_once(
         decided.on_training_block(future)
     assert snapshot(decided) == before
 
-    bad = propose_decided_block(scenario.chain, genesis, state, scenario.validators[0], None, None, None, (),
-                                genesis.header.timestamp + 20)  # fmt: skip
+    bad = propose_decided_block(scenario.chain, genesis, state, scenario.validators[0], None, None, None, ())
     bad = dataclasses.replace(bad, signature=bytes(64))
     with pytest.raises(InvalidBlock, match="signature"):
         decided.on_candidate(bad, {})
@@ -116,8 +118,7 @@ def test_a_decision_is_stored_in_one_batch_and_reads_back(scenario: Scenario, tm
     decided = fresh_chain(scenario)
     genesis, state = decided.head.block, decided.head.state
     training = scenario.valid_training_block(genesis, state)
-    block = propose_decided_block(scenario.chain, genesis, state, scenario.validators[0], training, None, None, (),
-                                  genesis.header.timestamp + 20)  # fmt: skip
+    block = propose_decided_block(scenario.chain, genesis, state, scenario.validators[0], training, None, None, ())
     decision = decided.on_decided(block, certificate(scenario, block, scenario.validators), {training.hash: training})
     assert decision.commit is not None
     genesis_hash = bytes.fromhex(scenario.node.genesis.hash)

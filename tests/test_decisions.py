@@ -62,9 +62,7 @@ def decided(scenario: Scenario) -> Decided:
     genesis, state = scenario.node.checkpoint()
     training = scenario.valid_training_block(genesis, state)
     proposer = scenario.validators[0]
-    first = propose_decided_block(
-        scenario.chain, genesis, state, proposer, training, None, None, (), genesis.header.timestamp + 20
-    )
+    first = propose_decided_block(scenario.chain, genesis, state, proposer, training, None, None, ())
     first_state = apply_decided_block(state, genesis, first, {training.hash: training}, None, scenario.chain)
     now = first.header.timestamp
     commit = precommits(scenario, first, scenario.validators[:3], [now + 5, now + 7, now + 9])
@@ -90,7 +88,7 @@ def test_a_height_without_an_update_is_decided_and_pays_the_commit_signers(
 ) -> None:
     second = propose_decided_block(
         scenario.chain, decided.first, decided.first_state, scenario.validators[1], None, decided.commit,
-        decided.validators, (), 0,
+        decided.validators, (),
     )  # fmt: skip
     state = apply_decided_block(decided.first_state, decided.first, second, {}, decided.validators, scenario.chain)
     body = second.body
@@ -164,13 +162,13 @@ def test_each_rule_of_height_one(scenario: Scenario, decided: Decided, change: s
     ("no_commit", "missing the parent's commit"),
     ("short_commit", "stake 2000000 of 4000000"),
     ("wrong_block", "last_commit: for height"),
-    ("timestamp", "the commit's time"),
+    ("timestamp", "the parent's commit time"),
     ("state_root", "state_root"),
 ])  # fmt: skip
 def test_each_rule_of_a_later_height(scenario: Scenario, decided: Decided, change: str, reason: str) -> None:
     second = propose_decided_block(
         scenario.chain, decided.first, decided.first_state, scenario.validators[1], None, decided.commit,
-        decided.validators, (), 0,
+        decided.validators, (),
     )  # fmt: skip
     body = second.body
     assert isinstance(body, DecidedBody)
@@ -201,7 +199,7 @@ def test_equivocation_evidence_slashes_once(scenario: Scenario, decided: Decided
     evidence = EquivocationEvidence(votes[0], votes[1])
     second = propose_decided_block(
         scenario.chain, decided.first, decided.first_state, scenario.validators[1], None, decided.commit,
-        decided.validators, (evidence,), 0,
+        decided.validators, (evidence,),
     )  # fmt: skip
     state = apply_decided_block(decided.first_state, decided.first, second, {}, decided.validators, scenario.chain)
     assert state.stake_of(offender.public_key) == 0 and decided.first_state.stake_of(offender.public_key) > 0
