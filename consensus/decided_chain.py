@@ -62,8 +62,8 @@ class DecidedChain:
     """Valid training blocks on the head, by hash."""
     candidates: dict[bytes, State | None] = field(default_factory=dict)
     """Candidate blocks for the next height that were checked: their state, or None if invalid."""
-    candidate_blocks: dict[bytes, Block] = field(default_factory=dict)
-    """The valid candidates themselves."""
+    candidate_blocks: dict[bytes, tuple[Block, dict[bytes, Block]]] = field(default_factory=dict)
+    """The valid candidates themselves, with the training blocks they name."""
 
     @classmethod
     def from_genesis(cls, chain: Chain, genesis: Block, state: State) -> DecidedChain:
@@ -120,13 +120,18 @@ class DecidedChain:
         try:
             state = self._apply(block, training_blocks)
         except InvalidBlock:
-            self._remember(block, None)
+            self._remember(block, None, {})
             raise
-        self._remember(block, state)
+        self._remember(block, state, dict(training_blocks))
         return state
 
-    def on_decided(self, block: Block, commit: Commit, training_blocks: Mapping[bytes, Block]) -> Decision:
-        """The next height is decided: `block`, with its commit certificate."""
+    def on_decided(
+        self, block: Block, commit: Commit, training_blocks: Mapping[bytes, Block] | None = None
+    ) -> Decision:
+        """The next height is decided: `block`, with its commit certificate (and the
+        training blocks it names; by default those it was checked with as a candidate)."""
+        if training_blocks is None:
+            training_blocks = self.candidate_blocks.get(block.hash, (block, {}))[1]
         if block.header.height != self.height:
             raise StaleBlock(f"height: {block.header.height}, deciding {self.height}")
         if (commit.height, commit.block_hash) != (block.header.height, block.hash):
@@ -169,14 +174,14 @@ class DecidedChain:
         if block.header.timestamp > limit:
             raise InvalidBlock(f"timestamp: {block.header.timestamp} is in the future (limit {limit})")
 
-    def _remember(self, block: Block, state: State | None) -> None:
+    def _remember(self, block: Block, state: State | None, training_blocks: dict[bytes, Block]) -> None:
         if len(self.candidates) >= MAX_CANDIDATES:
             oldest = next(iter(self.candidates))
             del self.candidates[oldest]
             self.candidate_blocks.pop(oldest, None)
         self.candidates[block.hash] = state
         if state is not None:
-            self.candidate_blocks[block.hash] = block
+            self.candidate_blocks[block.hash] = (block, training_blocks)
 
 
 def rank_training_block(block: Block) -> tuple[int, bytes]:

@@ -1,0 +1,195 @@
+"""A node's voting (p2p/voting.py) end to end, in one process: four validator
+nodes, each with its own decided chain, signer record and LevelDB store, the
+devnet model, a real miner, real signatures and evaluations; messages pass
+between them through their own checks. Heights are decided with and without
+training blocks, every node stores the same chain, and a node restarted in
+the middle of a height resumes from its signer record without signing
+anything that conflicts."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from chain.blocks import Block, DecidedBody
+from chain.crypto import PrivateKey, devnet_key
+from chain.store import ChainDB
+from chain.votes import Commit, Proposal, Vote
+from consensus.decided_chain import DecidedChain
+from consensus.voting import TimeoutParameters
+from p2p.signer import SignerRecord, check_signable
+from p2p.voting import BuildBlock, CheckCandidate, Decided, Effect, NodeVoting, Send, SetTimer
+from tests.chain_builders import Scenario
+
+TIMEOUTS = TimeoutParameters(3000, 1000, 1000, 500)
+
+
+@dataclass
+class Member:
+    name: str
+    voting: NodeVoting
+    db: ChainDB
+    directory: Path
+    key: PrivateKey
+    sent: list[Proposal | Vote] = field(default_factory=list)
+
+
+@dataclass
+class Network:
+    """Four nodes; time in milliseconds; every message takes `delay` to arrive."""
+
+    scenario: Scenario
+    members: list[Member]
+    delay: int = 50
+    now: int = 0
+    queue: list[tuple[int, int, int, object]] = field(default_factory=list)
+    sequence: int = 0
+
+    def schedule(self, at: int, index: int, event: object) -> None:
+        self.sequence += 1
+        heapq.heappush(self.queue, (at, self.sequence, index, event))
+
+    def carry_out(self, index: int, effects: list[Effect]) -> None:
+        member = self.members[index]
+        for effect in effects:
+            if isinstance(effect, Send):
+                if not isinstance(effect.message, Commit):
+                    member.sent.append(effect.message)
+                for other in range(len(self.members)):
+                    if other != index:
+                        self.schedule(self.now + self.delay, other, effect.message)
+            elif isinstance(effect, SetTimer):
+                self.schedule(self.now + effect.milliseconds, index, effect)
+            elif isinstance(effect, CheckCandidate):
+                self.schedule(self.now + 10, index, effect)
+            elif isinstance(effect, BuildBlock):
+                block = member.voting.build_block(effect.validator)
+                self.carry_out(index, member.voting.on_value(effect.validator, effect.round, block))
+            elif isinstance(effect, Decided):
+                decision = effect.decision
+                assert decision.commit is not None
+                member.db.import_decision(decision.block, decision.state, decision.commit, decision.training_blocks)
+
+    def fetch(self, block_hash: bytes) -> tuple[Block, dict[bytes, Block]] | None:
+        """A candidate block from whichever node holds it (as sync's `block` request would)."""
+        for member in self.members:
+            found = member.voting.decided.candidate_blocks.get(block_hash)
+            if found is not None:
+                return found
+        return None
+
+    def step(self) -> None:
+        at, _, index, event = heapq.heappop(self.queue)
+        self.now = at
+        member = self.members[index]
+        member.voting.on_tick(self.scenario.node.genesis.timestamp + at // 1000)
+        if isinstance(event, SetTimer):
+            self.carry_out(index, member.voting.on_timeout(event.validator, event.timeout))
+        elif isinstance(event, CheckCandidate):
+            found = self.fetch(event.block_hash)
+            if found is None:
+                return
+            block, training = found
+            try:
+                member.voting.decided.on_candidate(block, training)
+                valid = True
+            except Exception:
+                valid = False
+            self.carry_out(index, member.voting.on_block_checked(event.block_hash, valid))
+        elif isinstance(event, Proposal | Vote | Commit):
+            self.carry_out(index, member.voting.on_message(event))
+
+    def run_until(self, height: int, limit_ms: int = 600_000) -> None:
+        while any(m.voting.height <= height for m in self.members):
+            assert self.queue and self.now < limit_ms, [m.voting.height for m in self.members]
+            self.step()
+
+    def mine(self) -> Block:
+        """A training block on the (common) head, given to every node as gossip would."""
+        decided = self.members[0].voting.decided
+        block = self.scenario.valid_training_block(decided.head.block, decided.head.state)
+        for member in self.members:
+            member.voting.decided.on_training_block(block)
+        return block
+
+
+def make_member(scenario: Scenario, directory: Path, key: PrivateKey) -> Member:
+    genesis, state = scenario.node.checkpoint()
+    decided = DecidedChain.from_genesis(scenario.chain, genesis, state)
+    decided.on_tick(genesis.header.timestamp + 10**6)
+    directory.mkdir(parents=True, exist_ok=True)
+    db = ChainDB(directory / "chain", bytes.fromhex(scenario.node.genesis.hash), genesis, state)
+    voting = NodeVoting(decided, {key.public_key: key}, SignerRecord.open(directory / "signer"), TIMEOUTS)
+    return Member(directory.name, voting, db, directory, key)
+
+
+@pytest.fixture
+def network(tmp_path: Path) -> Iterator[Network]:
+    scenario = Scenario.create(tmp_path / "builder")
+    members = [make_member(scenario, tmp_path / f"node{i}", key) for i, key in enumerate(scenario.validators)]
+    net = Network(scenario, members)
+    yield net
+    for member in net.members:
+        member.db.close()
+    scenario.node.close()
+
+
+def test_heights_decide_with_and_without_updates_and_every_store_agrees(network: Network) -> None:
+    training = network.mine()
+    for index, member in enumerate(network.members):
+        network.carry_out(index, member.voting.start(network.scenario.node.genesis.timestamp))
+    network.run_until(1)
+    network.run_until(2)  # no training block at height 2
+    heads = {m.db.head() for m in network.members}
+    assert len(heads) == 1
+    db = network.members[0].db
+    first, second = db.block(db.canonical_hash(1) or b""), db.block(db.canonical_hash(2) or b"")
+    assert isinstance(first.body, DecidedBody) and [v.training_block for v in first.body.training] == [training.hash]
+    assert isinstance(second.body, DecidedBody) and second.body.training == ()
+    assert second.body.last_commit == db.commit(first.hash)
+    assert second.header.timestamp > first.header.timestamp
+    assert db.block(training.hash) == training
+    for member in network.members:
+        assert member.db.commit(second.hash) is not None
+        assert check_conflicts(member.sent) == []
+
+
+def check_conflicts(sent: list[Proposal | Vote]) -> list[str]:
+    problems = []
+    seen: dict[tuple[int, int, int], Proposal | Vote] = {}
+    for message in sent:
+        key = (message.height, message.round, 0 if isinstance(message, Proposal) else int(message.kind))
+        first = seen.setdefault(key, message)
+        if first.block_hash != message.block_hash:
+            problems.append(f"{first} / {message}")
+    return problems
+
+
+def test_a_node_restarted_in_the_middle_of_a_height_resumes_without_conflicts(network: Network) -> None:
+    network.mine()
+    for index, member in enumerate(network.members):
+        network.carry_out(index, member.voting.start(network.scenario.node.genesis.timestamp))
+    # Run until node 0 has signed something at height 1, then restart it from its record.
+    while not network.members[0].sent:
+        network.step()
+    old = network.members[0]
+    record = SignerRecord.open(old.directory / "signer")
+    saved = record.load(old.key.public_key)
+    assert saved is not None and saved.height == 1
+    genesis, state = network.scenario.node.checkpoint()
+    decided = DecidedChain.from_genesis(network.scenario.chain, genesis, state)
+    decided.on_tick(genesis.header.timestamp + 10**6)
+    for block in old.voting.decided.training.values():
+        decided.on_training_block(block)
+    old.voting = NodeVoting(decided, {old.key.public_key: old.key}, record, TIMEOUTS)
+    network.carry_out(0, old.voting.start(genesis.header.timestamp))
+    for message in old.sent:
+        check_signable(saved, message)
+    network.run_until(1)
+    assert len({m.db.head() for m in network.members}) == 1
+    assert check_conflicts(old.sent) == []
+    assert devnet_key("validator-0").public_key == old.key.public_key
