@@ -341,8 +341,9 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
     import torch
     import trio
 
+    from p2p.backend import NetworkBackend
     from p2p.rpc import RpcServer, load_or_create_token
-    from p2p.service import NetworkBackend, NetworkNode, NodeConfig
+    from p2p.service import NetworkNode, NodeConfig
 
     settings = node_settings(args)
     if settings["log_level"] not in ("debug", "info", "warning", "error"):

@@ -14,7 +14,7 @@ import trio
 from chain.blocks import Block, sign_attestation
 from chain.encoding import pack
 from consensus.proposals import attest
-from p2p.service import ATTEST_QUIET
+from p2p.validator_duties import ATTEST_QUIET
 from p2p.wire import attestation_topic
 from sim.adversaries.base import Adversary
 
