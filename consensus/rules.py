@@ -77,6 +77,8 @@ class Chain:
     _tables: Tables | None = field(default=None, init=False, repr=False)
     _weights: tuple[bytes, CanonicalWeights] | None = field(default=None, init=False, repr=False)
     _losses: OrderedDict[tuple[bytes, str, bytes], int] = field(default_factory=OrderedDict, init=False, repr=False)
+    evaluations: int = field(default=0, init=False)
+    """Canonical evaluations this chain ran (memoized answers not counted): what checking costs."""
 
     @property
     def domain(self) -> Domain:
@@ -113,6 +115,7 @@ class Chain:
         inputs, targets = sample_batch(text, seed, sequences, self.genesis.model.context)
         evaluator = CanonicalEvaluator(self.weights(state), self._tables, make_backend(self.backend, self.device))
         total = evaluator.per_token_losses(inputs, targets).loss_total
+        self.evaluations += 1
         self._losses[key] = total
         if len(self._losses) > 256:
             self._losses.popitem(last=False)
@@ -168,7 +171,9 @@ def genesis_block(genesis: Genesis, state: State) -> Block:
 def compute_assigned_slice(parent: Header, proposer: bytes, slices: int) -> int:
     """(parent.height // 2 + int(sha256(b"potchain/slice" || proposer)[:8])) mod slices.
 
-    parent.height // 2 counts the training blocks decided so far, so each miner
+    parent.height // 2 counts the training blocks decided so far (on a
+    decided block of the voting rounds, its height counts the decided
+    heights, and replaces it), so each miner
     cycles through every slice in turn, from an offset its key fixes (miners
     racing at one height mostly get different slices). Round-robin keeps every
     slice of the chain's model at most `slices - 1` blocks behind a miner's
@@ -176,7 +181,8 @@ def compute_assigned_slice(parent: Header, proposer: bytes, slices: int) -> int:
     (docs/benchmarks.md).
     """
     offset = int.from_bytes(hashlib.sha256(b"potchain/slice" + proposer).digest()[:8], "big")
-    return (parent.height // 2 + offset) % slices
+    decided = parent.height if parent.kind == Kind.DECIDED else parent.height // 2
+    return (decided + offset) % slices
 
 
 def compute_validation_seed(parent_hash: bytes) -> bytes:
@@ -271,7 +277,7 @@ def apply_training_block(state: State, parent: Block, block: Block, chain: Chain
     header, body = block.header, block.body
     if not isinstance(body, TrainingBody):
         raise InvalidBlock("body: a training block needs a training body")
-    if parent.header.kind not in (Kind.GENESIS, Kind.VALIDATION):
+    if parent.header.kind not in (Kind.GENESIS, Kind.VALIDATION, Kind.DECIDED):
         raise InvalidBlock(f"parent: a training block builds on a validation block, not {parent.header.kind.name}")
     validate_header(parent.header, block, chain)
     if header.state_root != state.root:

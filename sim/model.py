@@ -2,27 +2,31 @@
 
 Two parts:
 
-1. **The chain, made by the real rules.** One in-process store mines and
-   validates `rounds` rounds with the reference miner, the devnet validators'
-   attestations and the real fork choice; each block's encoded size and the
-   time the real `on_block` took to validate it are measured.
+1. **The chain, made by the real rules.** Heights are decided as the node
+   decides them (docs/spec.md, sections 15 and 16): the reference miner
+   trains a training block on the decided head; the height's round-0
+   proposer (`compute_proposer_order`) builds the decided block naming it
+   (its ECVRF-seeded test included); the devnet validators sign precommits
+   and the commit certificate decides it. Each block's encoded size, the
+   time a fresh node takes to check it (`DecidedChain.on_training_block`,
+   `on_candidate`) and the canonical evaluations that costs are measured.
 2. **The network, modeled** as a discrete-event simulation: `nodes` nodes,
    each with `degree` random peers (the gossip mesh); a link's latency is
    drawn around `latency_ms` (lognormal, fixed per link); a node's bandwidth
    is `bandwidth_mbps`. As in the real node, a block travels as an
    announcement, the receiver fetches the body from the peer that announced
-   it (a round trip plus size over bandwidth) and validates it (the measured
-   time, one block at a time per node) before announcing it further. The
-   validators (on random nodes) attest after the real node's rule (the
-   leader after a quiet period, the others on the leader's attestation),
-   each attestation costs the evaluation time to make and again to check on
-   every node that relays it, the proposer rotation and the quorum are the
-   real rules' (`get_validation_proposers`, `get_quorum_stake`), and the
-   miner starts the next round once it holds the validation block.
+   it and checks it (the measured time, one at a time per node) before
+   announcing it further. The validators, on random nodes, run the real
+   voting machines (`HeightVoting`): the proposer's block reaches them by
+   gossip, each checks it and prevotes, votes travel the shortest paths
+   between validators, and a height is decided by the machines' own rules;
+   every other node decides once the decided block and its certificate
+   reach it. The miner starts the next height once its node has decided.
 
-It reports per-block propagation times (production to each node's validated
+It reports per-block propagation times (production to each node's checked
 copy), finality lag (training block produced to each node holding its
-validation block) and the round times, like the process mode does.
+decided block), the height times, the rounds each height took, and the
+canonical evaluations a node runs per height.
 """
 
 from __future__ import annotations
@@ -40,22 +44,30 @@ from typing import Any
 
 from chain.blocks import Block, TrainingBody
 from chain.crypto import devnet_key
-from consensus.fork_choice import Store
+from chain.votes import Commit, Proposal, Vote, VoteKind, sign_vote
+from consensus.decided_chain import DecidedChain
+from consensus.decisions import propose_decided_block
 from consensus.genesis import Genesis
-from consensus.proposals import (
-    attest,
-    get_quorum_stake,
-    get_validation_proposers,
-    propose_best_training_block,
-    propose_validation_block,
-)
+from consensus.proposals import propose_best_training_block
 from consensus.rules import Chain, compute_assigned_slice, compute_training_seed, genesis_block, genesis_state
+from consensus.voting import (
+    Broadcast,
+    CheckBlock,
+    Decide,
+    HeightVoting,
+    ProposeValue,
+    ScheduleTimeout,
+    Timeout,
+    TimeoutParameters,
+    ValidatorSet,
+    compute_proposer_order,
+)
 from training.miner import Miner, TrainingConfig
 
-ATTEST_QUIET = 1.5
-"""The real validators' quiet period (p2p/service.py)."""
-QUORUM_GRACE = 0.5
-"""The real proposer's wait for the remaining attestations after a quorum."""
+VOTE_BYTES = 200
+"""A signed vote or proposal on the wire."""
+VOTE_CHECK_SECONDS = 0.0002
+"""Checking one vote's signature."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +79,7 @@ class ModelConfig:
     """Median one-way link latency; the default is loopback's, measured between node processes."""
     bandwidth_mbps: float = 1000.0
     rounds: int = 6
-    """Training blocks to finalize."""
+    """Heights to decide (each with a training block)."""
     steps: int = 10
     """The miner's optimizer steps per block (real training, in this process)."""
     seed: int = 1
@@ -81,92 +93,96 @@ class MeasuredBlock:
     size: int
     """Encoded bytes."""
     validate_seconds: float
-    """Time the real on_block took to validate it (a fresh node's cost)."""
+    """Time a fresh node took to check it."""
     produce_seconds: float
-    """For a training block: the miner's time (training and proofs)."""
+    """The time to make it (training and proofs; building a decided block)."""
+    evaluations: int
+    """Canonical evaluations a fresh node ran to check it."""
 
 
 @dataclass
-class Round:
+class Height:
+    """One decided height, made by the real rules."""
+
     training: MeasuredBlock
-    attestation_seconds: float
-    """Time to make one attestation (and to check one)."""
-    validation: MeasuredBlock
-    attesters: list[bytes]
-    quorum: int
+    decided: MeasuredBlock
     stakes: dict[bytes, int]
-    proposers: list[bytes]
+    """The validators' stakes at this height."""
 
 
-def make_chain(chain: Chain, train_text: bytes, config: ModelConfig, say: Callable[[str], None]) -> list[Round]:
-    """Mine `rounds` rounds through the real rules, timing each step."""
+def make_chain(chain: Chain, train_text: bytes, config: ModelConfig, say: Callable[[str], None]) -> list[Height]:
+    """Decide `rounds` heights through the real rules, timing each step."""
     genesis = chain.genesis
     state = genesis_state(genesis)
-    store = Store.from_anchor(chain, genesis_block(genesis, state), state)
+    decided = DecidedChain.from_genesis(chain, genesis_block(genesis, state), state)
     miner_key = devnet_key(f"model-{config.seed}-miner")
-    validators = [devnet_key(f"validator-{i}") for i in range(len([a for a in genesis.accounts if a.stake]))]
+    validators = {k.public_key: k for k in (devnet_key(f"validator-{i}") for i in range(len(genesis.accounts)))}
+    validators = {address: key for address, key in validators.items() if state.stake_of(address) > 0}
     miner = Miner(chain.weights(state), chain.layout, train_text, TrainingConfig(steps=config.steps))
-    rounds: list[Round] = []
+    heights: list[Height] = []
     attempt = 0
     fresh = Chain(genesis, chain.validation_text, chain.test_text, chain.backend)
     fresh.loss(state, "validation", bytes(32))  # builds the evaluation tables once, outside the timings
-    warm = False  # the first round's timings include one-off compilation: it is mined, then measured again
-    while len(rounds) < config.rounds:
-        parent = store.nodes[store.get_checkpoint()]
-        slice_id = compute_assigned_slice(parent.block.header, miner_key.public_key, genesis.partition.slices)
-        seed = compute_training_seed(parent.block.hash, miner_key.public_key) + attempt.to_bytes(4, "big")
+    warm = False  # the first height's timings include one-off compilation: it is decided, then measured again
+    while len(heights) < config.rounds:
+        head = decided.head
+        parent = head.block
+        slice_id = compute_assigned_slice(parent.header, miner_key.public_key, genesis.partition.slices)
+        seed = compute_training_seed(parent.hash, miner_key.public_key) + attempt.to_bytes(4, "big")
         started = time.perf_counter()
-        work = miner.work(chain.weights(parent.state), slice_id, seed)
-        timestamp = parent.block.header.timestamp + genesis.consensus.target_interval_seconds
-        training = propose_best_training_block(
-            chain, parent.block, parent.state, miner_key, work.values, timestamp, work.steps
-        )
+        work = miner.work(chain.weights(head.state), slice_id, seed)
+        timestamp = parent.header.timestamp + genesis.consensus.target_interval_seconds
+        training = propose_best_training_block(chain, parent, head.state, miner_key, work.values, timestamp, work.steps)
         produce = time.perf_counter() - started
         assert isinstance(training.body, TrainingBody)
         attempt += 1
-        if training.body.loss_before - training.body.loss_after < parent.state.difficulty:
+        if training.body.loss_before - training.body.loss_after < head.state.difficulty:
             continue
         attempt = 0
-        fresh.forget_losses()  # time it as a node that sees the block first
-        fresh_store = Store.from_anchor(fresh, parent.block, parent.state)
-        fresh_store.on_tick(timestamp + 1)
-        store.on_tick(timestamp + 1)
+        decided.on_tick(timestamp + 1)
+        decided.on_training_block(training)
+        validator_set = decided.validators()
+        proposer = validators[compute_proposer_order(validator_set, decided.height)[0]]
         started = time.perf_counter()
-        fresh_store.on_block(training)
+        block = propose_decided_block(
+            chain, parent, head.state, proposer, training, head.commit, decided.head_validators, ()
+        )
+        build = time.perf_counter() - started
+        # A fresh node checks the training block as gossip brings it, then the proposal.
+        checker = DecidedChain(fresh, head, decided.head_validators)
+        checker.on_tick(timestamp + 1)
+        fresh.forget_losses()
+        before = fresh.evaluations
+        started = time.perf_counter()
+        checker.on_training_block(training)
         validate_training = time.perf_counter() - started
-        store.on_block(training)
+        training_evaluations = fresh.evaluations - before
         started = time.perf_counter()
-        attestations = [attest(chain, key, parent.state, training) for key in validators]
-        attestation_seconds = (time.perf_counter() - started) / len(validators)
-        proposers = get_validation_proposers(parent.state, training)
-        leader = next(key for key in validators if key.public_key == proposers[0])
-        validation = propose_validation_block(chain, training, parent.state, leader, attestations, [],
-                                              timestamp + 1)  # fmt: skip
-        for attestation in attestations:  # a node checks each attestation as it arrives by gossip ...
-            fresh_store.on_attestation(attestation)
-        started = time.perf_counter()
-        fresh_store.on_block(validation)  # ... so the block itself then costs only what is left
-        validate_validation = time.perf_counter() - started
-        store.on_block(validation)
-        stakes = {key.public_key: parent.state.stake_of(key.public_key) for key in validators}
+        checker.on_candidate(block, {training.hash: training})
+        validate_decided = time.perf_counter() - started
+        decided_evaluations = fresh.evaluations - before - training_evaluations
+        commit = Commit.of([
+            sign_vote(key, chain.domain, Vote(VoteKind.PRECOMMIT, block.header.height, 0, block.hash,
+                                              block.header.timestamp + 1, address))
+            for address, key in validators.items()
+        ])  # fmt: skip
+        decided.on_decided(block, commit, {training.hash: training})
         if not warm:
             warm = True
-            say(f"real rules: a warm-up round ({produce:.2f} s, validated in {validate_training:.3f} s), not measured")
+            say(f"real rules: a warm-up height ({produce:.2f} s, checked in {validate_training:.3f} s), not measured")
             continue
-        rounds.append(Round(
-            MeasuredBlock(training, len(training.encode()), validate_training, produce),
-            attestation_seconds,
-            MeasuredBlock(validation, len(validation.encode()), validate_validation, 0.0),
-            [key.public_key for key in validators],
-            get_quorum_stake(parent.state, chain),
-            stakes,
-            proposers,
+        heights.append(Height(
+            MeasuredBlock(training, len(training.encode()), validate_training, produce, training_evaluations),
+            MeasuredBlock(block, len(block.encode()) + len(commit.encode()), validate_decided, build,
+                          decided_evaluations),
+            dict(validator_set.stakes),
         ))  # fmt: skip
         say(
-            f"real rules: round {len(rounds)}/{config.rounds}: training block {training.header.height} "
-            f"({len(training.encode())} bytes, produced in {produce:.2f} s, validated in {validate_training:.3f} s)"
+            f"real rules: height {len(heights)}/{config.rounds}: training block {training.header.height} "
+            f"({len(training.encode())} bytes, produced in {produce:.2f} s, checked in {validate_training:.3f} s), "
+            f"decided block checked in {validate_decided:.3f} s"
         )
-    return rounds
+    return heights
 
 
 @dataclass
@@ -233,65 +249,135 @@ def gossip(network: Network, origin: int, start: float, size: int, validate: flo
     return done
 
 
-def simulate(rounds: list[Round], config: ModelConfig, say: Callable[[str], None]) -> dict[str, Any]:
+def vote(
+    network: Network, height: Height, number: int, homes: dict[bytes, int], ready: list[float], busy: list[float]
+) -> tuple[dict[bytes, float], int]:
+    """Run the validators' real voting machines over the modeled network.
+
+    Each validator starts when the training block has reached its node
+    (`ready`); a proposal's block is fetched from the proposer's node and
+    checked (the measured time, when the node's CPU is free); votes travel
+    the shortest paths between validators' nodes. Returns when each
+    validator decided (seconds) and the round it was decided in."""
+    quorum = ValidatorSet(height.stakes, 2, 3)
+    machines = {v: HeightVoting(number, quorum, model_timeouts(height), v) for v in homes}
+    queue: list[tuple[float, int, bytes, object]] = []
+    sequence = 0
+    decided: dict[bytes, float] = {}
+    decided_round = 0
+    block_hash = height.decided.block.hash
+    links: dict[tuple[int, int], float] = {}
+
+    def path(a: int, b: int) -> float:
+        if (a, b) not in links:
+            links[(a, b)] = shortest(network, a, b)
+        return links[(a, b)]
+
+    def push(at: float, validator: bytes, event: object) -> None:
+        nonlocal sequence
+        sequence += 1
+        heapq.heappush(queue, (at, sequence, validator, event))
+
+    def carry_out(validator: bytes, at: float, actions: list[Any]) -> None:
+        nonlocal decided_round
+        home = homes[validator]
+        for action in actions:
+            if isinstance(action, Broadcast):
+                for other, other_home in homes.items():
+                    if other != validator:
+                        push(at + path(home, other_home) + VOTE_CHECK_SECONDS, other, action.message)
+            elif isinstance(action, ProposeValue):
+                push(at + height.decided.produce_seconds, validator, ("value", action.round))
+            elif isinstance(action, CheckBlock):
+                proposer_home = homes[compute_proposer_order(quorum, number)[0]]
+                fetched = (
+                    at + 2 * path(home, proposer_home) + height.decided.size * 8 / (network.config.bandwidth_mbps * 1e6)
+                )
+                done = max(fetched, busy[home]) + height.decided.validate_seconds
+                busy[home] = done
+                push(done, validator, ("checked", action.block_hash))
+            elif isinstance(action, ScheduleTimeout):
+                push(at + action.milliseconds / 1000, validator, action.timeout)
+            elif isinstance(action, Decide):
+                decided[validator] = at
+                decided_round = max(decided_round, action.commit.round)
+
+    for validator in machines:
+        push(ready[homes[validator]], validator, "start")
+    while queue and len(decided) < len(machines):
+        at, _, validator, event = heapq.heappop(queue)
+        machine = machines[validator]
+        if validator in decided:
+            continue
+        machine.on_tick(int(at))
+        if event == "start":
+            actions = machine.start()
+        elif isinstance(event, Timeout):
+            actions = machine.on_timeout(event)
+        elif isinstance(event, tuple) and event[0] == "value":
+            actions = machine.on_value(event[1], block_hash)
+        elif isinstance(event, tuple) and event[0] == "checked":
+            actions = machine.on_block_checked(event[1], event[1] == block_hash)
+        elif isinstance(event, Proposal):
+            actions = machine.on_proposal(event)
+        else:
+            assert isinstance(event, Vote)
+            actions = machine.on_vote(event)
+        carry_out(validator, at, actions)
+    return decided, decided_round
+
+
+def model_timeouts(height: Height) -> TimeoutParameters:
+    """Timeouts sized from the measured costs, as genesis sizes them from the model's
+    evaluation cost: a proposal must be built, fetched and checked within the propose
+    timeout (twice that, plus a second for the network); votes wait a second."""
+    work_ms = int(1000 * (height.decided.produce_seconds + height.decided.validate_seconds))
+    return TimeoutParameters(2 * work_ms + 1000, 1000, 1000, work_ms + 500)
+
+
+def simulate(heights: list[Height], config: ModelConfig, say: Callable[[str], None]) -> dict[str, Any]:
     network = Network.build(config)
     rng = network.rng
     count = config.nodes
-    validators = rounds[0].attesters
+    validators = sorted(heights[0].stakes)
     homes = dict(zip(validators, rng.sample(range(1, count), len(validators)), strict=True))
     miner = 0
     busy = [0.0] * count
     clock = 0.0
     propagation: list[float] = []
     finality: list[float] = []
-    round_seconds: list[float] = []
-    for number, round_ in enumerate(rounds, 1):
-        produced = clock + round_.training.produce_seconds
-        training = gossip(network, miner, produced, round_.training.size, round_.training.validate_seconds, busy)
-        this_round = [t - produced for n, t in enumerate(training) if n != miner]
-        propagation += this_round
-        # Validators: the leader after the quiet period, the others once the leader's attestation reaches them.
-        leader = round_.proposers[0]
-        leader_home = homes[leader]
-        leader_done = training[leader_home] + ATTEST_QUIET + round_.attestation_seconds
-        leader_attestation = gossip(network, leader_home, leader_done, 300, round_.attestation_seconds, busy)
-        made = {leader: leader_done}
-        for validator in validators:
-            if validator != leader:
-                home = homes[validator]
-                made[validator] = max(training[home], leader_attestation[home]) + round_.attestation_seconds
-        # The proposer (the leader) collects attestations until the quorum is in.
-        proposer_home = leader_home
-        arrivals = sorted(
-            (made[v] if homes[v] == proposer_home else made[v] + shortest(network, homes[v], proposer_home), v)
-            for v in validators
-        )
-        stake, quorum_time = 0, math.inf
-        for at, validator in arrivals:
-            stake += round_.stakes[validator]
-            if stake >= round_.quorum:
-                quorum_time = at
-                break
-        everyone = arrivals[-1][0]
-        propose_at = max(quorum_time, min(everyone, quorum_time + QUORUM_GRACE))
-        validation = gossip(network, proposer_home, propose_at, round_.validation.size,
-                            round_.validation.validate_seconds, busy)  # fmt: skip
-        finality += [t - produced for t in validation]
-        clock = validation[miner]
-        round_seconds.append(clock - (produced - round_.training.produce_seconds))
+    height_seconds: list[float] = []
+    rounds: list[int] = []
+    for number, height in enumerate(heights, 1):
+        produced = clock + height.training.produce_seconds
+        training = gossip(network, miner, produced, height.training.size, height.training.validate_seconds, busy)
+        propagation += [t - produced for n, t in enumerate(training) if n != miner]
+        decided, decided_round = vote(network, height, number, homes, training, busy)
+        rounds.append(decided_round)
+        first = min(decided, key=lambda v: decided[v])
+        # The decided block and its certificate spread from the first validator to decide.
+        spread = gossip(network, homes[first], decided[first], height.decided.size,
+                        height.decided.validate_seconds, busy)  # fmt: skip
+        for validator, at in decided.items():
+            spread[homes[validator]] = min(spread[homes[validator]], at)
+        finality += [t - produced for t in spread]
+        clock = spread[miner]
+        height_seconds.append(clock - (produced - height.training.produce_seconds))
         say(
-            f"model: round {number}/{len(rounds)}: propagation p90 {percentile(propagation, 0.9):.3f} s, "
-            f"finality {max(validation) - produced:.2f} s at the slowest node"
+            f"model: height {number}/{len(heights)}: propagation p90 {percentile(propagation, 0.9):.3f} s, "
+            f"decided in round {decided_round}, finality {max(spread) - produced:.2f} s at the slowest node"
         )
     return {
         "nodes": count,
         "degree": config.degree,
         "latency_ms": config.latency_ms,
         "bandwidth_mbps": config.bandwidth_mbps,
-        "rounds": len(rounds),
+        "rounds": len(heights),
         "propagation_seconds": summary(propagation),
         "finality_lag_seconds": summary(finality),
-        "round_seconds": summary(round_seconds),
+        "round_seconds": summary(height_seconds),
+        "voting_rounds_per_height": rounds,
+        "evaluations_per_height_per_node": max(h.training.evaluations + h.decided.evaluations for h in heights),
         "simulated_seconds": round(clock, 2),
         "hops_diameter": diameter(network),
     }
@@ -339,16 +425,18 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def measured_view(round_: Round) -> dict[str, Any]:
-    """What the real rules measured for one round."""
+def measured_view(height: Height) -> dict[str, Any]:
+    """What the real rules measured for one height."""
     return {
-        "height": round_.training.block.header.height,
-        "training_bytes": round_.training.size,
-        "training_validate_seconds": round(round_.training.validate_seconds, 4),
-        "validation_bytes": round_.validation.size,
-        "validation_validate_seconds": round(round_.validation.validate_seconds, 4),
-        "attestation_seconds": round(round_.attestation_seconds, 4),
-        "produce_seconds": round(round_.training.produce_seconds, 3),
+        "height": height.decided.block.header.height,
+        "training_bytes": height.training.size,
+        "training_validate_seconds": round(height.training.validate_seconds, 4),
+        "training_evaluations": height.training.evaluations,
+        "decided_bytes": height.decided.size,
+        "decided_validate_seconds": round(height.decided.validate_seconds, 4),
+        "decided_evaluations": height.decided.evaluations,
+        "build_seconds": round(height.decided.produce_seconds, 4),
+        "produce_seconds": round(height.training.produce_seconds, 3),
     }
 
 
@@ -363,10 +451,10 @@ def run_model(genesis: Genesis, genesis_path: Path, config: ModelConfig, out: Pa
     directory = chunk_directory(genesis_path, genesis)
     chain = Chain(genesis, load_split(genesis.dataset, directory, "validation"),
                   load_split(genesis.dataset, directory, "test"))  # fmt: skip
-    rounds = make_chain(chain, load_split(genesis.dataset, directory, "train"), config, say)
+    heights = make_chain(chain, load_split(genesis.dataset, directory, "train"), config, say)
     measured = time.perf_counter() - started
-    result = simulate(rounds, config, say)
+    result = simulate(heights, config, say)
     result["real_rules_seconds"] = round(measured, 1)
-    result["measured"] = [measured_view(r) for r in rounds]
+    result["measured"] = [measured_view(h) for h in heights]
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result

@@ -91,5 +91,10 @@ def test_model_mode_reports_propagation_and_finality(tmp_path: Path) -> None:
     for key in ("propagation_seconds", "finality_lag_seconds", "round_seconds"):
         assert 0 < report[key]["median"] <= report[key]["p90"] <= report[key]["max"]
     assert all(m["training_bytes"] > 0 and m["training_validate_seconds"] > 0 for m in report["measured"])
+    # Heights decided by the real voting machines; a node checks a height with four evaluations
+    # (the training block's two, the decided block's out-of-sample test's two).
+    assert report["voting_rounds_per_height"] == [0, 0]
+    assert all(m["training_evaluations"] == 2 and m["decided_evaluations"] == 2 for m in report["measured"])
+    assert report["evaluations_per_height_per_node"] == 4
     assert report["finality_lag_seconds"]["median"] > report["propagation_seconds"]["median"]
     assert run_potchain("sim", "--mode", "model", "--nodes", "3", "--out", str(out)).returncode == 2
