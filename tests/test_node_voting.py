@@ -8,6 +8,7 @@ anything that conflicts."""
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from chain.crypto import PrivateKey, devnet_key
 from chain.store import ChainDB
 from chain.votes import Commit, Proposal, Vote
 from consensus.decided_chain import DecidedChain
+from consensus.rules import StaleBlock
 from consensus.voting import TimeoutParameters
 from p2p.signer import SignerRecord, check_signable
 from p2p.voting import BuildBlock, CheckCandidate, Decided, Effect, NodeVoting, Send, SetTimer
@@ -193,3 +195,38 @@ def test_a_node_restarted_in_the_middle_of_a_height_resumes_without_conflicts(ne
     assert len({m.db.head() for m in network.members}) == 1
     assert check_conflicts(old.sent) == []
     assert devnet_key("validator-0").public_key == old.key.public_key
+
+
+def test_a_miner_publishing_a_fresh_valid_variant_every_second_cannot_freeze_the_height(network: Network) -> None:
+    """The wave-1 freeze: each new candidate restarted the validators' quiet timer. Here
+    training blocks are only the proposal's inputs: a variant arriving every simulated
+    second changes nothing about when the height is decided."""
+    decided = network.members[0].voting.decided
+    genesis, state = decided.head.block, decided.head.state
+    variants = [
+        network.scenario.valid_training_block(genesis, state, timestamp=genesis.header.timestamp + 10 + i)
+        for i in range(6)
+    ]
+    assert len({v.hash for v in variants}) == len(variants)
+    network.delay = 700  # voting spans seconds, so the variants arrive while it goes on
+    arrived = 0
+    for index, member in enumerate(network.members):
+        member.voting.decided.on_training_block(variants[0])
+        network.carry_out(index, member.voting.start(network.scenario.node.genesis.timestamp))
+    for second, variant in enumerate(variants[1:], 1):
+        for index in range(len(network.members)):
+            network.schedule(second * 1000, index, variant)
+    while any(m.voting.height <= 1 for m in network.members):
+        at, _, index, event = network.queue[0]
+        if isinstance(event, Block):
+            heapq.heappop(network.queue)
+            network.now = at
+            with contextlib.suppress(StaleBlock):
+                network.members[index].voting.decided.on_training_block(event)
+                arrived += 1
+            continue
+        network.step()
+    decision = network.members[0].voting.decided.head
+    assert decision.commit is not None and decision.commit.round == 0
+    assert arrived >= 2 * len(network.members)  # at least two variants reached every node while it voted
+    assert len({m.db.head() for m in network.members}) == 1
