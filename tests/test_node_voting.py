@@ -230,3 +230,15 @@ def test_a_miner_publishing_a_fresh_valid_variant_every_second_cannot_freeze_the
     assert decision.commit is not None and decision.commit.round == 0
     assert arrived >= 2 * len(network.members)  # at least two variants reached every node while it voted
     assert len({m.db.head() for m in network.members}) == 1
+
+
+def test_without_any_miner_heights_go_on_deciding(network: Network) -> None:
+    """A network whose miners cannot meet the difficulty (here: none mines) keeps deciding heights."""
+    for index, member in enumerate(network.members):
+        network.carry_out(index, member.voting.start(network.scenario.node.genesis.timestamp))
+    network.run_until(3)
+    db = network.members[0].db
+    for height in (1, 2, 3):
+        block = db.block(db.canonical_hash(height) or b"")
+        assert isinstance(block.body, DecidedBody) and block.body.training == ()
+    assert len({m.db.head() for m in network.members}) == 1
