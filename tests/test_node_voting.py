@@ -9,6 +9,7 @@ anything that conflicts."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import pytest
 from chain.blocks import Block, DecidedBody
 from chain.crypto import PrivateKey, devnet_key
 from chain.store import ChainDB
-from chain.votes import Commit, Proposal, Vote
+from chain.votes import Commit, Proposal, Vote, sign_vote
 from consensus.decided_chain import DecidedChain
 from consensus.rules import StaleBlock
 from consensus.voting import TimeoutParameters
@@ -242,3 +243,28 @@ def test_without_any_miner_heights_go_on_deciding(network: Network) -> None:
         block = db.block(db.canonical_hash(height) or b"")
         assert isinstance(block.body, DecidedBody) and block.body.training == ()
     assert len({m.db.head() for m in network.members}) == 1
+
+
+def test_an_equivocating_validator_is_slashed_by_the_next_decided_block(network: Network) -> None:
+    """Validator 3 signs a second prevote (nil) beside its real one at height 1: the
+    others keep the evidence, the next proposer includes it, and its stake goes to 0."""
+    offender = network.members[3].key
+    domain = network.scenario.chain.domain
+    for index, member in enumerate(network.members):
+        network.carry_out(index, member.voting.start(network.scenario.node.genesis.timestamp))
+    while not any(isinstance(m, Vote) for m in network.members[3].sent):
+        network.step()
+    real = next(m for m in network.members[3].sent if isinstance(m, Vote))
+    other = None if real.block_hash is not None else bytes(32)
+    twin = sign_vote(offender, domain, dataclasses.replace(real, block_hash=other, signature=b""))
+    for index in range(3):
+        network.schedule(network.now + 1, index, twin)
+    network.run_until(2)
+    db = network.members[0].db
+    second = db.block(db.canonical_hash(2) or b"")
+    assert isinstance(second.body, DecidedBody)
+    assert [e.first.validator if isinstance(e.first, Vote) else b"" for e in second.body.evidence] == [
+        offender.public_key
+    ]
+    assert db.state(second.hash).stake_of(offender.public_key) == 0
+    network.run_until(3)  # the three others decide on
