@@ -139,6 +139,8 @@ class Request:
     - block [hash]: one block by hash.
     - slice [hash]: one slice's content (int16 values) by its SHA-256.
     - chunk [hex digest]: a dataset chunk file by its content hash.
+    - decided [start_height, count]: decided blocks from a height, each as
+      [block, commit certificate, [training blocks it names]] (count <= 32).
     """
 
     method: str
@@ -148,7 +150,7 @@ class Request:
         return pack([self.method, *self.arguments])
 
 
-METHODS = {"status": 0, "headers": 2, "blocks": 2, "block": 1, "slice": 1, "chunk": 1}
+METHODS = {"status": 0, "headers": 2, "blocks": 2, "block": 1, "slice": 1, "chunk": 1, "decided": 2}
 
 
 def decode_request(data: bytes) -> Request:
@@ -160,7 +162,7 @@ def decode_request(data: bytes) -> Request:
         raise DecodeError(f"request: unknown method {method!r}")
     if len(arguments) != METHODS[method]:
         raise DecodeError(f"request {method}: {len(arguments)} arguments, want {METHODS[method]}")
-    if method in ("headers", "blocks"):
+    if method in ("headers", "blocks", "decided"):
         start, count = arguments
         if not (isinstance(start, int) and isinstance(count, int) and start >= 0 and 0 < count <= 32):
             raise DecodeError(f"request {method}: want [start >= 0, 0 < count <= 32]")

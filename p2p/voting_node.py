@@ -1,0 +1,449 @@
+"""The networked node on voting rounds: libp2p gossip and sync around a `NodeVoting`.
+
+`VotingNode.run()` starts a libp2p host, serves the sync protocol, joins two
+gossip topics and runs until cancelled:
+
+- **blocks** (`/potchain/<chain id>/blocks/1`): announcements of training
+  blocks (the proposal's inputs). A training block is fetched from the peer
+  that relayed it and checked (`DecidedChain.on_training_block`) before it
+  is relayed.
+- **votes** (`/potchain/<chain id>/votes/1`): proposals, votes and commit
+  certificates, each `[type, fields]` (1 vote, 2 proposal, 3 commit). A
+  message is checked by `NodeVoting.on_message` (signature, the sender's
+  stake, the round's proposer) before it is relayed; an invalid one costs
+  its sender.
+- **sync**: `status` and `block [hash]` as in p2p/sync.py, and
+  `decided [start, count]`: decided blocks with their commit certificates
+  and the training blocks they name. A node behind its peers imports them
+  (each checked, certificate and all) and then votes on the next height.
+
+The voting effects run here: a message is gossiped after the key's signer
+state is on disk (`NodeVoting` saves it), timers sleep in the nursery, a
+candidate block (and the training blocks it names) is fetched from peers
+and checked in a worker thread, a proposer's block is built in a worker
+thread, and a decision is written to the store in one atomic batch.
+
+It composes the parts the attestation node (p2p/service.py) uses: the host,
+the wire format, peer scores. It has no miner and no RPC yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+from chain.blocks import Block, DecidedBody, Kind, decode_block
+from chain.crypto import PrivateKey
+from chain.encoding import DecodeError, Fields, pack, unpack
+from chain.votes import Commit, Proposal, Vote, decode_commit
+from consensus.rules import InvalidBlock, StaleBlock, UnknownParent
+from consensus.voting import InvalidVote, TimeoutParameters
+from p2p.decided_node import DecidedNode
+from p2p.host import load_or_create_node_key, make_host, make_pubsub
+from p2p.peers import PENALTY_INVALID, PENALTY_MALFORMED, PeerBook
+from p2p.signer import SignerRecord
+from p2p.voting import BuildBlock, CheckCandidate, Decided, Effect, NodeVoting, Send, SetTimer
+from p2p.wire import (
+    ERROR,
+    MAX_BLOCKS_PER_REQUEST,
+    MAX_GOSSIP_BYTES,
+    NOT_FOUND,
+    OK,
+    Announcement,
+    ProtocolError,
+    Request,
+    StatusMessage,
+    block_topic,
+    decode_request,
+    read_frame,
+    read_response,
+    sync_protocol,
+    write_frame,
+    write_response,
+)
+
+log = logging.getLogger("potchain.node")
+
+REQUEST_TIMEOUT = 20.0
+SYNC_INTERVAL = 2.0
+VOTE_MESSAGE_TYPES = {Vote: 1, Proposal: 2, Commit: 3}
+
+
+def votes_topic(chain_id: str) -> str:
+    return f"/potchain/{chain_id}/votes/1"
+
+
+def encode_voting_message(message: Proposal | Vote | Commit) -> bytes:
+    return pack([VOTE_MESSAGE_TYPES[type(message)], message.fields()])
+
+
+def decode_voting_message(data: bytes) -> Proposal | Vote | Commit:
+    f = Fields(unpack(data, "voting message", MAX_GOSSIP_BYTES), "voting message", ("type", "message"))
+    kind = f.integer("type", 1, 3)
+    if kind == 1:
+        return Vote.from_fields(f.raw("message"))
+    if kind == 2:
+        return Proposal.from_fields(f.raw("message"))
+    return Commit.from_fields(f.raw("message"))
+
+
+@dataclass
+class VotingNodeConfig:
+    """How to run one voting node."""
+
+    listen: str = "/ip4/127.0.0.1/tcp/0"
+    bootstrap: list[str] = field(default_factory=list)
+    validator_keys: list[PrivateKey] = field(default_factory=list)
+    timeouts: TimeoutParameters = field(default_factory=lambda: TimeoutParameters(4000, 1500, 1500, 1000))
+    proposal_wait_seconds: float = 2.0
+    """How long a proposer waits for a training block on the head before proposing without one
+    (node policy: a height decides without an update, but miners get a moment to offer one)."""
+
+
+class VotingNode:
+    """See the module docstring."""
+
+    def __init__(self, node: DecidedNode, config: VotingNodeConfig) -> None:
+        self.node = node
+        self.config = config
+        self.chain_id = node.genesis.chain_id
+        self.peers = PeerBook()
+        self.voting = NodeVoting(
+            node.decided,
+            {key.public_key: key for key in config.validator_keys},
+            SignerRecord.open(node.datadir / "signer"),
+            config.timeouts,
+        )
+        self.host: IHost | None = None
+        self.pubsub: Pubsub | None = None
+        self.listen_addresses: list[str] = []
+        self._tasks: trio.Nursery | None = None
+        self._stop: trio.CancelScope | None = None
+        self._checking: set[bytes] = set()
+        self.decisions = trio.Event()
+        """Set (and replaced) at every decision, for waiters."""
+
+    @property
+    def peer_id(self) -> str:
+        assert self.host is not None
+        return str(self.host.get_id())
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.cancel()
+
+    async def run(self, on_started: Callable[[VotingNode], Awaitable[None] | None] | None = None) -> None:
+        host = make_host(load_or_create_node_key(self.node.datadir / "node_key"))
+        pubsub, router = make_pubsub(host)
+        self.host, self.pubsub = host, pubsub
+        async with trio.open_nursery() as outer:
+            listen = [multiaddr.Multiaddr(self.config.listen)]
+            async with host.run(listen_addrs=listen), background_trio_service(pubsub), background_trio_service(router):
+                await pubsub.wait_until_ready()
+                host.set_stream_handler(TProtocol(sync_protocol(self.chain_id)), self._serve_sync)
+                self.listen_addresses = [str(address) for address in host.get_addrs()]
+                async with trio.open_nursery() as tasks:
+                    self._stop, self._tasks = tasks.cancel_scope, tasks
+                    topics: list[tuple[str, Callable[[ID, rpc_pb2.Message], Awaitable[bool]]]] = [
+                        (block_topic(self.chain_id), self._validate_block_message),
+                        (votes_topic(self.chain_id), self._validate_voting_message),
+                    ]
+                    for topic, validator in topics:
+                        pubsub.set_topic_validator(topic, validator, True)
+                        subscription = await pubsub.subscribe(topic)
+                        tasks.start_soon(self._drain, subscription)
+                    tasks.start_soon(self._dial_loop)
+                    tasks.start_soon(self._sync_loop)
+                    with self.node.lock:
+                        effects = self.voting.start(int(time.time()))
+                    await self._carry_out(effects)
+                    if on_started is not None:
+                        result = on_started(self)
+                        if result is not None:
+                            await result
+            outer.cancel_scope.cancel()
+        pubsub.seen_messages.stop()
+
+    # --- effects ----------------------------------------------------------------
+
+    async def _carry_out(self, effects: list[Effect]) -> None:
+        assert self._tasks is not None
+        for effect in effects:
+            if isinstance(effect, Send):
+                await self._publish(votes_topic(self.chain_id), encode_voting_message(effect.message))
+            elif isinstance(effect, SetTimer):
+                self._tasks.start_soon(self._timer, effect)
+            elif isinstance(effect, CheckCandidate):
+                if effect.block_hash not in self._checking:
+                    self._checking.add(effect.block_hash)
+                    self._tasks.start_soon(self._check_candidate, effect.block_hash)
+            elif isinstance(effect, BuildBlock):
+                self._tasks.start_soon(self._build, effect)
+            elif isinstance(effect, Decided):
+                await trio.to_thread.run_sync(self.node.store, effect.decision)
+                log.info("decided height %d %s", effect.decision.block.header.height,
+                         effect.decision.block.hash.hex()[:16])  # fmt: skip
+                self._checking.clear()
+                self.decisions.set()
+                self.decisions = trio.Event()
+
+    async def _timer(self, effect: SetTimer) -> None:
+        await trio.sleep(effect.milliseconds / 1000)
+        with self.node.lock:
+            self.voting.on_tick(int(time.time()))
+            effects = self.voting.on_timeout(effect.validator, effect.timeout)
+        await self._carry_out(effects)
+
+    async def _build(self, effect: BuildBlock) -> None:
+        deadline = trio.current_time() + self.config.proposal_wait_seconds
+        while not self.node.decided.training and trio.current_time() < deadline:
+            await trio.sleep(0.1)
+        if effect.height != self.voting.height:
+            return
+        block = await trio.to_thread.run_sync(self._locked_build, effect.validator)
+        with self.node.lock:
+            effects = self.voting.on_value(effect.validator, effect.round, block)
+        await self._carry_out(effects)
+
+    def _locked_build(self, validator: bytes) -> Block:
+        with self.node.lock:
+            return self.voting.build_block(validator)
+
+    async def _check_candidate(self, block_hash: bytes) -> None:
+        """Fetch a proposed block and the training blocks it names, check it, tell the machines."""
+        height = self.voting.height
+        block = self.node.block_by_hash(block_hash) or await self._fetch_any(block_hash)
+        if block is None or height != self.voting.height:
+            self._checking.discard(block_hash)
+            return
+        training: dict[bytes, Block] = {}
+        if isinstance(block.body, DecidedBody):
+            for verdict in block.body.training:
+                named = self.node.block_by_hash(verdict.training_block) or await self._fetch_any(verdict.training_block)
+                if named is not None:
+                    training[named.hash] = named
+        try:
+            await trio.to_thread.run_sync(self.node.check_candidate, block, training)
+            valid = True
+        except InvalidBlock as error:
+            log.info("candidate %s invalid: %s", block_hash.hex()[:16], error)
+            valid = False
+        with self.node.lock:
+            effects = self.voting.on_block_checked(block_hash, valid) if height == self.voting.height else []
+        await self._carry_out(effects)
+
+    # --- gossip -----------------------------------------------------------------
+
+    async def _drain(self, subscription: Any) -> None:
+        while True:
+            await subscription.get()
+
+    async def _publish(self, topic: str, data: bytes) -> None:
+        assert self.pubsub is not None
+        await self.pubsub.publish(topic, data)
+
+    async def publish_training_block(self, block: Block) -> None:
+        """Keep a training block (ours, say) and announce it."""
+        await trio.to_thread.run_sync(self.node.on_training_block, block)
+        await self._publish(block_topic(self.chain_id), Announcement.of(block).encode())
+
+    def _own(self, forwarder: ID) -> bool:
+        return self.host is not None and forwarder == self.host.get_id()
+
+    async def _validate_voting_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
+        if self._own(forwarder):
+            return True
+        peer = str(forwarder)
+        try:
+            decoded = decode_voting_message(message.data)
+        except (DecodeError, ValueError) as error:
+            self.peers.penalize(peer, PENALTY_MALFORMED, f"voting message: {error}")
+            return False
+        if decoded.height < self.voting.height:
+            return False  # an earlier height: stale, not a fault
+        try:
+            with self.node.lock:
+                self.voting.on_tick(int(time.time()))
+                effects = self.voting.on_message(decoded)
+        except InvalidVote as error:
+            self.peers.penalize(peer, PENALTY_INVALID, f"voting message: {error}")
+            log.warning("rejected voting message from %s: %s", peer, error)
+            return False
+        await self._carry_out(effects)
+        return True
+
+    async def _validate_block_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
+        if self._own(forwarder):
+            return True
+        peer = str(forwarder)
+        try:
+            announcement = Announcement.decode(message.data)
+        except DecodeError as error:
+            self.peers.penalize(peer, PENALTY_MALFORMED, f"announcement: {error}")
+            return False
+        if announcement.header.kind != Kind.TRAINING:
+            return False
+        if announcement.block_hash in self.node.decided.training:
+            return True
+        block = await self._fetch(forwarder, announcement.block_hash)
+        if block is None:
+            return False
+        try:
+            await trio.to_thread.run_sync(self.node.on_training_block, block)
+        except (StaleBlock, UnknownParent):
+            return False
+        except InvalidBlock as error:
+            self.peers.penalize(peer, PENALTY_INVALID, f"training block: {error}")
+            return False
+        return True
+
+    # --- sync -------------------------------------------------------------------
+
+    async def request(self, peer: ID, request: Request) -> bytes | None:
+        assert self.host is not None
+        with trio.fail_after(REQUEST_TIMEOUT):
+            stream = await self.host.new_stream(peer, [TProtocol(sync_protocol(self.chain_id))])
+            try:
+                await write_frame(stream, request.encode())
+                status, payload = await read_response(stream)
+            finally:
+                await stream.close()
+        if status == NOT_FOUND:
+            return None
+        if status != OK:
+            raise ProtocolError(f"{request.method}: peer error {payload.decode(errors='replace')}")
+        return payload
+
+    async def _fetch(self, peer: ID, block_hash: bytes) -> Block | None:
+        try:
+            data = await self.request(peer, Request("block", (block_hash,)))
+            block = decode_block(data) if data is not None else None
+        except (DecodeError, ProtocolError, trio.TooSlowError, OSError, Exception) as error:
+            log.info("fetching %s from %s failed: %s", block_hash.hex()[:16], peer, error)
+            return None
+        if block is not None and block.hash != block_hash:
+            self.peers.penalize(str(peer), PENALTY_MALFORMED, "served another block than asked")
+            return None
+        return block
+
+    async def _fetch_any(self, block_hash: bytes) -> Block | None:
+        assert self.host is not None
+        for peer in self.host.get_connected_peers():
+            block = await self._fetch(peer, block_hash)
+            if block is not None:
+                return block
+        return None
+
+    async def _serve_sync(self, stream: INetStream) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                try:
+                    request = decode_request(await read_frame(stream))
+                except (DecodeError, ProtocolError) as error:
+                    self.peers.penalize(peer, PENALTY_MALFORMED, f"sync request: {error}")
+                    await write_response(stream, ERROR, str(error).encode())
+                    return
+                payload = await trio.to_thread.run_sync(self._answer, request)
+                await write_response(stream, OK if payload is not None else NOT_FOUND, payload or b"")
+        except Exception as error:
+            log.debug("sync stream from %s failed: %s", peer, error)
+        finally:
+            await stream.close()
+
+    def _answer(self, request: Request) -> bytes | None:
+        node = self.node
+        if request.method == "status":
+            head = node.head().block
+            genesis = bytes.fromhex(node.genesis.hash)
+            return StatusMessage(genesis, head.header.height, head.hash, head.header.height, head.hash).encode()
+        if request.method == "block":
+            block = node.block_by_hash(request.arguments[0])
+            return None if block is None else block.encode()
+        if request.method == "decided":
+            start, count = request.arguments
+            entries: list[Any] = []
+            for height in range(max(1, start), start + min(count, MAX_BLOCKS_PER_REQUEST)):
+                block = node.block_at(height)
+                commit = None if block is None else node.commit_of(block.hash)
+                if block is None or commit is None or not isinstance(block.body, DecidedBody):
+                    break
+                named = [node.block_by_hash(v.training_block) for v in block.body.training]
+                entries.append([block.encode(), commit.encode(), [b.encode() for b in named if b is not None]])
+            return pack(entries)
+        return None
+
+    async def _sync_loop(self) -> None:
+        while True:
+            assert self.host is not None
+            for peer in list(self.host.get_connected_peers()):
+                if self.peers.is_banned(str(peer)):
+                    continue
+                try:
+                    payload = await self.request(peer, Request("status"))
+                    status = StatusMessage.decode(payload or b"")
+                except Exception as error:
+                    log.debug("status from %s failed: %s", peer, error)
+                    continue
+                if status.head_height >= self.voting.height:
+                    await self._sync_from(peer)
+            await trio.sleep(SYNC_INTERVAL)
+
+    async def _sync_from(self, peer: ID) -> None:
+        """Import a peer's decided blocks above our head, each with its certificate; then vote on."""
+        moved = False
+        try:
+            payload = await self.request(peer, Request("decided", (self.voting.height, MAX_BLOCKS_PER_REQUEST)))
+            entries = unpack(payload or pack([]), "decided", 64 << 20)
+            for entry in entries:
+                f = Fields(entry, "decided entry", ("block", "commit", "training"))
+                block = decode_block(f.binary("block"))
+                commit = decode_commit(f.binary("commit"))
+                training = {b.hash: b for b in (decode_block(data) for data in f.array("training"))}
+                if block.header.height != self.voting.height:
+                    break
+                await trio.to_thread.run_sync(self.node.import_decided, block, commit, training)
+                moved = True
+                log.info("synced decided height %d from %s", block.header.height, peer)
+        except (DecodeError, InvalidBlock) as error:
+            self.peers.penalize(str(peer), PENALTY_INVALID, f"decided: {error}")
+        except Exception as error:
+            log.debug("sync from %s failed: %s", peer, error)
+        if moved:
+            with self.node.lock:
+                effects = self.voting.start(int(time.time()))
+            await self._carry_out(effects)
+            self.decisions.set()
+            self.decisions = trio.Event()
+
+    async def _dial_loop(self) -> None:
+        assert self.host is not None
+        while True:
+            connected = {str(peer) for peer in self.host.get_connected_peers()}
+            for address in self.config.bootstrap:
+                try:
+                    info = info_from_p2p_addr(multiaddr.Multiaddr(address))
+                except Exception as error:
+                    log.error("bootstrap address %s: %s", address, error)
+                    continue
+                if str(info.peer_id) in connected or self.peers.is_banned(str(info.peer_id)):
+                    continue
+                try:
+                    with trio.fail_after(5):
+                        await self.host.connect(info)
+                except Exception as error:
+                    log.debug("dial %s failed: %s", address, error)
+            await trio.sleep(1.0)

@@ -1,0 +1,76 @@
+"""Voting nodes on real libp2p hosts over loopback TCP: four validators decide
+heights by voting rounds, include a gossiped training block, store the same
+chain; a fifth node that starts late catches up by sync, certificates and all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from chain.blocks import DecidedBody
+from consensus.rules import StaleBlock
+from genesis import DEVNET
+from p2p.decided_node import DecidedNode
+from p2p.voting_node import VotingNode, VotingNodeConfig
+from tests.chain_builders import Scenario
+
+
+def test_four_validators_decide_heights_over_libp2p_and_a_late_node_syncs(tmp_path: Path) -> None:
+    scenario = Scenario.create(tmp_path / "builder")
+    stores = [DecidedNode(DEVNET, tmp_path / f"node{i}") for i in range(5)]
+    nodes: list[VotingNode] = []
+    top = 0
+
+    async def main() -> None:
+        nonlocal top
+        async with trio.open_nursery() as nursery:
+            for index in range(4):
+                bootstrap = [f"{nodes[0].listen_addresses[0]}/p2p/{nodes[0].peer_id}"] if nodes else []
+                config = VotingNodeConfig(bootstrap=bootstrap, validator_keys=[scenario.validators[index]])
+                node = VotingNode(stores[index], config)
+                ready = trio.Event()
+                nursery.start_soon(node.run, lambda _, ready=ready: ready.set())
+                await ready.wait()
+                nodes.append(node)
+            with trio.fail_after(240):
+                while min(n.voting.height for n in nodes) < 2:
+                    await trio.sleep(0.2)
+                while True:  # a training block on the current head (heights go on meanwhile)
+                    head = stores[0].head()
+                    training = await trio.to_thread.run_sync(scenario.valid_training_block, head.block, head.state)
+                    try:
+                        await nodes[0].publish_training_block(training)
+                        break
+                    except StaleBlock:
+                        continue
+                target = stores[0].head().block.header.height + 3
+                while min(n.voting.height for n in nodes) < target:
+                    await trio.sleep(0.2)
+            top = min(n.voting.height for n in nodes) - 1
+            named = [
+                verdict.training_block
+                for height in range(1, top + 1)
+                for verdict in getattr(stores[0].block_at(height), "body", DecidedBody((), None)).training
+            ]
+            assert training.hash in named
+            late = VotingNode(
+                stores[4], VotingNodeConfig(bootstrap=[f"{nodes[1].listen_addresses[0]}/p2p/{nodes[1].peer_id}"])
+            )
+            nursery.start_soon(late.run)
+            with trio.fail_after(120):
+                while late.voting.height <= top:
+                    await trio.sleep(0.2)
+            for node in [*nodes, late]:
+                node.stop()
+
+    try:
+        trio.run(main)
+        for height in range(1, top + 1):
+            blocks = {store.block_at(height) for store in stores}
+            assert len(blocks) == 1 and None not in blocks
+            assert all(store.commit_of(store.block_at(height).hash) is not None for store in stores)  # type: ignore[union-attr]
+    finally:
+        for store in stores:
+            store.close()
+        scenario.node.close()
