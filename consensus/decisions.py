@@ -171,7 +171,7 @@ def compute_decided_state(
         raise InvalidBlock("body: a decided block needs a decided body")
     if parent.header.kind not in (Kind.GENESIS, Kind.DECIDED):
         raise InvalidBlock(f"parent: a decided block follows a decided block, not {parent.header.kind.name}")
-    validate_header(parent.header, block, chain)
+    validate_header(parent.header, block, chain, same_time_allowed=True)
     if state.stake_of(header.proposer) <= 0:
         raise InvalidBlock("proposer: not a validator")
 
@@ -227,7 +227,8 @@ def compute_block_time(parent: Block, last_commit: Commit | None, previous_valid
     """The timestamp the decided block after `parent` carries: its parent's commit
     time (`compute_commit_time`), or the parent's timestamp + 1 after genesis (no
     commit, and no proposer's clock to trust). Honest validators stamp their
-    votes above the time of the block they vote on, so it always rises."""
+    votes no earlier than the time of the block they vote on, so it never falls
+    (and never runs ahead of their clocks when heights come faster than seconds)."""
     if last_commit is None or previous_validators is None:
         return parent.header.timestamp + 1
     return compute_commit_time(last_commit, previous_validators)

@@ -237,7 +237,9 @@ def compute_difficulty(difficulty: int, interval: int, genesis: Genesis) -> int:
 # --- The state transition ----------------------------------------------------
 
 
-def validate_header(parent: Header, block: Block, chain: Chain) -> None:
+def validate_header(parent: Header, block: Block, chain: Chain, same_time_allowed: bool = False) -> None:
+    """The rules every block's header follows; `same_time_allowed` lets a decided block
+    share its parent's time (its time is the parent's commit time, section 16)."""
     header = block.header
     if header.chain_id != chain.genesis.chain_id:
         raise InvalidBlock(f"chain_id: got {header.chain_id!r}, want {chain.genesis.chain_id!r}")
@@ -245,7 +247,7 @@ def validate_header(parent: Header, block: Block, chain: Chain) -> None:
         raise InvalidBlock(f"parent: got {header.parent.hex()}, want {parent.hash.hex()}")
     if header.height != parent.height + 1:
         raise InvalidBlock(f"height: got {header.height}, want {parent.height + 1}")
-    if header.timestamp <= parent.timestamp:
+    if header.timestamp < parent.timestamp or (header.timestamp == parent.timestamp and not same_time_allowed):
         raise InvalidBlock(f"timestamp: got {header.timestamp}, must exceed the parent's {parent.timestamp}")
     if header.body_hash != body_hash(block.body):
         raise InvalidBlock(f"body_hash: got {header.body_hash.hex()}, want {body_hash(block.body).hex()}")

@@ -111,6 +111,8 @@ class NodeVoting:
     """Messages for the next height."""
     evidence: dict[bytes, EquivocationEvidence] = field(default_factory=dict)
     """Equivocations seen and not yet in a decided block, by offender."""
+    signed: list[Proposal | Vote] = field(default_factory=list)
+    """Every message our keys signed at this height (gossip re-sends them: see `resend`)."""
     own_precommits: dict[tuple[bytes, int], Vote] = field(default_factory=dict)
     """Our signed precommits at this height by (validator, round): the machines keep
     our messages unsigned, and a commit certificate needs the signatures."""
@@ -187,6 +189,12 @@ class NodeVoting:
     def on_tick(self, now: int) -> None:
         self.time = max(self.time, now)
 
+    def resend(self) -> list[Effect]:
+        """Our messages of the latest two rounds at this height, to gossip again: a
+        peer that missed them (it restarted, or gossip lost them) still counts them."""
+        latest = max((message.round for message in self.signed), default=0)
+        return [Send(message) for message in self.signed if message.round >= latest - 1]
+
     # --- building ---------------------------------------------------------------
 
     def build_block(self, validator: bytes) -> Block:
@@ -209,10 +217,9 @@ class NodeVoting:
     # --- internals ----------------------------------------------------------------
 
     def _vote_time(self) -> int:
-        """Our clock, but above the time of the block being decided, so block times rise."""
+        """Our clock, but no earlier than the time of the block being decided, so block times never fall."""
         head = self.decided.head
-        floor = compute_block_time(head.block, head.commit, self.decided.head_validators) + 1
-        return max(self.time, floor)
+        return max(self.time, compute_block_time(head.block, head.commit, self.decided.head_validators))
 
     def _feed(self, event: Callable[[HeightVoting], list[Action]], skip: bytes | None = None) -> list[Effect]:
         """Give an event to every machine of this height; stop if the height is decided."""
@@ -270,11 +277,15 @@ class NodeVoting:
     def _sign(self, key: bytes, machine: HeightVoting, message: Proposal | Vote) -> Proposal | Vote:
         self.record.save_before_signing(key, machine.signer_state(), message)
         domain = self.decided.chain.domain
+        signed: Proposal | Vote
         if isinstance(message, Proposal):
-            return sign_proposal(self.keys[key], domain, message)
-        signed = sign_vote(self.keys[key], domain, message)
-        if signed.kind == VoteKind.PRECOMMIT:
-            self.own_precommits[(key, signed.round)] = signed
+            signed = sign_proposal(self.keys[key], domain, message)
+        else:
+            signed = sign_vote(self.keys[key], domain, message)
+            if signed.kind == VoteKind.PRECOMMIT:
+                self.own_precommits[(key, signed.round)] = signed
+        if signed not in self.signed:
+            self.signed.append(signed)
         return signed
 
     def _keep_evidence(self, action: Equivocation) -> None:
@@ -296,6 +307,7 @@ class NodeVoting:
         commit = replace(commit, signatures=tuple(signatures))
         decision = self.decided.on_decided(candidate[0], commit)
         self.own_precommits.clear()
+        self.signed.clear()
         for offender in [o for o in self.evidence if decision.state.stake_of(o) <= 0]:
             del self.evidence[offender]
         effects: list[Effect] = [Decided(decision), Send(commit)]

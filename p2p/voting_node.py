@@ -79,6 +79,11 @@ log = logging.getLogger("potchain.node")
 
 REQUEST_TIMEOUT = 20.0
 SYNC_INTERVAL = 2.0
+RESEND_INTERVAL = 3.0
+FETCH_ATTEMPTS = 40
+FETCH_RETRY_SECONDS = 0.5
+"""A candidate block is asked for again every half second, up to 20 s, while its height lasts."""
+"""Seconds between re-sends of our latest voting messages."""
 VOTE_MESSAGE_TYPES = {Vote: 1, Proposal: 2, Commit: 3}
 
 
@@ -167,6 +172,7 @@ class VotingNode:
                         tasks.start_soon(self._drain, subscription)
                     tasks.start_soon(self._dial_loop)
                     tasks.start_soon(self._sync_loop)
+                    tasks.start_soon(self._resend_loop)
                     with self.node.lock:
                         effects = self.voting.start(int(time.time()))
                     await self._carry_out(effects)
@@ -225,7 +231,13 @@ class VotingNode:
     async def _check_candidate(self, block_hash: bytes) -> None:
         """Fetch a proposed block and the training blocks it names, check it, tell the machines."""
         height = self.voting.height
-        block = self.node.block_by_hash(block_hash) or await self._fetch_any(block_hash)
+        block = self.node.block_by_hash(block_hash)
+        for _ in range(FETCH_ATTEMPTS):  # a peer may get the block only after we asked: ask again
+            if block is not None or height != self.voting.height:
+                break
+            block = await self._fetch_any(block_hash)
+            if block is None:
+                await trio.sleep(FETCH_RETRY_SECONDS)
         if block is None or height != self.voting.height:
             self._checking.discard(block_hash)
             return
@@ -428,6 +440,15 @@ class VotingNode:
             await self._carry_out(effects)
             self.decisions.set()
             self.decisions = trio.Event()
+
+    async def _resend_loop(self) -> None:
+        """Gossip our latest messages again every few seconds: a peer that restarted, or
+        missed them while its connections formed, counts them then (it ignores repeats)."""
+        while True:
+            await trio.sleep(RESEND_INTERVAL)
+            with self.node.lock:
+                effects = self.voting.resend()
+            await self._carry_out(effects)
 
     async def _dial_loop(self) -> None:
         assert self.host is not None

@@ -74,3 +74,54 @@ def test_four_validators_decide_heights_over_libp2p_and_a_late_node_syncs(tmp_pa
         for store in stores:
             store.close()
         scenario.node.close()
+
+
+def test_a_whole_network_restarted_in_the_middle_of_a_height_resumes(tmp_path: Path) -> None:
+    """Every node stops at once while a height is being voted on, and starts again from
+    its data directory: the signer records resume their rounds and re-send what they
+    signed (never anything conflicting: the records would refuse it), and heights go on."""
+    scenario = Scenario.create(tmp_path / "builder")
+    keys = scenario.validators
+
+    async def run_network(stop_when: int) -> int:
+        stores = [DecidedNode(DEVNET, tmp_path / f"node{i}") for i in range(4)]
+        nodes: list[VotingNode] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                for index in range(4):
+                    bootstrap = [f"{nodes[0].listen_addresses[0]}/p2p/{nodes[0].peer_id}"] if nodes else []
+                    node = VotingNode(
+                        stores[index], VotingNodeConfig(bootstrap=bootstrap, validator_keys=[keys[index]])
+                    )
+                    ready = trio.Event()
+                    nursery.start_soon(node.run, lambda _, ready=ready: ready.set())
+                    await ready.wait()
+                    nodes.append(node)
+                with trio.fail_after(240):
+                    while min(n.voting.height for n in nodes) < stop_when:
+                        await trio.sleep(0.1)
+                    # Stop in the middle of the next height: once someone signed something there.
+                    while not any(n.voting.signed for n in nodes):
+                        await trio.sleep(0.05)
+                for node in nodes:
+                    node.stop()
+            return min(store.head().block.header.height for store in stores)
+        finally:
+            for store in stores:
+                store.close()
+
+    async def main() -> None:
+        reached = await run_network(stop_when=2)
+        resumed = await run_network(stop_when=reached + 3)
+        assert resumed >= reached + 2
+
+    try:
+        trio.run(main)
+        stores = [DecidedNode(DEVNET, tmp_path / f"node{i}") for i in range(4)]
+        top = min(store.head().block.header.height for store in stores)
+        for height in range(1, top + 1):
+            assert len({store.block_at(height) for store in stores}) == 1
+        for store in stores:
+            store.close()
+    finally:
+        scenario.node.close()
