@@ -24,7 +24,7 @@ and checked in a worker thread, a proposer's block is built in a worker
 thread, and a decision is written to the store in one atomic batch.
 
 It composes the parts the attestation node (p2p/service.py) uses: the host,
-the wire format, peer scores. It has no miner and no RPC yet.
+the wire format, peer scores, the reference miner. It has no RPC yet.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import multiaddr
+import numpy as np
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
@@ -45,12 +46,15 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
-from chain.blocks import Block, DecidedBody, Kind, decode_block
+from chain.blocks import Block, DecidedBody, Kind, TrainingBody, decode_block
 from chain.crypto import PrivateKey
 from chain.encoding import DecodeError, Fields, pack, unpack
+from chain.state import State
 from chain.votes import Commit, Proposal, Vote, decode_commit
-from consensus.rules import InvalidBlock, StaleBlock, UnknownParent
+from consensus.proposals import propose_best_training_block
+from consensus.rules import InvalidBlock, StaleBlock, UnknownParent, compute_assigned_slice, compute_training_seed
 from consensus.voting import InvalidVote, TimeoutParameters
+from genesis import chunk_directory
 from p2p.decided_node import DecidedNode
 from p2p.host import load_or_create_node_key, make_host, make_pubsub
 from p2p.peers import PENALTY_INVALID, PENALTY_MALFORMED, PeerBook
@@ -74,6 +78,8 @@ from p2p.wire import (
     write_frame,
     write_response,
 )
+from training.data import load_split
+from training.miner import Miner, TrainingConfig
 
 log = logging.getLogger("potchain.node")
 
@@ -113,6 +119,10 @@ class VotingNodeConfig:
     bootstrap: list[str] = field(default_factory=list)
     validator_keys: list[PrivateKey] = field(default_factory=list)
     timeouts: TimeoutParameters = field(default_factory=lambda: TimeoutParameters(4000, 1500, 1500, 1000))
+    miner_key: PrivateKey | None = None
+    """Mine with this key (None: do not mine)."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """The miner's training configuration."""
     proposal_wait_seconds: float = 2.0
     """How long a proposer waits for a training block on the head before proposing without one
     (node policy: a height decides without an update, but miners get a moment to offer one)."""
@@ -173,6 +183,8 @@ class VotingNode:
                     tasks.start_soon(self._dial_loop)
                     tasks.start_soon(self._sync_loop)
                     tasks.start_soon(self._resend_loop)
+                    if self.config.miner_key is not None:
+                        tasks.start_soon(self._mine_loop, self.config.miner_key)
                     with self.node.lock:
                         effects = self.voting.start(int(time.time()))
                     await self._carry_out(effects)
@@ -440,6 +452,52 @@ class VotingNode:
             await self._carry_out(effects)
             self.decisions.set()
             self.decisions = trio.Event()
+
+    async def _mine_loop(self, key: PrivateKey) -> None:
+        """Train on the decided head and publish a training block that meets the difficulty;
+        when a decided block confirms one of ours, the miner keeps its local progress."""
+        node, genesis = self.node, self.node.genesis
+        directory = chunk_directory(node.genesis_path, genesis)
+        train_text = await trio.to_thread.run_sync(lambda: load_split(genesis.dataset, directory, "train"))
+        miner = Miner(node.chain.weights(node.head().state), node.chain.layout, train_text, self.config.training)
+        mined: dict[bytes, Block] = {}
+        attempts, last_head = 0, b""
+        while True:
+            head = node.head()
+            parent, state = head.block, head.state
+            if parent.hash != last_head:
+                for verdict in parent.body.training if isinstance(parent.body, DecidedBody) else ():
+                    ours = mined.get(verdict.training_block)
+                    if ours is not None and verdict.gain > 0 and isinstance(ours.body, TrainingBody):
+                        miner.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
+                mined = {h: b for h, b in mined.items() if b.header.parent == parent.hash}
+                last_head, attempts = parent.hash, 0
+            if any(b.header.parent == parent.hash for b in mined.values()):
+                await trio.sleep(0.5)
+                continue
+            slice_id = compute_assigned_slice(parent.header, key.public_key, genesis.partition.slices)
+            seed = compute_training_seed(parent.hash, key.public_key) + attempts.to_bytes(4, "big")
+            work = await trio.to_thread.run_sync(miner.work, node.chain.weights(state), slice_id, seed)
+            attempts += 1
+            timestamp = max(int(time.time()), parent.header.timestamp + 1)
+            block = await trio.to_thread.run_sync(self._locked_propose, parent, state, key, work.values, timestamp,
+                                                  work.steps)  # fmt: skip
+            assert isinstance(block.body, TrainingBody)
+            gain = block.body.loss_before - block.body.loss_after
+            if node.head().block.hash != parent.hash or gain < state.difficulty:
+                continue  # the head moved while we trained, or too little gain: train on
+            try:
+                await self.publish_training_block(block)
+            except (StaleBlock, UnknownParent):
+                continue
+            mined[block.hash] = block
+            log.info("mined training block on height %d gain %d slice %d", parent.header.height, gain, slice_id)
+
+    def _locked_propose(
+        self, parent: Block, state: State, key: PrivateKey, values: np.ndarray, timestamp: int, steps: int
+    ) -> Block:
+        with self.node.lock:
+            return propose_best_training_block(self.node.chain, parent, state, key, values, timestamp, steps)
 
     async def _resend_loop(self) -> None:
         """Gossip our latest messages again every few seconds: a peer that restarted, or

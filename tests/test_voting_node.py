@@ -9,11 +9,14 @@ from pathlib import Path
 import trio
 
 from chain.blocks import DecidedBody
+from chain.crypto import devnet_key
 from consensus.rules import StaleBlock
 from genesis import DEVNET
 from p2p.decided_node import DecidedNode
+from p2p.full_node import mean_loss
 from p2p.voting_node import VotingNode, VotingNodeConfig
 from tests.chain_builders import Scenario
+from training.miner import TrainingConfig
 
 
 def test_four_validators_decide_heights_over_libp2p_and_a_late_node_syncs(tmp_path: Path) -> None:
@@ -125,3 +128,49 @@ def test_a_whole_network_restarted_in_the_middle_of_a_height_resumes(tmp_path: P
             store.close()
     finally:
         scenario.node.close()
+
+
+def test_a_miner_s_updates_are_confirmed_out_of_sample_and_the_test_loss_falls(tmp_path: Path) -> None:
+    """Four validators and a miner: decided blocks confirm the miner's updates on test
+    batches seeded by the proposers' ECVRF outputs, and the model's test loss falls."""
+    keys = Scenario.create(tmp_path / "builder").validators
+    stores = [DecidedNode(DEVNET, tmp_path / f"node{i}") for i in range(4)]
+    nodes: list[VotingNode] = []
+    training = TrainingConfig(steps=10, batch_sequences=16, warmup_steps=1)
+
+    def confirmed(store: DecidedNode) -> int:
+        return sum(
+            1
+            for height in range(1, store.head().block.header.height + 1)
+            for verdict in getattr(store.block_at(height), "body", DecidedBody((), None)).training
+            if verdict.gain > 0
+        )
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for index in range(4):
+                bootstrap = [f"{nodes[0].listen_addresses[0]}/p2p/{nodes[0].peer_id}"] if nodes else []
+                miner = devnet_key("miner-0") if index == 0 else None
+                config = VotingNodeConfig(bootstrap=bootstrap, validator_keys=[keys[index]], miner_key=miner,
+                                          training=training)  # fmt: skip
+                node = VotingNode(stores[index], config)
+                ready = trio.Event()
+                nursery.start_soon(node.run, lambda _, ready=ready: ready.set())
+                await ready.wait()
+                nodes.append(node)
+            with trio.fail_after(300):
+                while confirmed(stores[1]) < 2:
+                    await trio.sleep(0.5)
+            for node in nodes:
+                node.stop()
+
+    try:
+        trio.run(main)
+        head = stores[1].head()
+        genesis_state = stores[1].db.state(stores[1].genesis_block.hash)
+        assert mean_loss(stores[1].chain, head.state, "test") < mean_loss(stores[1].chain, genesis_state, "test")
+        miner = devnet_key("miner-0").public_key
+        assert head.state.accounts[miner].balance > 0  # paid for confirmed updates
+    finally:
+        for store in stores:
+            store.close()
