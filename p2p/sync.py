@@ -49,6 +49,22 @@ REQUEST_TIMEOUT = 20.0
 SYNC_INTERVAL = 2.0
 
 
+async def send_request(host: IHost, chain_id: str, peer: ID, request: Request) -> bytes | None:
+    """One sync request on its own stream; the payload, or None when the peer has no such object."""
+    with trio.fail_after(REQUEST_TIMEOUT):
+        stream = await host.new_stream(peer, [TProtocol(sync_protocol(chain_id))])
+        try:
+            await write_frame(stream, request.encode())
+            status, payload = await read_response(stream)
+        finally:
+            await stream.close()
+    if status == NOT_FOUND:
+        return None
+    if status != OK:
+        raise ProtocolError(f"{request.method}: peer error {payload.decode(errors='replace')}")
+    return payload
+
+
 class SyncMixin:
     """`NetworkNode`'s sync protocol, server and client; see the module docstring."""
 
@@ -71,18 +87,7 @@ class SyncMixin:
     async def request(self, peer: ID, request: Request) -> bytes | None:
         """One sync request; the payload, or None when the peer has no such object."""
         assert self.host is not None
-        with trio.fail_after(REQUEST_TIMEOUT):
-            stream = await self.host.new_stream(peer, [TProtocol(sync_protocol(self.chain_id))])
-            try:
-                await write_frame(stream, request.encode())
-                status, payload = await read_response(stream)
-            finally:
-                await stream.close()
-        if status == NOT_FOUND:
-            return None
-        if status != OK:
-            raise ProtocolError(f"{request.method}: peer error {payload.decode(errors='replace')}")
-        return payload
+        return await send_request(self.host, self.chain_id, peer, request)
 
     async def _serve_sync(self, stream: INetStream) -> None:
         peer = str(stream.muxed_conn.peer_id)

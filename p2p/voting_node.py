@@ -59,6 +59,7 @@ from p2p.decided_node import DecidedNode
 from p2p.host import load_or_create_node_key, make_host, make_pubsub
 from p2p.peers import PENALTY_INVALID, PENALTY_MALFORMED, PeerBook
 from p2p.signer import SignerRecord
+from p2p.sync import REQUEST_TIMEOUT, send_request
 from p2p.voting import BuildBlock, CheckCandidate, Decided, Effect, NodeVoting, Send, SetTimer
 from p2p.wire import (
     ERROR,
@@ -73,9 +74,7 @@ from p2p.wire import (
     block_topic,
     decode_request,
     read_frame,
-    read_response,
     sync_protocol,
-    write_frame,
     write_response,
 )
 from training.data import load_split
@@ -83,7 +82,6 @@ from training.miner import Miner, TrainingConfig
 
 log = logging.getLogger("potchain.node")
 
-REQUEST_TIMEOUT = 20.0
 SYNC_INTERVAL = 2.0
 RESEND_INTERVAL = 3.0
 FETCH_ATTEMPTS = 40
@@ -338,18 +336,7 @@ class VotingNode:
 
     async def request(self, peer: ID, request: Request) -> bytes | None:
         assert self.host is not None
-        with trio.fail_after(REQUEST_TIMEOUT):
-            stream = await self.host.new_stream(peer, [TProtocol(sync_protocol(self.chain_id))])
-            try:
-                await write_frame(stream, request.encode())
-                status, payload = await read_response(stream)
-            finally:
-                await stream.close()
-        if status == NOT_FOUND:
-            return None
-        if status != OK:
-            raise ProtocolError(f"{request.method}: peer error {payload.decode(errors='replace')}")
-        return payload
+        return await send_request(self.host, self.chain_id, peer, request)
 
     async def _fetch(self, peer: ID, block_hash: bytes) -> Block | None:
         try:
