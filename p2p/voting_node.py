@@ -121,9 +121,11 @@ class VotingNodeConfig:
     """Mine with this key (None: do not mine)."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """The miner's training configuration."""
-    proposal_wait_seconds: float = 2.0
+    proposal_wait_seconds: float | None = None
     """How long a proposer waits for a training block on the head before proposing without one
-    (node policy: a height decides without an update, but miners get a moment to offer one)."""
+    (node policy: a height decides without an update, but miners get time to offer one).
+    None: a quarter of the propose timeout, so the validators still receive and check the
+    block in time; a miner that misses a height offers its block on the next."""
 
 
 class VotingNode:
@@ -224,7 +226,10 @@ class VotingNode:
         await self._carry_out(effects)
 
     async def _build(self, effect: BuildBlock) -> None:
-        deadline = trio.current_time() + self.config.proposal_wait_seconds
+        wait = self.config.proposal_wait_seconds
+        if wait is None:
+            wait = self.config.timeouts.propose_ms / 4000
+        deadline = trio.current_time() + wait
         while not self.node.decided.training and trio.current_time() < deadline:
             await trio.sleep(0.1)
         if effect.height != self.voting.height:
@@ -466,13 +471,19 @@ class VotingNode:
             seed = compute_training_seed(parent.hash, key.public_key) + attempts.to_bytes(4, "big")
             work = await trio.to_thread.run_sync(miner.work, node.chain.weights(state), slice_id, seed)
             attempts += 1
+            values = work.values
+            head = node.head()
+            if head.block.hash != parent.hash:  # decided on while we trained: offer the work on the new head
+                parent, state = head.block, head.state
+                slice_id = compute_assigned_slice(parent.header, key.public_key, genesis.partition.slices)
+                values = await trio.to_thread.run_sync(miner.values, node.chain.weights(state), slice_id)
             timestamp = max(int(time.time()), parent.header.timestamp + 1)
-            block = await trio.to_thread.run_sync(self._locked_propose, parent, state, key, work.values, timestamp,
+            block = await trio.to_thread.run_sync(self._locked_propose, parent, state, key, values, timestamp,
                                                   work.steps)  # fmt: skip
             assert isinstance(block.body, TrainingBody)
             gain = block.body.loss_before - block.body.loss_after
             if node.head().block.hash != parent.hash or gain < state.difficulty:
-                continue  # the head moved while we trained, or too little gain: train on
+                continue  # decided on again, or too little gain: train on
             try:
                 await self.publish_training_block(block)
             except (StaleBlock, UnknownParent):

@@ -11,6 +11,7 @@ import trio
 from chain.blocks import DecidedBody
 from chain.crypto import devnet_key
 from consensus.rules import StaleBlock
+from consensus.voting import TimeoutParameters
 from genesis import DEVNET
 from p2p.decided_node import DecidedNode
 from p2p.full_node import mean_loss
@@ -30,7 +31,10 @@ def test_four_validators_decide_heights_over_libp2p_and_a_late_node_syncs(tmp_pa
         async with trio.open_nursery() as nursery:
             for index in range(4):
                 bootstrap = [f"{nodes[0].listen_addresses[0]}/p2p/{nodes[0].peer_id}"] if nodes else []
-                config = VotingNodeConfig(bootstrap=bootstrap, validator_keys=[scenario.validators[index]])
+                config = VotingNodeConfig(
+                    bootstrap=bootstrap, validator_keys=[scenario.validators[index]],
+                    timeouts=TimeoutParameters(8000, 1500, 1500, 1000), proposal_wait_seconds=3.0,
+                )  # fmt: skip
                 node = VotingNode(stores[index], config)
                 ready = trio.Event()
                 nursery.start_soon(node.run, lambda _, ready=ready: ready.set())

@@ -131,10 +131,14 @@ class Miner:
         self.model.train()
         for step in range(self.config.steps):
             self._train_step(seed + step.to_bytes(4, "big"), masks)
+        return Work(slice_id, self.values(chain, slice_id), self.config.steps)
+
+    def values(self, chain: CanonicalWeights, slice_id: int) -> np.ndarray:
+        """The local model's values for a slice, quantized like the chain's (no training):
+        when the chain moved on while we trained, the work goes to the slice the new head assigns."""
         state = self.model.state_dict()
         quantized = chain.replace({name: quantize(state[name], chain.exponents[name]) for name in chain.tensors})
-        values = self.layout.extract(quantized, slice_id)
-        return Work(slice_id, values, self.config.steps)
+        return self.layout.extract(quantized, slice_id)
 
     def published(self, slice_id: int, values: np.ndarray) -> None:
         """Record that the chain accepted these values for a slice (they may be a
