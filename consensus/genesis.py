@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from consensus.voting import TimeoutParameters
 from training.data import SPLITS, DatasetManifest, Document
 from training.evaluate import ProgramBoundsError, validate_program_bounds
 from training.model import ModelConfig
@@ -26,6 +27,15 @@ EVALUATION_PROGRAM = "potchain-int-1"
 PARTITION_SCHEMES = ("random-mask",)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+TIMEOUT_MS_MAX = 3_600_000
+"""The largest base or increment of a voting timeout genesis may set (one hour)."""
+CHECK_EVALUATIONS = 4
+"""Canonical evaluations to build or check a proposed block: the training
+block's claim (validation loss before and after) and the out-of-sample test
+(test loss before and after)."""
+TIMEOUT_SAFETY = 2
+"""Margin on the proposal's compute: nodes slower than the machine that
+measured the evaluation, or busy with other blocks' checks."""
 
 
 class GenesisError(ValueError):
@@ -62,12 +72,68 @@ class ConsensusParameters:
     """See quorum_numerator."""
     max_future_seconds: int
     """A block's timestamp may be at most this far past the receiving node's clock."""
-    round_timeout_seconds: int
-    """A training block not validated within this time is orphaned (node policy)."""
+    timeout_propose_ms: int
+    """Voting rounds: how long a validator waits, from the start of a round,
+    for the round's proposal and for fetching and checking the proposed block
+    before it prevotes nil. Derived from the measured evaluation cost
+    (`compute_timeouts`)."""
+    timeout_prevote_ms: int
+    """How long a validator waits for more prevotes once 2/3 of stake
+    prevoted for different things, before it precommits nil."""
+    timeout_precommit_ms: int
+    """How long a validator waits for more precommits once 2/3 of stake
+    precommitted for different things, before it moves to the next round."""
+    timeout_increment_ms: int
+    """Added to each of the three timeouts per round (round r waits base + r *
+    increment), so that a network slower than genesis assumed still decides."""
     block_reward: int
     """Units minted per finalized training block."""
     miner_share_percent: int
     """The miner's share of the block reward; attesting validators split the rest by stake."""
+
+    @property
+    def timeouts(self) -> TimeoutParameters:
+        """The voting rounds' timeouts (consensus.voting)."""
+        return TimeoutParameters(
+            propose_ms=self.timeout_propose_ms,
+            prevote_ms=self.timeout_prevote_ms,
+            precommit_ms=self.timeout_precommit_ms,
+            increment_ms=self.timeout_increment_ms,
+        )
+
+
+def compute_timeouts(evaluation_ms: int, network_ms: int, transfer_ms: int) -> dict[str, int]:
+    """The voting timeouts genesis fixes, from what a round's work costs.
+
+    `evaluation_ms`: one canonical evaluation (a validation or test batch) on
+    the slowest machine the network is meant for; `network_ms`: one message's
+    delay across the network (gossip hops included); `transfer_ms`: fetching
+    the proposed blocks (a training block carries a whole slice). Integers in,
+    the four genesis fields (`consensus.timeout_*_ms`) out:
+
+    - propose: the proposer builds its block (CHECK_EVALUATIONS evaluations),
+      the proposal crosses the network, a validator fetches the blocks and
+      checks them (CHECK_EVALUATIONS more); a second network delay for the
+      skew between nodes' round starts; the compute and transfer times by
+      TIMEOUT_SAFETY.
+    - prevote, precommit: votes need no evaluation, but a node finishing an
+      evaluation (another block's check) handles a vote only afterwards:
+      one network delay and one evaluation.
+    - increment: one more fetch and check (and message) per round, so that
+      when genesis underestimated the work, a few rounds outgrow it.
+    """
+    if evaluation_ms < 1 or network_ms < 0 or transfer_ms < 0:
+        raise ValueError(
+            f"compute_timeouts({evaluation_ms}, {network_ms}, {transfer_ms}): want evaluation >= 1, rest >= 0"
+        )
+    check_ms = transfer_ms + CHECK_EVALUATIONS * evaluation_ms
+    build_ms = CHECK_EVALUATIONS * evaluation_ms
+    return {
+        "timeout_propose_ms": 2 * network_ms + TIMEOUT_SAFETY * (build_ms + check_ms),
+        "timeout_prevote_ms": network_ms + evaluation_ms,
+        "timeout_precommit_ms": network_ms + evaluation_ms,
+        "timeout_increment_ms": network_ms + check_ms,
+    }
 
 
 @dataclass(frozen=True)
@@ -295,7 +361,10 @@ def parse_genesis(raw: bytes) -> Genesis:
         quorum_numerator=consensus_fields.integer("quorum_numerator", 1, 1 << 16),
         quorum_denominator=consensus_fields.integer("quorum_denominator", 1, 1 << 16),
         max_future_seconds=consensus_fields.integer("max_future_seconds", 0, 3600),
-        round_timeout_seconds=consensus_fields.integer("round_timeout_seconds", 1, 86400),
+        timeout_propose_ms=consensus_fields.integer("timeout_propose_ms", 1, TIMEOUT_MS_MAX),
+        timeout_prevote_ms=consensus_fields.integer("timeout_prevote_ms", 1, TIMEOUT_MS_MAX),
+        timeout_precommit_ms=consensus_fields.integer("timeout_precommit_ms", 1, TIMEOUT_MS_MAX),
+        timeout_increment_ms=consensus_fields.integer("timeout_increment_ms", 1, TIMEOUT_MS_MAX),
         block_reward=consensus_fields.integer("block_reward", 0, 2**62),
         miner_share_percent=consensus_fields.integer("miner_share_percent", 0, 100),
     )

