@@ -116,7 +116,8 @@ class VotingNodeConfig:
     listen: str = "/ip4/127.0.0.1/tcp/0"
     bootstrap: list[str] = field(default_factory=list)
     validator_keys: list[PrivateKey] = field(default_factory=list)
-    timeouts: TimeoutParameters = field(default_factory=lambda: TimeoutParameters(4000, 1500, 1500, 1000))
+    timeouts: TimeoutParameters | None = None
+    """The voting timeouts; None: genesis's (`consensus.timeout_*_ms`, sized from the model's evaluation cost)."""
     miner_key: PrivateKey | None = None
     """Mine with this key (None: do not mine)."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -136,11 +137,12 @@ class VotingNode:
         self.config = config
         self.chain_id = node.genesis.chain_id
         self.peers = PeerBook()
+        self.timeouts = config.timeouts or node.genesis.consensus.timeouts
         self.voting = NodeVoting(
             node.decided,
             {key.public_key: key for key in config.validator_keys},
             SignerRecord.open(node.datadir / "signer"),
-            config.timeouts,
+            self.timeouts,
         )
         self.host: IHost | None = None
         self.pubsub: Pubsub | None = None
@@ -228,7 +230,7 @@ class VotingNode:
     async def _build(self, effect: BuildBlock) -> None:
         wait = self.config.proposal_wait_seconds
         if wait is None:
-            wait = self.config.timeouts.propose_ms / 4000
+            wait = self.timeouts.propose_ms / 4000
         deadline = trio.current_time() + wait
         while not self.node.decided.training and trio.current_time() < deadline:
             await trio.sleep(0.1)

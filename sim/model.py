@@ -47,7 +47,7 @@ from chain.crypto import devnet_key
 from chain.votes import Commit, Proposal, Vote, VoteKind, sign_vote
 from consensus.decided_chain import DecidedChain
 from consensus.decisions import propose_decided_block
-from consensus.genesis import Genesis
+from consensus.genesis import Genesis, compute_timeouts
 from consensus.proposals import propose_best_training_block
 from consensus.rules import Chain, compute_assigned_slice, compute_training_seed, genesis_block, genesis_state
 from consensus.voting import (
@@ -260,7 +260,7 @@ def vote(
     the shortest paths between validators' nodes. Returns when each
     validator decided (seconds) and the round it was decided in."""
     quorum = ValidatorSet(height.stakes, 2, 3)
-    machines = {v: HeightVoting(number, quorum, model_timeouts(height), v) for v in homes}
+    machines = {v: HeightVoting(number, quorum, model_timeouts(height, network.config), v) for v in homes}
     queue: list[tuple[float, int, bytes, object]] = []
     sequence = 0
     decided: dict[bytes, float] = {}
@@ -327,12 +327,16 @@ def vote(
     return decided, decided_round
 
 
-def model_timeouts(height: Height) -> TimeoutParameters:
-    """Timeouts sized from the measured costs, as genesis sizes them from the model's
-    evaluation cost: a proposal must be built, fetched and checked within the propose
-    timeout (twice that, plus a second for the network); votes wait a second."""
-    work_ms = int(1000 * (height.decided.produce_seconds + height.decided.validate_seconds))
-    return TimeoutParameters(2 * work_ms + 1000, 1000, 1000, work_ms + 500)
+def model_timeouts(height: Height, config: ModelConfig) -> TimeoutParameters:
+    """The timeouts genesis would fix (`compute_timeouts`) from the costs measured in this run:
+    one evaluation is half a decided block's check (its two test evaluations)."""
+    evaluation_ms = max(1, int(500 * height.decided.validate_seconds))
+    transfer_ms = int(height.training.size * 8 / (config.bandwidth_mbps * 1000))
+    fields = compute_timeouts(evaluation_ms, network_ms=100, transfer_ms=transfer_ms)
+    return TimeoutParameters(
+        fields["timeout_propose_ms"], fields["timeout_prevote_ms"], fields["timeout_precommit_ms"],
+        fields["timeout_increment_ms"],
+    )  # fmt: skip
 
 
 def simulate(heights: list[Height], config: ModelConfig, say: Callable[[str], None]) -> dict[str, Any]:
