@@ -182,11 +182,11 @@ class VotingNode:
                         pubsub.set_topic_validator(topic, validator, True)
                         subscription = await pubsub.subscribe(topic)
                         tasks.start_soon(self._drain, subscription)
-                    tasks.start_soon(self._dial_loop)
-                    tasks.start_soon(self._sync_loop)
-                    tasks.start_soon(self._resend_loop)
+                    tasks.start_soon(self._guarded, self._dial_loop)
+                    tasks.start_soon(self._guarded, self._sync_loop)
+                    tasks.start_soon(self._guarded, self._resend_loop)
                     if self.config.miner_key is not None:
-                        tasks.start_soon(self._mine_loop, self.config.miner_key)
+                        tasks.start_soon(self._guarded, self._mine_loop, self.config.miner_key)
                     with self.node.lock:
                         effects = self.voting.start(int(time.time()))
                     await self._carry_out(effects)
@@ -197,6 +197,19 @@ class VotingNode:
             outer.cancel_scope.cancel()
         pubsub.seen_messages.stop()
 
+    async def _guarded(self, task: Callable[..., Awaitable[None]], *arguments: Any) -> None:
+        """Run a task; an unexpected error is logged and the task restarted a second later
+        (a loop) or dropped (a one-off effect): a bug in one part must not stop the node."""
+        while True:
+            try:
+                await task(*arguments)
+                return
+            except Exception:
+                log.exception("task %s failed", task.__name__)
+                if not task.__name__.endswith("_loop"):
+                    return
+                await trio.sleep(1.0)
+
     # --- effects ----------------------------------------------------------------
 
     async def _carry_out(self, effects: list[Effect]) -> None:
@@ -205,13 +218,13 @@ class VotingNode:
             if isinstance(effect, Send):
                 await self._publish(votes_topic(self.chain_id), encode_voting_message(effect.message))
             elif isinstance(effect, SetTimer):
-                self._tasks.start_soon(self._timer, effect)
+                self._tasks.start_soon(self._guarded, self._timer, effect)
             elif isinstance(effect, CheckCandidate):
                 if effect.block_hash not in self._checking:
                     self._checking.add(effect.block_hash)
-                    self._tasks.start_soon(self._check_candidate, effect.block_hash)
+                    self._tasks.start_soon(self._guarded, self._check_once, effect.block_hash)
             elif isinstance(effect, BuildBlock):
-                self._tasks.start_soon(self._build, effect)
+                self._tasks.start_soon(self._guarded, self._build, effect)
             elif isinstance(effect, Decided):
                 await trio.to_thread.run_sync(self.node.store, effect.decision)
                 log.info("decided height %d %s", effect.decision.block.header.height,
@@ -245,6 +258,13 @@ class VotingNode:
         with self.node.lock:
             return self.voting.build_block(validator)
 
+    async def _check_once(self, block_hash: bytes) -> None:
+        """Check a candidate; a later `CheckCandidate` for it checks again only if this one failed."""
+        try:
+            await self._check_candidate(block_hash)
+        finally:
+            self._checking.discard(block_hash)
+
     async def _check_candidate(self, block_hash: bytes) -> None:
         """Fetch a proposed block and the training blocks it names, check it, tell the machines."""
         height = self.voting.height
@@ -256,7 +276,6 @@ class VotingNode:
             if block is None:
                 await trio.sleep(FETCH_RETRY_SECONDS)
         if block is None or height != self.voting.height:
-            self._checking.discard(block_hash)
             return
         training: dict[bytes, Block] = {}
         if isinstance(block.body, DecidedBody):
