@@ -58,6 +58,7 @@ def test_honest_scenario(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.liveness  # the attestation finality stalls when honest validators split (docs/spec.md, section 14)
 def test_adversarial_scenario(tmp_path: Path) -> None:
     from sim.scenario import ADVERSARIES
 
