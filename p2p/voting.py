@@ -240,10 +240,16 @@ class NodeVoting:
     def _carry_out(self, key: bytes | None, actions: list[Action]) -> list[Effect]:
         effects: list[Effect] = []
         machine = self.machines.get(key)
-        for action in actions:
+        # Sign every message first: feeding one to our other keys' machines can decide the
+        # height on this machine's later vote, which the certificate must carry signed.
+        signed_messages: dict[int, Proposal | Vote] = {}
+        for index, action in enumerate(actions):
             if isinstance(action, Broadcast):
                 assert key is not None and machine is not None
-                signed = self._sign(key, machine, action.message)
+                signed_messages[index] = self._sign(key, machine, action.message)
+        for index, action in enumerate(actions):
+            if isinstance(action, Broadcast):
+                signed = signed_messages[index]
                 effects.append(Send(signed))
                 # Our other keys on this node see our message as peers would.
                 for other, other_machine in self.machines.items():

@@ -70,8 +70,7 @@ class Network:
             elif isinstance(effect, CheckCandidate):
                 self.schedule(self.now + 10, index, effect)
             elif isinstance(effect, BuildBlock):
-                block = member.voting.build_block(effect.validator)
-                self.carry_out(index, member.voting.on_value(effect.validator, effect.round, block))
+                self.schedule(self.now + 1, index, effect)
             elif isinstance(effect, Decided):
                 decision = effect.decision
                 assert decision.commit is not None
@@ -92,6 +91,10 @@ class Network:
         member.voting.on_tick(self.scenario.node.genesis.timestamp + at // 1000)
         if isinstance(event, SetTimer):
             self.carry_out(index, member.voting.on_timeout(event.validator, event.timeout))
+        elif isinstance(event, BuildBlock):
+            if event.height == member.voting.height:
+                block = member.voting.build_block(event.validator)
+                self.carry_out(index, member.voting.on_value(event.validator, event.round, block))
         elif isinstance(event, CheckCandidate):
             found = self.fetch(event.block_hash)
             if found is None:
@@ -268,3 +271,28 @@ def test_an_equivocating_validator_is_slashed_by_the_next_decided_block(network:
     ]
     assert db.state(second.hash).stake_of(offender.public_key) == 0
     network.run_until(3)  # the three others decide on
+
+
+def test_one_node_holding_every_key_decides_with_signed_certificates(tmp_path: Path) -> None:
+    """All four validator keys in one node: its machines see each other's messages at once, so a
+    machine can reach its quorum on its own precommit before the loop that signs it went on; the
+    certificate must still carry only signed precommits (it once carried an unsigned one)."""
+    scenario = Scenario.create(tmp_path / "builder")
+    member = make_member(scenario, tmp_path / "node", scenario.validators[0])
+    keys = {key.public_key: key for key in scenario.validators}
+    member.voting = NodeVoting(member.voting.decided, keys, SignerRecord.open(tmp_path / "node" / "all"), TIMEOUTS)
+    network = Network(scenario, [member])
+    try:
+        network.mine()
+        network.carry_out(0, member.voting.start(scenario.node.genesis.timestamp))
+        network.run_until(3)
+        for height in (1, 2, 3):
+            block_hash = member.db.canonical_hash(height)
+            assert block_hash is not None
+            commit = member.db.commit(block_hash)
+            assert commit is not None and all(signature for _, _, signature in commit.signatures)
+        first = member.db.block(member.db.canonical_hash(1) or b"")
+        assert isinstance(first.body, DecidedBody) and len(first.body.training) == 1
+    finally:
+        member.db.close()
+        scenario.node.close()
