@@ -12,26 +12,17 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from chain.blocks import Kind, TrainingBody, ValidationBody, decode_block
+from chain.blocks import TrainingBody, decode_block
 from chain.crypto import PrivateKey, devnet_key
 from chain.store import ChainDB, CorruptStore
 from consensus.genesis import Genesis, GenesisError
-from consensus.proposals import attest, propose_best_training_block, propose_validation_block
-from consensus.rules import (
-    Chain,
-    InvalidBlock,
-    apply_block,
-    compute_assigned_slice,
-    compute_training_seed,
-    genesis_block,
-    genesis_state,
-    is_confirmed,
-)
+from consensus.proposals import propose_best_training_block
+from consensus.rules import Chain, genesis_block, genesis_state
 from genesis import DEVNET, chunk_directory, load_genesis
-from p2p.full_node import FullNode, mean_loss
 from training.data import SPLITS, ChunkError, load_split, sample_batch, seed_from_int
 from training.evaluate import BACKENDS, CanonicalEvaluator, default_backend, make_backend
 from training.miner import Miner, TrainingConfig
@@ -104,78 +95,72 @@ def validator_keys(genesis: Genesis) -> list[PrivateKey]:
 
 
 def command_localnet(args: argparse.Namespace) -> dict[str, object]:
-    """An in-process network: devnet validators and one CPU miner, until N training blocks are final."""
+    """An in-process network on the decided chain: the devnet validators' keys in one node's
+    voting and one CPU miner, until N decided heights have confirmed an update."""
+    from chain.blocks import DecidedBody
+    from p2p.decided_node import DecidedNode
+    from p2p.decided_node import mean_loss as report_loss
+    from p2p.localnet import LocalVoting, Stalled, confirms_update, count_confirmed_updates, mine_training_block
+
     if args.finalize < 1:
         raise UserError(f"--finalize must be at least 1, got {args.finalize}")
     started = time.perf_counter()
-    node = FullNode(args.genesis, args.datadir)
-    chain, genesis = node.chain, node.genesis
-    train_text = load_split(genesis.dataset, chunk_directory(args.genesis, genesis), "train")
-    validators = validator_keys(genesis)
-    if not validators:
-        raise UserError("genesis has no devnet validator keys; localnet needs them")
-    miner_key = devnet_key("miner-0")
-    config = TrainingConfig(steps=args.steps, device=args.device)
-    miner = Miner(chain.weights(node.checkpoint()[1]), chain.layout, train_text, config)
-    initial = genesis_state(genesis)
-    losses = {"validation_loss_genesis": mean_loss(chain, initial, "validation")}
-    losses["test_loss_genesis"] = mean_loss(chain, initial, "test")
+    node = DecidedNode(args.genesis, args.datadir)
     try:
-        while (node.checkpoint()[1].finalized_height + 1) // 2 < args.finalize:
-            parent, state = node.checkpoint()
-            slice_id = compute_assigned_slice(parent.header, miner_key.public_key, genesis.partition.slices)
-            seed = compute_training_seed(parent.hash, miner_key.public_key)
-            training = None
-            for attempt in range(args.attempts):
-                work = miner.work(chain.weights(state), slice_id, seed + attempt.to_bytes(4, "big"))
-                timestamp = max(int(time.time()), parent.header.timestamp + 1)
-                candidate = propose_best_training_block(
-                    chain, parent, state, miner_key, work.values, timestamp, work.steps
-                )
-                assert isinstance(candidate.body, TrainingBody)
-                gain = candidate.body.loss_before - candidate.body.loss_after
-                if gain >= state.difficulty:
-                    training = candidate
-                    break
+        chain, genesis = node.chain, node.genesis
+        validators = validator_keys(genesis)
+        if not validators:
+            raise UserError("genesis has no devnet validator keys; localnet needs them")
+        train_text = load_split(genesis.dataset, chunk_directory(args.genesis, genesis), "train")
+        miner_key = devnet_key("miner-0")
+        miner = Miner(chain.weights(node.head().state), chain.layout, train_text,
+                      TrainingConfig(steps=args.steps, device=args.device))  # fmt: skip
+        initial = genesis_state(genesis)
+        losses = {"validation_loss_genesis": report_loss(chain, initial, "validation")}
+        losses["test_loss_genesis"] = report_loss(chain, initial, "test")
+        local = LocalVoting.open(node, validators)
+        confirmed = count_confirmed_updates(node.db)
+        while confirmed < args.finalize:
+            training, gain = mine_training_block(node, miner, miner_key, args.attempts)
             if training is None:
-                need = state.difficulty
+                need = node.head().state.difficulty
                 raise UserError(f"the miner found no update with gain >= {need} in {args.attempts} attempts")
-            node.import_block(training.encode())
-            for key in validators:
-                node.store.on_attestation(attest(chain, key, state, training))
-            attestations = list(node.store.attestations.get(training.hash, {}).values())
-            proposer = validators[training.header.height % len(validators)]
-            timestamp = max(int(time.time()), training.header.timestamp + 1)
-            evidence = list(node.store.evidence.values())
-            validation = propose_validation_block(chain, training, state, proposer, attestations, evidence, timestamp)
-            node.import_block(validation.encode())
-            node.store.evidence.clear()
-            assert isinstance(validation.body, ValidationBody)
-            assert isinstance(training.body, TrainingBody)
-            if is_confirmed(validation.body):
-                miner.published(training.body.slice_id, np.frombuffer(training.body.weights, dtype="<i2"))
-            else:
-                test_gain = sum(a.gain for a in validation.body.attestations)
+            node.on_training_block(training)
+            if not local.voting.machines:
+                local.start()  # after the first training block, so that the first proposer names it
+            try:
+                decision = local.decide_height()
+            except Stalled as error:
+                raise UserError(f"{args.datadir}: {error}") from None
+            body, height = decision.block.body, decision.block.header.height
+            assert isinstance(body, DecidedBody)
+            test_gain = sum(verdict.gain for verdict in body.training)
+            if confirms_update(decision.block):
+                confirmed += 1
+                for named in decision.training_blocks:
+                    assert isinstance(named.body, TrainingBody)
+                    miner.published(named.body.slice_id, np.frombuffer(named.body.weights, dtype="<i2"))
+            elif body.training:
                 print(f"[localnet] update rejected out of sample (test gain {test_gain})", file=sys.stderr)
-            final_state = node.checkpoint()[1]
-            count = (final_state.finalized_height + 1) // 2
+            else:
+                print(f"[localnet] height {height} decided without an update", file=sys.stderr)
             print(
-                f"[localnet] finalized {count}/{args.finalize} height {validation.header.height} "
-                f"gain {gain} difficulty {final_state.difficulty} "
-                f"val {mean_loss(chain, final_state, 'validation'):.4f} "
+                f"[localnet] finalized {confirmed}/{args.finalize} height {height} "
+                f"gain {gain} test gain {test_gain} difficulty {decision.state.difficulty} "
+                f"val {report_loss(chain, decision.state, 'validation'):.4f} "
                 f"({time.perf_counter() - started:.1f} s)",
                 file=sys.stderr,
                 flush=True,
             )
-        head_block, head_state = node.checkpoint()
-        losses["validation_loss_head"] = mean_loss(chain, head_state, "validation")
-        losses["test_loss_head"] = mean_loss(chain, head_state, "test")
+        head = node.head()
+        losses["validation_loss_head"] = report_loss(chain, head.state, "validation")
+        losses["test_loss_head"] = report_loss(chain, head.state, "test")
         return {
-            "finalized_height": head_state.finalized_height,
-            "finalized_training_blocks": (head_state.finalized_height + 1) // 2,
-            "head_hash": node.db.head().hex(),
-            "head_height": head_block.header.height,
-            "state_root": head_state.root.hex(),
+            "finalized_height": head.block.header.height,
+            "finalized_training_blocks": confirmed,
+            "head_hash": head.block.hash.hex(),
+            "head_height": head.block.header.height,
+            "state_root": head.state.root.hex(),
             **losses,
             "seconds": round(time.perf_counter() - started, 1),
         }
@@ -184,7 +169,10 @@ def command_localnet(args: argparse.Namespace) -> dict[str, object]:
 
 
 def command_replay(args: argparse.Namespace) -> dict[str, object]:
-    """Re-validate the stored canonical chain from genesis into a fresh state."""
+    """Re-validate the stored decided chain from genesis into a fresh state: every decided
+    block, the training blocks it names and its commit certificate (p2p/replay.py)."""
+    from p2p.replay import replay_decided_chain
+
     genesis = load_genesis(args.genesis)
     directory = chunk_directory(args.genesis, genesis)
     chain = Chain(
@@ -193,37 +181,28 @@ def command_replay(args: argparse.Namespace) -> dict[str, object]:
         test_text=load_split(genesis.dataset, directory, "test"),
     )
     state = genesis_state(genesis)
-    parent = genesis_block(genesis, state)
+    first = genesis_block(genesis, state)
     if not (args.datadir / "chain").exists():
         raise UserError(f"{args.datadir}: no chain database here")
-    db = ChainDB(args.datadir / "chain", bytes.fromhex(genesis.hash), parent, state)
+    db = ChainDB(args.datadir / "chain", bytes.fromhex(genesis.hash), first, state)
     try:
         head = db.head()
         stored_root = db.state(head).root
         started = time.perf_counter()
-        blocks = 0
-        for block in db.canonical_blocks():
-            if block.header.kind == Kind.GENESIS:
-                if block.hash != parent.hash:
-                    raise CorruptStore(f"stored genesis block {block.hash.hex()} is not this genesis's")
-                continue
-            try:
-                state = apply_block(state, parent, block, chain)
-            except InvalidBlock as error:
-                raise CorruptStore(f"stored block at height {block.header.height} is invalid: {error}") from None
-            parent = block
-            blocks += 1
+        replayed = replay_decided_chain(db, chain, first, state)
         seconds = time.perf_counter() - started
     finally:
         db.close()
-    if parent.hash != head:
-        raise CorruptStore(f"the canonical chain ends at {parent.hash.hex()}, the head is {head.hex()}")
-    if state.root != stored_root:
-        raise CorruptStore(f"state_root: replay gives {state.root.hex()}, the store has {stored_root.hex()}")
+    if replayed.head.hash != head:
+        raise CorruptStore(f"the canonical chain ends at {replayed.head.hash.hex()}, the head is {head.hex()}")
+    if replayed.state.root != stored_root:
+        raise CorruptStore(f"state_root: replay gives {replayed.state.root.hex()}, the store has {stored_root.hex()}")
+    blocks = replayed.decided_blocks + replayed.training_blocks
     return {
-        "state_root": state.root.hex(),
+        "state_root": replayed.state.root.hex(),
         "head_hash": head.hex(),
         "blocks": blocks,
+        "decided_blocks": replayed.decided_blocks,
         "seconds": round(seconds, 3),
         "blocks_per_second": round(blocks / seconds, 3) if seconds > 0 else None,
     }
@@ -342,8 +321,9 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
     import trio
 
     from p2p.backend import NetworkBackend
+    from p2p.decided_node import DecidedNode
     from p2p.rpc import RpcServer, load_or_create_token
-    from p2p.service import NetworkNode, NodeConfig
+    from p2p.voting_node import VotingNode, VotingNodeConfig
 
     settings = node_settings(args)
     if settings["log_level"] not in ("debug", "info", "warning", "error"):
@@ -365,16 +345,15 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
         from training.miner import resolve_device
 
         resolve_device(device)
-    node = FullNode(Path(str(settings["genesis"])), datadir)
-    config = NodeConfig(
-        datadir=datadir,
+    node = DecidedNode(Path(str(settings["genesis"])), datadir)
+    config = VotingNodeConfig(
         listen=str(settings["listen"]),
         bootstrap=[str(b) for b in settings["bootstrap"]],  # type: ignore[attr-defined]
         validator_keys=validators,
         miner_key=miner_key,
         training=training,
     )
-    network = NetworkNode(node, config)
+    network = VotingNode(node, config)
     if settings["adversary"]:
         from sim.adversaries import make_adversary
 
@@ -387,7 +366,7 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
     )
     log = logging.getLogger("potchain.node")
 
-    async def started(network: NetworkNode) -> None:
+    async def started(network: VotingNode) -> None:
         port = await trio.to_thread.run_sync(server.start)
         rpc_url = f"http://{settings['rpc_host']}:{port}"
         addresses = [f"{address}/p2p/{network.peer_id}" if "/p2p/" not in address else address
@@ -410,11 +389,11 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
         for signum in (signal.SIGINT, signal.SIGTERM):  # the last steps of a clean stop run to the end
             signal.signal(signum, signal.SIG_IGN)
         server.stop()
-        head, state = node.head()
+        head = node.head().block
         node.close()
     log.info("stopped cleanly at height %d", head.header.height)
     return {"stopped": True, "head_height": head.header.height, "head_hash": head.hash.hex(),
-            "finalized_height": state.finalized_height}  # fmt: skip
+            "finalized_height": head.header.height}  # fmt: skip
 
 
 def command_devnet(args: argparse.Namespace) -> dict[str, object]:
@@ -450,15 +429,21 @@ def command_devnet(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+SUBMIT_TRIES = 3
+"""How many heads `potchain mine` offers one piece of work on (the chain decides on while it trains)."""
+
+
 def command_mine(args: argparse.Namespace) -> dict[str, object]:
     """An external miner: fetch work from a node's RPC, train on --device, submit blocks."""
     import tempfile
 
     import torch
 
+    from chain.blocks import Block
     from chain.state import State
     from p2p.rpc_client import RpcClient, RpcClientError
     from training.miner import Miner, resolve_device
+    from training.weights import CanonicalWeights
 
     resolve_device(args.device)
     if args.threads is not None:
@@ -479,61 +464,82 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
     status = client.get_json("/v1/status")
     if status["genesis_hash"] != genesis.hash:
         raise UserError(f"the node runs genesis {status['genesis_hash']}, this miner {genesis.hash}")
+
+    def fetch_work() -> tuple[dict[str, Any], CanonicalWeights, Block]:
+        """The node's assignment on its decided head, the head's weights and the head block."""
+        work = client.get_json(f"/v1/mining/work?miner={key.public_key.hex()}")
+        with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
+            handle.write(client.get_bytes(work["weights_url"]))
+            handle.flush()
+            weights = load_weights(Path(handle.name), genesis.model, genesis.exponents)
+        parent = decode_block(client.get_bytes(f"/v1/blocks/{work['parent_hash']}?format=raw"))
+        return work, weights, parent
+
+    def propose(work: dict[str, Any], weights: CanonicalWeights, parent: Block, values: np.ndarray,
+                steps: int) -> Block:  # fmt: skip
+        slices = tuple(
+            chain.layout.extract(weights, s).astype("<i2").tobytes() for s in range(genesis.partition.slices)
+        )
+        model_state = State(slices, {}, int(work["difficulty"]), 0, bytes(32), 0)
+        timestamp = max(int(time.time()), int(work["min_timestamp"]))
+        return propose_best_training_block(chain, parent, model_state, key, values, timestamp, steps,
+                                           state_root=bytes.fromhex(work["state_root"]))  # fmt: skip
+
     miner: Miner | None = None
     accepted, attempts, proposed_on = 0, 0, b""
     started = time.perf_counter()
     print(f"[mine] miner {key.public_key.hex()[:16]} on {args.device}, node {args.rpc}", file=sys.stderr, flush=True)
     while args.blocks is None or accepted < args.blocks:
         try:
-            work = client.get_json(f"/v1/mining/work?miner={key.public_key.hex()}")
-            parent_hash = bytes.fromhex(work["parent_hash"])
-            if parent_hash == proposed_on:
-                time.sleep(1.0)
-                continue
-            with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
-                handle.write(client.get_bytes(work["weights_url"]))
-                handle.flush()
-                weights = load_weights(Path(handle.name), genesis.model, genesis.exponents)
-            parent = decode_block(client.get_bytes(f"/v1/blocks/{work['parent_hash']}?format=raw"))
+            work, weights, parent = fetch_work()
         except RpcClientError as error:
             print(f"[mine] {error}; retrying", file=sys.stderr, flush=True)
             time.sleep(2.0)
+            continue
+        if parent.hash == proposed_on:
+            time.sleep(1.0)
             continue
         if miner is None:
             miner = Miner(weights, chain.layout, train_text, TrainingConfig(steps=args.steps, device=args.device))
             if args.state is not None and args.state.exists():
                 miner.load(args.state)
-        slices = tuple(
-            chain.layout.extract(weights, s).astype("<i2").tobytes() for s in range(genesis.partition.slices)
-        )
-        model_state = State(slices, {}, int(work["difficulty"]), 0, bytes(32), 0)
         seed = bytes.fromhex(work["training_seed"]) + attempts.to_bytes(4, "big")
         result = miner.work(weights, int(work["slice_id"]), seed)
         attempts += 1
-        timestamp = max(int(time.time()), int(work["min_timestamp"]))
-        block = propose_best_training_block(chain, parent, model_state, key, result.values, timestamp, result.steps,
-                                            state_root=bytes.fromhex(work["state_root"]))  # fmt: skip
-        assert isinstance(block.body, TrainingBody)
-        gain = block.body.loss_before - block.body.loss_after
         if args.state is not None:
             miner.save(args.state)
-        if gain < int(work["difficulty"]):
-            print(f"[mine] height {work['height']}: gain {gain} below difficulty {work['difficulty']}; training on",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            continue
-        try:
-            answer = client.post_bytes("/v1/mining/submit", block.encode())
-        except RpcClientError as error:
-            if error.status is not None and error.status < 500 and error.status != 422:
-                raise UserError(str(error)) from None
-            print(f"[mine] submit: {error}", file=sys.stderr, flush=True)
-            continue
-        accepted += 1
-        proposed_on, attempts = parent_hash, 0
-        miner.published(block.body.slice_id, np.frombuffer(block.body.weights, dtype="<i2"))
-        elapsed = time.perf_counter() - started
-        print(f"[mine] submitted block {answer['height']} {answer['hash'][:16]} slice {block.body.slice_id} "
-              f"gain {gain} ({accepted} blocks, {elapsed:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+        values = result.values
+        for _ in range(SUBMIT_TRIES):
+            try:
+                latest = client.get_json(f"/v1/mining/work?miner={key.public_key.hex()}")
+                if latest["parent_hash"] != work["parent_hash"]:
+                    # The chain decided on while we trained: offer the work on the new head.
+                    work, weights, parent = fetch_work()
+                    values = miner.values(weights, int(work["slice_id"]))
+            except RpcClientError as error:
+                print(f"[mine] {error}; retrying", file=sys.stderr, flush=True)
+                continue
+            block = propose(work, weights, parent, values, result.steps)
+            assert isinstance(block.body, TrainingBody)
+            gain = block.body.loss_before - block.body.loss_after
+            if gain < int(work["difficulty"]):
+                print(f"[mine] height {work['height']}: gain {gain} below difficulty {work['difficulty']}; "
+                      "training on", file=sys.stderr, flush=True)  # fmt: skip
+                break
+            try:
+                answer = client.post_bytes("/v1/mining/submit", block.encode())
+            except RpcClientError as error:
+                if error.status is not None and error.status < 500 and error.status != 422:
+                    raise UserError(str(error)) from None
+                print(f"[mine] submit: {error}", file=sys.stderr, flush=True)
+                continue  # stale, say: the head moved while we proposed
+            accepted += 1
+            proposed_on, attempts = bytes.fromhex(work["parent_hash"]), 0
+            miner.published(block.body.slice_id, np.frombuffer(block.body.weights, dtype="<i2"))
+            elapsed = time.perf_counter() - started
+            print(f"[mine] submitted block {answer['height']} {answer['hash'][:16]} slice {block.body.slice_id} "
+                  f"gain {gain} ({accepted} blocks, {elapsed:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+            break
     return {"submitted": accepted, "miner": key.public_key.hex(), "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -596,16 +602,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     evaluate.set_defaults(handler=command_eval)
 
-    localnet = commands.add_parser("localnet", help="in-process network: devnet validators and a CPU miner")
+    localnet = commands.add_parser("localnet", help="in-process voting network: devnet validators and a CPU miner")
     localnet.add_argument("--genesis", type=Path, default=DEVNET)
     localnet.add_argument("--datadir", type=Path, required=True, help="node data directory (created if missing)")
-    localnet.add_argument("--finalize", type=int, default=10, help="stop once this many training blocks are final")
+    localnet.add_argument("--finalize", type=int, default=10,
+                          help="stop once this many decided heights confirmed an update")  # fmt: skip
     localnet.add_argument("--steps", type=int, default=TrainingConfig.steps, help="optimizer steps per mining attempt")
     localnet.add_argument("--attempts", type=int, default=8, help="mining attempts before giving up on a height")
     localnet.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     localnet.set_defaults(handler=command_localnet)
 
-    replay = commands.add_parser("replay", help="re-validate the stored chain from genesis (one JSON line)")
+    replay = commands.add_parser("replay", help="re-validate the stored decided chain from genesis (one JSON line)")
     replay.add_argument("--genesis", type=Path, default=DEVNET)
     replay.add_argument("--datadir", type=Path, required=True)
     replay.set_defaults(handler=command_replay)

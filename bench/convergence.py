@@ -4,7 +4,9 @@
 
 In one run: trains the devnet model centralized (AdamW, every step on every
 weight) and through the chain (a miner publishing slices of 1/4 of the
-weights, validators attesting, every block through the real rules and the
+weights, one training block per decided height, each tested out of sample by
+the height's proposer and decided with a certificate of every validator's
+precommits, every block through the real rules of the decided chain and the
 canonical evaluator) for the same number of optimizer steps, then prints JSON:
 
 - `loss_reduction_ratio`: rU = (L_unigram - L_chain) / (L_unigram - L_central)
@@ -12,7 +14,7 @@ canonical evaluator) for the same number of optimizer steps, then prints JSON:
   the training split's byte frequencies, computed in this run;
 - `loss_reduction_ratio_equal_compute`: the same against the centralized run
   at the step count its time per step buys with the chain's whole wall time
-  (mining, proofs, attestations and verification);
+  (mining, proofs, out-of-sample tests and verification);
 - the curves (optimizer steps, test loss) of both.
 """
 
@@ -30,18 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chain.blocks import TrainingBody, ValidationBody
-from chain.crypto import devnet_key
-from consensus.fork_choice import Store
-from consensus.proposals import attest, propose_best_training_block, propose_validation_block
-from consensus.rules import (
-    Chain,
-    compute_assigned_slice,
-    compute_training_seed,
-    genesis_block,
-    genesis_state,
-    is_confirmed,
-)
+from chain.blocks import Block, DecidedBody, TrainingBody
+from chain.crypto import PrivateKey, devnet_key
+from chain.votes import Commit, Vote, VoteKind, sign_vote
+from consensus.decided_chain import DecidedChain, Decision
+from consensus.decisions import propose_decided_block
+from consensus.proposals import propose_best_training_block
+from consensus.rules import Chain, compute_assigned_slice, compute_training_seed, genesis_block, genesis_state
 from genesis import DEVNET, chunk_directory, load_genesis
 from node import tune_memory_allocator, validator_keys
 from training.baseline import train_centralized
@@ -76,50 +73,75 @@ class TestLoss:
         return sum(r.loss_total for r in results) / sum(r.tokens for r in results) / (1 << LOSS_BITS)
 
 
+def decide_height(decided: DecidedChain, validators: list[PrivateKey], training: Block | None) -> Decision:
+    """Decide the next height as the voting rounds would: the height's proposer (rotating with
+    the height) proposes a decided block naming `training` (or none), and every validator's
+    precommit, stamped a target interval after the block, forms its commit certificate (so
+    heights are a target interval apart). `on_decided` checks the certificate and every rule."""
+    chain, head = decided.chain, decided.head
+    proposer = validators[decided.height % len(validators)]
+    block = propose_decided_block(
+        chain, head.block, head.state, proposer, training, head.commit, decided.head_validators, ()
+    )
+    when = block.header.timestamp + chain.genesis.consensus.target_interval_seconds
+    height = block.header.height
+    commit = Commit.of([
+        sign_vote(key, chain.domain, Vote(VoteKind.PRECOMMIT, height, 0, block.hash, when, key.public_key))
+        for key in validators
+    ])  # fmt: skip
+    decided.on_tick(when)
+    return decided.on_decided(block, commit, {} if training is None else {training.hash: training})
+
+
+def is_confirmed(decision: Decision) -> bool:
+    """Whether a decided height confirmed the training block it names (test gain > 0)."""
+    body = decision.block.body
+    assert isinstance(body, DecidedBody)
+    return any(verdict.gain > 0 for verdict in body.training)
+
+
 def run_chain(
     chain: Chain, train_text: bytes, steps: int, config: TrainingConfig, test_loss: TestLoss
 ) -> tuple[list[tuple[int, float]], float, dict[str, int]]:
-    """Mine until `steps` optimizer steps; returns the curve, seconds, and block counts."""
+    """Mine until `steps` optimizer steps, one attempt per decided height; returns the curve,
+    seconds, and block counts. An attempt whose gain misses the difficulty is not proposed
+    (the miner keeps its training): that height is decided without an update."""
     genesis = chain.genesis
     state = genesis_state(genesis)
-    anchor = genesis_block(genesis, state)
-    store = Store.from_anchor(chain, anchor, state)
+    decided = DecidedChain.from_genesis(chain, genesis_block(genesis, state), state)
     miner_key = devnet_key("miner-0")
     validators = validator_keys(genesis)
     miner = Miner(chain.weights(state), chain.layout, train_text, config)
     curve = [(0, test_loss(chain.weights(state)))]
-    counts = {"accepted": 0, "rejected": 0, "rejected_out_of_sample": 0}
+    counts = {"accepted": 0, "rejected": 0, "rejected_out_of_sample": 0, "heights": 0}
     started = time.perf_counter()
     done = 0
     while done < steps:
-        parent = store.nodes[store.get_checkpoint()]
+        parent = decided.head
         slice_id = compute_assigned_slice(parent.block.header, miner_key.public_key, genesis.partition.slices)
         seed = compute_training_seed(parent.block.hash, miner_key.public_key) + done.to_bytes(4, "big")
         work = miner.work(chain.weights(parent.state), slice_id, seed)
         done += work.steps
-        timestamp = parent.block.header.timestamp + genesis.consensus.target_interval_seconds
+        timestamp = parent.block.header.timestamp + 1
         training = propose_best_training_block(
             chain, parent.block, parent.state, miner_key, work.values, timestamp, work.steps
         )
         body = training.body
         assert isinstance(body, TrainingBody)
+        counts["heights"] += 1
         if body.loss_before - body.loss_after < parent.state.difficulty:
             counts["rejected"] += 1  # not worth proposing: the miner keeps training
+            decide_height(decided, validators, None)
             continue
-        store.on_tick(timestamp)
-        store.on_block(training)
-        attestations = [attest(chain, key, parent.state, training) for key in validators]
-        proposer = validators[training.header.height % len(validators)]
-        validation = propose_validation_block(chain, training, parent.state, proposer, attestations, [], timestamp + 1)
-        store.on_tick(timestamp + 1)
-        store.on_block(validation)
-        assert isinstance(validation.body, ValidationBody)
-        if not is_confirmed(validation.body):
+        decided.on_tick(timestamp)
+        decided.on_training_block(training)
+        decision = decide_height(decided, validators, decided.get_best_training_block())
+        if not is_confirmed(decision):
             counts["rejected_out_of_sample"] += 1
             continue
         miner.published(body.slice_id, np.frombuffer(body.weights, dtype="<i2"))
         counts["accepted"] += 1
-        curve.append((done, test_loss(chain.weights(store.nodes[store.get_checkpoint()].state))))
+        curve.append((done, test_loss(chain.weights(decision.state))))
         print(f"[chain] {done}/{steps} steps, test loss {curve[-1][1]:.4f}", file=sys.stderr, flush=True)
     return curve, time.perf_counter() - started, counts
 

@@ -2,9 +2,11 @@
 
     python bench/multi_miner.py [--miners 4] [--heights 12]
 
-Four miners mine every height from the same parent, each on its own slice
-(round-robin from its key's offset); the first valid proposal (in an order
-that rotates with the height) is validated and the others lose the race. A
+Four miners mine every height from the same parent (the decided head), each
+on its own slice (round-robin from its key's offset); the height's decided
+block names the valid training block with the largest validation gain (the
+proposer's rule, docs/spec.md section 12) and the others lose the race. A
+height where no miner meets the difficulty is decided without an update. A
 losing miner's steps are not thrown away: they stay in its local model and
 reach the chain with its later slices.
 
@@ -31,20 +33,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from convergence import TestLoss, prepare, run_central, run_chain
+from convergence import TestLoss, decide_height, is_confirmed, prepare, run_central, run_chain
 
-from chain.blocks import TrainingBody, ValidationBody
+from chain.blocks import TrainingBody
 from chain.crypto import PrivateKey, devnet_key
-from consensus.fork_choice import Store
-from consensus.proposals import attest, propose_best_training_block, propose_validation_block
-from consensus.rules import (
-    Chain,
-    compute_assigned_slice,
-    compute_training_seed,
-    genesis_block,
-    genesis_state,
-    is_confirmed,
-)
+from consensus.decided_chain import DecidedChain
+from consensus.proposals import propose_best_training_block
+from consensus.rules import Chain, compute_assigned_slice, compute_training_seed, genesis_block, genesis_state
 from genesis import DEVNET
 from node import validator_keys
 from training.miner import Miner, TrainingConfig
@@ -56,47 +51,40 @@ def race(
     """Returns the final test loss, all steps computed, and the winning blocks' steps."""
     genesis = chain.genesis
     state = genesis_state(genesis)
-    store = Store.from_anchor(chain, genesis_block(genesis, state), state)
+    decided = DecidedChain.from_genesis(chain, genesis_block(genesis, state), state)
     validators = validator_keys(genesis)
     miners = [Miner(chain.weights(state), chain.layout, train_text, config) for _ in keys]
+    by_key = {key.public_key: index for index, key in enumerate(keys)}
     computed = winning = 0
     for height in range(heights):
-        parent = store.nodes[store.get_checkpoint()]
-        order = [(height + i) % len(keys) for i in range(len(keys))]
-        proposals = []
-        for index in order:
-            key, miner = keys[index], miners[index]
+        parent = decided.head
+        timestamp = parent.block.header.timestamp + 1
+        decided.on_tick(timestamp)
+        for key, miner in zip(keys, miners, strict=True):
             slice_id = compute_assigned_slice(parent.block.header, key.public_key, genesis.partition.slices)
             seed = compute_training_seed(parent.block.hash, key.public_key)
             work = miner.work(chain.weights(parent.state), slice_id, seed)
             computed += work.steps
-            timestamp = parent.block.header.timestamp + genesis.consensus.target_interval_seconds
             block = propose_best_training_block(
                 chain, parent.block, parent.state, key, work.values, timestamp, work.steps
             )
             assert isinstance(block.body, TrainingBody)
             if block.body.loss_before - block.body.loss_after >= parent.state.difficulty:
-                proposals.append((index, block))
-        if not proposals:
+                decided.on_training_block(block)
+        training = decided.get_best_training_block()
+        decision = decide_height(decided, validators, training)
+        if training is None:
+            print(f"[race] height {height + 1}/{heights}: no miner met the difficulty", file=sys.stderr)
             continue
-        index, training = proposals[0]
-        store.on_tick(training.header.timestamp)
-        store.on_block(training)
-        attestations = [attest(chain, key, parent.state, training) for key in validators]
-        validation = propose_validation_block(
-            chain, training, parent.state, validators[height % len(validators)], attestations, [],
-            training.header.timestamp + 1,
-        )  # fmt: skip
-        store.on_tick(validation.header.timestamp)
-        store.on_block(validation)
-        assert isinstance(validation.body, ValidationBody) and isinstance(training.body, TrainingBody)
-        if is_confirmed(validation.body):
+        index = by_key[training.header.proposer]
+        assert isinstance(training.body, TrainingBody)
+        if is_confirmed(decision):
             winning += training.body.steps
             values = np.frombuffer(training.body.weights, dtype="<i2")
             miners[index].published(training.body.slice_id, values)
-        loss = test_loss(chain.weights(store.nodes[store.get_checkpoint()].state))
+        loss = test_loss(chain.weights(decision.state))
         print(f"[race] height {height + 1}/{heights}: miner {index} wins, test loss {loss:.4f}", file=sys.stderr)
-    return test_loss(chain.weights(store.nodes[store.get_checkpoint()].state)), computed, winning
+    return test_loss(chain.weights(decided.head.state)), computed, winning
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float:

@@ -1,10 +1,11 @@
-"""Blocks, attestations and evidence, with their canonical encodings and hashes.
+"""Blocks and equivocation evidence, with their canonical encodings and hashes.
 
 A block is a header, a body and the proposer's signature. The header commits
 to the body by `body_hash`; the block hash is the SHA-256 of the encoded
 header. Training blocks carry a slice update and its loss-improvement claim;
-validation blocks carry the attestations that confirm (or not) their parent
-training block out of sample, slashing evidence, and the reward payout.
+decided blocks carry the out-of-sample verdict on the training block they
+name (if any), the parent's commit certificate, slashing evidence, and the
+reward payout (docs/spec.md, sections 6 and 16).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from enum import IntEnum
 from typing import Any
 
 from chain.crypto import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Domain, MessageType, PrivateKey, verify
-from chain.encoding import MAX_MESSAGE_BYTES, Fields, pack, unpack
+from chain.encoding import MAX_MESSAGE_BYTES, DecodeError, Fields, pack, unpack
 from chain.votes import Commit, Proposal, Vote
 from chain.vrf import PROOF_BYTES as VRF_PROOF_BYTES
 
@@ -31,10 +32,14 @@ class Kind(IntEnum):
 
     GENESIS = 0
     TRAINING = 1
-    VALIDATION = 2
-    """Wave 1: a validation block finalized by an attestation quorum (docs/spec.md, section 10)."""
+    # 2 is retired: an earlier version's validation block (finality by attestations).
+    # No rule accepts it, and a header of kind 2 does not decode (RETIRED_KINDS).
     DECIDED = 3
-    """Wave 2: the block one height's voting rounds decide (docs/spec.md, section 16)."""
+    """The block one height's voting rounds decide (docs/spec.md, section 16)."""
+
+
+RETIRED_KINDS = {2: "an earlier version's validation block, finalized by attestations"}
+"""Header kinds no longer in use, never to be reused, with what they were."""
 
 
 def sha256(data: bytes) -> bytes:
@@ -52,11 +57,11 @@ class Header:
     parent: bytes
     """Parent block hash (zeros for genesis)."""
     kind: Kind
-    """Genesis, training or validation."""
+    """Genesis, training or decided."""
     timestamp: int
     """Unix seconds; strictly above the parent's."""
     proposer: bytes
-    """Ed25519 public key of the miner (training) or validator (validation)."""
+    """Ed25519 public key of the miner (training) or of the validator that proposed it (decided)."""
     state_root: bytes
     """State root after this block."""
     body_hash: bytes
@@ -77,6 +82,8 @@ class Header:
         names = ("chain_id", "height", "parent", "kind", "timestamp", "proposer", "state_root", "body_hash")
         f = Fields(value, "header", names)
         kind = f.integer("kind", 0, 3)
+        if kind in RETIRED_KINDS:
+            raise DecodeError(f"header: kind {kind} is retired ({RETIRED_KINDS[kind]}), not a block of this chain")
         return cls(
             chain_id=f.text("chain_id"),
             height=f.integer("height"),
@@ -123,97 +130,8 @@ class TrainingBody:
 
 
 @dataclass(frozen=True)
-class Attestation:
-    """A validator's out-of-sample evaluation of one training block."""
-
-    validator: bytes
-    """The validator's public key."""
-    training_block: bytes
-    """Hash of the training block evaluated."""
-    parent: bytes
-    """That training block's parent: two attestations with the same parent and
-    different training blocks are an equivocation."""
-    seed_signature: bytes
-    """The validator's signature (TEST_SEED) over the training block hash; its
-    SHA-256 seeds the test batch, so neither miner nor validator chooses it."""
-    loss_before: int
-    """Canonical test loss total (Q.16) before the update."""
-    loss_after: int
-    """Canonical test loss total (Q.16) after the update."""
-    signature: bytes
-    """The validator's signature (ATTESTATION) over all fields above."""
-
-    def unsigned_fields(self) -> list[Any]:
-        return [
-            self.validator, self.training_block, self.parent, self.seed_signature, self.loss_before, self.loss_after,
-        ]  # fmt: skip
-
-    def fields(self) -> list[Any]:
-        return [*self.unsigned_fields(), self.signature]
-
-    @property
-    def test_seed(self) -> bytes:
-        return sha256(self.seed_signature)
-
-    @property
-    def gain(self) -> int:
-        return self.loss_before - self.loss_after
-
-    def is_signed_by_validator(self, domain: Domain) -> bool:
-        """Both signatures verify under the validator's key."""
-        return verify(
-            self.validator, self.seed_signature, domain, MessageType.TEST_SEED, self.training_block
-        ) and verify(self.validator, self.signature, domain, MessageType.ATTESTATION, pack(self.unsigned_fields()))
-
-    @classmethod
-    def from_fields(cls, value: Any) -> Attestation:
-        names = ("validator", "training_block", "parent", "seed_signature", "loss_before", "loss_after", "signature")
-        f = Fields(value, "attestation", names)
-        return cls(
-            validator=f.binary("validator", PUBLIC_KEY_BYTES),
-            training_block=f.binary("training_block", HASH_BYTES),
-            parent=f.binary("parent", HASH_BYTES),
-            seed_signature=f.binary("seed_signature", SIGNATURE_BYTES),
-            loss_before=f.integer("loss_before", 0, MAX_LOSS),
-            loss_after=f.integer("loss_after", 0, MAX_LOSS),
-            signature=f.binary("signature", SIGNATURE_BYTES),
-        )
-
-
-def sign_attestation(
-    key: PrivateKey, domain: Domain, training_block: bytes, parent: bytes, loss_before: int, loss_after: int
-) -> Attestation:
-    """An attestation by `key` (the caller computed the losses on the batch of `test_seed_for`)."""
-    seed_signature = key.sign(domain, MessageType.TEST_SEED, training_block)
-    unsigned = Attestation(key.public_key, training_block, parent, seed_signature, loss_before, loss_after, b"")
-    signature = key.sign(domain, MessageType.ATTESTATION, pack(unsigned.unsigned_fields()))
-    return Attestation(key.public_key, training_block, parent, seed_signature, loss_before, loss_after, signature)
-
-
-def test_seed_for(key: PrivateKey, domain: Domain, training_block: bytes) -> bytes:
-    """The test-batch seed a validator must use for a training block."""
-    return sha256(key.sign(domain, MessageType.TEST_SEED, training_block))
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """Two attestations by one validator for different training blocks on the same parent."""
-
-    first: Attestation
-    second: Attestation
-
-    def fields(self) -> list[Any]:
-        return [self.first.fields(), self.second.fields()]
-
-    @classmethod
-    def from_fields(cls, value: Any) -> Evidence:
-        f = Fields(value, "evidence", ("first", "second"))
-        return cls(Attestation.from_fields(f.raw("first")), Attestation.from_fields(f.raw("second")))
-
-
-@dataclass(frozen=True)
 class Reward:
-    """One payout of a validation block."""
+    """One payout of a decided block."""
 
     address: bytes
     """Recipient public key."""
@@ -227,34 +145,6 @@ class Reward:
     def from_fields(cls, value: Any) -> Reward:
         f = Fields(value, "reward", ("address", "amount"))
         return cls(f.binary("address", PUBLIC_KEY_BYTES), f.integer("amount"))
-
-
-@dataclass(frozen=True)
-class ValidationBody:
-    """The out-of-sample verdict on the parent training block."""
-
-    attestations: tuple[Attestation, ...]
-    """Attestations from validators holding at least 2/3 of stake."""
-    evidence: tuple[Evidence, ...] = ()
-    """Equivocations to slash."""
-    rewards: tuple[Reward, ...] = ()
-    """The payout the rules assign (checked exactly)."""
-
-    def fields(self) -> list[Any]:
-        return [
-            [a.fields() for a in self.attestations],
-            [e.fields() for e in self.evidence],
-            [r.fields() for r in self.rewards],
-        ]
-
-    @classmethod
-    def from_fields(cls, value: Any) -> ValidationBody:
-        f = Fields(value, "validation body", ("attestations", "evidence", "rewards"))
-        return cls(
-            attestations=tuple(Attestation.from_fields(item) for item in f.array("attestations", 1024)),
-            evidence=tuple(Evidence.from_fields(item) for item in f.array("evidence", 64)),
-            rewards=tuple(Reward.from_fields(item) for item in f.array("rewards", 1100)),
-        )
 
 
 MAX_TRAINING_PER_HEIGHT = 1
@@ -363,10 +253,9 @@ class GenesisBody:
         return []
 
 
-Body = TrainingBody | ValidationBody | DecidedBody | GenesisBody
+Body = TrainingBody | DecidedBody | GenesisBody
 _SIGNED_TYPES = {
     Kind.TRAINING: MessageType.TRAINING_BLOCK,
-    Kind.VALIDATION: MessageType.VALIDATION_BLOCK,
     Kind.DECIDED: MessageType.DECIDED_BLOCK,
 }
 
@@ -410,8 +299,6 @@ def decode_block(data: bytes) -> Block:
     body: Body
     if header.kind == Kind.TRAINING:
         body = TrainingBody.from_fields(f.raw("body"))
-    elif header.kind == Kind.VALIDATION:
-        body = ValidationBody.from_fields(f.raw("body"))
     elif header.kind == Kind.DECIDED:
         body = DecidedBody.from_fields(f.raw("body"))
     else:
@@ -419,7 +306,3 @@ def decode_block(data: bytes) -> Block:
         body = GenesisBody()
     signature = f.binary("signature", max_length=SIGNATURE_BYTES)
     return Block(header, body, signature)
-
-
-def decode_attestation(data: bytes) -> Attestation:
-    return Attestation.from_fields(unpack(data, "attestation", 4096))

@@ -20,9 +20,8 @@ class MessageType(IntEnum):
     """What a signature is for; part of its domain, so one never passes for another."""
 
     TRAINING_BLOCK = 1
-    VALIDATION_BLOCK = 2
-    ATTESTATION = 3
-    TEST_SEED = 4
+    # 2 (validation block), 3 (attestation) and 4 (test seed) are retired with the
+    # attestation finality; never reuse them.
     PROPOSAL = 5
     PREVOTE = 6
     PRECOMMIT = 7

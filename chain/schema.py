@@ -20,13 +20,8 @@ def state_key(block_hash: bytes) -> bytes:
     return b"s:" + block_hash
 
 
-def gain_key(block_hash: bytes) -> bytes:
-    """Cumulative confirmed gain up to a block (fork choice)."""
-    return b"g:" + block_hash
-
-
 def slice_key(slice_hash: bytes) -> bytes:
-    """Slice content by its SHA-256 (content-addressed: forks share slices)."""
+    """Slice content by its SHA-256 (content-addressed: states share slices)."""
     return b"c:" + slice_hash
 
 

@@ -1,9 +1,9 @@
 """Chain state: the model's slices, accounts, difficulty and finality, and its root.
 
 The model is held as its slices' contents (int16 little-endian bytes), each
-addressed by its SHA-256, so states on different forks share unchanged
-slices. The state root is a Merkle root over the weights root (slice hashes),
-the accounts root and the scalar fields.
+addressed by its SHA-256, so successive states share unchanged slices. The
+state root is a Merkle root over the weights root (slice hashes), the
+accounts root and the scalar fields.
 """
 
 from __future__ import annotations
@@ -52,11 +52,11 @@ class State:
     difficulty: int
     """Minimum validation gain (Q.16 loss units over the validation batch) of a training block."""
     finalized_height: int
-    """Height of the last finalized training block (0: genesis)."""
+    """Height of the decided block this state follows (0: genesis); the names are historical (spec section 7)."""
     finalized_hash: bytes
-    """Hash of the last finalized training block (genesis hash at first)."""
+    """Hash of the last training block a decided block named, confirmed or rejected (genesis hash at first)."""
     finalized_timestamp: int
-    """Timestamp of the block that finalized it (genesis timestamp at first)."""
+    """The difficulty's retarget clock: when it last restarted (genesis timestamp at first)."""
     slice_hashes: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

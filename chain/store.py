@@ -1,8 +1,10 @@
 """The chain database on LevelDB (plyvel).
 
-Every public write is one atomic, synced write batch: a block import stores
-the block, its state record, new slice contents, the canonical-index changes
-of a reorg, the head and the finalized block together, or nothing at all.
+Every public write is one atomic, synced write batch: a decision stores the
+decided block, its state record, new slice contents, the training blocks it
+names, its commit certificate, the height index, the head and the finalized
+block together, or nothing at all (a decided block is final: nothing ever
+leaves the canonical chain).
 Opening checks the store's format, its genesis, and that the head and the
 finalized block, their states and their slices are all present and decode;
 a store that fails these checks raises `CorruptStore`, never starts silently.
@@ -17,7 +19,7 @@ import plyvel
 
 from chain import schema
 from chain.blocks import Block, decode_block
-from chain.encoding import DecodeError, pack, unpack
+from chain.encoding import DecodeError
 from chain.state import State, decode_state_record
 from chain.votes import Commit, decode_commit
 
@@ -39,17 +41,21 @@ class ChainDB:
             raise CorruptStore(f"{path}: cannot open LevelDB: {error}") from None
         self.path = path
         stored_format = self.db.get(schema.META_FORMAT)
-        if stored_format is None:
-            self._initialize(genesis_hash, genesis, genesis_state)
-        else:
-            self._check(stored_format, genesis_hash)
+        try:
+            if stored_format is None:
+                self._initialize(genesis_hash, genesis, genesis_state)
+            else:
+                self._check(stored_format, genesis_hash)
+        except BaseException:
+            self.db.close()
+            raise
 
     def close(self) -> None:
         self.db.close()
 
     def _initialize(self, genesis_hash: bytes, genesis: Block, state: State) -> None:
         with self.db.write_batch(transaction=True, sync=True) as batch:
-            self._put_block(batch, genesis, state, 0)
+            self._put_block(batch, genesis, state)
             batch.put(schema.canonical_key(0), genesis.hash)
             batch.put(schema.META_HEAD, genesis.hash)
             batch.put(schema.META_FINALIZED, genesis.hash)
@@ -102,12 +108,6 @@ class ChainDB:
     def slice_content(self, slice_hash: bytes) -> bytes | None:
         return self.db.get(schema.slice_key(slice_hash))  # type: ignore[no-any-return]
 
-    def confirmed_gain(self, block_hash: bytes) -> int:
-        value = unpack(self._get(schema.gain_key(block_hash)), "gain")
-        if not isinstance(value, int):
-            raise DecodeError("gain: not an integer")
-        return value
-
     def commit(self, block_hash: bytes) -> Commit | None:
         """A decided block's commit certificate, if stored."""
         data = self.db.get(schema.commit_key(block_hash))
@@ -135,46 +135,19 @@ class ChainDB:
 
     # --- writes -----------------------------------------------------------------
 
-    def _put_block(self, batch: plyvel.WriteBatch, block: Block, state: State, confirmed_gain: int) -> None:
+    def _put_block(self, batch: plyvel.WriteBatch, block: Block, state: State) -> None:
         batch.put(schema.block_key(block.hash), block.encode())
         batch.put(schema.state_key(block.hash), state.record())
-        batch.put(schema.gain_key(block.hash), pack(confirmed_gain))
         for slice_hash, content in zip(state.slice_hashes, state.slices, strict=True):
             if self.db.get(schema.slice_key(slice_hash)) is None:
                 batch.put(schema.slice_key(slice_hash), content)
-
-    def import_block(
-        self,
-        block: Block,
-        state: State,
-        confirmed_gain: int,
-        head: bytes,
-        new_canonical: tuple[tuple[int, bytes], ...],
-        old_canonical: tuple[tuple[int, bytes], ...],
-        finalized: bytes,
-    ) -> None:
-        """Store a valid block and move the head, in one atomic batch.
-
-        `new_canonical` and `old_canonical` are the (height, hash) pairs a
-        head change adds to and removes from the canonical chain.
-        """
-        with self.db.write_batch(transaction=True, sync=True) as batch:
-            self._put_block(batch, block, state, confirmed_gain)
-            new_heights = {height for height, _ in new_canonical}
-            for height, _ in old_canonical:
-                if height not in new_heights:
-                    batch.delete(schema.canonical_key(height))
-            for height, block_hash in new_canonical:
-                batch.put(schema.canonical_key(height), block_hash)
-            batch.put(schema.META_HEAD, head)
-            batch.put(schema.META_FINALIZED, finalized)
 
     def import_decision(self, block: Block, state: State, commit: Commit, training_blocks: tuple[Block, ...]) -> None:
         """Store a decided block with its commit certificate and the training blocks
         it names, and make it the head and the finalized block, in one atomic batch.
         A decided block is final: it extends the canonical chain, nothing leaves it."""
         with self.db.write_batch(transaction=True, sync=True) as batch:
-            self._put_block(batch, block, state, 0)
+            self._put_block(batch, block, state)
             for training in training_blocks:
                 batch.put(schema.block_key(training.hash), training.encode())
             batch.put(schema.commit_key(block.hash), commit.encode())

@@ -1,8 +1,8 @@
 """The decided chain: one decided block per height, each final with its commit certificate.
 
-`DecidedChain` replaces fork choice (consensus/fork_choice.py) once the node
-decides by voting rounds (docs/spec.md, sections 15 and 16): there are no
-branches to choose between, only the next height to decide. It holds the
+`DecidedChain` is the node's chain (docs/spec.md, sections 10, 15 and 16):
+there is no fork choice, no branches to choose between, only the next
+height to decide by voting rounds. It holds the
 head (the last decided block, its state and commit), the valid training
 blocks built on it (the next proposal's inputs), and the candidate blocks
 for the next height that were checked (the voting's `CheckBlock`).

@@ -1,7 +1,7 @@
 """Decided blocks: the value one height's voting rounds decide (docs/spec.md, section 16).
 
 `apply_decided_block(state, parent, block, training_blocks, previous_validators, chain)`
-is the state transition of a decided block, pure like `consensus.rules.apply_block`:
+is the state transition of a decided block, pure like `consensus.rules.apply_training_block`:
 it re-computes every number the block claims and returns the new state, or
 raises `InvalidBlock` naming the rule. Everything in the block follows from
 rules every validator checks identically:

@@ -63,11 +63,11 @@ class ConsensusParameters:
     initial_difficulty: int
     """Minimum validation gain (Q.16 loss units over a validation batch) at genesis."""
     target_interval_seconds: int
-    """Desired time between finalized training blocks."""
+    """Desired time between decided training blocks (the difficulty's target, spec section 9)."""
     retarget_divisor: int
     """Each retarget moves difficulty by difficulty // divisor (at least 1)."""
     quorum_numerator: int
-    """Attesting stake must be at least numerator / denominator of all stake."""
+    """A quorum (of prevotes, precommits, a commit certificate) is at least numerator / denominator of all stake."""
     quorum_denominator: int
     """See quorum_numerator."""
     max_future_seconds: int
@@ -87,9 +87,9 @@ class ConsensusParameters:
     """Added to each of the three timeouts per round (round r waits base + r *
     increment), so that a network slower than genesis assumed still decides."""
     block_reward: int
-    """Units minted per finalized training block."""
+    """Units a decided block mints at most (spec section 9)."""
     miner_share_percent: int
-    """The miner's share of the block reward; attesting validators split the rest by stake."""
+    """The miner's share of the block reward; the signers of the parent's commit certificate split the rest by stake."""
 
     @property
     def timeouts(self) -> TimeoutParameters:

@@ -1,37 +1,18 @@
-"""Building valid blocks and attestations: what miners and validators propose.
+"""Building valid training blocks: what miners propose.
 
-Each builder computes the numbers the rules will check (losses with the
-canonical evaluator, rewards, the state root) and signs the result.
+Each builder computes the numbers the rules will check (the validation
+losses with the canonical evaluator) and signs the result. Decided blocks
+are built by `consensus.decisions.propose_decided_block`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from chain.blocks import (
-    Attestation,
-    Block,
-    Evidence,
-    Header,
-    Kind,
-    TrainingBody,
-    ValidationBody,
-    body_hash,
-    sign_attestation,
-    sign_block,
-    test_seed_for,
-)
+from chain.blocks import Block, Header, Kind, TrainingBody, body_hash, sign_block
 from chain.crypto import PrivateKey
 from chain.state import State
-from consensus.rules import (
-    Chain,
-    compute_assigned_slice,
-    compute_rewards,
-    compute_training_seed,
-    compute_validation_outcome,
-    compute_validation_seed,
-    is_confirmed,
-)
+from consensus.rules import Chain, compute_assigned_slice, compute_training_seed, compute_validation_seed
 
 
 def propose_training_block(
@@ -109,65 +90,3 @@ def propose_best_training_block(
             return block
     assert best is not None
     return best
-
-
-def attest(chain: Chain, key: PrivateKey, state: State, training: Block) -> Attestation:
-    """`key`'s attestation of a training block whose parent state is `state`."""
-    body = training.body
-    assert isinstance(body, TrainingBody)
-    seed = test_seed_for(key, chain.domain, training.hash)
-    before = chain.loss(state, "test", seed)
-    after = chain.loss(state.with_slice(body.slice_id, body.weights), "test", seed)
-    return sign_attestation(key, chain.domain, training.hash, training.header.parent, before, after)
-
-
-def propose_validation_block(
-    chain: Chain,
-    training: Block,
-    state: State,
-    key: PrivateKey,
-    attestations: list[Attestation],
-    evidence: list[Evidence],
-    timestamp: int,
-) -> Block:
-    """A validation block by validator `key` for `training` (parent state `state`)."""
-    body = ValidationBody(tuple(attestations), tuple(evidence))
-    miner = training.header.proposer if is_confirmed(body) else None
-    body = ValidationBody(
-        tuple(attestations),
-        tuple(evidence),
-        compute_rewards(state, chain.genesis, miner, [a.validator for a in attestations]),
-    )
-    new_state = compute_validation_outcome(state, training, body, timestamp, chain)
-    header = Header(
-        chain_id=chain.genesis.chain_id,
-        height=training.header.height + 1,
-        parent=training.hash,
-        kind=Kind.VALIDATION,
-        timestamp=timestamp,
-        proposer=key.public_key,
-        state_root=new_state.root,
-        body_hash=body_hash(body),
-    )
-    return sign_block(key, chain.domain, header, body)
-
-
-def get_validation_proposers(state: State, training: Block) -> list[bytes]:
-    """The validators, in the order they may propose the validation block of
-    `training`: staked keys sorted, rotated by the number of training blocks
-    decided before it. The first proposes as soon as it has a quorum; each
-    next one only after the ones before it had their turn (a node waits
-    `position * backoff` seconds), so a missing proposer delays the round
-    without stopping it."""
-    stakers = sorted(address for address, account in state.accounts.items() if account.stake > 0)
-    if not stakers:
-        return []
-    offset = (training.header.height // 2) % len(stakers)
-    return stakers[offset:] + stakers[:offset]
-
-
-def get_quorum_stake(state: State, chain: Chain) -> int:
-    """The least attesting stake a validation block needs (ceiling of the quorum fraction)."""
-    parameters = chain.genesis.consensus
-    total = state.total_stake
-    return -(-total * parameters.quorum_numerator // parameters.quorum_denominator)

@@ -1,39 +1,28 @@
-"""The state transition: `apply_block(state, parent, block, chain) -> state`.
+"""The rules every block shares, the training block's, and what they need.
 
-Pure and synchronous: it reads the parent state and the block, re-computes
-every claimed number with the canonical evaluator, and returns the new state
-or raises `InvalidBlock` with the reason. Cheap checks come first.
+`Chain` holds genesis, the validation and test splits and a memoizing
+canonical evaluator; `genesis_state`/`genesis_block` build height 0; the
+work assignment and seeds follow from the parent hash; `validate_header` is
+every block's header rules and `apply_training_block(state, parent, block,
+chain)` a training block's (docs/spec.md, section 8). Pure and synchronous:
+each re-computes every claimed number with the canonical evaluator and
+raises `InvalidBlock` with the reason, cheap checks first.
 
-A chain alternates: genesis, training block, validation block, training
-block, ... A training block proposes a slice update with its validation-loss
-improvement; it does not change the state. Its validation block carries
-attestations from at least 2/3 of stake that re-evaluated the update on test
-batches seeded by their own signatures; their aggregate test gain is the
-verdict. A positive verdict applies the update and pays the miner; either way
-the block pays the validators, slashes equivocators, retargets difficulty and
-makes the decision final.
+A training block proposes a slice update with its validation-loss
+improvement on a decided block (or genesis); it changes no state. The
+decided block of the next height names it, tests it out of sample, and
+applies it or not (consensus/decisions.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from chain.blocks import (
-    ZERO_HASH,
-    Attestation,
-    Block,
-    GenesisBody,
-    Header,
-    Kind,
-    Reward,
-    TrainingBody,
-    ValidationBody,
-    body_hash,
-)
+from chain.blocks import ZERO_HASH, Block, GenesisBody, Header, Kind, TrainingBody, body_hash
 from chain.crypto import Domain
 from chain.state import Account, State
 from consensus.genesis import Genesis
@@ -169,20 +158,17 @@ def genesis_block(genesis: Genesis, state: State) -> Block:
 
 
 def compute_assigned_slice(parent: Header, proposer: bytes, slices: int) -> int:
-    """(parent.height // 2 + int(sha256(b"potchain/slice" || proposer)[:8])) mod slices.
+    """(parent.height + int(sha256(b"potchain/slice" || proposer)[:8])) mod slices.
 
-    parent.height // 2 counts the training blocks decided so far (on a
-    decided block of the voting rounds, its height counts the decided
-    heights, and replaces it), so each miner
-    cycles through every slice in turn, from an offset its key fixes (miners
-    racing at one height mostly get different slices). Round-robin keeps every
-    slice of the chain's model at most `slices - 1` blocks behind a miner's
-    local model; random assignment let slices go stale and cost accuracy
-    (docs/benchmarks.md).
+    The parent (genesis or a decided block) counts the decided heights, so each
+    miner cycles through every slice in turn, one per height, from an offset
+    its key fixes (miners racing at one height mostly get different slices).
+    Round-robin keeps every slice of the chain's model at most `slices - 1`
+    blocks behind a miner's local model; random assignment let slices go stale
+    and cost accuracy (docs/benchmarks.md).
     """
     offset = int.from_bytes(hashlib.sha256(b"potchain/slice" + proposer).digest()[:8], "big")
-    decided = parent.height if parent.kind == Kind.DECIDED else parent.height // 2
-    return (decided + offset) % slices
+    return (parent.height + offset) % slices
 
 
 def compute_validation_seed(parent_hash: bytes) -> bytes:
@@ -196,45 +182,7 @@ def compute_training_seed(parent_hash: bytes, proposer: bytes) -> bytes:
     return hashlib.sha256(b"potchain/train" + parent_hash + proposer).digest()
 
 
-# --- Rewards and difficulty ---------------------------------------------------
-
-
-def is_confirmed(body: ValidationBody) -> bool:
-    """Whether a validation body's verdict is positive: aggregate test gain > 0."""
-    return sum(a.gain for a in body.attestations) > 0
-
-
-def compute_rewards(state: State, genesis: Genesis, miner: bytes | None, attesters: list[bytes]) -> tuple[Reward, ...]:
-    """The miner of a confirmed update (`miner`; None when rejected) gets
-    miner_share_percent of the block reward; attesting validators split the
-    rest in proportion to stake (rounded down; the remainder, and the miner's
-    share of a rejected update, is not minted). Miner first, then attesters by
-    address; no zero amounts."""
-    parameters = genesis.consensus
-    miner_reward = parameters.block_reward * parameters.miner_share_percent // 100
-    pool = parameters.block_reward - miner_reward
-    attesting_stake = sum(state.stake_of(a) for a in attesters)
-    rewards = [Reward(miner, miner_reward)] if miner is not None and miner_reward else []
-    for address in sorted(attesters):
-        amount = pool * state.stake_of(address) // attesting_stake if attesting_stake else 0
-        if amount:
-            rewards.append(Reward(address, amount))
-    return tuple(rewards)
-
-
-def compute_difficulty(difficulty: int, interval: int, genesis: Genesis) -> int:
-    """Faster than half the target interval: up by difficulty // divisor (at
-    least 1); slower than twice the target: down by as much (never below 1)."""
-    parameters = genesis.consensus
-    step = max(1, difficulty // parameters.retarget_divisor)
-    if interval < parameters.target_interval_seconds // 2:
-        return difficulty + step
-    if interval > 2 * parameters.target_interval_seconds:
-        return max(1, difficulty - step)
-    return difficulty
-
-
-# --- The state transition ----------------------------------------------------
+# --- Block rules ---------------------------------------------------------------
 
 
 def validate_header(parent: Header, block: Block, chain: Chain, same_time_allowed: bool = False) -> None:
@@ -255,16 +203,6 @@ def validate_header(parent: Header, block: Block, chain: Chain, same_time_allowe
         raise InvalidBlock("signature: not the proposer's signature of this block")
 
 
-def apply_block(state: State, parent: Block, block: Block, chain: Chain) -> State:
-    """The state after `block`, whose parent is `parent` with state `state`."""
-    kind = block.header.kind
-    if kind == Kind.TRAINING:
-        return apply_training_block(state, parent, block, chain)
-    if kind == Kind.VALIDATION:
-        return apply_validation_block(state, parent, block, chain)
-    raise InvalidBlock(f"kind: {kind.name} blocks exist only at height 0")
-
-
 def decode_slice(content: bytes, expected_values: int) -> np.ndarray:
     """A training body's weights as int16 values, checked for size and range."""
     if len(content) != 2 * expected_values:
@@ -276,11 +214,12 @@ def decode_slice(content: bytes, expected_values: int) -> np.ndarray:
 
 
 def apply_training_block(state: State, parent: Block, block: Block, chain: Chain) -> State:
+    """A training block's rules on `parent` (state `state`); returns that state unchanged."""
     header, body = block.header, block.body
     if not isinstance(body, TrainingBody):
         raise InvalidBlock("body: a training block needs a training body")
-    if parent.header.kind not in (Kind.GENESIS, Kind.VALIDATION, Kind.DECIDED):
-        raise InvalidBlock(f"parent: a training block builds on a validation block, not {parent.header.kind.name}")
+    if parent.header.kind not in (Kind.GENESIS, Kind.DECIDED):
+        raise InvalidBlock(f"parent: a training block builds on a decided block, not {parent.header.kind.name}")
     validate_header(parent.header, block, chain)
     if header.state_root != state.root:
         raise InvalidBlock(f"state_root: got {header.state_root.hex()}, want {state.root.hex()}")
@@ -302,117 +241,3 @@ def apply_training_block(state: State, parent: Block, block: Block, chain: Chain
     if gain < state.difficulty:
         raise InvalidBlock(f"gain: got {gain}, need >= {state.difficulty}")
     return state
-
-
-def validate_attestation(state: State, attestation: Attestation, training: Block, updated: State, chain: Chain) -> None:
-    """One attestation of `training`: a current validator, both signatures, and
-    its test losses equal to the canonical evaluator's on its own seed."""
-    who = attestation.validator.hex()[:16]
-    if state.stake_of(attestation.validator) <= 0:
-        raise InvalidBlock(f"attestation {who}: not a validator")
-    if attestation.training_block != training.hash:
-        got = attestation.training_block.hex()
-        raise InvalidBlock(f"attestation {who}: training_block {got}, want {training.hash.hex()}")
-    if attestation.parent != training.header.parent:
-        raise InvalidBlock(f"attestation {who}: parent {attestation.parent.hex()}, want {training.header.parent.hex()}")
-    if not attestation.is_signed_by_validator(chain.domain):
-        raise InvalidBlock(f"attestation {who}: bad signature")
-    seed = attestation.test_seed
-    before = chain.loss(state, "test", seed)
-    if attestation.loss_before != before:
-        raise InvalidBlock(f"attestation {who}: loss_before {attestation.loss_before}, want {before}")
-    after = chain.loss(updated, "test", seed)
-    if attestation.loss_after != after:
-        raise InvalidBlock(f"attestation {who}: loss_after {attestation.loss_after}, want {after}")
-
-
-def apply_validation_block(state: State, parent: Block, block: Block, chain: Chain) -> State:
-    header, body = block.header, block.body
-    if not isinstance(body, ValidationBody):
-        raise InvalidBlock("body: a validation block needs a validation body")
-    if parent.header.kind != Kind.TRAINING:
-        raise InvalidBlock(f"parent: a validation block pairs with a training block, not {parent.header.kind.name}")
-    validate_header(parent.header, block, chain)
-    if state.stake_of(header.proposer) <= 0:
-        raise InvalidBlock("proposer: not a validator")
-    new_state = compute_validation_outcome(state, parent, body, header.timestamp, chain)
-    if header.state_root != new_state.root:
-        raise InvalidBlock(f"state_root: got {header.state_root.hex()}, want {new_state.root.hex()}")
-    return new_state
-
-
-def compute_validation_outcome(
-    state: State, training: Block, body: ValidationBody, timestamp: int, chain: Chain
-) -> State:
-    """The state after a validation body decides on `training` (whose state is `state`).
-
-    Checks the attestations (distinct validators, correct numbers, a quorum of
-    stake), the evidence and the rewards. The verdict is the aggregate test
-    gain: if positive, the slice update is applied and the miner paid;
-    otherwise the model stays as it was. Either way the payouts and slashings
-    apply, difficulty retargets, and the training block is final (decided).
-    """
-    if not isinstance(training.body, TrainingBody):
-        raise InvalidBlock("parent: not a training block")
-    confirmed = is_confirmed(body)
-    with_update = state.with_slice(training.body.slice_id, training.body.weights)
-    updated = with_update if confirmed else state
-    attesters: list[bytes] = []
-    for attestation in body.attestations:
-        if attestation.validator in attesters:
-            raise InvalidBlock(f"attestations: duplicate attester {attestation.validator.hex()[:16]}")
-        attesters.append(attestation.validator)
-    for attestation in body.attestations:
-        validate_attestation(state, attestation, training, with_update, chain)
-    parameters = chain.genesis.consensus
-    attesting = sum(state.stake_of(a) for a in attesters)
-    total = state.total_stake
-    if attesting * parameters.quorum_denominator < total * parameters.quorum_numerator:
-        raise InvalidBlock(
-            f"attestations: stake {attesting} of {total}, "
-            f"need >= {parameters.quorum_numerator}/{parameters.quorum_denominator}"
-        )
-
-    accounts = dict(updated.accounts)
-    slashed: set[bytes] = set()
-    for evidence in body.evidence:
-        offender = validate_evidence(state, evidence.first, evidence.second, chain)
-        if offender in slashed:
-            raise InvalidBlock(f"evidence: {offender.hex()[:16]} slashed twice")
-        slashed.add(offender)
-        accounts[offender] = replace(accounts[offender], stake=0)
-
-    rewards = compute_rewards(state, chain.genesis, training.header.proposer if confirmed else None, attesters)
-    if body.rewards != rewards:
-        raise InvalidBlock(f"rewards: got {_describe(body.rewards)}, want {_describe(rewards)}")
-    for reward in rewards:
-        account = accounts.get(reward.address, Account(0, 0))
-        accounts[reward.address] = replace(account, balance=account.balance + reward.amount)
-
-    return replace(
-        updated,
-        accounts=accounts,
-        difficulty=compute_difficulty(state.difficulty, timestamp - state.finalized_timestamp, chain.genesis),
-        finalized_height=training.header.height,
-        finalized_hash=training.hash,
-        finalized_timestamp=timestamp,
-    )
-
-
-def validate_evidence(state: State, first: Attestation, second: Attestation, chain: Chain) -> bytes:
-    """Two attestations by one staked validator for different training blocks
-    on the same parent; returns the offender."""
-    offender = first.validator
-    if second.validator != offender:
-        raise InvalidBlock("evidence: attestations by different validators")
-    if first.parent != second.parent or first.training_block == second.training_block:
-        raise InvalidBlock("evidence: not two different training blocks on one parent")
-    if not (first.is_signed_by_validator(chain.domain) and second.is_signed_by_validator(chain.domain)):
-        raise InvalidBlock("evidence: bad signature")
-    if state.stake_of(offender) <= 0:
-        raise InvalidBlock(f"evidence: {offender.hex()[:16]} has no stake to slash")
-    return offender
-
-
-def _describe(rewards: tuple[Reward, ...]) -> str:
-    return "[" + ", ".join(f"{r.address.hex()[:16]}:{r.amount}" for r in rewards) + "]"

@@ -1,15 +1,15 @@
-"""The RPC's view of a networked node (p2p/rpc.py serves it)."""
+"""The RPC's view of a networked voting node (p2p/rpc.py serves it)."""
 
 from __future__ import annotations
 
-from p2p.full_node import ImportResult
-from p2p.service import NetworkNode
+from chain.blocks import Block
+from p2p.voting_node import VotingNode
 
 
 class NetworkBackend:
-    """The RPC's backend for a networked node."""
+    """The RPC's backend for a `VotingNode` (called from the RPC's thread pool)."""
 
-    def __init__(self, network: NetworkNode) -> None:
+    def __init__(self, network: VotingNode) -> None:
         self.network = network
         self.node = network.node
 
@@ -22,15 +22,23 @@ class NetworkBackend:
     def is_syncing(self) -> bool:
         return self.network.syncing
 
-    def submit_block(self, data: bytes) -> ImportResult:
-        return self.network.submit_block(data)
+    def voting(self) -> dict[str, object]:
+        with self.node.lock:
+            machines = list(self.network.voting.machines.values())
+            height = self.network.voting.height
+        if not machines:
+            return {"height": height, "round": 0, "step": "propose"}
+        furthest = max(machines, key=lambda machine: (machine.round, machine.step))
+        return {"height": height, "round": furthest.round, "step": furthest.step.name.lower()}
+
+    def submit_block(self, data: bytes) -> tuple[Block, bool]:
+        return self.network.submit_training_block(data)
 
     def node_info(self) -> dict[str, object]:
         network = self.network
         return {
             "peer_id": network.peer_id if network.host is not None else None,
             "addresses": network.listen_addresses,
-            "orphaned_blocks": list(network.node.orphaned),
             "rejections": [
                 {"time": r.time, "peer_id": r.peer_id, "what": r.what, "reason": r.reason} for r in network.rejections
             ],

@@ -1,4 +1,4 @@
-"""A node's decided chain and its LevelDB store, kept in step: the voting rounds' counterpart of `FullNode`.
+"""A node's decided chain and its LevelDB store, kept in step.
 
 Every decided block enters through `import_decided` (a block with its commit
 certificate, from the node's own voting or from sync): validated by the
@@ -7,7 +7,7 @@ with its certificate and the training blocks it names. A decided block is
 final, so a restart needs no re-validation: the head, its state, its
 certificate and the validator set that voted on it are read back, and the
 node resumes deciding the next height. Training blocks on the head and
-checked candidates live in memory (peers gossip them again).
+checked candidates live in memory only (a restarted node keeps new ones as they arrive).
 
 The networked node, the RPC and the miner share one `DecidedNode`; every
 method takes its lock.
@@ -18,19 +18,60 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from chain.blocks import Block, DecidedBody, Kind
 from chain.encoding import DecodeError
-from chain.state import State
+from chain.state import Account, State
 from chain.store import ChainDB, CorruptStore
 from chain.votes import Commit
 from consensus.decided_chain import DecidedChain, Decision
 from consensus.decisions import get_validator_set
-from consensus.rules import Chain, genesis_block, genesis_state
+from consensus.rules import (
+    Chain,
+    compute_assigned_slice,
+    compute_training_seed,
+    compute_validation_seed,
+    genesis_block,
+    genesis_state,
+)
 from genesis import chunk_directory, load_genesis
-from training.data import load_split
+from training.data import load_split, seed_from_int
 from training.evaluate import default_backend
+from training.tables import LOSS_BITS
+from training.weights import CanonicalWeights
+
+
+@dataclass(frozen=True)
+class WorkAssignment:
+    """What a miner needs to produce a training block on the decided head."""
+
+    parent_hash: bytes
+    """The decided head (or genesis) the block must build on."""
+    height: int
+    """The training block's height."""
+    state_root: bytes
+    """The parent state's root (the training block's header carries it)."""
+    slice_id: int
+    """The slice the miner's key is assigned."""
+    difficulty: int
+    """The validation gain the block must reach."""
+    validation_seed: bytes
+    """Seed of the validation batch the proof is computed on."""
+    training_seed: bytes
+    """Seed the miner's training batches come from (informative)."""
+    min_timestamp: int
+    """The block's timestamp must be at least this (the parent's + 1)."""
+
+
+def mean_loss(chain: Chain, state: State, split: str) -> float:
+    """Nats per token on the split's report batch (seed 0): informative only."""
+    sequences = chain.genesis.evaluation.validation_sequences
+    if split == "test":
+        sequences = chain.genesis.evaluation.test_sequences
+    tokens = sequences * chain.genesis.model.context
+    return round(chain.loss(state, split, seed_from_int(0)) / tokens / (1 << LOSS_BITS), 5)
 
 
 class DecidedNode:
@@ -41,6 +82,8 @@ class DecidedNode:
         self.genesis = load_genesis(genesis_path)
         self.datadir = datadir
         directory = chunk_directory(genesis_path, self.genesis)
+        self.chunk_directory = directory
+        """Where the dataset's chunks are (served to peers by the sync protocol)."""
         self.chain = Chain(
             self.genesis,
             validation_text=load_split(self.genesis.dataset, directory, "validation"),
@@ -49,6 +92,9 @@ class DecidedNode:
         )
         self.lock = threading.RLock()
         """Held by every method; callers composing several calls hold it too."""
+        self.received_at: dict[bytes, float] = {}
+        """Wall-clock time (Unix seconds) each block was first kept or stored here (since the start)."""
+        self._losses: dict[bytes, tuple[float, float]] = {}
         first_state = genesis_state(self.genesis)
         self.genesis_block = genesis_block(self.genesis, first_state)
         self.db = ChainDB(datadir / "chain", bytes.fromhex(self.genesis.hash), self.genesis_block, first_state)
@@ -68,8 +114,7 @@ class DecidedNode:
             return DecidedChain.from_genesis(self.chain, self.genesis_block, first_state)
         if head.header.kind != Kind.DECIDED or not isinstance(head.body, DecidedBody):
             raise CorruptStore(
-                f"{self.datadir}: the head is a {head.header.kind.name.lower()} block: "
-                "this data directory holds a chain finalized by attestations, not by voting rounds"
+                f"{self.datadir}: the head is a {head.header.kind.name.lower()} block, not a decided one"
             )
         commit = self.db.commit(head.hash)
         if commit is None:
@@ -89,7 +134,10 @@ class DecidedNode:
         """Keep a valid training block on the head (raises InvalidBlock); False if already kept."""
         with self.lock:
             self.decided.on_tick(int(time.time()))
-            return self.decided.on_training_block(block)
+            kept = self.decided.on_training_block(block)
+            if kept:
+                self.received_at.setdefault(block.hash, time.time())
+            return kept
 
     def check_candidate(self, block: Block, training_blocks: Mapping[bytes, Block]) -> State:
         """Check a block proposed for the next height (raises InvalidBlock)."""
@@ -111,6 +159,9 @@ class DecidedNode:
         assert decision.commit is not None
         with self.lock:
             self.db.import_decision(decision.block, decision.state, decision.commit, decision.training_blocks)
+            now = time.time()
+            for block in (decision.block, *decision.training_blocks):
+                self.received_at.setdefault(block.hash, now)
 
     # --- reads ------------------------------------------------------------------
 
@@ -137,3 +188,70 @@ class DecidedNode:
             if candidate is not None:
                 return candidate[0]
             return self.db.block(block_hash) if self.db.has_block(block_hash) else None
+
+    def is_canonical(self, block: Block) -> bool:
+        """Decided (or named by a decided block), as opposed to kept or proposed only."""
+        with self.lock:
+            return self.db.has_block(block.hash)
+
+    def validators_of(self, block: Block) -> dict[bytes, int]:
+        """The stakes of the validators who voted on a decided block's height (its parent's state's)."""
+        with self.lock:
+            return dict(get_validator_set(self.db.state(block.header.parent), self.genesis).stakes)
+
+    def slice_content(self, slice_hash: bytes) -> bytes | None:
+        """A slice's content by its SHA-256 (any stored state's)."""
+        with self.lock:
+            return self.db.slice_content(slice_hash)
+
+    def state_of(self, block_hash: bytes) -> State | None:
+        """The state after a decided block."""
+        with self.lock:
+            block = self.block_by_hash(block_hash)
+            if (
+                block is None
+                or block.header.kind not in (Kind.GENESIS, Kind.DECIDED)
+                or not self.db.has_block(block_hash)
+            ):
+                return None
+            return self.db.state(block_hash)
+
+    def weights_of(self, state: State) -> CanonicalWeights:
+        with self.lock:
+            return self.chain.weights(state)
+
+    def account(self, address: bytes) -> Account | None:
+        with self.lock:
+            return self.decided.head.state.accounts.get(address)
+
+    def training_blocks(self) -> list[Block]:
+        """The valid training blocks kept on the head (the next height's candidates' inputs)."""
+        with self.lock:
+            return list(self.decided.training.values())
+
+    def mean_losses(self, state: State) -> tuple[float, float]:
+        """(validation, test) nats per token of a state's model on each split's
+        report batch (seed 0): informative, cached by weights root."""
+        with self.lock:
+            key = state.weights_root
+            if key not in self._losses:
+                self._losses[key] = (mean_loss(self.chain, state, "validation"), mean_loss(self.chain, state, "test"))
+                if len(self._losses) > 64:
+                    self._losses.pop(next(iter(self._losses)))
+            return self._losses[key]
+
+    def work_for(self, miner: bytes) -> WorkAssignment:
+        """The assignment for a training block by `miner` on the decided head."""
+        with self.lock:
+            head = self.decided.head
+            parent, state = head.block, head.state
+            return WorkAssignment(
+                parent_hash=parent.hash,
+                height=parent.header.height + 1,
+                state_root=state.root,
+                slice_id=compute_assigned_slice(parent.header, miner, self.genesis.partition.slices),
+                difficulty=state.difficulty,
+                validation_seed=compute_validation_seed(parent.hash),
+                training_seed=compute_training_seed(parent.hash, miner),
+                min_timestamp=parent.header.timestamp + 1,
+            )

@@ -1,7 +1,9 @@
 """The RPC's OpenAPI 3.1 document, built in code and served at /openapi.json.
 
 Schemas are JSON Schema 2020-12 (as OpenAPI 3.1 uses). Every object lists
-all its properties as required; hashes, keys and seeds are lowercase hex.
+all its properties as required (a nullable one as a oneOf with null);
+hashes, keys and seeds are lowercase hex. p2p/rpc.py's views produce exactly
+these objects (tests/test_rpc.py checks every answer against them).
 """
 
 from __future__ import annotations
@@ -71,22 +73,45 @@ def _hash(description: str) -> Schema:
 def _block_schemas() -> dict[str, Schema]:
     return {
         "Block": _object(
-            "A block's header, where it stands, and a summary of its body",
+            "A block's header, where it stands, a summary of its body and, for a decided block, its certificate",
             {
                 "hash": _hash("Block hash (SHA-256 of the encoded header)"),
-                "height": _integer("Height; genesis is 0"),
-                "kind": {"type": "string", "enum": ["genesis", "training", "validation"]},
-                "parent": _hash("Parent block hash (zeros for genesis)"),
-                "timestamp": _integer("Unix seconds"),
-                "proposer": _hex(32, "Proposer's Ed25519 public key (zeros for genesis)"),
-                "state_root": _hash("State root after the block"),
+                "height": _integer("Height; genesis is 0. A training block has its decided parent's height + 1"),
+                "kind": {
+                    "type": "string",
+                    "enum": ["genesis", "training", "decided"],
+                    "description": "genesis (height 0); decided: the one block a height's voting rounds decide, "
+                    "final at once; training: a miner's slice update on a decided block, which the next "
+                    "decided block may name and test",
+                },
+                "parent": _hash("Parent block hash (zeros for genesis); always genesis or a decided block"),
+                "timestamp": _integer(
+                    "Unix seconds. A decided block's is its parent's commit time (the stake-weighted median of "
+                    "the parent certificate's precommit timestamps; genesis's + 1 at height 1)"
+                ),
+                "proposer": _hex(
+                    32,
+                    "Ed25519 public key of the miner (training) or of the round's proposer (decided); "
+                    "zeros for genesis",
+                ),
+                "state_root": _hash(
+                    "A decided block's: the state root after it; a training block's: its parent's state root"
+                ),
                 "body_hash": _hash("SHA-256 of the encoded body (genesis: the genesis hash)"),
                 "received_at": {
                     "type": ["number", "null"],
-                    "description": "Unix time this node first imported the block (null if unknown)",
+                    "description": "Unix time this node first kept or stored the block since it started (null if not)",
                 },
-                "canonical": _boolean("On the canonical chain"),
-                "body": {"oneOf": [_ref("TrainingBody"), _ref("ValidationBody"), _ref("GenesisBody")]},
+                "canonical": _boolean(
+                    "Part of the decided chain: a decided block, or a training block a decided block names "
+                    "(false: a training block only kept on the head, or a checked candidate not decided)"
+                ),
+                "body": {"oneOf": [_ref("TrainingBody"), _ref("DecidedBody"), _ref("GenesisBody")]},
+                "commit": {
+                    "oneOf": [_ref("Commit"), {"type": "null"}],
+                    "description": "A decided block's commit certificate, which makes it final "
+                    "(null for genesis, training blocks and candidates not decided)",
+                },
             },
         ),
         "TrainingBody": _object(
@@ -95,34 +120,94 @@ def _block_schemas() -> dict[str, Schema]:
                 "slice_id": _integer("The updated slice"),
                 "loss_before": _integer("Claimed validation loss total (Q.16) before the update"),
                 "loss_after": _integer("Claimed validation loss total (Q.16) after the update"),
-                "gain": _integer("loss_before - loss_after", minimum=None),
+                "gain": _integer("loss_before - loss_after (at least the difficulty)", minimum=None),
                 "steps": _integer("Optimizer steps (informative)"),
                 "data_seed": _hash("Seed of the miner's training batches (informative)"),
                 "weights_bytes": _integer("Size of the slice's new values (int16 little-endian)"),
                 "weights_sha256": _hash("SHA-256 of the slice's new values (the new slice hash)"),
             },
         ),
-        "ValidationBody": _object(
-            "The out-of-sample verdict on the parent training block",
+        "DecidedBody": _object(
+            "What one height decided: the training blocks it tested (maybe none), the parent's certificate, "
+            "evidence and the payout. A height that names no training block is as final as one that does",
             {
-                "confirmed": _boolean("Aggregate test gain > 0: the update was applied"),
-                "attestations": _array(_ref("Attestation"), "The validators' test evaluations"),
-                "evidence": _integer("Equivocations slashed"),
-                "rewards": _array(_ref("Reward"), "Payouts"),
+                "training": _array(
+                    _ref("Verdict"), "The training blocks on the parent this block tested (at most one; may be none)"
+                ),
+                "confirmed": _boolean("Some verdict's test gain is > 0: that slice update was applied to the model"),
+                "last_commit": {
+                    "oneOf": [_ref("LastCommit"), {"type": "null"}],
+                    "description": "The parent's commit certificate, whose signers this block pays "
+                    "(null at height 1: genesis has none)",
+                },
+                "evidence": _array(_ref("Evidence"), "Equivocations slashed (the offender's stake goes to 0)"),
+                "rewards": _array(
+                    _ref("Reward"),
+                    "The payout: the miner of a confirmed update first, then the parent certificate's signers "
+                    "(in proportion to their stake) by address",
+                ),
             },
         ),
         "GenesisBody": _object("Genesis has no body", {}),
-        "Attestation": _object(
-            "A validator's test evaluation of a training block",
+        "Verdict": _object(
+            "A decided block's out-of-sample test of a training block, on a test batch seeded by the "
+            "proposer's ECVRF output, which the proposer cannot choose",
             {
-                "validator": _hex(32, "Validator public key"),
-                "training_block": _hash("The training block evaluated"),
-                "loss_before": _integer("Test loss total (Q.16) before the update"),
-                "loss_after": _integer("Test loss total (Q.16) after the update"),
+                "training_block": _hash("The training block tested"),
+                "loss_before": _integer("Test loss total (Q.16) of the parent's model on the batch"),
+                "loss_after": _integer("The same with the training block's slice applied"),
                 "gain": _integer("loss_before - loss_after", minimum=None),
+                "confirmed": _boolean("gain > 0: the update was applied and its miner paid"),
+                "vrf_proof": _hex(80, "The proposer's ECVRF proof (RFC 9381) seeding the test batch"),
+            },
+        ),
+        "Evidence": _object(
+            "Two conflicting messages one validator signed in one round, slashed",
+            {
+                "validator": _hex(32, "The offender's public key"),
+                "kind": {
+                    "type": "string",
+                    "enum": ["proposal", "prevote", "precommit"],
+                    "description": "What it signed twice",
+                },
+                "height": _integer("The height of the messages", minimum=1),
+                "round": _integer("Their round"),
+            },
+        ),
+        "Commit": _object(
+            "A commit certificate: precommits for one block from at least 2/3 of the stake in one round. "
+            "It makes the block final; no other block can be decided at its height",
+            {
+                **_commit_properties(),
+                "signing_stake": _integer("Stake of the signers, among the validators who voted on the height"),
+                "total_stake": _integer(
+                    "All stake of the validators who voted on the height (the parent's state's); "
+                    "signing_stake / total_stake >= 2/3"
+                ),
+            },
+        ),
+        "LastCommit": _object(
+            "The parent's commit certificate as a decided body carries it: precommits for the parent "
+            "from at least 2/3 of the stake in one round (its stakes are in the parent block's commit)",
+            _commit_properties(),
+        ),
+        "CommitSignature": _object(
+            "One precommit of a certificate",
+            {
+                "validator": _hex(32, "The signer's public key"),
+                "timestamp": _integer("The signer's clock (Unix seconds) when it precommitted"),
             },
         ),
         "Reward": _object("One payout", {"address": _hex(32, "Recipient"), "amount": _integer("Units")}),
+    }
+
+
+def _commit_properties() -> dict[str, Schema]:
+    return {
+        "height": _integer("The decided height", minimum=1),
+        "round": _integer("The round in which it was decided (from 0)"),
+        "block_hash": _hash("The decided block"),
+        "signatures": _array(_ref("CommitSignature"), "The precommits, by validator"),
     }
 
 
@@ -135,53 +220,71 @@ def _node_schemas() -> dict[str, Schema]:
         "Error": _object("An error", {"error": {"type": "string", "description": "What is wrong"}}),
         "Health": _object("Readiness", {"status": {"type": "string", "enum": ["synced", "syncing", "not ready"]}}),
         "Status": _object(
-            "The node's view of the chain",
+            "The node's view of the chain. Every decided block is final the moment it is decided, so the "
+            "finalized block is the head",
             {
                 "chain_id": {"type": "string", "description": "Genesis chain id"},
                 "genesis_hash": _hash("SHA-256 of the genesis document's canonical JSON"),
                 "genesis_block_hash": _hash("Hash of the block at height 0"),
-                "head_height": _integer("Head block height"),
-                "head_hash": _hash("Head block hash"),
-                "finalized_height": _integer("Height of the last finalized training block (0: genesis)"),
-                "finalized_hash": _hash("Hash of the last finalized training block (the genesis hash at first)"),
-                "checkpoint_height": _integer(
-                    "Height of the checkpoint new training blocks build on (genesis or a validation block)"
-                ),
-                "checkpoint_hash": _hash("Hash of the finalized checkpoint"),
+                "head_height": _integer("Height of the last decided block (0: genesis)"),
+                "head_hash": _hash("Hash of the last decided block (the genesis block at first)"),
+                "finalized_height": _integer("head_height: the last decided block is final"),
+                "finalized_hash": _hash("head_hash: the last decided block is final"),
                 "state_root": _hash("Root of the head's state"),
                 "difficulty": _integer("Minimum validation gain of the next training block"),
                 "syncing": _boolean("Catching up with peers"),
                 "peer_count": _integer("Connected peers"),
+                "voting": _ref("Voting"),
                 **losses,
             },
         ),
-        "Finality": _object(
-            "What is final, and what awaits validation",
+        "Voting": _object(
+            "The height being decided (the head's + 1) and how far its voting rounds got on this node",
             {
-                "finalized_height": _integer("Height of the last finalized training block"),
-                "finalized_hash": _hash("Hash of the last finalized training block"),
-                "finalized_timestamp": _integer("Timestamp of the validation block that finalized it"),
-                "checkpoint_height": _integer("Height of the finalized checkpoint"),
-                "checkpoint_hash": _hash("Hash of the finalized checkpoint"),
-                "total_stake": _integer("All stake at the head"),
-                "pending": _array(_ref("PendingTraining"), "Training blocks on the checkpoint, first seen first"),
+                "height": _integer("The height being decided", minimum=1),
+                "round": _integer("The furthest round this node's voting reached (from 0)"),
+                "step": {
+                    "type": "string",
+                    "enum": ["propose", "prevote", "precommit"],
+                    "description": "That round's step (propose on a node that does not vote)",
+                },
+            },
+        ),
+        "Finality": _object(
+            "What is final: the head, with the certificate that decided it; and what the next height may decide",
+            {
+                "finalized_height": _integer("Height of the last decided block, the head (0: genesis)"),
+                "finalized_hash": _hash("Hash of the last decided block, the head"),
+                "finalized_timestamp": _integer("That block's timestamp"),
+                "commit": {
+                    "oneOf": [_ref("Commit"), {"type": "null"}],
+                    "description": "The head's commit certificate (null while the head is genesis)",
+                },
+                "last_tested": _hash(
+                    "The last training block a decided block gave a verdict on, confirmed or not "
+                    "(the genesis document's hash before any)"
+                ),
+                "total_stake": _integer("All stake at the head: the stake that votes on the next height"),
+                "voting": _ref("Voting"),
+                "pending": _array(
+                    _ref("PendingTraining"),
+                    "Valid training blocks kept on the head, first kept first: the next height's proposer "
+                    "names the one with the largest validation gain",
+                ),
             },
         ),
         "PendingTraining": _object(
-            "A training block awaiting its validation block",
+            "A valid training block on the head, awaiting a decided block that names and tests it",
             {
                 "hash": _hash("Block hash"),
-                "height": _integer("Height"),
+                "height": _integer("Height (the head's + 1)"),
                 "proposer": _hex(32, "Miner public key"),
                 "slice_id": _integer("The updated slice"),
-                "gain": _integer("Claimed validation gain", minimum=None),
-                "attestations": _integer("Attestations collected"),
-                "attesting_stake": _integer("Stake of the validators that attested it"),
-                "quorum_stake": _integer("Stake a validation block needs (quorum of total stake, rounded up)"),
+                "gain": _integer("Claimed validation gain (at least the difficulty)", minimum=None),
             },
         ),
         "Model": _object(
-            "The model after a block",
+            "The model after a decided block",
             {
                 "height": _integer("Height of the block"),
                 "block_hash": _hash("The block"),
@@ -190,7 +293,7 @@ def _node_schemas() -> dict[str, Schema]:
                 "weights_root": _hash("Merkle root of the slice hashes"),
                 "slice_hashes": _array(_hash("SHA-256 of a slice's int16 little-endian values"), "By slice id"),
                 **losses,
-                "difficulty": _integer("Minimum validation gain of the next training block"),
+                "difficulty": _integer("Minimum validation gain of a training block on this block"),
             },
         ),
         "ModelConfig": _object(
@@ -215,25 +318,53 @@ def _node_schemas() -> dict[str, Schema]:
             "additionalProperties": False,
         },
         "Work": _object(
-            "What a miner needs to produce a training block on the finalized checkpoint",
+            "What a miner needs to produce a training block on the decided head",
             {
-                "parent_hash": _hash("The checkpoint to build on"),
-                "height": _integer("The training block's height"),
+                "parent_hash": _hash("The decided head (or genesis) to build on"),
+                "height": _integer("The training block's height (the head's + 1)"),
                 "state_root": _hash("The parent state's root (the block's header carries it)"),
                 "slice_id": _integer("The slice the miner's key is assigned"),
                 "difficulty": _integer("The validation gain the block must reach"),
                 "validation_seed": _hash("Seed of the validation batch of the proof"),
                 "training_seed": _hash("Seed of the miner's training batches (informative)"),
-                "min_timestamp": _integer("Smallest allowed block timestamp"),
-                "weights_url": {"type": "string", "description": "Where to fetch the parent's model"},
+                "min_timestamp": _integer("Smallest allowed block timestamp (the parent's + 1)"),
+                "weights_url": {
+                    "type": "string",
+                    "description": "Where to fetch the parent's model (/v1/model/weights?height=<height - 1>)",
+                },
             },
         ),
         "SubmitResult": _object(
-            "The imported block",
+            "The training block, kept on the head (and announced to peers) until a decided block names it "
+            "or the head moves on",
             {
                 "hash": _hash("Block hash"),
                 "height": _integer("Height"),
-                "known": _boolean("Already known: nothing changed"),
+                "known": _boolean("Already kept: nothing changed"),
+            },
+        ),
+        "NodeInfo": _object(
+            "This node on its network",
+            {
+                "peer_id": {"type": ["string", "null"], "description": "libp2p peer id (null without a network)"},
+                "addresses": _array({"type": "string"}, "The multiaddresses it listens on"),
+                "rejections": _array(_ref("Rejection"), "Invalid messages it refused, oldest first"),
+                "blocked_peers": _array({"type": "string"}, "Peers it refuses (sorted)"),
+                "link_delay_seconds": {
+                    "type": "number",
+                    "minimum": 0,
+                    "maximum": 10,
+                    "description": "Delay added to everything it sends",
+                },
+            },
+        ),
+        "Rejection": _object(
+            "An invalid message this node refused",
+            {
+                "time": _number("When (Unix seconds)"),
+                "peer_id": {"type": "string", "description": "Who sent or relayed it"},
+                "what": {"type": "string", "description": "What it was (a training block, a voting message, ...)"},
+                "reason": {"type": "string", "description": "The rule it broke"},
             },
         ),
     }
@@ -244,9 +375,6 @@ def _node_schemas() -> dict[str, Schema]:
 
 def _json(schema_name: str, description: str) -> Schema:
     return {"description": description, "content": {"application/json": {"schema": _ref(schema_name)}}}
-
-
-_ANY: Schema = {"type": "object"}
 
 
 def _responses(ok: Schema, *errors: int, ok_status: str = "200") -> Schema:
@@ -260,13 +388,14 @@ def _responses(ok: Schema, *errors: int, ok_status: str = "200") -> Schema:
 def _admin_operation(operation_id: str, summary: str, field: str, schema: Schema, result: str) -> Schema:
     """A token-guarded POST whose JSON body is one required field."""
     body = {"type": "object", "required": [field], "properties": {field: schema}}
+    answer = {"type": "object", "required": [field], "properties": {field: schema}, "additionalProperties": False}
     return {
         "operationId": operation_id,
         "summary": summary,
         "security": [{"bearer": []}],
         "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
         "responses": _responses(
-            {"description": result, "content": {"application/json": {"schema": _ANY}}}, 400, 401, 409
+            {"description": result, "content": {"application/json": {"schema": answer}}}, 400, 401, 409
         ),
     }
 
@@ -300,7 +429,7 @@ def _block_ok() -> Schema:
 
 
 def _paths() -> dict[str, Schema]:
-    height = _parameter("height", "query", {"type": "integer", "minimum": 0}, "A canonical height (default: the head)")
+    height = _parameter("height", "query", {"type": "integer", "minimum": 0}, "A decided height (default: the head)")
     block_format = _parameter(
         "format",
         "query",
@@ -311,7 +440,8 @@ def _paths() -> dict[str, Schema]:
         "ref",
         "path",
         {"type": "string", "pattern": "^([0-9]+|[0-9a-fA-F]{64})$"},
-        "A canonical height (decimal) or a block hash (64 hex)",
+        "A decided height (decimal), or the hash (64 hex) of a decided block, a training block it names, "
+        "a training block kept on the head or a checked candidate",
     )
     address = _parameter("address", "path", {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}, "Public key")
     miner = _parameter(
@@ -334,16 +464,23 @@ def _paths() -> dict[str, Schema]:
     }
     submit = {
         "operationId": "submitBlock",
-        "summary": "Import an encoded block (and gossip it)",
+        "summary": "Keep an encoded training block on the decided head (and gossip it)",
+        "description": "Only training blocks are submitted (decided blocks come from the voting rounds): "
+        "any other kind, a block built on an earlier decided block, or one that breaks a rule is a 422 "
+        "naming the rule",
         "security": [{"bearer": []}],
         "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": _binary()}}},
-        "responses": _responses(_json("SubmitResult", "Imported (or already known)"), 400, 401, 413, 422),
+        "responses": _responses(_json("SubmitResult", "Kept (or already kept)"), 400, 401, 413, 422),
     }
     return {
         "/health": {"get": _operation("health", "Readiness for load balancers", health)},
-        "/v1/status": {"get": _operation("status", "Head, finality and losses", _responses(_json("Status", "OK")))},
+        "/v1/status": {
+            "get": _operation("status", "Head (final), voting and losses", _responses(_json("Status", "OK")))
+        },
         "/v1/blocks/head": {
-            "get": _operation("headBlock", "The head block", _responses(_block_ok(), 400), [block_format])
+            "get": _operation(
+                "headBlock", "The head: the last decided block", _responses(_block_ok(), 400), [block_format]
+            )
         },
         "/v1/blocks/{ref}": {
             "get": _operation(
@@ -351,7 +488,11 @@ def _paths() -> dict[str, Schema]:
             )
         },
         "/v1/finality": {
-            "get": _operation("finality", "Finality and pending training blocks", _responses(_json("Finality", "OK")))
+            "get": _operation(
+                "finality",
+                "The final head and its certificate, the voting, and the training blocks kept on the head",
+                _responses(_json("Finality", "OK")),
+            )
         },
         "/v1/model": {
             "get": _operation(
@@ -372,8 +513,8 @@ def _paths() -> dict[str, Schema]:
         "/v1/node": {
             "get": _operation(
                 "node",
-                "This node: peer id, addresses, orphaned blocks, rejected messages, blocked peers",
-                {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}},
+                "This node: peer id, addresses, rejected messages, blocked peers, link delay",
+                _responses(_json("NodeInfo", "OK")),
             )
         },
         "/v1/admin/link-delay": {
@@ -416,8 +557,11 @@ def openapi_document() -> Schema:
         "info": {
             "title": "potchain node RPC",
             "version": "1",
-            "description": "Reads of a potchain node's chain, model and mining work, and block submission. "
-            "Errors are JSON {error}. Write endpoints need Authorization: Bearer <datadir/rpc_token>.",
+            "description": "Reads of a potchain node's chain, model and mining work, and training block "
+            "submission. The chain decides one block per height by voting rounds; a decided block is final the "
+            "moment it is decided, with its commit certificate (precommits from at least 2/3 of the stake in "
+            "one round), so the finalized block is the head. Errors are JSON {error}. Write endpoints need "
+            "Authorization: Bearer <datadir/rpc_token>.",
         },
         "paths": _paths(),
         "components": {

@@ -1,11 +1,9 @@
-"""What a node knows of its peers: scores, bans and verification budgets.
+"""What a node knows of its peers: scores and bans.
 
 A peer's score starts at 0 and falls with every invalid message it sends
-(more for what cost us an evaluation); at `BAN_SCORE` or below the peer is
-disconnected and refused for `BAN_SECONDS`. Each peer also has a budget of
-verification work (block imports and attestation checks, each one canonical
-evaluation or more): a token bucket, so no peer can make us evaluate faster
-than `WORK_PER_SECOND` on average.
+(more for one that breaks a consensus rule than for one that does not
+decode); at `BAN_SCORE` or below the peer is disconnected and refused for
+`BAN_SECONDS` (docs/spec.md, section 13).
 """
 
 from __future__ import annotations
@@ -15,17 +13,11 @@ from dataclasses import dataclass, field
 
 BAN_SCORE = -100
 BAN_SECONDS = 600
-WORK_BURST = 40
-"""Verification units a peer may cause at once."""
-WORK_PER_SECOND = 4.0
-"""Verification units a peer's budget refills per second."""
 
 PENALTY_MALFORMED = 20
 """A message that does not decode, or breaks the wire protocol."""
 PENALTY_INVALID = 50
-"""A well-formed block or attestation that breaks a consensus rule."""
-PENALTY_OVER_BUDGET = 5
-"""Asking for verification work beyond the peer's budget."""
+"""A well-formed block or voting message that breaks a consensus rule."""
 
 
 @dataclass
@@ -38,8 +30,6 @@ class PeerRecord:
     connected_since: float | None = None
     addresses: list[str] = field(default_factory=list)
     banned_until: float = 0.0
-    budget: float = WORK_BURST
-    budget_time: float = field(default_factory=time.monotonic)
     penalties: list[tuple[float, int, str]] = field(default_factory=list)
     """(time, points, reason) of the latest penalties, newest last (at most 20)."""
     head_height: int | None = None
@@ -47,7 +37,7 @@ class PeerRecord:
 
 
 class PeerBook:
-    """Scores, bans and budgets of every peer seen."""
+    """Scores and bans of every peer seen."""
 
     def __init__(self) -> None:
         self.peers: dict[str, PeerRecord] = {}
@@ -79,17 +69,6 @@ class PeerBook:
     def is_banned(self, peer_id: str) -> bool:
         record = self.peers.get(peer_id)
         return record is not None and record.banned_until > time.time()
-
-    def spend(self, peer_id: str, units: float) -> bool:
-        """Charge verification work to a peer's budget; False when it has not enough."""
-        record = self.get(peer_id)
-        now = time.monotonic()
-        record.budget = min(WORK_BURST, record.budget + (now - record.budget_time) * WORK_PER_SECOND)
-        record.budget_time = now
-        if record.budget < units:
-            return False
-        record.budget -= units
-        return True
 
     def view(self) -> list[dict[str, object]]:
         """JSON-ready records, connected peers first."""

@@ -31,11 +31,20 @@ from typing import Any, Protocol, TypeVar
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from chain.blocks import Attestation, Block, TrainingBody, ValidationBody
+from chain.blocks import (
+    Block,
+    DecidedBody,
+    EquivocationEvidence,
+    Kind,
+    TrainingBody,
+    TrainingVerdict,
+    decode_block,
+)
 from chain.encoding import MAX_MESSAGE_BYTES, DecodeError
 from chain.state import Account, State
-from consensus.rules import InvalidBlock, is_confirmed
-from p2p.full_node import FullNode, ImportResult, WorkAssignment
+from chain.votes import Commit, Proposal
+from consensus.rules import InvalidBlock
+from p2p.decided_node import DecidedNode, WorkAssignment
 from p2p.openapi import openapi_document
 from training.weights import encode_weights
 
@@ -61,7 +70,7 @@ _DECIMAL = re.compile(r"[0-9]+")
 class RpcBackend(Protocol):
     """What the RPC serves: a node, and what the network around it knows."""
 
-    node: FullNode
+    node: DecidedNode
 
     def peers(self) -> list[dict[str, object]]:
         """JSON-ready peer records."""
@@ -73,12 +82,17 @@ class RpcBackend(Protocol):
 
     def is_syncing(self) -> bool: ...
 
-    def submit_block(self, data: bytes) -> ImportResult:
-        """Import (and gossip) an encoded block; raises DecodeError or InvalidBlock."""
+    def voting(self) -> dict[str, object]:
+        """The height being decided and how far its voting got: height, round, step."""
+        ...
+
+    def submit_block(self, data: bytes) -> tuple[Block, bool]:
+        """Keep (and gossip) an encoded training block: (block, already known);
+        raises DecodeError or InvalidBlock."""
         ...
 
     def node_info(self) -> dict[str, object]:
-        """The node itself: peer id, orphaned blocks, rejected messages."""
+        """The node itself: peer id, rejected messages, blocked peers."""
         ...
 
     def set_blocked_peers(self, peers: list[str]) -> None:
@@ -91,9 +105,9 @@ class RpcBackend(Protocol):
 
 
 class LocalBackend:
-    """A node without a network: no peers, always ready and synced."""
+    """A node without a network: no peers, always ready and synced, no voting."""
 
-    def __init__(self, node: FullNode) -> None:
+    def __init__(self, node: DecidedNode) -> None:
         self.node = node
 
     def peers(self) -> list[dict[str, object]]:
@@ -105,11 +119,17 @@ class LocalBackend:
     def is_syncing(self) -> bool:
         return False
 
-    def submit_block(self, data: bytes) -> ImportResult:
-        return self.node.import_encoded(data)
+    def voting(self) -> dict[str, object]:
+        return {"height": self.node.head().block.header.height + 1, "round": 0, "step": "propose"}
+
+    def submit_block(self, data: bytes) -> tuple[Block, bool]:
+        block = decode_block(data)
+        if block.header.kind != Kind.TRAINING:
+            raise InvalidBlock(f"kind: only training blocks are submitted, not {block.header.kind.name.lower()}")
+        return block, not self.node.on_training_block(block)
 
     def node_info(self) -> dict[str, object]:
-        return {"peer_id": None, "orphaned_blocks": list(self.node.orphaned), "rejections": []}
+        return {"peer_id": None, "addresses": [], "rejections": [], "blocked_peers": [], "link_delay_seconds": 0.0}
 
     def set_blocked_peers(self, peers: list[str]) -> None:
         raise RpcError(409, "this node has no network")
@@ -149,11 +169,13 @@ def load_or_create_token(datadir: Path) -> str:
 # --- JSON views (called on the pool: they may take the node's lock) ----------------
 
 
-def block_view(node: FullNode, block: Block) -> JSON:
+def block_view(node: DecidedNode, block: Block) -> JSON:
     header = block.header
     with node.lock:
-        canonical = node.db.canonical_hash(header.height) == block.hash
+        canonical = node.is_canonical(block)
         received_at = node.received_at.get(block.hash)
+        commit = node.commit_of(block.hash) if header.kind == Kind.DECIDED else None
+        stakes = node.validators_of(block) if commit is not None else None
     return {
         "hash": block.hash.hex(),
         "height": header.height,
@@ -166,6 +188,7 @@ def block_view(node: FullNode, block: Block) -> JSON:
         "received_at": received_at,
         "canonical": canonical,
         "body": body_view(block),
+        "commit": commit_view(commit, stakes) if commit is not None else None,
     }
 
 
@@ -173,8 +196,8 @@ def body_view(block: Block) -> JSON:
     body = block.body
     if isinstance(body, TrainingBody):
         return training_body_view(body)
-    if isinstance(body, ValidationBody):
-        return validation_body_view(body)
+    if isinstance(body, DecidedBody):
+        return decided_body_view(body)
     return {}
 
 
@@ -191,72 +214,92 @@ def training_body_view(body: TrainingBody) -> JSON:
     }
 
 
-def validation_body_view(body: ValidationBody) -> JSON:
+def decided_body_view(body: DecidedBody) -> JSON:
     return {
-        "confirmed": is_confirmed(body),
-        "attestations": [attestation_view(a) for a in body.attestations],
-        "evidence": len(body.evidence),
+        "training": [verdict_view(verdict) for verdict in body.training],
+        "confirmed": any(verdict.gain > 0 for verdict in body.training),
+        "last_commit": commit_view(body.last_commit, None) if body.last_commit is not None else None,
+        "evidence": [evidence_view(evidence) for evidence in body.evidence],
         "rewards": [{"address": r.address.hex(), "amount": r.amount} for r in body.rewards],
     }
 
 
-def attestation_view(attestation: Attestation) -> JSON:
+def verdict_view(verdict: TrainingVerdict) -> JSON:
     return {
-        "validator": attestation.validator.hex(),
-        "training_block": attestation.training_block.hex(),
-        "loss_before": attestation.loss_before,
-        "loss_after": attestation.loss_after,
-        "gain": attestation.gain,
+        "training_block": verdict.training_block.hex(),
+        "loss_before": verdict.loss_before,
+        "loss_after": verdict.loss_after,
+        "gain": verdict.gain,
+        "confirmed": verdict.gain > 0,
+        "vrf_proof": verdict.vrf_proof.hex(),
     }
+
+
+def evidence_view(evidence: EquivocationEvidence) -> JSON:
+    first = evidence.first
+    kind = "proposal" if isinstance(first, Proposal) else first.kind.name.lower()
+    validator = first.proposer if isinstance(first, Proposal) else first.validator
+    return {"validator": validator.hex(), "kind": kind, "height": first.height, "round": first.round}
+
+
+def commit_view(commit: Commit, stakes: Mapping[bytes, int] | None) -> JSON:
+    """A commit certificate; with the stakes of the validators who voted, its signing and total stake."""
+    view: JSON = {
+        "height": commit.height,
+        "round": commit.round,
+        "block_hash": commit.block_hash.hex(),
+        "signatures": [{"validator": v.hex(), "timestamp": t} for v, t, _ in commit.signatures],
+    }
+    if stakes is not None:
+        view["signing_stake"] = sum(stakes.get(v, 0) for v, _, _ in commit.signatures)
+        view["total_stake"] = sum(stakes.values())
+    return view
 
 
 def status_view(backend: RpcBackend) -> JSON:
     node = backend.node
-    with node.lock:
-        head, state = node.head()
-        checkpoint, _ = node.checkpoint()
-    validation_loss, test_loss = node.mean_losses(state)
+    head = node.head()
+    validation_loss, test_loss = node.mean_losses(head.state)
+    block, state = head.block, head.state
     return {
         "chain_id": node.genesis.chain_id,
         "genesis_hash": node.genesis.hash,
         "genesis_block_hash": node.genesis_block.hash.hex(),
-        "head_height": head.header.height,
-        "head_hash": head.hash.hex(),
-        "finalized_height": state.finalized_height,
-        "finalized_hash": state.finalized_hash.hex(),
-        "checkpoint_height": checkpoint.header.height,
-        "checkpoint_hash": checkpoint.hash.hex(),
+        "head_height": block.header.height,
+        "head_hash": block.hash.hex(),
+        "finalized_height": block.header.height,
+        "finalized_hash": block.hash.hex(),
         "state_root": state.root.hex(),
         "difficulty": state.difficulty,
         "syncing": backend.is_syncing(),
         "peer_count": sum(1 for peer in backend.peers() if peer.get("connected", True)),
+        "voting": backend.voting(),
         "validation_loss": validation_loss,
         "test_loss": test_loss,
     }
 
 
-def finality_view(node: FullNode) -> JSON:
+def finality_view(backend: RpcBackend) -> JSON:
+    node = backend.node
     with node.lock:
-        _, state = node.head()
-        checkpoint, _ = node.checkpoint()
-        pending = [pending_view(node, block, state) for block in node.pending_training_blocks()]
+        head = node.head()
+        stakes = node.validators_of(head.block) if head.commit is not None else None
+        pending = [pending_view(block) for block in node.training_blocks()]
+    block, state = head.block, head.state
     return {
-        "finalized_height": state.finalized_height,
-        "finalized_hash": state.finalized_hash.hex(),
-        "finalized_timestamp": state.finalized_timestamp,
-        "checkpoint_height": checkpoint.header.height,
-        "checkpoint_hash": checkpoint.hash.hex(),
+        "finalized_height": block.header.height,
+        "finalized_hash": block.hash.hex(),
+        "finalized_timestamp": block.header.timestamp,
+        "commit": commit_view(head.commit, stakes) if head.commit is not None else None,
+        "last_tested": state.finalized_hash.hex(),
         "total_stake": state.total_stake,
+        "voting": backend.voting(),
         "pending": pending,
     }
 
 
-def pending_view(node: FullNode, block: Block, state: State) -> JSON:
-    """A training block awaiting validation, and the stake attesting it so far."""
-    consensus = node.genesis.consensus
-    attestations = node.attestations_for(block.hash)
-    attesting = sum(state.stake_of(a.validator) for a in attestations)
-    quorum = -(-state.total_stake * consensus.quorum_numerator // consensus.quorum_denominator)
+def pending_view(block: Block) -> JSON:
+    """A training block kept on the head: an input of the next height's proposal."""
     assert isinstance(block.body, TrainingBody)
     return {
         "hash": block.hash.hex(),
@@ -264,13 +307,10 @@ def pending_view(node: FullNode, block: Block, state: State) -> JSON:
         "proposer": block.header.proposer.hex(),
         "slice_id": block.body.slice_id,
         "gain": block.body.loss_before - block.body.loss_after,
-        "attestations": len(attestations),
-        "attesting_stake": attesting,
-        "quorum_stake": quorum,
     }
 
 
-def model_view(node: FullNode, block: Block, state: State) -> JSON:
+def model_view(node: DecidedNode, block: Block, state: State) -> JSON:
     config = node.genesis.model
     validation_loss, test_loss = node.mean_losses(state)
     return {
@@ -307,8 +347,8 @@ def work_view(work: WorkAssignment) -> JSON:
     return view
 
 
-def submit_view(result: ImportResult) -> JSON:
-    return {"hash": result.block.hash.hex(), "height": result.block.header.height, "known": result.known}
+def submit_view(block: Block, known: bool) -> JSON:
+    return {"hash": block.hash.hex(), "height": block.header.height, "known": known}
 
 
 def _plain(value: object) -> object:
@@ -318,23 +358,24 @@ def _plain(value: object) -> object:
 # --- Lookups (on the pool) ---------------------------------------------------------
 
 
-def find_block(node: FullNode, ref: int | bytes) -> Block:
-    """The canonical block at a height, or any known block by hash; 404 if none."""
+def find_block(node: DecidedNode, ref: int | bytes) -> Block:
+    """The decided block at a height, or any known block by hash; 404 if none."""
     if isinstance(ref, bytes):
         block = node.block_by_hash(ref)
         what = f"block {ref.hex()}"
     else:
         block = node.block_at(ref) if ref <= MAX_HEIGHT else None
-        what = f"canonical block at height {ref}"
+        what = f"decided block at height {ref}"
     if block is None:
         raise RpcError(404, f"no {what}")
     return block
 
 
-def block_and_state(node: FullNode, height: int | None) -> tuple[Block, State]:
-    """The head, or the canonical block at `height`, and the state after it."""
+def block_and_state(node: DecidedNode, height: int | None) -> tuple[Block, State]:
+    """The head, or the decided block at `height`, and the state after it."""
     if height is None:
-        return node.head()
+        head = node.head()
+        return head.block, head.state
     with node.lock:
         block = find_block(node, height)
         state = node.state_of(block.hash)
@@ -343,7 +384,7 @@ def block_and_state(node: FullNode, height: int | None) -> tuple[Block, State]:
     return block, state
 
 
-def weights_file(node: FullNode, height: int | None) -> tuple[int, bytes]:
+def weights_file(node: DecidedNode, height: int | None) -> tuple[int, bytes]:
     """(height, safetensors bytes) of the model at the head or after the block at `height`."""
     block, state = block_and_state(node, height)
     return block.header.height, encode_weights(node.weights_of(state))
@@ -564,8 +605,8 @@ class RpcServer:
 
     async def head_block(self, request: web.Request) -> web.Response:
         raw = parse_raw_format(request)
-        block, _ = await self._call(self.node.head)
-        return await self._block_response(block, raw)
+        head = await self._call(self.node.head)
+        return await self._block_response(head.block, raw)
 
     async def block(self, request: web.Request) -> web.Response:
         ref = parse_block_ref(request.match_info["ref"])
@@ -579,7 +620,7 @@ class RpcServer:
         return web.json_response(await self._call(block_view, self.node, block))
 
     async def finality(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._call(finality_view, self.node))
+        return web.json_response(await self._call(finality_view, self.backend))
 
     async def model(self, request: web.Request) -> web.Response:
         height = parse_height_query(request)
@@ -609,12 +650,12 @@ class RpcServer:
         self._authorize(request)
         data = await request.read()
         try:
-            result = await self._call(self.backend.submit_block, data)
+            block, known = await self._call(self.backend.submit_block, data)
         except DecodeError as error:
             raise RpcError(400, str(error)) from None
         except InvalidBlock as error:
             raise RpcError(422, str(error)) from None
-        return web.json_response(submit_view(result))
+        return web.json_response(submit_view(block, known))
 
     async def _json_field(self, request: web.Request, name: str) -> Any:
         """One field of a JSON object body (None when the object lacks it); 400 if the body is not JSON."""

@@ -187,7 +187,9 @@ class NodeVoting:
         return self._carry_out(validator, machine.on_timeout(timeout))
 
     def on_tick(self, now: int) -> None:
+        """The node's clock (Unix seconds): for vote timestamps and the decided chain's future-time rule."""
         self.time = max(self.time, now)
+        self.decided.on_tick(now)
 
     def resend(self) -> list[Effect]:
         """Our messages of the latest two rounds at this height, to gossip again: a

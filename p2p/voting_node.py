@@ -12,7 +12,10 @@ gossip topics and runs until cancelled:
   message is checked by `NodeVoting.on_message` (signature, the sender's
   stake, the round's proposer) before it is relayed; an invalid one costs
   its sender.
-- **sync**: `status` and `block [hash]` as in p2p/sync.py, and
+- **sync** (p2p/wire.py): `status`; `block [hash]` (a decided block, a
+  training block kept or named, or a checked candidate); `headers` and
+  `blocks [start, count]` of the decided chain; `slice [sha256]` and
+  `chunk [digest]` (model slices and dataset chunks); and
   `decided [start, count]`: decided blocks with their commit certificates
   and the training blocks they name. A node behind its peers imports them
   (each checked, certificate and all) and then votes on the next height.
@@ -23,13 +26,16 @@ candidate block (and the training blocks it names) is fetched from peers
 and checked in a worker thread, a proposer's block is built in a worker
 thread, and a decision is written to the store in one atomic batch.
 
-It composes the parts the attestation node (p2p/service.py) uses: the host,
-the wire format, peer scores, the reference miner. It has no RPC yet.
+Peers are tracked (connections, scores, bans) and bootstrap peers re-dialed.
+For simulations and operators, a node can refuse a set of peers (a
+partition) and delay everything it sends; the RPC sets both.
+`potchain node` runs a `VotingNode` with the RPC (p2p/rpc.py) beside it.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -53,7 +59,7 @@ from chain.state import State
 from chain.votes import Commit, Proposal, Vote, decode_commit
 from consensus.proposals import propose_best_training_block
 from consensus.rules import InvalidBlock, StaleBlock, UnknownParent, compute_assigned_slice, compute_training_seed
-from consensus.voting import InvalidVote, TimeoutParameters
+from consensus.voting import InvalidVote, Step, TimeoutParameters
 from genesis import chunk_directory
 from p2p.decided_node import DecidedNode
 from p2p.host import load_or_create_node_key, make_host, make_pubsub
@@ -89,6 +95,22 @@ FETCH_RETRY_SECONDS = 0.5
 """A candidate block is asked for again every half second, up to 20 s, while its height lasts."""
 """Seconds between re-sends of our latest voting messages."""
 VOTE_MESSAGE_TYPES = {Vote: 1, Proposal: 2, Commit: 3}
+MAX_REJECTIONS = 100
+"""Rejected messages remembered for the RPC."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An invalid message this node refused, for logs, the RPC and simulations."""
+
+    time: float
+    """When (Unix seconds)."""
+    peer_id: str
+    """Who sent or relayed it."""
+    what: str
+    """What it was (a training block, a voting message, a sync answer)."""
+    reason: str
+    """The rule it broke."""
 
 
 def votes_topic(chain_id: str) -> str:
@@ -123,10 +145,11 @@ class VotingNodeConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """The miner's training configuration."""
     proposal_wait_seconds: float | None = None
-    """How long a proposer waits for a training block on the head before proposing without one
-    (node policy: a height decides without an update, but miners get time to offer one).
-    None: a quarter of the propose timeout, so the validators still receive and check the
-    block in time; a miner that misses a height offers its block on the next."""
+    """How long a proposer waits in a height's first round for a training block on the head
+    before proposing without one (node policy, like Tendermint's empty-block interval: a
+    height decides without an update, but miners get time to offer one, and the chain does
+    not race through empty heights). The first round's propose timeout is this much longer,
+    so that validators wait for such a proposal. None: the propose timeout."""
 
 
 class VotingNode:
@@ -152,6 +175,17 @@ class VotingNode:
         self._checking: set[bytes] = set()
         self.decisions = trio.Event()
         """Set (and replaced) at every decision, for waiters."""
+        self.trio_token: trio.lowlevel.TrioToken | None = None
+        self.ready = False
+        """True once the host listens and the voting started."""
+        self.syncing = False
+        """True while importing decided blocks from a peer ahead of us."""
+        self.rejections: list[Rejection] = []
+        """The latest invalid messages refused (at most MAX_REJECTIONS)."""
+        self.blocked: set[str] = set()
+        """Peer ids this node refuses (set over the RPC to partition a test network)."""
+        self.link_delay = 0.0
+        """Seconds added before everything this node sends (set over the RPC to slow a test node's links)."""
 
     @property
     def peer_id(self) -> str:
@@ -159,13 +193,50 @@ class VotingNode:
         return str(self.host.get_id())
 
     def stop(self) -> None:
+        """Cancel the node's tasks (from the trio thread)."""
         if self._stop is not None:
             self._stop.cancel()
+
+    async def stop_on_signals(self) -> None:
+        """Stop on the first SIGINT or SIGTERM; later ones are noted, not obeyed
+        (run this until the node has stopped)."""
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s; stopping", signal.Signals(signum).name)
+                self.stop()
+
+    async def run_behaviour(self) -> None:
+        """A subclass's own behaviour, run beside the node's duties (the simulation's
+        adversaries, sim/adversaries/); an honest node has none."""
+
+    def connected_peers(self) -> list[ID]:
+        """Connected peers this node talks to (not blocked, not banned)."""
+        assert self.host is not None
+        return [
+            peer
+            for peer in self.host.get_connected_peers()
+            if str(peer) not in self.blocked and not self.peers.is_banned(str(peer))
+        ]
+
+    def _reject(self, peer_id: str, what: str, reason: str, points: int) -> None:
+        self.rejections = [*self.rejections[-(MAX_REJECTIONS - 1) :], Rejection(time.time(), peer_id, what, reason)]
+        banned = self.peers.penalize(peer_id, points, f"{what}: {reason}")
+        log.warning("rejected %s from %s: %s%s", what, peer_id, reason, " (banned)" if banned else "")
+
+    def _screen(self, forwarder: ID) -> bool | None:
+        """A gossip message's fate before it is read: dropped (a blocked peer's),
+        accepted (our own, already checked), or None: check it."""
+        if str(forwarder) in self.blocked:
+            return False
+        if self.host is not None and forwarder == self.host.get_id():
+            return True
+        return None
 
     async def run(self, on_started: Callable[[VotingNode], Awaitable[None] | None] | None = None) -> None:
         host = make_host(load_or_create_node_key(self.node.datadir / "node_key"))
         pubsub, router = make_pubsub(host)
         self.host, self.pubsub = host, pubsub
+        self.trio_token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as outer:
             listen = [multiaddr.Multiaddr(self.config.listen)]
             async with host.run(listen_addrs=listen), background_trio_service(pubsub), background_trio_service(router):
@@ -182,14 +253,17 @@ class VotingNode:
                         pubsub.set_topic_validator(topic, validator, True)
                         subscription = await pubsub.subscribe(topic)
                         tasks.start_soon(self._drain, subscription)
-                    tasks.start_soon(self._guarded, self._dial_loop)
+                    tasks.start_soon(self._guarded, self._peers_loop)
                     tasks.start_soon(self._guarded, self._sync_loop)
                     tasks.start_soon(self._guarded, self._resend_loop)
                     if self.config.miner_key is not None:
                         tasks.start_soon(self._guarded, self._mine_loop, self.config.miner_key)
+                    tasks.start_soon(self._guarded, self.run_behaviour)
                     with self.node.lock:
                         effects = self.voting.start(int(time.time()))
                     await self._carry_out(effects)
+                    self.ready = True
+                    log.info("listening on %s", " ".join(self.listen_addresses))
                     if on_started is not None:
                         result = on_started(self)
                         if result is not None:
@@ -234,17 +308,17 @@ class VotingNode:
                 self.decisions = trio.Event()
 
     async def _timer(self, effect: SetTimer) -> None:
-        await trio.sleep(effect.milliseconds / 1000)
+        seconds = effect.milliseconds / 1000
+        if effect.timeout.step == Step.PROPOSE and effect.timeout.round == 0:
+            seconds += self._proposal_wait()  # the proposer may wait that long for a training block
+        await trio.sleep(seconds)
         with self.node.lock:
             self.voting.on_tick(int(time.time()))
             effects = self.voting.on_timeout(effect.validator, effect.timeout)
         await self._carry_out(effects)
 
     async def _build(self, effect: BuildBlock) -> None:
-        wait = self.config.proposal_wait_seconds
-        if wait is None:
-            wait = self.timeouts.propose_ms / 4000
-        deadline = trio.current_time() + wait
+        deadline = trio.current_time() + (self._proposal_wait() if effect.round == 0 else 0.0)
         while not self.node.decided.training and trio.current_time() < deadline:
             await trio.sleep(0.1)
         if effect.height != self.voting.height:
@@ -254,8 +328,13 @@ class VotingNode:
             effects = self.voting.on_value(effect.validator, effect.round, block)
         await self._carry_out(effects)
 
+    def _proposal_wait(self) -> float:
+        wait = self.config.proposal_wait_seconds
+        return self.timeouts.propose_ms / 1000 if wait is None else wait
+
     def _locked_build(self, validator: bytes) -> Block:
         with self.node.lock:
+            self.voting.on_tick(int(time.time()))
             return self.voting.build_block(validator)
 
     async def _check_once(self, block_hash: bytes) -> None:
@@ -300,7 +379,10 @@ class VotingNode:
             await subscription.get()
 
     async def _publish(self, topic: str, data: bytes) -> None:
+        """Gossip a message (after the node's added link delay, if any)."""
         assert self.pubsub is not None
+        if self.link_delay:
+            await trio.sleep(self.link_delay)
         await self.pubsub.publish(topic, data)
 
     async def publish_training_block(self, block: Block) -> None:
@@ -308,17 +390,29 @@ class VotingNode:
         await trio.to_thread.run_sync(self.node.on_training_block, block)
         await self._publish(block_topic(self.chain_id), Announcement.of(block).encode())
 
-    def _own(self, forwarder: ID) -> bool:
-        return self.host is not None and forwarder == self.host.get_id()
+    def submit_training_block(self, data: bytes) -> tuple[Block, bool]:
+        """Keep and announce a training block handed in over the RPC (from the RPC's thread);
+        (the block, whether it was already kept). Raises DecodeError or InvalidBlock."""
+        block = decode_block(data)
+        if block.header.kind != Kind.TRAINING:
+            raise InvalidBlock(f"kind: only training blocks are submitted, not {block.header.kind.name.lower()}")
+        assert self.trio_token is not None
+        return block, trio.from_thread.run(self._submit, block, trio_token=self.trio_token)
+
+    async def _submit(self, block: Block) -> bool:
+        kept = await trio.to_thread.run_sync(self.node.on_training_block, block)
+        if kept:
+            await self._publish(block_topic(self.chain_id), Announcement.of(block).encode())
+        return not kept
 
     async def _validate_voting_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
-        if self._own(forwarder):
-            return True
+        if (verdict := self._screen(forwarder)) is not None:
+            return verdict
         peer = str(forwarder)
         try:
             decoded = decode_voting_message(message.data)
         except (DecodeError, ValueError) as error:
-            self.peers.penalize(peer, PENALTY_MALFORMED, f"voting message: {error}")
+            self._reject(peer, "voting message", str(error), PENALTY_MALFORMED)
             return False
         if decoded.height < self.voting.height:
             return False  # an earlier height: stale, not a fault
@@ -327,20 +421,19 @@ class VotingNode:
                 self.voting.on_tick(int(time.time()))
                 effects = self.voting.on_message(decoded)
         except InvalidVote as error:
-            self.peers.penalize(peer, PENALTY_INVALID, f"voting message: {error}")
-            log.warning("rejected voting message from %s: %s", peer, error)
+            self._reject(peer, "voting message", str(error), PENALTY_INVALID)
             return False
         await self._carry_out(effects)
         return True
 
     async def _validate_block_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
-        if self._own(forwarder):
-            return True
+        if (verdict := self._screen(forwarder)) is not None:
+            return verdict
         peer = str(forwarder)
         try:
             announcement = Announcement.decode(message.data)
         except DecodeError as error:
-            self.peers.penalize(peer, PENALTY_MALFORMED, f"announcement: {error}")
+            self._reject(peer, "block announcement", str(error), PENALTY_MALFORMED)
             return False
         if announcement.header.kind != Kind.TRAINING:
             return False
@@ -354,7 +447,7 @@ class VotingNode:
         except (StaleBlock, UnknownParent):
             return False
         except InvalidBlock as error:
-            self.peers.penalize(peer, PENALTY_INVALID, f"training block: {error}")
+            self._reject(peer, f"training block {block.hash.hex()[:16]}", str(error), PENALTY_INVALID)
             return False
         return True
 
@@ -372,13 +465,13 @@ class VotingNode:
             log.info("fetching %s from %s failed: %s", block_hash.hex()[:16], peer, error)
             return None
         if block is not None and block.hash != block_hash:
-            self.peers.penalize(str(peer), PENALTY_MALFORMED, "served another block than asked")
+            self._reject(str(peer), "block", "served another block than asked", PENALTY_MALFORMED)
             return None
         return block
 
     async def _fetch_any(self, block_hash: bytes) -> Block | None:
         assert self.host is not None
-        for peer in self.host.get_connected_peers():
+        for peer in self.connected_peers():
             block = await self._fetch(peer, block_hash)
             if block is not None:
                 return block
@@ -387,14 +480,18 @@ class VotingNode:
     async def _serve_sync(self, stream: INetStream) -> None:
         peer = str(stream.muxed_conn.peer_id)
         try:
+            if peer in self.blocked or self.peers.is_banned(peer):
+                return
             with trio.fail_after(REQUEST_TIMEOUT):
                 try:
                     request = decode_request(await read_frame(stream))
                 except (DecodeError, ProtocolError) as error:
-                    self.peers.penalize(peer, PENALTY_MALFORMED, f"sync request: {error}")
+                    self._reject(peer, "sync request", str(error), PENALTY_MALFORMED)
                     await write_response(stream, ERROR, str(error).encode())
                     return
                 payload = await trio.to_thread.run_sync(self._answer, request)
+                if self.link_delay:
+                    await trio.sleep(self.link_delay)
                 await write_response(stream, OK if payload is not None else NOT_FOUND, payload or b"")
         except Exception as error:
             log.debug("sync stream from %s failed: %s", peer, error)
@@ -410,6 +507,23 @@ class VotingNode:
         if request.method == "block":
             block = node.block_by_hash(request.arguments[0])
             return None if block is None else block.encode()
+        if request.method in ("headers", "blocks"):
+            start, count = request.arguments
+            items: list[bytes] = []
+            for height in range(start, start + min(count, MAX_BLOCKS_PER_REQUEST)):
+                decided = node.block_at(height)
+                if decided is None:
+                    break
+                items.append(decided.encode() if request.method == "blocks" else pack(decided.header.fields()))
+            return pack(items)
+        if request.method == "slice":
+            return node.slice_content(request.arguments[0])
+        if request.method == "chunk":
+            digest = request.arguments[0]
+            if not all(c in "0123456789abcdef" for c in digest):
+                return None
+            path = node.chunk_directory / f"{digest}.xz"
+            return path.read_bytes() if path.exists() else None
         if request.method == "decided":
             start, count = request.arguments
             entries: list[Any] = []
@@ -426,9 +540,7 @@ class VotingNode:
     async def _sync_loop(self) -> None:
         while True:
             assert self.host is not None
-            for peer in list(self.host.get_connected_peers()):
-                if self.peers.is_banned(str(peer)):
-                    continue
+            for peer in self.connected_peers():
                 try:
                     payload = await self.request(peer, Request("status"))
                     status = StatusMessage.decode(payload or b"")
@@ -442,6 +554,7 @@ class VotingNode:
     async def _sync_from(self, peer: ID) -> None:
         """Import a peer's decided blocks above our head, each with its certificate; then vote on."""
         moved = False
+        self.syncing = True
         try:
             payload = await self.request(peer, Request("decided", (self.voting.height, MAX_BLOCKS_PER_REQUEST)))
             entries = unpack(payload or pack([]), "decided", 64 << 20)
@@ -456,9 +569,11 @@ class VotingNode:
                 moved = True
                 log.info("synced decided height %d from %s", block.header.height, peer)
         except (DecodeError, InvalidBlock) as error:
-            self.peers.penalize(str(peer), PENALTY_INVALID, f"decided: {error}")
+            self._reject(str(peer), "decided blocks", str(error), PENALTY_INVALID)
         except Exception as error:
             log.debug("sync from %s failed: %s", peer, error)
+        finally:
+            self.syncing = False
         if moved:
             with self.node.lock:
                 effects = self.voting.start(int(time.time()))
@@ -527,21 +642,47 @@ class VotingNode:
                 effects = self.voting.resend()
             await self._carry_out(effects)
 
-    async def _dial_loop(self) -> None:
+    async def _peers_loop(self) -> None:
+        """Track connections, drop banned and blocked peers, and re-dial bootstrap peers."""
         assert self.host is not None
+        known: set[str] = set()
         while True:
-            connected = {str(peer) for peer in self.host.get_connected_peers()}
+            connected = {str(peer): peer for peer in self.host.get_connected_peers()}
+            for name, peer in connected.items():
+                if self.peers.is_banned(name) or name in self.blocked:
+                    await self.host.disconnect(peer)
+                    continue
+                if name not in known:
+                    try:
+                        addresses = [str(a) for a in self.host.get_peerstore().addrs(peer)]
+                    except Exception:
+                        addresses = []
+                    self.peers.on_connected(name, addresses)
+                    log.info("peer connected %s", name)
+            for name in known - set(connected):
+                self.peers.on_disconnected(name)
+                log.info("peer disconnected %s", name)
+            known = {name for name in connected if not self.peers.is_banned(name) and name not in self.blocked}
             for address in self.config.bootstrap:
-                try:
-                    info = info_from_p2p_addr(multiaddr.Multiaddr(address))
-                except Exception as error:
-                    log.error("bootstrap address %s: %s", address, error)
-                    continue
-                if str(info.peer_id) in connected or self.peers.is_banned(str(info.peer_id)):
-                    continue
-                try:
-                    with trio.fail_after(5):
-                        await self.host.connect(info)
-                except Exception as error:
-                    log.debug("dial %s failed: %s", address, error)
+                await self._dial(address, connected)
             await trio.sleep(1.0)
+
+    async def _dial(self, address: str, connected: dict[str, ID]) -> None:
+        assert self.host is not None
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(address))
+        except Exception as error:
+            log.error("bootstrap address %s: %s", address, error)
+            return
+        name = str(info.peer_id)
+        if name in connected or self.peers.is_banned(name) or name in self.blocked:
+            return
+        try:
+            with trio.fail_after(5):
+                await self.host.connect(info)
+        except Exception as error:
+            log.debug("dial %s failed: %s", address, error)
+            network: Any = self.host.get_network()
+            cache = getattr(network, "_negative_peer_cache", None)
+            if isinstance(cache, dict):  # dial again next time, not after py-libp2p's back-off
+                cache.pop(info.peer_id, None)

@@ -1,9 +1,10 @@
 """What crosses the network: topic names, protocol ids, frames and messages.
 
 Gossip carries small messages only: a block *announcement* (its header and
-the proposer's signature, a few hundred bytes), attestations and evidence.
-Bodies (slice weights) travel over the request/response sync protocol, one
-request per stream, in length-prefixed frames of at most `MAX_FRAME_BYTES`.
+the proposer's signature, a few hundred bytes) here, and the voting
+messages (p2p/voting_node.py). Bodies (slice weights) travel over the
+request/response sync protocol, one request per stream, in length-prefixed
+frames of at most `MAX_FRAME_BYTES`.
 Every limit here is the same on every node.
 """
 
@@ -21,21 +22,13 @@ MAX_FRAME_BYTES = 4 << 20
 MAX_RESPONSE_BYTES = 4 * MAX_MESSAGE_BYTES
 """Largest sync response, over all its frames."""
 MAX_GOSSIP_BYTES = 64 << 10
-"""Largest gossip message; announcements and attestations are far smaller."""
+"""Largest gossip message; announcements and voting messages are far smaller."""
 MAX_BLOCKS_PER_REQUEST = 32
 """Blocks a `blocks` request may ask for."""
 
 
 def block_topic(chain_id: str) -> str:
     return f"/potchain/{chain_id}/blocks/1"
-
-
-def attestation_topic(chain_id: str) -> str:
-    return f"/potchain/{chain_id}/attestations/1"
-
-
-def evidence_topic(chain_id: str) -> str:
-    return f"/potchain/{chain_id}/evidence/1"
 
 
 def sync_protocol(chain_id: str) -> str:
@@ -181,8 +174,9 @@ class StatusMessage:
     head_height: int
     head_hash: bytes
     checkpoint_height: int
-    """Height of its finalized checkpoint (genesis or last validation block)."""
+    """Height of its finalized block: on the decided chain, its head's."""
     checkpoint_hash: bytes
+    """Hash of its finalized block (the head's)."""
 
     def encode(self) -> bytes:
         return pack([self.genesis_hash, self.head_height, self.head_hash, self.checkpoint_height, self.checkpoint_hash])

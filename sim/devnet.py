@@ -1,10 +1,13 @@
 """A local network of separate node processes on loopback: `potchain devnet`.
 
 Node 0 mines; the genesis validators' devnet keys are dealt round-robin to
-the nodes; node i bootstraps from nodes 0..i-1. With `finalize`, it waits
-until every node reports the same finalized training block at a height of at
-least `finalize`, collects each node's view over the RPC, stops them all
-cleanly and writes `summary.json`; without it, it runs until interrupted.
+the nodes; node i bootstraps from nodes 0..i-1. The nodes decide one block
+per height by voting rounds, final at once (a node's finalized height is its
+decided head). With `finalize`, it waits until every node has decided at
+least `finalize` heights and they hold the same block at their lowest common
+head (they keep deciding meanwhile, so their heads may differ by a height),
+collects each node's view over the RPC, stops them all cleanly and writes
+`summary.json`; without it, it runs until interrupted.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ class DevnetConfig:
     nodes: int
     out: Path
     finalize: int | None
-    """Stop once every node has finalized this height (None: run until interrupted)."""
+    """Stop once every node has decided this height (None: run until interrupted)."""
     validators: int
     """Genesis validators (their devnet keys are validator-0, validator-1, ...)."""
     miners: int = 1
@@ -79,7 +82,8 @@ def stop_all(processes: list[NodeProcess]) -> dict[str, int]:
 
 
 def collect(processes: list[NodeProcess]) -> dict[str, Any]:
-    """Each node's head, finality and peers, and the block propagation times it saw."""
+    """Each node's head (decided, so final), the block it holds at the nodes' lowest common head,
+    its peers, and the block propagation times it saw."""
     views = []
     for process in processes:
         status = process.get("/v1/status")
@@ -95,6 +99,7 @@ def collect(processes: list[NodeProcess]) -> dict[str, Any]:
             block = process.get(f"/v1/blocks/{block_hash}")
             if block.get("received_at") is not None:
                 received[block_hash][process.name] = float(block["received_at"])
+    common = {process.name: process.get(f"/v1/blocks/{head_height}")["hash"] for process, _, _ in views}
     nodes = []
     for process, status, connected in views:
         delays = [
@@ -110,6 +115,8 @@ def collect(processes: list[NodeProcess]) -> dict[str, Any]:
             "head_hash": status["head_hash"],
             "finalized_height": status["finalized_height"],
             "finalized_hash": status["finalized_hash"],
+            "common_height": head_height,
+            "common_hash": common[process.name],
             "state_root": status.get("state_root"),
             "validation_loss": status["validation_loss"],
             "test_loss": status["test_loss"],
@@ -125,7 +132,8 @@ def collect(processes: list[NodeProcess]) -> dict[str, Any]:
 
 
 def wait_finalized(processes: list[NodeProcess], height: int, timeout: float) -> tuple[str, int]:
-    """Wait until every node reports one finalized hash at >= height; (hash, height)."""
+    """Wait until every node decided at least `height` and they all hold one block at their
+    lowest common head; (that block's hash, its height)."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -138,19 +146,23 @@ def wait_finalized(processes: list[NodeProcess], height: int, timeout: float) ->
             except NodeProcessError:
                 statuses.append(None)
         line = " ".join(
-            f"{p.name}:{s['head_height']}/{s['finalized_height']}" if s else f"{p.name}:?"
+            f"{p.name}:{s['finalized_height']}" if s else f"{p.name}:?"
             for p, s in zip(processes, statuses, strict=True)
         )
         if line != last:
-            print(f"[devnet] head/finalized {line}", file=sys.stderr, flush=True)
+            print(f"[devnet] decided {line}", file=sys.stderr, flush=True)
             last = line
         if all(statuses):
-            hashes = {s["finalized_hash"] for s in statuses if s}
-            heights = {s["finalized_height"] for s in statuses if s}
-            if len(hashes) == 1 and min(heights) >= height:
-                return hashes.pop(), heights.pop()
+            common = min(s["finalized_height"] for s in statuses if s)
+            if common >= height:
+                try:
+                    hashes = {p.get(f"/v1/blocks/{common}")["hash"] for p in processes}
+                except NodeProcessError:
+                    hashes = set()
+                if len(hashes) == 1:
+                    return hashes.pop(), common
         time.sleep(0.5)
-    raise NodeProcessError(f"the nodes did not agree on a finalized block at height >= {height} in {timeout} s")
+    raise NodeProcessError(f"the nodes did not agree on a decided block at height >= {height} in {timeout} s")
 
 
 def run_devnet(config: DevnetConfig) -> dict[str, Any]:

@@ -2,10 +2,11 @@
 
 Plots are PNG files made with matplotlib (Agg backend, no display):
 loss.png (validation and test loss against height, next to the centralized
-baseline at the same optimizer steps), propagation.png, finality.png,
-heights.png (each node's finalized height over time, faults marked),
-peers.png (every node's score of every peer) and orphans.png (forks: the
-valid blocks each node dropped when finality chose another branch).
+baseline at the same optimizer steps), propagation.png (blocks' arrival
+delays), finality.png (decision times: the seconds each height took; every
+decided block is final), heights.png (each honest node's decided height
+over time, faults marked), peers.png (every node's score of every peer) and
+rounds.png (the voting rounds each height took: its commit's round + 1).
 """
 
 from __future__ import annotations
@@ -22,37 +23,45 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 
 def summarize(data: dict[str, Any], genesis_losses: tuple[float, float]) -> dict[str, Any]:
     """The headline numbers of a run."""
     chain = data.get("chain", [])
-    validations = [b for b in chain if b["kind"] == "validation"]
-    delays = sorted(
-        arrival - min(b["arrivals"].values())
-        for b in chain
-        if len(b["arrivals"]) > 1
-        for arrival in b["arrivals"].values()
-    )
-    lags = finality_lags(chain)
-    orphaned = {h for node in data.get("nodes", []) for h in node["orphaned_blocks"]}
-    head = validations[-1] if validations else None
+    rounds = [r for r in data.get("rounds_per_height", []) if r is not None]
+    head = chain[-1] if chain else None
+    named = [t for b in chain for t in b["training_blocks"]]
     return {
         "finalized_height": data.get("finalized_height", 0),
+        "conflicting_decisions": data.get("conflicting_decisions"),
         "honest_nodes_agree": data.get("honest_nodes_agree", False),
         "invalid_blocks_finalized": data.get("invalid_blocks_finalized", 0),
+        "equivocators_slashed": data.get("equivocators_slashed", False),
+        "evidence_included": len(data.get("evidence", [])),
         "honest_node_crashes": data.get("honest_node_crashes", 0),
         "stored_chains_valid": data.get("stored_chains_valid", False),
         "validation_loss_genesis": genesis_losses[0],
         "test_loss_genesis": genesis_losses[1],
-        "validation_loss_head": head["validation_loss"] if head else genesis_losses[0],
-        "test_loss_head": head["test_loss"] if head else genesis_losses[1],
-        "confirmed_updates": sum(1 for b in validations if b["body"].get("confirmed")),
-        "rejected_updates": sum(1 for b in validations if not b["body"].get("confirmed")),
-        "orphaned_blocks": len(orphaned),
-        "propagation_seconds": percentiles(delays),
-        "finality_lag_seconds": percentiles([lag for _, lag in lags]),
-    }
+        "validation_loss_head": head["validation_loss"] if head and head["validation_loss"] is not None
+        else genesis_losses[0],
+        "test_loss_head": head["test_loss"] if head and head["test_loss"] is not None else genesis_losses[1],
+        "confirmed_updates": sum(1 for t in named if t["confirmed"]),
+        "rejected_updates": sum(1 for t in named if not t["confirmed"]),
+        "heights_without_update": sum(1 for b in chain if not b["training_blocks"]),
+        "rounds_per_height": data.get("rounds_per_height", []),
+        "heights_decided_in_round_0": sum(1 for r in rounds if r == 1),
+        "max_rounds_per_height": max(rounds, default=None),
+        "propagation_seconds": percentiles(arrival_delays(blocks_with_arrivals(chain), data.get("node_starts", {}))),
+        "decision_seconds": percentiles([seconds for _, seconds in decision_times(chain)]),
+        "finality_lag_seconds": percentiles([lag for _, lag in finality_lags(chain)]),
+        "seconds": data.get("seconds"),
+    }  # fmt: skip
+
+
+def blocks_with_arrivals(chain: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The decided blocks and the training blocks they name (each with its arrival times)."""
+    return [*chain, *(t for b in chain for t in b["training_blocks"])]
 
 
 def arrival_delays(chain: list[dict[str, Any]], starts: dict[str, list[float]]) -> list[float]:
@@ -80,14 +89,24 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     }
 
 
+def decision_times(chain: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(height, seconds from the first decision of the height before to the first decision of this one)."""
+    times = []
+    for before, after in itertools.pairwise(chain):
+        if before.get("decided_at") is not None and after.get("decided_at") is not None:
+            times.append((after["height"], round(max(0.0, after["decided_at"] - before["decided_at"]), 3)))
+    return times
+
+
 def finality_lags(chain: list[dict[str, Any]]) -> list[tuple[int, float]]:
-    """(training block height, seconds from its first arrival anywhere to its validation block's)."""
-    by_height = {b["height"]: b for b in chain}
+    """(height, seconds from a named training block's first arrival anywhere to its decided block's):
+    a decided block is final at once, so this is how long an update waits for its verdict."""
     lags = []
     for block in chain:
-        after = by_height.get(block["height"] + 1)
-        if block["kind"] == "training" and after is not None and block["arrivals"] and after["arrivals"]:
-            lags.append((block["height"], round(min(after["arrivals"].values()) - min(block["arrivals"].values()), 3)))
+        for training in block["training_blocks"]:
+            if training["arrivals"] and block["arrivals"]:
+                first = min(training["arrivals"].values())
+                lags.append((block["height"], round(min(block["arrivals"].values()) - first, 3)))
     return lags
 
 
@@ -105,19 +124,20 @@ def plot_losses(data: dict[str, Any], genesis_losses: tuple[float, float], path:
     heights, validation, test, steps = [0], [genesis_losses[0]], [genesis_losses[1]], [0]
     done = 0
     for block in chain:
-        if block["kind"] == "training" and block.get("confirmed"):
-            done += block["body"].get("steps", 0)
-        if block["kind"] == "validation":
-            heights.append(block["height"])
-            validation.append(block["validation_loss"])
-            test.append(block["test_loss"])
-            steps.append(done)
+        done += sum(t["body"].get("steps", 0) for t in block["training_blocks"] if t["confirmed"])
+        heights.append(block["height"])
+        validation.append(block["validation_loss"] if block["validation_loss"] is not None else genesis_losses[0])
+        test.append(block["test_loss"] if block["test_loss"] is not None else genesis_losses[1])
+        steps.append(done)
     figure, axes = plt.subplots(figsize=(8, 4.5))
-    axes.plot(heights, validation, "o-", label="chain: validation loss")
-    axes.plot(heights, test, "s-", label="chain: test loss")
+    axes.step(heights, validation, where="post", label="chain: validation loss")
+    axes.step(heights, test, where="post", label="chain: test loss")
+    confirmed = [(b["height"], t) for b, t in zip(chain, test[1:], strict=True) if b["body"].get("confirmed")]
+    if confirmed:
+        axes.plot(*zip(*confirmed, strict=True), "s", color="tab:orange", label="an update confirmed")
     if baseline:
         central = [baseline_at(baseline, s, "test_loss") or 0.0 for s in steps]
-        axes.plot(heights, central, "k--", label="centralized, same steps: test loss")
+        axes.step(heights, central, "k--", where="post", label="centralized, same steps: test loss")
     axes.set_xlabel("height")
     axes.set_ylabel("loss (nats per byte)")
     axes.set_title("The model through the chain")
@@ -131,8 +151,9 @@ def plot_losses(data: dict[str, Any], genesis_losses: tuple[float, float], path:
 def plot_propagation(data: dict[str, Any], path: Path) -> None:
     chain = data.get("chain", [])
     figure, axes = plt.subplots(figsize=(8, 3.5))
-    axes.hist(arrival_delays(chain, data.get("node_starts", {})) or [0.0], bins=30, color="tab:blue")
-    axes.set_xlabel("seconds after the block's first arrival anywhere")
+    delays = arrival_delays(blocks_with_arrivals(chain), data.get("node_starts", {}))
+    axes.hist(delays or [0.0], bins=30, color="tab:blue")
+    axes.set_xlabel("seconds after the block's first arrival anywhere (decided and training blocks)")
     axes.set_ylabel("arrivals")
     axes.set_title("Block propagation")
     figure.tight_layout()
@@ -141,12 +162,17 @@ def plot_propagation(data: dict[str, Any], path: Path) -> None:
 
 
 def plot_finality(data: dict[str, Any], path: Path) -> None:
-    lags = finality_lags(data.get("chain", []))
+    times = decision_times(data.get("chain", []))
     figure, axes = plt.subplots(figsize=(8, 3.5))
-    axes.bar([h for h, _ in lags], [lag for _, lag in lags], color="tab:green")
-    axes.set_xlabel("training block height")
-    axes.set_ylabel("seconds to finality")
-    axes.set_title("Finality lag: training block to its validation block")
+    axes.bar([h for h, _ in times], [seconds for _, seconds in times], color="tab:green")
+    for event in data.get("timeline", []):
+        height = next((s["head_height"] for s in data.get("samples", []) if s["seconds"] >= event["seconds"]), None)
+        if height is not None:
+            axes.axvline(height + 0.5, color="red", alpha=0.4)
+            axes.annotate(event["action"], (height + 0.5, 0), rotation=90, fontsize=7, color="red")
+    axes.set_xlabel("height")
+    axes.set_ylabel("seconds")
+    axes.set_title("Decision times: seconds from one height's decision to the next (final at once)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -157,14 +183,14 @@ def plot_heights(data: dict[str, Any], path: Path) -> None:
     samples = data.get("samples", [])
     for node in sorted({s["node"] for s in samples}):
         points = [s for s in samples if s["node"] == node]
-        axes.step([s["seconds"] for s in points], [s["finalized_height"] for s in points], where="post",
+        axes.step([s["seconds"] for s in points], [s["head_height"] for s in points], where="post",
                   label=f"node{node}")  # fmt: skip
     for event in data.get("timeline", []):
         axes.axvline(event["seconds"], color="red", alpha=0.4)
         axes.annotate(event["action"], (event["seconds"], 0), rotation=90, fontsize=7, color="red")
     axes.set_xlabel("seconds")
-    axes.set_ylabel("finalized height")
-    axes.set_title("Finalized height on each honest node (faults in red)")
+    axes.set_ylabel("decided height")
+    axes.set_title("Decided height on each honest node (faults in red)")
     axes.legend(fontsize=7, ncol=3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -189,14 +215,16 @@ def plot_peers(data: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def plot_orphans(data: dict[str, Any], path: Path) -> None:
-    """Blocks each node held and then dropped when finality chose another branch (lost races)."""
-    nodes = data.get("nodes", [])
+def plot_rounds(data: dict[str, Any], path: Path) -> None:
+    """The voting rounds each height took (its commit's round + 1): 1 when the first proposer's block was decided."""
+    rounds = data.get("rounds_per_height", [])
     figure, axes = plt.subplots(figsize=(8, 3.2))
-    axes.bar([n["name"] for n in nodes], [len(n["orphaned_blocks"]) for n in nodes], color="tab:orange")
-    axes.set_ylabel("orphaned blocks")
-    axes.set_title("Forks: valid blocks each node dropped when finality chose another branch")
-    axes.tick_params(axis="x", labelsize=7, rotation=45)
+    heights = [h for h, r in enumerate(rounds, 1) if r is not None]
+    axes.bar(heights, [r for r in rounds if r is not None], color="tab:orange")
+    axes.set_xlabel("height")
+    axes.set_ylabel("rounds")
+    axes.set_title("Voting rounds per height (commit round + 1)")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -213,7 +241,7 @@ def write_report(data: dict[str, Any], genesis_losses: tuple[float, float], out:
         "finality.png": lambda p: plot_finality(data, p),
         "heights.png": lambda p: plot_heights(data, p),
         "peers.png": lambda p: plot_peers(data, p),
-        "orphans.png": lambda p: plot_orphans(data, p),
+        "rounds.png": lambda p: plot_rounds(data, p),
     }
     for name, draw in plots.items():
         draw(out / name)
@@ -226,36 +254,29 @@ def render_html(data: dict[str, Any], summary: dict[str, Any], images: list[str]
         return "<tr>" + "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in cells) + "</tr>"
 
     headline = "".join(row([key, value]) for key, value in summary.items())
-    actions = data.get("adversarial_actions", [])
     action_rows = "".join(
-        row(
-            [
-                a["node"],
-                a["adversary"],
-                a.get("action", ""),
-                a.get("block", "")[:16],
-                a.get("outcome", ""),
-                a.get("sender_scores", ""),
-            ]
-        )
-        for a in actions
+        row([a["node"], a["adversary"], a.get("action", ""), (a.get("block") or "")[:16], a.get("outcome", ""),
+             a.get("sender_scores", "")])
+        for a in data.get("adversarial_actions", [])
+    )  # fmt: skip
+    evidence = "".join(
+        row([e["included_at"], e["validator"][:16], e["kind"], e["height"], e["round"]])
+        for e in data.get("evidence", [])
     )
-    timeline = "".join(row([e["seconds"], e["action"], e["nodes"] or e["groups"]]) for e in data.get("timeline", []))
+    equivocators = "".join(
+        row([e["node"], e["validator"][:16], e["stake"], e["evidence_included_at"]])
+        for e in data.get("equivocators", [])
+    )
+    timeline = "".join(
+        row([e["seconds"], e["action"], e["nodes"] or e["groups"],
+             f"height {e['voting_height']} round {e['voting_round']}" if "voting_height" in e else ""])
+        for e in data.get("timeline", [])
+    )  # fmt: skip
     nodes = "".join(
-        row(
-            [
-                n["name"],
-                "yes" if n["honest"] else "no",
-                n["head_height"],
-                n["finalized_height"],
-                n["finalized_hash"][:16],
-                n["test_loss"],
-                n["connected_peers"],
-                len(n["orphaned_blocks"]),
-            ]
-        )
+        row([n["name"], "yes" if n["honest"] else n.get("adversary", "no"), n["head_height"], n["head_hash"][:16],
+             n["test_loss"], n["connected_peers"], len(n["rejections"]), ", ".join(n.get("banned_peers", []))])
         for n in data.get("nodes", [])
-    )
+    )  # fmt: skip
     figures = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in images)
     failure = data.get("failure")
     return f"""<!doctype html>
@@ -270,9 +291,13 @@ img{{max-width:100%}}.bad{{color:#b00}}</style></head><body>
 <h2>Adversarial actions</h2>
 <table>{row(["node", "adversary", "action", "block", "what the network did", "sender's scores"], "th")}
 {action_rows}</table>
-<h2>Faults</h2><table>{row(["seconds", "action", "nodes"], "th")}{timeline}</table>
+<h2>Equivocators</h2>
+<table>{row(["node", "validator", "stake at the end", "evidence in the blocks at heights"], "th")}{equivocators}</table>
+<h2>Evidence in decided blocks</h2>
+<table>{row(["included at height", "validator", "messages", "height", "round"], "th")}{evidence}</table>
+<h2>Faults</h2><table>{row(["seconds", "action", "nodes", "killed while voting on"], "th")}{timeline}</table>
 <h2>Nodes at the end</h2>
-<table>{row(["node", "honest", "head", "finalized", "finalized hash", "test loss", "peers", "orphaned"], "th")}
+<table>{row(["node", "honest", "decided height", "head hash", "test loss", "peers", "rejections", "banned"], "th")}
 {nodes}</table>
 </body></html>
 """

@@ -1,12 +1,17 @@
 """The scenario runner: real node processes, a fault timeline, and what happened.
 
 `run_scenario` starts the scenario's nodes as `potchain node` processes on
-loopback (real libp2p, real LevelDB in the output directory), applies the
-timeline (crash = SIGKILL, restart, partition and heal through each node's
-blocked-peer list, late joins), waits until every honest node has finalized
-the target height and they agree, collects everything over the RPC, stops
-the nodes cleanly, re-validates every honest node's stored chain from
-genesis, trains the centralized baseline, and returns the report's data.
+loopback (real libp2p, real LevelDB in the output directory; they decide
+one block per height by voting rounds), applies the timeline (crash =
+SIGKILL, restart, restart-all = SIGKILL every running node in the middle of
+a height and start them all again, partition and heal through each node's
+blocked-peer list, latency, late joins), waits until every honest node has
+decided the target height and they hold the same block at their lowest
+common head, collects every honest node's decided chain over the RPC (a
+height at which two honest nodes hold different blocks is a conflicting
+decision), stops the nodes cleanly, re-validates every honest node's stored
+chain from genesis, trains the centralized baseline, and returns the
+report's data.
 """
 
 from __future__ import annotations
@@ -15,13 +20,26 @@ import json
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from consensus.genesis import Genesis
 from sim.processes import NodeProcess, NodeProcessError
 from sim.scenario import Event, NodeSpec, Scenario
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+POLL_SECONDS = 1.0
+"""Seconds between two looks at the honest nodes' status."""
+BASELINE_POINTS = 6
+"""Evaluations of the centralized baseline along its steps (besides step 0)."""
+MID_HEIGHT_SECONDS = 1.5
+"""restart-all kills this long after a height was decided: the next height is being voted on
+(a proposer waits a quarter of the 4.1 s propose timeout for a training block before it proposes)."""
 
 
 def say(message: str) -> None:
@@ -47,10 +65,14 @@ class Run:
     addresses: dict[int, str] = field(default_factory=dict)
     """Each node's full multiaddr (chosen before its first start)."""
     clock_zero: float = 0.0
-    """run.elapsed when every node that starts at 0 was up: event times count from here."""
+    """run.elapsed when every honest node running had decided height 1: event and join times count from here."""
     starts: dict[str, list[float]] = field(default_factory=dict)
     """Wall-clock times each node was (re)started: blocks it fetched by syncing after a start did not
     propagate to it, so the report leaves them out of the propagation times."""
+    remembered: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Each honest node's rejections and banned peers (ids), read before this run killed it."""
+    confirmed: list[bool] = field(default_factory=list)
+    """Whether the decided block at height i + 1 confirmed an update (read once per height)."""
 
     @property
     def elapsed(self) -> float:
@@ -112,7 +134,12 @@ class Run:
 
     def apply(self, event: Event) -> None:
         say(f"{self.elapsed:6.1f}s {event.action} {list(event.nodes) or [list(g) for g in event.groups]}")
-        if event.action == "crash":
+        seconds = round(self.elapsed, 1)
+        details: dict[str, Any] = {}
+        if event.action == "restart-all":
+            details = self.restart_all()
+        elif event.action == "crash":
+            self.remember_views([i for i in event.nodes if self.spec(i).honest])
             for index in event.nodes:
                 self.processes[index].kill()
                 self.crashed.add(index)
@@ -138,9 +165,59 @@ class Run:
                 except OSError as error:  # a node that is down misses the partition; it is reported
                     say(f"{self.elapsed:6.1f}s {event.action}: {process.name} did not answer: {error}")
         self.timeline.append({
-            "seconds": round(self.elapsed, 1), "action": event.action,
-            "nodes": list(event.nodes), "groups": [list(g) for g in event.groups], "ms": event.ms,
+            "seconds": seconds, "action": event.action,
+            "nodes": list(event.nodes), "groups": [list(g) for g in event.groups], "ms": event.ms, **details,
         })  # fmt: skip
+
+    def sample(self, index: int, status: dict[str, Any]) -> dict[str, Any]:
+        """Note an honest node's status (the heights plot, the decision times); returns it."""
+        voting = status.get("voting") or {}
+        self.samples.append({"seconds": round(self.elapsed, 2), "time": round(time.time(), 2), "node": index,
+                             "head_height": status["head_height"], "round": voting.get("round")})  # fmt: skip
+        return status
+
+    def remember_views(self, indices: list[int]) -> None:
+        """Keep what these nodes rejected and banned before they are killed (a node keeps both in memory)."""
+
+        def view(index: int) -> None:
+            process = self.processes[index]
+            try:
+                rejections = process.get("/v1/node").get("rejections", [])
+                banned = [p["peer_id"] for p in process.get("/v1/peers")["peers"] if p.get("banned")]
+            except NodeProcessError:
+                return
+            self.remembered.setdefault(process.name, []).append({"rejections": rejections, "banned": banned})
+
+        in_parallel(view, [i for i in indices if self.processes[i].is_running()])
+
+    def restart_all(self) -> dict[str, Any]:
+        """SIGKILL every running node in the middle of a height, then start them all again;
+        the height and round the first honest node was voting on when they died."""
+        indices = [i for i, p in sorted(self.processes.items()) if p.is_running() and i not in self.crashed]
+        self.remember_views([i for i in indices if self.spec(i).honest])
+        watch = next((i for i in indices if self.spec(i).honest), None)
+        status: dict[str, Any] = {}
+        if watch is not None:
+            try:  # wait for a decision (20 s at most), then kill in the middle of the next height
+                first = self.sample(watch, self.processes[watch].get("/v1/status"))["head_height"]
+                until = time.monotonic() + 20
+                while time.monotonic() < until:
+                    if self.sample(watch, self.processes[watch].get("/v1/status"))["head_height"] != first:
+                        break
+                    time.sleep(0.1)
+                time.sleep(MID_HEIGHT_SECONDS)
+                status = self.sample(watch, self.processes[watch].get("/v1/status"))
+            except NodeProcessError as error:
+                say(f"{self.elapsed:6.1f}s restart-all: node{watch} did not answer: {error}")
+        killed_at = round(self.elapsed, 1)
+        for index in indices:
+            self.processes[index].kill()
+        voting = status.get("voting") or {}
+        say(f"{self.elapsed:6.1f}s killed {len(indices)} nodes while node{watch} voted on "
+            f"height {voting.get('height')} round {voting.get('round')}")  # fmt: skip
+        self.start_nodes(indices)
+        return {"seconds": killed_at, "killed": len(indices), "voting_height": voting.get("height"),
+                "voting_round": voting.get("round"), "restarted_after": round(self.elapsed - killed_at, 1)}  # fmt: skip
 
     def check_exits(self) -> None:
         for index, process in self.processes.items():
@@ -169,81 +246,188 @@ def post_json(process: NodeProcess, path: str, document: object) -> Any:
         return json.loads(response.read())
 
 
+def in_parallel(function: Callable[[T], U], items: list[T], workers: int | None = None) -> list[U]:
+    """function(item) for each item, in threads (the nodes answer RPCs and replay in parallel)."""
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=workers or len(items)) as pool:
+        return list(pool.map(function, items))
+
+
 def honest_statuses(run: Run) -> dict[int, dict[str, Any] | None]:
-    statuses: dict[int, dict[str, Any] | None] = {}
-    for spec in run.scenario.honest_nodes:
-        process = run.processes.get(spec.index)
-        if process is None or spec.index in run.crashed or not process.is_running():
-            continue
+    """Each running honest node's /v1/status (None: it did not answer), asked of all at once."""
+    indices = [
+        spec.index for spec in run.scenario.honest_nodes
+        if spec.index in run.processes and spec.index not in run.crashed and run.processes[spec.index].is_running()
+    ]  # fmt: skip
+
+    def status(index: int) -> dict[str, Any] | None:
         try:
-            statuses[spec.index] = process.get("/v1/status")
+            answer: dict[str, Any] = run.processes[index].get("/v1/status")
+            return answer
         except NodeProcessError:
-            statuses[spec.index] = None
-    return statuses
+            return None
+
+    return dict(zip(indices, in_parallel(status, indices), strict=True))
+
+
+def agreed_hash(run: Run, indices: list[int], height: int) -> str | None:
+    """The block every one of these honest nodes holds at `height`, or None if they differ (or one does not answer)."""
+    try:
+        hashes = set(in_parallel(lambda i: str(run.processes[i].get(f"/v1/blocks/{height}")["hash"]), indices))
+    except NodeProcessError:
+        return None
+    return hashes.pop() if len(hashes) == 1 else None
+
+
+def confirmed_updates(run: Run, index: int, up_to: int) -> int:
+    """Updates confirmed by the decided blocks 1..up_to (read from node `index`, each height once)."""
+    for height in range(len(run.confirmed) + 1, up_to + 1):
+        block = run.processes[index].get(f"/v1/blocks/{height}")
+        run.confirmed.append(bool(block["body"].get("confirmed")))
+    return sum(run.confirmed[:up_to])
+
+
+def status_line(statuses: dict[int, dict[str, Any] | None]) -> str:
+    """n0:12 n1:12r1 ...: each honest node's decided height, and its round on the next when not 0."""
+    parts = []
+    for index, status in statuses.items():
+        if status is None:
+            parts.append(f"n{index}:?")
+            continue
+        round = (status.get("voting") or {}).get("round") or 0
+        parts.append(f"n{index}:{status['head_height']}" + (f"r{round}" if round else ""))
+    return " ".join(parts)
 
 
 def drive(run: Run) -> None:
-    """Start the nodes, apply the timeline, and return once the honest nodes agree on the target."""
+    """Start the nodes, apply the timeline, and return once every honest node decided the target
+    height and a height above the highest head at the last fault (the network recovered from it),
+    the chain confirmed the scenario's updates, and the honest nodes hold the same block at their
+    lowest common head (they keep deciding meanwhile: heads are not compared)."""
     scenario = run.scenario
     pending_events = list(scenario.events)
     joiners = sorted((spec for spec in scenario.nodes), key=lambda s: (s.join_at, s.index))
     for spec in joiners:
         run.address(spec.index)  # every node's address is known before any starts
     run.start_nodes([s.index for s in joiners if s.join_at == 0])
-    run.clock_zero = run.elapsed
+    started: float | None = None  # the timeline's zero: every honest node running decided height 1
     waiting = [s for s in joiners if s.join_at > 0]
     last_line = ""
-    deadline = scenario.timeout
-    while run.elapsed < deadline + run.clock_zero:
-        clock = run.elapsed - run.clock_zero
-        while pending_events and pending_events[0].at <= clock:
-            run.apply(pending_events.pop(0))
-        while waiting and waiting[0].join_at <= clock:
-            run.start_nodes([waiting.pop(0).index])
+    floor: int | None = 0  # every honest node must decide above this: the highest head after the last fault
+    while run.elapsed < scenario.timeout:
+        if started is not None:
+            clock = run.elapsed - started
+            while pending_events and pending_events[0].at <= clock:
+                run.apply(pending_events.pop(0))
+                floor = None
+            while waiting and waiting[0].join_at <= clock:
+                run.start_nodes([waiting.pop(0).index])
         run.check_exits()
         statuses = honest_statuses(run)
         for index, status in statuses.items():
             if status is not None:
-                sample = {"seconds": round(run.elapsed, 2), "node": index}
-                run.samples.append(sample | {k: status[k] for k in ("head_height", "finalized_height")})
-        line = " ".join(
-            f"n{i}:{s['head_height']}/{s['finalized_height']}" if s else f"n{i}:?" for i, s in statuses.items()
-        )
+                run.sample(index, status)
+        if floor is None and statuses and all(statuses.values()):
+            floor = max(s["head_height"] for s in statuses.values() if s)
+        line = status_line(statuses)
         if line != last_line:
-            say(f"{run.elapsed:6.1f}s head/finalized {line}")
+            say(f"{run.elapsed:6.1f}s decided {line}")
             last_line = line
+        if started is None and statuses and all(s and s["head_height"] >= 1 for s in statuses.values()):
+            started = run.clock_zero = run.elapsed
+            say(f"{run.elapsed:6.1f}s every honest node decided height 1: the timeline starts")
         everyone = len(statuses) == len(scenario.honest_nodes) and all(statuses.values())
         if everyone and not pending_events and not waiting:
-            hashes = {s["finalized_hash"] for s in statuses.values() if s}
-            heights = [s["finalized_height"] for s in statuses.values() if s]
-            if len(hashes) == 1 and min(heights) >= scenario.finalize:
-                return
-        time.sleep(0.5)
-    raise NodeProcessError(f"the honest nodes did not agree on finalized height >= {scenario.finalize} "
-                           f"within {deadline:.0f} s")  # fmt: skip
-
-
-def collect_chain(reference: NodeProcess, processes: list[NodeProcess], up_to: int) -> list[dict[str, Any]]:
-    """Canonical blocks 1..up_to from the reference node, with each node's arrival time and,
-    for validation blocks, the losses of the model after them."""
-    blocks = []
-    for height in range(1, up_to + 1):
-        block = reference.get(f"/v1/blocks/{height}")
-        arrivals = {}
-        for process in processes:
+            common = min(s["head_height"] for s in statuses.values() if s)
             try:
-                seen = process.get(f"/v1/blocks/{block['hash']}")
-            except NodeProcessError:
-                continue
-            if seen.get("received_at") is not None:
-                arrivals[process.name] = float(seen["received_at"])
-        entry = {"height": height, "hash": block["hash"], "kind": block["kind"], "timestamp": block["timestamp"],
-                 "proposer": block["proposer"], "arrivals": arrivals, "body": block["body"]}  # fmt: skip
-        if block["kind"] == "validation":
-            model = reference.get(f"/v1/model?height={height}")
-            entry["validation_loss"], entry["test_loss"] = model["validation_loss"], model["test_loss"]
-        blocks.append(entry)
-    return blocks
+                if (common >= scenario.finalize and floor is not None and common > floor
+                        and agreed_hash(run, list(statuses), common) is not None
+                        and confirmed_updates(run, min(statuses), common) >= scenario.updates):  # fmt: skip
+                    return
+            except NodeProcessError as error:
+                say(f"{run.elapsed:6.1f}s {error}")
+        time.sleep(POLL_SECONDS)
+    raise NodeProcessError(f"the honest nodes did not decide height {scenario.finalize} and agree"
+                           + (f" with {scenario.updates} update(s) confirmed" if scenario.updates else "")
+                           + f" within {scenario.timeout:.0f} s")  # fmt: skip
+
+
+def honest_chains(processes: dict[int, NodeProcess], heads: dict[int, int]) -> dict[int, list[dict[str, Any]]]:
+    """Every honest node's decided blocks 1..its head, as its RPC shows them."""
+    indices = list(processes)
+    chains = in_parallel(lambda i: [processes[i].get(f"/v1/blocks/{h}") for h in range(1, heads[i] + 1)], indices)
+    return dict(zip(indices, chains, strict=True))
+
+
+def conflicting_heights(chains: dict[int, list[dict[str, Any]]]) -> list[int]:
+    """Heights at which two honest nodes hold different decided blocks."""
+    top = max((len(blocks) for blocks in chains.values()), default=0)
+    return [h for h in range(1, top + 1) if len({b[h - 1]["hash"] for b in chains.values() if len(b) >= h}) > 1]
+
+
+def first_decided(samples: list[dict[str, Any]], up_to: int) -> dict[int, float]:
+    """Per height, the first time (Unix seconds) the runner saw an honest node at or above it."""
+    seen: dict[int, float] = {}
+    for sample in sorted(samples, key=lambda s: s["time"]):
+        for height in range(1, min(sample["head_height"], up_to) + 1):
+            seen.setdefault(height, sample["time"])
+    return seen
+
+
+def collect_chain(reference: int, chains: dict[int, list[dict[str, Any]]], processes: dict[int, NodeProcess],
+                  up_to: int, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:  # fmt: skip
+    """Decided blocks 1..up_to from the reference node's chain, with each honest node's arrival time,
+    the time the height was first decided anywhere (the earliest arrival, or the runner's first
+    sight of it: arrival times are kept in memory and lost when a node restarts), the training
+    blocks each names (with their arrivals), and the model's losses after the block."""
+    sighted = first_decided(samples, up_to)
+    chain = []
+    source = processes[reference]
+    for height in range(1, up_to + 1):
+        block = chains[reference][height - 1]
+        arrivals = {
+            processes[i].name: float(blocks[height - 1]["received_at"])
+            for i, blocks in chains.items()
+            if len(blocks) >= height and blocks[height - 1]["hash"] == block["hash"]
+            and blocks[height - 1].get("received_at") is not None
+        }  # fmt: skip
+        commit = block.get("commit")
+        body = block.get("body") or {}
+        training = []
+        for verdict in body.get("training", []):
+            named = source.get(f"/v1/blocks/{verdict['training_block']}")
+            seen = {}
+            for process in processes.values():
+                try:
+                    at = process.get(f"/v1/blocks/{verdict['training_block']}").get("received_at")
+                except NodeProcessError:
+                    continue
+                if at is not None:
+                    seen[process.name] = float(at)
+            training.append({"hash": named["hash"], "height": named["height"], "proposer": named["proposer"],
+                             "body": named["body"], "arrivals": seen, "confirmed": bool(verdict["confirmed"]),
+                             "test_gain": verdict["gain"]})  # fmt: skip
+        chain.append({
+            "height": height, "hash": block["hash"], "kind": block["kind"], "timestamp": block["timestamp"],
+            "proposer": block["proposer"], "arrivals": arrivals, "body": body, "commit": commit,
+            "round": commit["round"] if commit else None, "training_blocks": training,
+            "validation_loss": None, "test_loss": None,
+            "decided_at": min([*arrivals.values(), *([sighted[height]] if height in sighted else [])], default=None),
+        })  # fmt: skip
+    # The model changes only where an update was confirmed: its losses there (two report-batch
+    # evaluations each, spread over the honest nodes), carried forward to the heights between.
+    changed = [b["height"] for b in chain if b["body"].get("confirmed") or b["height"] == up_to]
+    askers = list(processes.values())
+    answers = in_parallel(lambda i: askers[i % len(askers)].get(f"/v1/model?height={changed[i]}", timeout=60),
+                          list(range(len(changed))), len(askers))  # fmt: skip
+    losses = dict(zip(changed, answers, strict=True))
+    model: tuple[float | None, float | None] = (None, None)
+    for block in chain:
+        if block["height"] in losses:
+            model = (losses[block["height"]]["validation_loss"], losses[block["height"]]["test_loss"])
+        block["validation_loss"], block["test_loss"] = model
+    return chain
 
 
 def report_losses(genesis: Genesis, genesis_path: Path, weights: Any) -> tuple[float, float]:
@@ -333,6 +517,7 @@ def run_scenario(scenario: Scenario, out: Path, genesis_path: Path, genesis: Gen
     data: dict[str, Any] = {}
     try:
         drive(run)
+        say(f"{run.elapsed:6.1f}s collecting")
         data = collect(run)
     except NodeProcessError as error:
         failure = str(error)
@@ -350,7 +535,9 @@ def run_scenario(scenario: Scenario, out: Path, genesis_path: Path, genesis: Gen
             if index in run.crashed:
                 codes[process.name] = 0  # killed on purpose and left down
     honest = [run.processes[s.index] for s in scenario.honest_nodes if s.index in run.processes]
-    replays = {p.name: replay(p, genesis_path) for p in honest}
+    say(f"{run.elapsed:6.1f}s replaying the stored chains")
+    replays = dict(zip((p.name for p in honest), in_parallel(lambda p: replay(p, genesis_path), honest, 2),
+                       strict=True))  # fmt: skip
     honest_names = {p.name for p in honest}
     crashes = sum(1 for index in run.unexpected_exits if scenario.nodes[index].honest)
     crashes += sum(1 for name, code in codes.items() if name in honest_names and code not in (0,))
@@ -361,55 +548,80 @@ def run_scenario(scenario: Scenario, out: Path, genesis_path: Path, genesis: Gen
         "samples": run.samples, "node_starts": run.starts, "seconds": round(run.elapsed, 1),
     })  # fmt: skip
     if failure is None:
-        steps = sum(b["body"].get("steps", 0) for b in data["chain"] if b["kind"] == "training" and b.get("confirmed"))
+        steps = sum(t["body"].get("steps", 0) for b in data["chain"] for t in b["training_blocks"] if t["confirmed"])
         say(f"centralized baseline: {steps} steps")
-        data["baseline"] = centralized_baseline(genesis, genesis_path, steps, scenario.steps)
+        every = max(scenario.steps, -(-steps // BASELINE_POINTS))  # each point costs two report evaluations
+        data["baseline"] = centralized_baseline(genesis, genesis_path, steps, every)
     return data
 
 
 def collect(run: Run) -> dict[str, Any]:
     """Everything the report shows, read over the RPC from every node still running."""
+    from chain.crypto import devnet_key
+
     scenario = run.scenario
     statuses = {i: s for i, s in honest_statuses(run).items() if s is not None}
-    reference_index = max(statuses, key=lambda i: statuses[i]["finalized_height"])
-    reference = run.processes[reference_index]
-    finalized_height = min(s["finalized_height"] for s in statuses.values())
-    running = run.running()
-    chain = collect_chain(reference, running, finalized_height + 1)
-    confirmed = {b["hash"] for b in chain if b["kind"] == "validation" and b["body"].get("confirmed")}
-    for block in chain:
-        if block["kind"] == "training":
-            after = next((b for b in chain if b["height"] == block["height"] + 1), None)
-            block["confirmed"] = after is not None and after["hash"] in confirmed
+    if not statuses:
+        raise NodeProcessError("no honest node answers")
+    processes = {i: run.processes[i] for i in statuses}
+    heads = {i: int(s["head_height"]) for i, s in statuses.items()}
+    chains = honest_chains(processes, heads)
+    conflicts = conflicting_heights(chains)
+    common = min(heads.values())
+    reference = max(heads, key=lambda i: (heads[i], -i))
+    chain = collect_chain(reference, chains, processes, common, run.samples)
+    agree = len({blocks[common - 1]["hash"] for blocks in chains.values()}) == 1 if common else True
     names = {p.info["peer_id"]: p.name for p in run.processes.values() if p.info}
     nodes = []
-    for process in running:
+    for process in run.running():
+        index = int(process.name.removeprefix("node"))
         status = process.get("/v1/status")
         info = process.get("/v1/node")
         peers = process.get("/v1/peers")["peers"]
+        earlier = run.remembered.get(process.name, [])
+        rejections = [r for view in earlier for r in view["rejections"]] + list(info.get("rejections", []))
+        banned = {p["peer_id"] for p in peers if p.get("banned")} | {p for view in earlier for p in view["banned"]}
         nodes.append({
-            "name": process.name, "honest": scenario.nodes[int(process.name.removeprefix("node"))].honest,
-            "head_height": status["head_height"], "finalized_height": status["finalized_height"],
-            "finalized_hash": status["finalized_hash"], "state_root": status["state_root"],
+            "name": process.name, "honest": scenario.nodes[index].honest, "adversary": scenario.nodes[index].adversary,
+            "head_height": status["head_height"], "head_hash": status["head_hash"], "state_root": status["state_root"],
             "validation_loss": status["validation_loss"], "test_loss": status["test_loss"],
+            "voting": status.get("voting"),
             "peer_scores": {names.get(p["peer_id"], p["peer_id"][:16]): p["score"] for p in peers},
+            "banned_peers": sorted(names.get(p, p[:16]) for p in banned),
             "connected_peers": sum(1 for p in peers if p["connected"]),
-            "orphaned_blocks": info["orphaned_blocks"], "rejections": info["rejections"],
+            "rejections": rejections,
         })  # fmt: skip
-    honest_hashes = {n["finalized_hash"] for n in nodes if n["honest"]}
+    evidence = [{"included_at": b["height"], **e} for b in chain for e in b["body"].get("evidence", [])]
+    source = run.processes[reference]
+    equivocators = []
+    for spec in scenario.nodes:
+        if spec.adversary == "equivocator":
+            for validator in spec.validators:
+                address = devnet_key(f"validator-{validator}").public_key.hex()
+                stake = source.get(f"/v1/accounts/{address}")["stake"]
+                included = [e["included_at"] for e in evidence if e["validator"] == address]
+                equivocators.append({"node": spec.name, "validator": address, "stake": stake,
+                                     "evidence_included_at": included})  # fmt: skip
     actions = []
     for index, process in run.processes.items():
         if not scenario.nodes[index].honest:
             for action in read_actions(process):
                 actions.append({"node": process.name, "adversary": scenario.nodes[index].adversary, **action})
-    canonical_hashes = {b["hash"] for b in chain}
     for action in actions:
-        outcome_for(action, nodes, chain, reference)
-    invalid_finalized = sum(1 for a in actions if a.get("invalid") and a.get("block") in canonical_hashes)
+        outcome_for(action, nodes, chain, equivocators)
+    decided = {b["hash"] for b in chain} | {t["hash"] for b in chain for t in b["training_blocks"]}
+    invalid_finalized = sum(1 for a in actions if a.get("invalid") and a.get("block") in decided)
     return {
-        "finalized_height": finalized_height,
-        "honest_nodes_agree": len(honest_hashes) == 1,
+        "finalized_height": common,
+        "head_heights": {processes[i].name: h for i, h in heads.items()},
+        "conflicting_decisions": len(conflicts),
+        "conflicting_heights": conflicts,
+        "honest_nodes_agree": agree,
         "invalid_blocks_finalized": invalid_finalized,
+        "rounds_per_height": [b["round"] + 1 if b["round"] is not None else None for b in chain],
+        "evidence": evidence,
+        "equivocators": equivocators,
+        "equivocators_slashed": all(e["stake"] == 0 and e["evidence_included_at"] for e in equivocators),
         "nodes": nodes,
         "chain": chain,
         "adversarial_actions": actions,
@@ -417,32 +629,56 @@ def collect(run: Run) -> dict[str, Any]:
 
 
 def outcome_for(action: dict[str, Any], nodes: list[dict[str, Any]], chain: list[dict[str, Any]],
-                reference: NodeProcess) -> None:  # fmt: skip
+                equivocators: list[dict[str, Any]]) -> None:  # fmt: skip
     """What the honest nodes did with one adversarial action (sets action["outcome"])."""
     sender = action.get("peer_id")
+    named = {t["hash"]: (b, t) for b in chain for t in b["training_blocks"]}
     by_hash = {b["hash"]: b for b in chain}
+    block = action.get("block") or ""
+    honest = [n for n in nodes if n["honest"]]
     rejected_by = [
-        node["name"]
-        for node in nodes
-        if node["honest"] and any(rejection["peer_id"] == sender for rejection in node["rejections"])
-    ]
-    action["sender_scores"] = [n["peer_scores"].get(action["node"]) for n in nodes if n["honest"]]
-    block = by_hash.get(action.get("block", ""))
+        n["name"] for n in honest
+        if any(r["peer_id"] == sender and (not block or block[:16] in r["what"] or block[:16] in r["reason"])
+               for r in n["rejections"])
+    ]  # fmt: skip
+    banned_by = [n["name"] for n in honest if action["node"] in n["banned_peers"]]
+    action["sender_scores"] = [n["peer_scores"].get(action["node"]) for n in honest]
     expect = action.get("expect")
     if expect == "slashed":
-        stake = reference.get(f"/v1/accounts/{action['validator']}")["stake"]
-        action["outcome"] = "slashed: stake 0" if stake == 0 else f"not slashed (stake {stake})"
-    elif block is not None and action.get("invalid"):
-        action["outcome"] = "FINALIZED although invalid"
-    elif block is not None:
-        after = next((b for b in chain if b["height"] == block["height"] + 1), None)
-        confirmed = after is not None and after["body"].get("confirmed")
-        action["outcome"] = "in the chain, confirmed out of sample" if confirmed else "rejected out of sample"
-    elif expect == "rejected out of sample":
-        action["outcome"] = "not in the chain (another block won its round)"
-    elif expect == "stale":
-        action["outcome"] = "ignored as stale: the round was decided without it"
+        record = next((e for e in equivocators if e["validator"] == action.get("validator")), None)
+        if record is None:
+            action["outcome"] = "not a validator of an equivocator node"
+        elif record["stake"] == 0 and record["evidence_included_at"]:
+            first = record["evidence_included_at"][0]
+            action["outcome"] = f"slashed: stake 0 (evidence in the decided block at height {first})"
+        else:
+            action["outcome"] = f"NOT slashed: stake {record['stake']}, evidence at {record['evidence_included_at']}"
+    elif "blocks" in action:  # variants of one training block
+        hits = [named[h] for h in action["blocks"] if h in named]
+        height = action.get("height", 0) + 1
+        decided = next((b for b in chain if b["height"] == height), None)
+        rounds = ""
+        if decided is not None and decided["round"] is not None:
+            rounds = f"; height {height} decided in round {decided['round']}"
+        original = named.get(action.get("original") or "")
+        if hits or original:
+            b, t = hits[0] if hits else original  # type: ignore[misc]
+            which = "one variant" if hits else "the original"
+            verdict = "confirmed" if t["confirmed"] else "rejected"
+            action["outcome"] = f"{which} named at height {b['height']}, {verdict} out of sample{rounds}"
+        else:
+            action["outcome"] = f"neither the original nor a variant named{rounds}"
+    elif block in named or block in by_hash:
+        entry = named[block][0] if block in named else by_hash[block]
+        if action.get("invalid"):
+            action["outcome"] = f"FINALIZED although invalid (height {entry['height']})"
+        else:
+            action["outcome"] = f"named by the decided block at height {entry['height']}"
+    elif expect == "not served":
+        action["outcome"] = "never served: named by no decided block"
     elif rejected_by:
         action["outcome"] = f"rejected by {len(rejected_by)} honest node(s)"
+    elif banned_by:
+        action["outcome"] = f"not relayed: the sender is banned by {len(banned_by)} honest node(s)"
     else:
         action["outcome"] = "not relayed and not in the chain"

@@ -4,24 +4,29 @@ A scenario is a TOML file (sim/scenarios/*.toml):
 
     name = "honest"
     seed = 7            # replay with the same seed: same keys, same random choices
-    finalize = 8        # done once every honest node finalized this height
+    finalize = 8        # done once every honest node decided this height (and they agree)
+    updates = 1         # ... and the decided blocks confirmed at least this many updates (default 0)
     timeout = 900       # seconds before the run gives up
     steps = 30          # miners' optimizer steps per attempt
 
     [[node]]            # one table per node, in order (node 0, node 1, ...)
     mine = true
-    validators = [0]    # devnet validator keys validator-0, ...
-    join_at = 0         # seconds after the start (a late joiner: > 0)
+    validators = [0]    # devnet validator keys validator-0, ... (they vote and propose)
+    join_at = 0         # 0: started first; > 0: a late joiner, this many seconds after the start
     adversary = ""      # "" (honest) or one of ADVERSARIES
 
     [[event]]           # the fault timeline
     at = 30             # seconds after the start
-    action = "crash"    # crash | restart | partition | heal | latency
-    nodes = [3]         # crash, restart, latency: these nodes
+    action = "crash"    # crash | restart | restart-all | partition | heal | latency
+    nodes = [3]         # crash, restart, latency: these nodes (restart-all: SIGKILL every
+                        # running node in the middle of a height, then start them all again)
     groups = [[0, 1, 2], [3, 4, 5]]   # partition: nodes only reach their own group
     ms = 300            # latency: added to everything the nodes send (0 removes it)
 
-Every field is checked on load; a mistake names the file, the table and the field.
+"The start" is when every honest node started first has decided height 1 (the
+network runs), so the timeline does not depend on how long the processes took
+to start. Every field is checked on load; a mistake names the file, the table
+and the field.
 """
 
 from __future__ import annotations
@@ -31,14 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ACTIONS = ("crash", "restart", "partition", "heal", "latency")
+ACTIONS = ("crash", "restart", "restart-all", "partition", "heal", "latency")
 ADVERSARIES = (
-    "overfit-miner",
-    "false-claims",
-    "replay-miner",
-    "spammer",
-    "false-attester",
     "equivocator",
+    "variant-spammer",
+    "false-claims",
     "withholder",
 )
 
@@ -55,9 +57,9 @@ class NodeSpec:
     mine: bool
     """Runs the in-process miner."""
     validators: tuple[int, ...]
-    """Devnet validator keys it attests and proposes with."""
+    """Devnet validator keys it votes and proposes with."""
     join_at: float
-    """Seconds after the start when it starts."""
+    """Seconds after the start (every first node decided height 1) when it starts; 0: first."""
     adversary: str
     """"" for an honest node, else its misbehaviour (one of ADVERSARIES)."""
 
@@ -87,11 +89,14 @@ class Scenario:
     name: str
     seed: int
     finalize: int
+    """Done once every honest node decided this height."""
     timeout: float
     steps: int
     nodes: tuple[NodeSpec, ...]
     events: tuple[Event, ...]
     path: Path
+    updates: int = 0
+    """... and the decided chain confirmed at least this many updates (the loss fell)."""
 
     @property
     def honest_nodes(self) -> list[NodeSpec]:
@@ -146,13 +151,14 @@ def load_scenario(path: Path, validators: int) -> Scenario:
     name = top.get("name", str)
     seed = top.get("seed", int)
     finalize = top.get("finalize", int)
+    updates = top.get("updates", int, 0)
     timeout = float(top.get("timeout", (int, float), 900))
     steps = top.get("steps", int, 30)
     raw_nodes = top.get("node", list)
     raw_events = top.get("event", list, [])
     top.done()
-    if finalize < 1 or steps < 1 or timeout <= 0:
-        raise ScenarioError(f"{path}: finalize and steps must be at least 1 and timeout positive")
+    if finalize < 1 or steps < 1 or timeout <= 0 or updates < 0:
+        raise ScenarioError(f"{path}: finalize and steps must be at least 1, updates at least 0, timeout positive")
     nodes = []
     for index, raw in enumerate(raw_nodes):
         table = _Table(raw, f"{path}: node {index}")
@@ -193,4 +199,5 @@ def load_scenario(path: Path, validators: int) -> Scenario:
         if action == "partition" and len(groups) < 2:
             raise ScenarioError(f"{table.where}: partition needs at least two groups")
         events.append(Event(at, action, targets, groups, ms))
-    return Scenario(name, seed, finalize, timeout, steps, tuple(nodes), tuple(sorted(events, key=lambda e: e.at)), path)
+    ordered = tuple(sorted(events, key=lambda e: e.at))
+    return Scenario(name, seed, finalize, timeout, steps, tuple(nodes), ordered, path, updates)

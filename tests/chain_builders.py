@@ -1,9 +1,12 @@
 """Builders of valid blocks, and of blocks that break exactly one rule.
 
-`Scenario` holds a node on a fresh data directory and one trained slice
-update for the genesis parent; `build_training_block(parent, **overrides)`
-returns a signed training block with any header or body field replaced
-(re-hashed and re-signed unless the override is the hash or signature).
+`Scenario` holds a decided node on a fresh data directory, the devnet's
+miner and validator keys and the training text; `genesis()` is the genesis
+block and state; `build_training_block(parent, state, **overrides)` returns
+a signed training block with any header or body field replaced (re-hashed
+and re-signed unless the override is the hash or signature).
+`decide_next(node, proposer, keys, training)` decides a node's next height
+with a certificate signed by `keys`.
 """
 
 from __future__ import annotations
@@ -14,15 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import plyvel
 
-from chain.blocks import Attestation, Block, Header, Kind, TrainingBody, ValidationBody, body_hash, sign_block
+from chain import schema
+from chain.blocks import Block, Header, TrainingBody, body_hash, sha256, sign_block
 from chain.crypto import PrivateKey, devnet_key
+from chain.encoding import pack
 from chain.state import State
-from consensus.proposals import attest, propose_training_block, propose_validation_block
-from consensus.rules import compute_assigned_slice, compute_rewards, is_confirmed
-from genesis import DEVNET, chunk_directory
+from chain.store import ChainDB
+from chain.votes import Commit, Vote, VoteKind, sign_vote
+from consensus.decisions import propose_decided_block
+from consensus.proposals import propose_training_block
+from consensus.rules import Chain, compute_assigned_slice, genesis_block, genesis_state
+from genesis import DEVNET, chunk_directory, load_genesis
 from node import validator_keys
-from p2p.full_node import FullNode
+from p2p.decided_node import DecidedNode
 from training.data import load_split
 from training.miner import Miner, TrainingConfig
 
@@ -32,20 +41,25 @@ TRAINING_FIELDS = {f.name for f in dataclasses.fields(TrainingBody)}
 
 @dataclass
 class Scenario:
-    node: FullNode
+    node: DecidedNode
     miner: PrivateKey
     validators: list[PrivateKey]
     train_text: bytes
 
     @classmethod
     def create(cls, datadir: Path) -> Scenario:
-        node = FullNode(DEVNET, datadir)
+        node = DecidedNode(DEVNET, datadir)
         text = load_split(node.genesis.dataset, chunk_directory(DEVNET, node.genesis), "train")
         return cls(node, devnet_key("miner-0"), validator_keys(node.genesis), text)
 
     @property
-    def chain(self) -> Any:
+    def chain(self) -> Chain:
         return self.node.chain
+
+    def genesis(self) -> tuple[Block, State]:
+        """The genesis block and state (whatever the node decided since)."""
+        block = self.node.genesis_block
+        return block, self.node.db.state(block.hash)
 
     def trained_values(
         self, parent: Block, state: State, steps: int = 8, miner: PrivateKey | None = None
@@ -69,37 +83,6 @@ class Scenario:
         valid = self.valid_training_block(on, state)
         return rebuild(valid, key or self.miner, self.chain.domain, **overrides)
 
-    def attestations(self, training: Block, state: State) -> list[Attestation]:
-        return [attest(self.chain, key, state, training) for key in self.validators]
-
-    def valid_validation_block(
-        self, training: Block, state: State, attestations: list[Attestation], proposer: PrivateKey | None = None
-    ) -> Block:
-        return propose_validation_block(
-            self.chain, training, state, proposer or self.validators[0], attestations, [],
-            training.header.timestamp + 10,
-        )  # fmt: skip
-
-    def build_validation_block(
-        self, training: Block, state: State, attestations: list[Attestation], **overrides: Any
-    ) -> Block:
-        """A validation block for `training` carrying exactly these attestations (rewards to match)."""
-        attesters = [a.validator for a in attestations]
-        miner = training.header.proposer if is_confirmed(ValidationBody(tuple(attestations))) else None
-        body = ValidationBody(tuple(attestations), (), compute_rewards(state, self.node.genesis, miner, attesters))
-        header = Header(
-            chain_id=self.node.genesis.chain_id,
-            height=training.header.height + 1,
-            parent=training.hash,
-            kind=Kind.VALIDATION,
-            timestamp=training.header.timestamp + 10,
-            proposer=self.validators[0].public_key,
-            state_root=state.root,
-            body_hash=body_hash(body),
-        )
-        return rebuild(sign_block(self.validators[0], self.chain.domain, header, body), self.validators[0],
-                       self.chain.domain, **overrides)  # fmt: skip
-
 
 def rebuild(block: Block, key: PrivateKey, domain: Any, **overrides: Any) -> Block:
     """`block` with fields replaced; body_hash and signature recomputed unless overridden."""
@@ -114,3 +97,50 @@ def rebuild(block: Block, key: PrivateKey, domain: Any, **overrides: Any) -> Blo
     if "signature" in overrides:
         return Block(header, body, overrides["signature"])
     return signed
+
+
+# --- Decided chains (voting rounds) -------------------------------------------------
+
+
+def certificate(node: DecidedNode, block: Block, keys: list[PrivateKey]) -> Commit:
+    """A round-0 commit certificate for `block` from `keys`' precommits (stamped 2 s after the block)."""
+    height, domain = block.header.height, node.chain.domain
+    return Commit.of([
+        sign_vote(k, domain, Vote(VoteKind.PRECOMMIT, height, 0, block.hash, block.header.timestamp + 2, k.public_key))
+        for k in keys
+    ])  # fmt: skip
+
+
+def decide_next(node: DecidedNode, proposer: PrivateKey, keys: list[PrivateKey], training: Block | None) -> Block:
+    """Propose the next height's block by `proposer` naming `training` (or none), and
+    import it with a certificate from `keys`."""
+    head = node.head()
+    block = propose_decided_block(
+        node.chain, head.block, head.state, proposer, training, head.commit, node.decided.head_validators, ()
+    )
+    named = {training.hash: training} if training is not None else {}
+    node.import_decided(block, certificate(node, block, keys), named)
+    return block
+
+
+def write_retired_store(datadir: Path) -> bytes:
+    """A store in `datadir`/chain whose head (height 1, canonical, finalized) is a block of
+    the retired kind 2, an earlier version's validation block; returns its hash. The block's
+    body is that version's empty one and its signature zeros: it never decodes past its kind."""
+    genesis = load_genesis(DEVNET)
+    state = genesis_state(genesis)
+    first = genesis_block(genesis, state)
+    ChainDB(datadir / "chain", bytes.fromhex(genesis.hash), first, state).close()
+    body: list[list[Any]] = [[], [], []]  # attestations, evidence, rewards
+    header = [genesis.chain_id, 1, first.hash, 2, first.header.timestamp + 1,
+              validator_keys(genesis)[0].public_key, state.root, sha256(pack(body))]  # fmt: skip
+    block_hash = sha256(pack(header))
+    db = plyvel.DB(str(datadir / "chain"))
+    with db.write_batch(transaction=True, sync=True) as batch:
+        batch.put(schema.block_key(block_hash), pack([header, body, bytes(64)]))
+        batch.put(schema.state_key(block_hash), state.record())
+        batch.put(schema.canonical_key(1), block_hash)
+        batch.put(schema.META_HEAD, block_hash)
+        batch.put(schema.META_FINALIZED, block_hash)
+    db.close()
+    return block_hash

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import lzma
+import re
 import shutil
+from collections import deque
 from pathlib import Path
 
 import numpy as np
+import plyvel
+import pytest
 import torch
 from safetensors.numpy import save_file
 
+import node
+from chain import schema
+from chain.blocks import DecidedBody
+from chain.votes import decode_commit
 from consensus.genesis import Genesis
 from genesis import DEVNET, GENESIS_DIR
-from tests.conftest import run_potchain
+from p2p.decided_node import DecidedNode
+from p2p.localnet import LocalVoting
+from p2p.voting import BuildBlock
+from tests.chain_builders import write_retired_store
+from tests.conftest import Completed, run_potchain
 from training.weights import save_weights
 
 
@@ -97,3 +110,106 @@ def test_bad_arguments() -> None:
     if not torch.cuda.is_available():
         assert_user_error(run_potchain("eval", "--device", "cuda"), "no CUDA device")
         assert_user_error(run_potchain("mine", "--rpc", "http://127.0.0.1:9", "--device", "cuda"), "no CUDA device")
+
+
+# --- localnet and replay on the decided chain ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def localnet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Completed, Completed]:
+    """A decided chain made by localnet: one confirmed update, then a restart on the same
+    data directory that goes on to two. Returns the datadir and both runs."""
+    datadir = tmp_path_factory.mktemp("localnet")
+    runs = []
+    for finalize in ("1", "2"):
+        completed = run_potchain("localnet", "--datadir", str(datadir), "--finalize", finalize, "--steps", "8")
+        assert completed.returncode == 0, completed.stderr
+        runs.append(completed)
+    return datadir, runs[0], runs[1]
+
+
+def test_localnet_decides_heights_goes_on_after_a_restart_and_replay_agrees(
+    localnet: tuple[Path, Completed, Completed],
+) -> None:
+    datadir, first, second = localnet
+    first_head, summary = first.json()["head_height"], second.json()
+    head_height = summary["head_height"]
+    assert isinstance(first_head, int) and isinstance(head_height, int)
+    assert first.json()["finalized_training_blocks"] == 1
+    assert summary["finalized_training_blocks"] == 2
+    assert summary["finalized_height"] == head_height and head_height >= 2
+    progress = re.findall(r"^\[localnet\] finalized \d+/2 height (\d+) ", second.stderr, re.MULTILINE)
+    assert progress and int(progress[0]) == first_head + 1  # the restart went on from the stored head
+    assert "[localnet] finalized 2/2" in second.stderr
+    assert float(summary["test_loss_head"]) < float(summary["test_loss_genesis"])  # type: ignore[arg-type]
+    assert {"validation_loss_genesis", "validation_loss_head"} <= summary.keys()
+
+    replayed = run_potchain("replay", "--datadir", str(datadir))
+    assert replayed.returncode == 0, replayed.stderr
+    result = replayed.json()
+    assert result["state_root"] == summary["state_root"] and result["head_hash"] == summary["head_hash"]
+    assert result["decided_blocks"] == head_height
+    assert result["blocks"] == 2 * head_height  # every decided height names one training block
+
+
+def run_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> Completed:
+    """`potchain ARGS` in this process (no interpreter start-up): for commands that fail early."""
+    capsys.readouterr()
+    returncode = node.main(args)
+    captured = capsys.readouterr()
+    return Completed(returncode, captured.out, captured.err)
+
+
+def test_replay_refuses_a_corrupted_store(
+    localnet: tuple[Path, Completed, Completed], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = localnet[0]
+
+    # A commit certificate with one signature changed.
+    datadir = tmp_path / "commit"
+    shutil.copytree(source, datadir)
+    db = plyvel.DB(str(datadir / "chain"))
+    first = db.get(schema.canonical_key(1))
+    commit = decode_commit(db.get(schema.commit_key(first)))
+    validator, timestamp, signature = commit.signatures[0]
+    changed = (validator, timestamp, bytes([signature[0] ^ 1]) + signature[1:])
+    db.put(schema.commit_key(first), dataclasses.replace(commit, signatures=(changed, *commit.signatures[1:])).encode())
+    db.close()
+    completed = run_in_process(capsys, "replay", "--datadir", str(datadir))
+    assert_user_error(completed, "commit certificate of height 1 is invalid")
+
+    # Another block stored under the first decided block's hash.
+    datadir = tmp_path / "block"
+    shutil.copytree(source, datadir)
+    db = plyvel.DB(str(datadir / "chain"))
+    first, second = db.get(schema.canonical_key(1)), db.get(schema.canonical_key(2))
+    db.put(schema.block_key(first), db.get(schema.block_key(second)))
+    db.close()
+    assert_user_error(run_in_process(capsys, "replay", "--datadir", str(datadir)), "height 1", second.hex())
+
+
+def test_replay_refuses_a_store_of_the_retired_validation_blocks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A data directory whose head is a validation block (kind 2, retired with the attestation finality)."""
+    assert_user_error(run_in_process(capsys, "replay", "--datadir", str(tmp_path)), "no chain database here")
+    head = write_retired_store(tmp_path)
+    completed = run_in_process(capsys, "replay", "--datadir", str(tmp_path))
+    assert_user_error(completed, f"head block {head.hex()}: header: kind 2 is retired", "validation block")
+
+
+def test_localnet_voting_fires_timers_when_a_proposer_stays_silent(devnet: Genesis, tmp_path: Path) -> None:
+    """localnet's voting (p2p/localnet.py) without training blocks: round 0's proposer never
+    builds its block, so the height decides in a later round on the timers alone."""
+    decided = DecidedNode(DEVNET, tmp_path)
+    try:
+        local = LocalVoting.open(decided, node.validator_keys(devnet))
+        local.start()
+        local.pending = deque(effect for effect in local.pending if not isinstance(effect, BuildBlock))
+        first = local.decide_height()
+        assert first.commit is not None and first.commit.round >= 1 and local.clock_ms > 0
+        second = local.decide_height()
+        assert second.block.header.parent == first.block.hash and decided.db.head() == second.block.hash
+        assert isinstance(second.block.body, DecidedBody) and second.block.body.last_commit == first.commit
+    finally:
+        decided.close()

@@ -40,7 +40,7 @@ def certificate(scenario: Scenario, block: Block, keys: list[PrivateKey]) -> Com
 
 
 def fresh_chain(scenario: Scenario) -> DecidedChain:
-    genesis, state = scenario.node.checkpoint()
+    genesis, state = scenario.genesis()
     decided = DecidedChain.from_genesis(scenario.chain, genesis, state)
     decided.on_tick(genesis.header.timestamp + 10**6)
     return decided

@@ -1,6 +1,7 @@
 """The decided node (p2p/decided_node.py): decisions are stored with their
 certificates, a restart resumes at the decided head with the right validator
-set, invalid input writes nothing, and a wave-1 data directory is refused."""
+set, invalid input writes nothing, and a data directory of the retired
+validation blocks is refused."""
 
 from __future__ import annotations
 
@@ -8,33 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from chain.blocks import Block
-from chain.crypto import PrivateKey
 from chain.store import CorruptStore
-from chain.votes import Commit, Vote, VoteKind, sign_vote
 from consensus.decisions import propose_decided_block
 from consensus.rules import InvalidBlock
 from genesis import DEVNET
 from p2p.decided_node import DecidedNode
-from tests.chain_builders import Scenario
-
-
-def certificate(node: DecidedNode, block: Block, keys: list[PrivateKey]) -> Commit:
-    height, domain = block.header.height, node.chain.domain
-    return Commit.of([
-        sign_vote(k, domain, Vote(VoteKind.PRECOMMIT, height, 0, block.hash, block.header.timestamp + 2, k.public_key))
-        for k in keys
-    ])  # fmt: skip
-
-
-def decide_next(node: DecidedNode, proposer: PrivateKey, keys: list[PrivateKey], training: Block | None) -> Block:
-    head = node.head()
-    block = propose_decided_block(
-        node.chain, head.block, head.state, proposer, training, head.commit, node.decided.head_validators, ()
-    )
-    named = {training.hash: training} if training is not None else {}
-    node.import_decided(block, certificate(node, block, keys), named)
-    return block
+from tests.chain_builders import Scenario, certificate, decide_next, write_retired_store
 
 
 def test_decisions_survive_a_restart_and_the_chain_goes_on(tmp_path: Path) -> None:
@@ -69,10 +49,9 @@ def test_decisions_survive_a_restart_and_the_chain_goes_on(tmp_path: Path) -> No
         scenario.node.close()
 
 
-def test_a_data_directory_of_the_attestation_chain_is_refused(tmp_path: Path) -> None:
-    scenario = Scenario.create(tmp_path / "old")
-    genesis, state = scenario.node.checkpoint()
-    scenario.node.import_block(scenario.valid_training_block(genesis, state).encode())
-    scenario.node.close()
-    with pytest.raises(CorruptStore, match="finalized by attestations"):
+def test_a_data_directory_of_the_retired_finality_is_refused(tmp_path: Path) -> None:
+    """A store whose head is a validation block (kind 2, retired with the attestation finality)."""
+    head = write_retired_store(tmp_path / "old")
+    with pytest.raises(CorruptStore, match=f"head block {head.hex()}: header: kind 2 is retired") as raised:
         DecidedNode(DEVNET, tmp_path / "old")
+    assert "validation block" in str(raised.value)

@@ -17,6 +17,7 @@ from chain.votes import Commit, Vote, VoteKind, sign_vote
 from consensus.decisions import (
     apply_decided_block,
     compute_decided_difficulty,
+    compute_decided_rewards,
     compute_test_input,
     compute_test_seed,
     get_validator_set,
@@ -59,7 +60,7 @@ def precommits(scenario: Scenario, block: Block, keys: list[PrivateKey], times: 
 
 @pytest.fixture(scope="module")
 def decided(scenario: Scenario) -> Decided:
-    genesis, state = scenario.node.checkpoint()
+    genesis, state = scenario.genesis()
     training = scenario.valid_training_block(genesis, state)
     proposer = scenario.validators[0]
     first = propose_decided_block(scenario.chain, genesis, state, proposer, training, None, None, ())
@@ -224,3 +225,43 @@ def test_difficulty_falls_when_no_update_is_decided_for_long(scenario: Scenario,
     assert lower < 100 and clock == 1001 + 2 * target  # slower than twice the target: falls, clock restarts
     assert compute_decided_difficulty(state, 1000 + target // 2 - 1, True, genesis)[0] > 100  # fast updates: rises
     assert compute_decided_difficulty(state, 1000 + target, True, genesis) == (100, 1000 + target)
+
+
+def test_difficulty_retarget_steps(scenario: Scenario) -> None:
+    """A height that decides an update retargets by difficulty // divisor (at least 1); more than
+    twice the target interval lowers it with or without one, never below 1."""
+    genesis = scenario.node.genesis
+    target = genesis.consensus.target_interval_seconds
+    _, first = scenario.genesis()
+
+    def retarget(difficulty: int, interval: int, decides_training: bool = True) -> tuple[int, int]:
+        state = dataclasses.replace(first, difficulty=difficulty, finalized_timestamp=1000)
+        return compute_decided_difficulty(state, 1000 + interval, decides_training, genesis)
+
+    assert retarget(80, target // 2 - 1) == (90, 1000 + target // 2 - 1)  # fast: up by 80 // 8
+    assert retarget(80, target) == (80, 1000 + target)
+    assert retarget(80, 2 * target + 1) == retarget(80, 2 * target + 1, False) == (70, 1001 + 2 * target)  # slow
+    assert retarget(1, 10**6)[0] == 1  # never below 1
+    assert retarget(1, 0) == (2, 1000)  # at least one step
+
+
+def test_reward_amounts(scenario: Scenario) -> None:
+    """The miner's share of a confirmed update; the commit signers split the rest by the stake they
+    signed with, rounded down, in address order; nothing else is minted and no amount is zero."""
+    genesis = scenario.node.genesis
+    _, state = scenario.genesis()
+    stakes = get_validator_set(state, genesis).stakes
+    signers = {key.public_key: stakes[key.public_key] for key in scenario.validators[:3]}
+    miner = scenario.miner.public_key
+    rewards = compute_decided_rewards(genesis, miner, signers)
+    assert rewards[0].address == miner and rewards[0].amount == 700_000
+    assert [r.address for r in rewards[1:]] == sorted(signers) and all(r.amount == 100_000 for r in rewards[1:])
+    assert sum(r.amount for r in rewards) == genesis.consensus.block_reward
+    # No confirmed update: the signers are paid for their work, and not the miner.
+    rejected = compute_decided_rewards(genesis, None, signers)
+    assert [r.address for r in rejected] == sorted(signers) and all(r.amount == 100_000 for r in rejected)
+    # In proportion to stake, rounded down (the remainder is not minted), and no zero amounts.
+    a, b, c = sorted(signers)
+    assert [r.amount for r in compute_decided_rewards(genesis, None, {a: 1, b: 2, c: 4})] == [42_857, 85_714, 171_428]
+    assert [r.address for r in compute_decided_rewards(genesis, None, {a: 1, b: 10**9})] == [b]
+    assert compute_decided_rewards(genesis, None, {}) == ()  # height 1: no certificate, and no update

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chain.blocks import Block, decode_attestation, decode_block
+from chain.blocks import Block, EquivocationEvidence, Header, decode_block
 from chain.crypto import Domain, devnet_key
 from chain.encoding import DecodeError, pack, unpack
 from chain.state import decode_state_record
@@ -26,40 +26,73 @@ from chain.votes import (
     sign_proposal,
     sign_vote,
 )
-from tests.chain_builders import Scenario
+from consensus.decisions import apply_decided_block, get_validator_set, propose_decided_block
+from tests.chain_builders import Scenario, certificate
 
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, bytes]]:
+    """Genesis, a training block, the decided block naming it (height 1), and height 2's
+    decided block, which carries height 1's commit certificate and equivocation evidence."""
     scenario = Scenario.create(tmp_path_factory.mktemp("encoding"))
-    genesis, state = scenario.node.checkpoint()
+    genesis, state = scenario.genesis()
+    keys, chain = scenario.validators, scenario.chain
     training = scenario.valid_training_block(genesis, state)
-    attestations = scenario.attestations(training, state)
-    validation = scenario.valid_validation_block(training, state, attestations)
+    first = propose_decided_block(chain, genesis, state, keys[0], training, None, None, ())
+    first_state = apply_decided_block(state, genesis, first, {training.hash: training}, None, chain)
+    commit = certificate(scenario.node, first, keys[:3])
+    votes = [
+        sign_vote(keys[3], chain.domain, Vote(VoteKind.PREVOTE, 2, 0, block_hash, 1, keys[3].public_key))
+        for block_hash in (first.hash, None)
+    ]
+    evidence = (EquivocationEvidence(votes[0], votes[1]),)
+    validators = get_validator_set(state, scenario.node.genesis)
+    second = propose_decided_block(chain, first, first_state, keys[1], None, commit, validators, evidence)
     yield {
         "genesis": genesis.encode(),
         "training": training.encode(),
-        "validation": validation.encode(),
-        "attestation": pack(attestations[0].fields()),
+        "decided": first.encode(),
+        "decided_with_commit": second.encode(),
+        "commit": commit.encode(),
         "state": state.record(),
     }
     scenario.node.close()
 
 
+BLOCKS = ("genesis", "training", "decided", "decided_with_commit")
+
+
 def test_round_trips_are_exact(samples: dict[str, bytes]) -> None:
-    for name in ("genesis", "training", "validation"):
+    for name in BLOCKS:
         block = decode_block(samples[name])
         assert block.encode() == samples[name]
         assert isinstance(block, Block) and block.hash == decode_block(block.encode()).hash
-    attestation = decode_attestation(samples["attestation"])
-    assert pack(attestation.fields()) == samples["attestation"]
+    assert decode_commit(samples["commit"]).encode() == samples["commit"]
     assert decode_state_record(samples["state"])[2] == 1
 
 
+def test_a_header_of_the_retired_kind_2_does_not_decode(samples: dict[str, bytes]) -> None:
+    """Kind 2 was the attestation finality's validation block: no block, header or announcement of it decodes."""
+    header, body, signature = msgpack.unpackb(samples["decided"])
+    assert header[3] == 3
+    retired = [*header[:3], 2, *header[4:]]
+    with pytest.raises(DecodeError, match=r"header: kind 2 is retired \(.*validation block"):
+        decode_block(pack([retired, body, signature]))
+    with pytest.raises(DecodeError, match="header: kind 2 is retired"):
+        decode_block(pack([retired, [[], [], []], signature]))  # with that version's (empty) validation body
+    with pytest.raises(DecodeError, match="header: kind 2 is retired"):
+        Header.from_fields(retired)
+    with pytest.raises(DecodeError, match="kind"):
+        decode_block(pack([[*header[:3], 4, *header[4:]], body, signature]))
+
+
 def test_non_canonical_and_foreign_encodings_are_rejected(samples: dict[str, bytes]) -> None:
-    value = msgpack.unpackb(samples["validation"])
-    # The same value with an integer in a wider encoding than needed.
-    wide = samples["validation"].replace(b"\x02", b"\xcd\x00\x02", 1)
+    encoded = samples["decided_with_commit"]
+    value = msgpack.unpackb(encoded)
+    # The same value with an integer (the height, 2) in a wider encoding than needed.
+    prefix = b"\x93\x98" + msgpack.packb("potchain-devnet-1")
+    assert encoded.startswith(prefix + b"\x02")
+    wide = prefix + b"\xcd\x00\x02" + encoded[len(prefix) + 1 :]
     assert msgpack.unpackb(wide) == value
     with pytest.raises(DecodeError, match="not the canonical encoding"):
         decode_block(wide)
@@ -82,7 +115,7 @@ def test_decoding_bombs_fail_before_allocation() -> None:
             decode_block(bomb)
 
 
-DECODERS = [decode_block, decode_attestation, decode_state_record, decode_vote, decode_proposal, decode_commit]
+DECODERS = [decode_block, decode_state_record, decode_vote, decode_proposal, decode_commit]
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -94,7 +127,8 @@ def test_random_bytes_raise_only_decode_errors(data: bytes) -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=st.sampled_from(["genesis", "validation", "attestation", "state"]), position=st.integers(0, 10**6),
+@given(name=st.sampled_from(["genesis", "decided", "decided_with_commit", "commit", "state"]),
+       position=st.integers(0, 10**6),
        replacement=st.binary(min_size=1, max_size=8), cut=st.booleans())  # fmt: skip
 def test_mutated_encodings_raise_only_decode_errors(
     samples: dict[str, bytes], name: str, position: int, replacement: bytes, cut: bool

@@ -19,8 +19,8 @@ from chain.crypto import devnet_key
 from chain.state import State
 from consensus.rules import genesis_state
 from genesis import DEVNET
-from p2p.full_node import FullNode
-from p2p.service import NodeConfig
+from p2p.decided_node import DecidedNode
+from p2p.voting_node import VotingNodeConfig
 from sim.adversaries import Adversary, forge_training_block
 from sim.devnet import stop_all, wait_finalized
 from sim.processes import NodeProcess
@@ -54,7 +54,7 @@ def start_miner_and_validator(root: Path) -> list[NodeProcess]:
 
 
 def genesis_test_loss(tmp_path: Path) -> float:
-    node = FullNode(DEVNET, tmp_path / "reference")
+    node = DecidedNode(DEVNET, tmp_path / "reference")
     try:
         state: State = genesis_state(node.genesis)
         return node.mean_losses(state)[1]
@@ -78,7 +78,7 @@ def test_devnet_finalizes_on_every_node_and_stops_cleanly(tmp_path: Path) -> Non
     assert all(n["test_loss"] < genesis_test_loss(tmp_path) for n in nodes)
 
 
-def test_a_restarted_node_catches_up_to_the_same_finality_and_state(tmp_path: Path) -> None:
+def test_a_restarted_node_catches_up_to_the_same_decided_chain_and_state(tmp_path: Path) -> None:
     processes = start_miner_and_validator(tmp_path)
     miner, validator = processes
     try:
@@ -100,13 +100,14 @@ def test_a_restarted_node_catches_up_to_the_same_finality_and_state(tmp_path: Pa
             if follower_height >= stopped_at + 4:
                 theirs = miner.get(f"/v1/blocks/{follower_height}")
                 if theirs["hash"] == status["finalized_hash"]:
-                    ours = follower.get(f"/v1/blocks/{follower_height + 1}")
-                    reference = miner.get(f"/v1/blocks/{ours['hash']}")
-                    assert ours["state_root"] == reference["state_root"]
+                    assert theirs["state_root"] == status["state_root"]
+                    assert follower.get(f"/v1/blocks/{follower_height}")["commit"]["signing_stake"] * 3 > (
+                        2 * theirs["commit"]["total_stake"]
+                    )
                     break
             time.sleep(0.5)
         else:
-            pytest.fail(f"the restarted node reached finalized height {follower_height}, want {stopped_at + 4}")
+            pytest.fail(f"the restarted node reached decided height {follower_height}, want {stopped_at + 4}")
     finally:
         assert set(stop_all(processes).values()) == {0}
 
@@ -118,8 +119,8 @@ def test_an_invalid_gossiped_block_is_rejected_and_its_sender_penalized(tmp_path
         wait_finalized(processes, 1, timeout=300)
         honest = [miner, validator]
 
-        node = FullNode(DEVNET, tmp_path / "spammer")
-        spammer = Adversary(node, NodeConfig(tmp_path / "spammer", bootstrap=[p.address for p in honest]))
+        node = DecidedNode(DEVNET, tmp_path / "spammer")
+        spammer = Adversary(node, VotingNodeConfig(bootstrap=[p.address for p in honest]))
         key = devnet_key("mallory")
 
         def reasons(process: NodeProcess) -> list[str]:
@@ -139,14 +140,15 @@ def test_an_invalid_gossiped_block_is_rejected_and_its_sender_penalized(tmp_path
                 nursery.start_soon(spammer.run)
                 await trio.sleep(3)  # connect and join the mesh
                 for _ in range(8):
-                    # Forge on the checkpoint the honest nodes build on, once the spammer has synced it.
+                    # Forge on the decided head the honest nodes build on, once the spammer has synced it.
                     with trio.move_on_after(10):
                         while True:
-                            want = (await trio.to_thread.run_sync(miner.get, "/v1/status"))["checkpoint_hash"]
-                            if spammer.node.checkpoint()[0].hash.hex() == want:
+                            want = (await trio.to_thread.run_sync(miner.get, "/v1/status"))["head_hash"]
+                            if spammer.node.head().block.hash.hex() == want:
                                 break
                             await trio.sleep(0.2)
-                    await spammer.announce_forged(forge_training_block(spammer, key, loss_after_offset=-1))
+                    forged = await trio.to_thread.run_sync(forge_training_block, spammer.node, key, -1)
+                    await spammer.announce(forged)
                     await trio.sleep(2)
                     if await trio.to_thread.run_sync(every_honest_node_rejected):
                         break
@@ -186,7 +188,7 @@ def test_an_external_miner_mines_through_the_rpc(tmp_path: Path) -> None:
         with urllib.request.urlopen(node.rpc + "/v1/model/weights") as response:
             weights_path.write_bytes(response.read())
         evaluated = run_potchain("eval", "--weights", str(weights_path), "--split", "validation", "--seed", "0")
-        report = FullNode(DEVNET, tmp_path / "reference")
+        report = DecidedNode(DEVNET, tmp_path / "reference")
         tokens = report.genesis.evaluation.validation_sequences * report.genesis.model.context
         report.close()
         assert (

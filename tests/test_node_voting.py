@@ -124,7 +124,7 @@ class Network:
 
 
 def make_member(scenario: Scenario, directory: Path, key: PrivateKey) -> Member:
-    genesis, state = scenario.node.checkpoint()
+    genesis, state = scenario.genesis()
     decided = DecidedChain.from_genesis(scenario.chain, genesis, state)
     decided.on_tick(genesis.header.timestamp + 10**6)
     directory.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,7 @@ def test_a_node_restarted_in_the_middle_of_a_height_resumes_without_conflicts(ne
     record = SignerRecord.open(old.directory / "signer")
     saved = record.load(old.key.public_key)
     assert saved is not None and saved.height == 1
-    genesis, state = network.scenario.node.checkpoint()
+    genesis, state = network.scenario.genesis()
     decided = DecidedChain.from_genesis(network.scenario.chain, genesis, state)
     decided.on_tick(genesis.header.timestamp + 10**6)
     for block in old.voting.decided.training.values():

@@ -1,4 +1,4 @@
-"""The wire protocol and the sync path on two real libp2p hosts over loopback TCP."""
+"""The wire protocol and the sync path on two real libp2p voting nodes over loopback TCP."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import trio
 from libp2p.custom_types import TProtocol
 
 from chain.blocks import Header, decode_block
-from chain.encoding import DecodeError, unpack
-from p2p.full_node import FullNode
-from p2p.service import NetworkNode, NodeConfig
+from chain.encoding import DecodeError, Fields, pack, unpack
+from chain.votes import decode_commit
+from genesis import DEVNET
+from p2p.decided_node import DecidedNode
+from p2p.voting_node import VotingNode, VotingNodeConfig
 from p2p.wire import (
     ERROR,
     MAX_FRAME_BYTES,
@@ -31,7 +33,7 @@ from p2p.wire import (
     write_frame,
     write_response,
 )
-from tests.chain_builders import Scenario
+from tests.chain_builders import Scenario, decide_next
 
 
 class Pipe:
@@ -88,33 +90,34 @@ def test_malformed_requests_are_refused_with_a_reason(request_bytes: bytes, mess
 
 def run_pair(
     tmp_path: Path,
-    body: Callable[[NetworkNode, NetworkNode, Scenario], Awaitable[None]],
-    b_datadir: Path | None = None,
+    body: Callable[[VotingNode, VotingNode, Scenario], Awaitable[None]],
+    a_class: type[VotingNode] = VotingNode,
 ) -> None:
-    """Node A holds a two-block chain; node B (empty, or the store in `b_datadir`) dials A."""
-    scenario = Scenario.create(tmp_path / "a")
-    parent, state = scenario.node.checkpoint()
-    training = scenario.valid_training_block(parent, state)
-    scenario.node.import_block(training.encode())
-    validation = scenario.valid_validation_block(training, state, scenario.attestations(training, state))
-    scenario.node.import_block(validation.encode())
-    b_datadir = b_datadir or tmp_path / "b"
-    other = FullNode(scenario.node.genesis_path, b_datadir)
-    a = NetworkNode(scenario.node, NodeConfig(tmp_path / "a"))
+    """Node A holds two decided heights (the first names a training block); node B, empty
+    and without validator keys, dials A. Neither votes: B can only follow by syncing."""
+    scenario = Scenario.create(tmp_path / "builder")
+    node = DecidedNode(DEVNET, tmp_path / "a")
+    keys = scenario.validators
+    training = scenario.valid_training_block(node.head().block, node.head().state)
+    node.on_training_block(training)
+    decide_next(node, keys[0], keys[:3], training)
+    decide_next(node, keys[1], keys[1:], None)
+    other = DecidedNode(DEVNET, tmp_path / "b")
+    a = a_class(node, VotingNodeConfig())
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             ready = trio.Event()
 
-            async def started(_: NetworkNode) -> None:
+            async def started(_: VotingNode) -> None:
                 ready.set()
 
             nursery.start_soon(a.run, started)
             await ready.wait()
-            b = NetworkNode(other, NodeConfig(b_datadir, bootstrap=[f"{a.listen_addresses[0]}/p2p/{a.peer_id}"]))
+            b = VotingNode(other, VotingNodeConfig(bootstrap=[f"{a.listen_addresses[0]}/p2p/{a.peer_id}"]))
             b_ready = trio.Event()
 
-            async def b_started(_: NetworkNode) -> None:
+            async def b_started(_: VotingNode) -> None:
                 b_ready.set()
 
             nursery.start_soon(b.run, b_started)
@@ -131,37 +134,53 @@ def run_pair(
         trio.run(main)
     finally:
         scenario.node.close()
+        node.close()
         other.close()
 
 
 def test_sync_protocol_answers_every_method_and_a_new_node_catches_up(tmp_path: Path) -> None:
-    async def body(a: NetworkNode, b: NetworkNode, scenario: Scenario) -> None:
+    async def body(a: VotingNode, b: VotingNode, scenario: Scenario) -> None:
         peer = b.connected_peers()[0]
         status = StatusMessage.decode(await b.request(peer, Request("status")) or b"")
-        head, head_state = scenario.node.head()
-        assert (status.head_height, status.head_hash) == (head.header.height, head.hash)
+        head = a.node.head()
+        assert (
+            (status.head_height, status.head_hash)
+            == (head.block.header.height, head.block.hash)
+            == (2, status.head_hash)
+        )
         blocks = [decode_block(d) for d in decode_block_list(await b.request(peer, Request("blocks", (0, 32))) or b"")]
-        assert [block.hash for block in blocks] == [scenario.node.block_at(h).hash for h in range(3)]  # type: ignore[union-attr]
+        assert [block.hash for block in blocks] == [a.node.block_at(h).hash for h in range(3)]  # type: ignore[union-attr]
         headers = unpack(await b.request(peer, Request("headers", (1, 5))) or b"", "headers")
         assert [Header.from_fields(unpack(h, "header")).hash for h in headers] == [blocks[1].hash, blocks[2].hash]
-        assert await b.request(peer, Request("block", (head.hash,))) == head.encode()
+        assert await b.request(peer, Request("block", (head.block.hash,))) == head.block.encode()
         assert await b.request(peer, Request("block", (bytes(32),))) is None
-        content = head_state.slices[0]
+        content = head.state.slices[0]
         assert await b.request(peer, Request("slice", (hashlib.sha256(content).digest(),))) == content
-        digest = scenario.node.genesis.dataset.documents[0].chunks[0]
+        digest = a.node.genesis.dataset.documents[0].chunks[0]
         chunk = await b.request(peer, Request("chunk", (digest,)))
-        assert chunk == (scenario.node.chunk_directory / f"{digest}.xz").read_bytes()
+        assert chunk == (a.node.chunk_directory / f"{digest}.xz").read_bytes()
         assert await b.request(peer, Request("chunk", ("0" * 64,))) is None
-        # B's sync loop fetches and validates A's chain on its own.
-        while b.node.head()[0].hash != head.hash:
+        # `decided`: each height's block, its commit certificate and the training blocks it names.
+        entries = unpack(await b.request(peer, Request("decided", (1, 32))) or b"", "decided")
+        assert len(entries) == 2
+        first = Fields(entries[0], "entry", ("block", "commit", "training"))
+        assert decode_block(first.binary("block")) == blocks[1]
+        assert decode_commit(first.binary("commit")) == a.node.commit_of(blocks[1].hash)
+        assert [decode_block(d).hash for d in first.array("training")] == [
+            v.training_block
+            for v in blocks[1].body.training  # type: ignore[union-attr]
+        ]
+        # B's sync loop fetches and checks A's decided chain, certificates and all, on its own.
+        while b.node.head().block.hash != head.block.hash:
             await trio.sleep(0.2)
-        assert b.node.head()[1].root == head_state.root
+        assert b.node.head().state.root == head.state.root
+        assert b.node.commit_of(head.block.hash) == a.node.commit_of(head.block.hash)
 
     run_pair(tmp_path, body)
 
 
 def test_a_malformed_request_is_answered_with_an_error_and_costs_the_peer(tmp_path: Path) -> None:
-    async def body(a: NetworkNode, b: NetworkNode, scenario: Scenario) -> None:
+    async def body(a: VotingNode, b: VotingNode, scenario: Scenario) -> None:
         assert b.host is not None
         stream = await b.host.new_stream(b.connected_peers()[0], [TProtocol(sync_protocol(a.chain_id))])
         await write_frame(stream, b"\x93\xa8nonsense")
@@ -171,90 +190,32 @@ def test_a_malformed_request_is_answered_with_an_error_and_costs_the_peer(tmp_pa
         record = a.peers.get(b.peer_id)
         assert record.score < 0 and "sync request" in record.penalties[-1][2]
         assert status not in (OK, NOT_FOUND)
+        assert [r.what for r in a.rejections] == ["sync request"]
 
     run_pair(tmp_path, body)
 
 
-def test_a_chain_that_crosses_the_finalized_block_is_refused(tmp_path: Path) -> None:
-    """B finalized its own first training block; A's chain decided another one there."""
-    from chain.crypto import devnet_key
+class ShortCertificates(VotingNode):
+    """Serves its decided blocks with certificates cut to one precommit (a third of a quorum)."""
 
-    theirs = Scenario.create(tmp_path / "b-chain")
-    parent, state = theirs.node.checkpoint()
-    training = theirs.valid_training_block(parent, state, miner=devnet_key("miner-1"))
-    theirs.node.import_block(training.encode())
-    theirs.node.import_block(
-        theirs.valid_validation_block(training, state, theirs.attestations(training, state)).encode()
-    )
-    theirs.node.close()
+    def _answer(self, request: Request) -> bytes | None:
+        payload = super()._answer(request)
+        if request.method != "decided" or payload is None:
+            return payload
+        entries = []
+        for entry in unpack(payload, "decided"):
+            commit = decode_commit(entry[1])
+            entries.append([entry[0], type(commit)(commit.height, commit.round, commit.block_hash,
+                                                   commit.signatures[:1]).encode(), entry[2]])  # fmt: skip
+        return pack(entries)
 
-    async def body(a: NetworkNode, b: NetworkNode, scenario: Scenario) -> None:
-        # Give A a second round so its chain is ahead of B's.
-        parent, state = scenario.node.checkpoint()
-        second = scenario.valid_training_block(parent, state)
-        await a.import_block(second, "test")
-        validation = scenario.valid_validation_block(second, state, scenario.attestations(second, state))
-        await a.import_block(validation, "test")
+
+def test_a_decided_block_without_a_quorum_certificate_is_refused_and_costs_the_peer(tmp_path: Path) -> None:
+    async def body(a: VotingNode, b: VotingNode, scenario: Scenario) -> None:
         record = b.peers.get(a.peer_id)
-        while not any("does not descend" in reason for _, _, reason in record.penalties):
+        while not any("decided" in reason for _, _, reason in record.penalties):
             await trio.sleep(0.2)
-        assert b.node.checkpoint()[0].header.height == 2
-        assert b.node.checkpoint()[1].finalized_hash == training.hash
+        assert b.node.head().block.header.height == 0  # nothing imported
+        assert record.score < 0 and b.rejections[-1].what == "decided blocks"
 
-    run_pair(tmp_path, body, b_datadir=tmp_path / "b-chain")
-
-
-def test_an_attestation_of_an_unseen_block_makes_the_node_fetch_the_block(tmp_path: Path) -> None:
-    """A racing block that missed B reaches it through the attestations naming it."""
-    from chain.encoding import pack
-    from p2p.wire import attestation_topic
-
-    async def body(a: NetworkNode, b: NetworkNode, scenario: Scenario) -> None:
-        with trio.fail_after(120):
-            while b.node.checkpoint()[0].hash != scenario.node.checkpoint()[0].hash:
-                await trio.sleep(0.2)
-            parent, state = scenario.node.checkpoint()
-            training = scenario.valid_training_block(parent, state)
-            await a.import_block(training, "test")  # imported on A, never announced
-            attestation = scenario.attestations(training, state)[0]
-            while attestation not in b.node.attestations_for(training.hash):
-                await a.publish(attestation_topic(a.chain_id), pack(attestation.fields()))
-                await trio.sleep(1.0)
-        assert b.node.in_store(training.hash)
-        assert [block.hash for block in b.node.pending_training_blocks()] == [training.hash]
-        assert b.peers.get(a.peer_id).score >= 0
-
-    run_pair(tmp_path, body)
-
-
-def test_a_sibling_validation_block_reaches_a_node_through_sync(tmp_path: Path) -> None:
-    """B holds a second validation block for A's finalized training block, one
-    that wins the fork choice (lower hash); A's sync fetches it although B's
-    head is no higher than A's, and both settle on it."""
-    from consensus.proposals import propose_validation_block
-
-    async def body(a: NetworkNode, b: NetworkNode, scenario: Scenario) -> None:
-        with trio.fail_after(120):
-            while b.node.head()[0].hash != scenario.node.head()[0].hash:
-                await trio.sleep(0.2)
-        ours, _ = scenario.node.head()
-        training = scenario.node.block_at(ours.header.height - 1)
-        assert training is not None
-        state = scenario.node.state_of(training.header.parent)
-        assert state is not None
-        attestations = scenario.attestations(training, state)
-        siblings = [
-            propose_validation_block(scenario.chain, training, state, key, attestations, [], ours.header.timestamp + t)
-            for key in scenario.validators
-            for t in range(4)
-        ]
-        sibling = min(siblings, key=lambda block: block.hash)
-        assert sibling.hash < ours.hash
-        await b.import_block(sibling, "test")  # B only; nothing announces it
-        assert b.node.head()[0].hash == sibling.hash
-        with trio.fail_after(120):
-            while a.node.head()[0].hash != sibling.hash:
-                await trio.sleep(0.2)
-        assert a.node.in_store(ours.hash)  # the sibling it replaced is still held, as a fork
-
-    run_pair(tmp_path, body)
+    run_pair(tmp_path, body, a_class=ShortCertificates)

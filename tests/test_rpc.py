@@ -1,10 +1,11 @@
-"""The HTTP RPC on a real node and server: every endpoint, its errors, the
-OpenAPI document against the router and the answers, and served weights that
-reproduce the node's loss."""
+"""The HTTP RPC on a real decided node and server: every endpoint, its errors,
+the OpenAPI document against the router and the answers, decided blocks with
+their commit certificates, and served weights that reproduce the node's loss."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import stat
 import urllib.error
@@ -19,12 +20,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load
 
-from chain.blocks import Block, TrainingBody, ValidationBody, decode_block
-from chain.state import State
-from consensus.proposals import attest
-from p2p.full_node import FullNode, ImportResult
+from chain.blocks import Block, DecidedBody, TrainingBody, decode_block
+from chain.crypto import PrivateKey
+from genesis import DEVNET
+from p2p.decided_node import DecidedNode
 from p2p.rpc import DEFAULT_MAX_BODY_BYTES, LocalBackend, RpcServer, RpcStartError, load_or_create_token
-from tests.chain_builders import Scenario, rebuild
+from tests.chain_builders import Scenario, decide_next, rebuild
 from training.data import sample_batch, seed_from_int
 from training.evaluate import CanonicalEvaluator, make_backend
 from training.tables import LOSS_BITS
@@ -119,8 +120,11 @@ def conform(value: Any, schema: dict[str, Any], document: dict[str, Any], where:
         assert value in schema["enum"], f"{where}: {value!r} not in {schema['enum']}"
     if "pattern" in schema and isinstance(value, str):
         assert re.search(schema["pattern"], value), f"{where}: {value!r} !~ {schema['pattern']}"
-    if "minimum" in schema and isinstance(value, int):
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if "minimum" in schema and numeric:
         assert value >= schema["minimum"], f"{where}: {value} < {schema['minimum']}"
+    if "maximum" in schema and numeric:
+        assert value <= schema["maximum"], f"{where}: {value} > {schema['maximum']}"
     if isinstance(value, dict) and "properties" in schema:
         assert set(schema.get("required", [])) <= set(value), f"{where}: missing {set(schema['required']) - set(value)}"
         if schema.get("additionalProperties") is False:
@@ -135,41 +139,74 @@ def conform(value: Any, schema: dict[str, Any], document: dict[str, Any], where:
 
 @dataclass
 class Net:
-    """A node with genesis, a training block and its validation block, served over HTTP."""
+    """A decided node served over HTTP: genesis; height 1 decided naming a
+    training block (confirmed); height 2 decided naming none."""
 
     scenario: Scenario
+    node: DecidedNode
     server: RpcServer
     rpc: Rpc
     datadir: Path
     training: Block
-    validation: Block
+    """The training block on genesis that height 1 names."""
+    first: Block
+    """The decided block at height 1 (certified by validators 0-2)."""
+    second: Block
+    """The decided block at height 2, the head (certified by validators 1-3)."""
     next_training: Block
-    """A valid training block on the validation block, not imported."""
+    """A valid training block on the head, not submitted by the fixture."""
 
     @property
-    def node(self) -> FullNode:
-        return self.scenario.node
+    def keys(self) -> list[PrivateKey]:
+        return self.scenario.validators
+
+
+FIRST_SIGNERS = slice(0, 3)
+SECOND_SIGNERS = slice(1, 4)
 
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     datadir = tmp_path_factory.mktemp("rpc")
-    scenario = Scenario.create(datadir)
-    node = scenario.node
-    genesis, state = node.checkpoint()
-    training = scenario.valid_training_block(genesis, state)
-    node.import_block(training.encode())
-    validation = scenario.valid_validation_block(training, state, scenario.attestations(training, state))
-    node.import_block(validation.encode())
-    next_training = scenario.valid_training_block(*node.checkpoint())
+    scenario = Scenario.create(datadir / "builder")
+    keys = scenario.validators
+    node = DecidedNode(DEVNET, datadir / "node")
+    genesis = node.head()
+    training = scenario.valid_training_block(genesis.block, genesis.state)
+    assert node.on_training_block(training)
+    first = decide_next(node, keys[0], keys[FIRST_SIGNERS], training)
+    second = decide_next(node, keys[1], keys[SECOND_SIGNERS], None)
+    head = node.head()
+    next_training = scenario.valid_training_block(head.block, head.state)
     token = load_or_create_token(datadir)
     server = RpcServer(LocalBackend(node), token=token)
     port = server.start()
     rpc = Rpc(f"http://127.0.0.1:{port}", token)
     OPENAPI.update(rpc.json("/openapi.json"))
-    yield Net(scenario, server, rpc, datadir, training, validation, next_training)
+    yield Net(scenario, node, server, rpc, datadir, training, first, second, next_training)
     server.stop()
     node.close()
+    scenario.node.close()
+
+
+def expected_commit(net: Net, block: Block, signers: list[PrivateKey], stakes: bool = True) -> dict[str, Any]:
+    """The JSON of `block`'s round-0 certificate from `signers` (tests.chain_builders.certificate stamps
+    precommits 2 s after the block); with the stake of the validators who voted (the parent's state's)."""
+    view: dict[str, Any] = {
+        "height": block.header.height,
+        "round": 0,
+        "block_hash": block.hash.hex(),
+        "signatures": [
+            {"validator": key.hex(), "timestamp": block.header.timestamp + 2}
+            for key in sorted(k.public_key for k in signers)
+        ],
+    }
+    if stakes:
+        voters = net.node.state_of(block.header.parent)
+        assert voters is not None
+        view["signing_stake"] = sum(voters.stake_of(k.public_key) for k in signers)
+        view["total_stake"] = voters.total_stake
+    return view
 
 
 # --- Lifecycle and token ----------------------------------------------------------------
@@ -193,6 +230,9 @@ class FlagBackend(LocalBackend):
     def is_syncing(self) -> bool:
         return self.syncing
 
+    def voting(self) -> dict[str, object]:
+        return {"height": 3, "round": 2, "step": "precommit"}
+
 
 def test_health_port_taken_and_stop(net: Net) -> None:
     assert net.rpc.get("/health").json() == {"status": "synced"}
@@ -202,7 +242,10 @@ def test_health_port_taken_and_stop(net: Net) -> None:
     assert (rpc.get("/health", 503).json(), server.port != 0) == ({"status": "not ready"}, True)
     backend.ready = True
     assert rpc.get("/health", 206).json() == {"status": "syncing"}
-    assert rpc.json("/v1/status", "Status")["syncing"] is True
+    status = rpc.json("/v1/status", "Status")
+    assert status["syncing"] is True
+    # The backend's voting progress is what status and finality report.
+    assert status["voting"] == rpc.json("/v1/finality", "Finality")["voting"] == backend.voting()
     server.stop()
     server.stop()  # idempotent
     with pytest.raises(urllib.error.URLError):
@@ -219,30 +262,34 @@ def test_health_port_taken_and_stop(net: Net) -> None:
 
 def test_status(net: Net) -> None:
     status = net.rpc.json("/v1/status", "Status")
-    head, state = net.node.head()
-    checkpoint, _ = net.node.checkpoint()
+    head = net.node.head()
+    assert head.block == net.second
     assert status["chain_id"] == net.node.genesis.chain_id
     assert status["genesis_hash"] == net.node.genesis.hash
     assert status["genesis_block_hash"] == net.node.genesis_block.hash.hex()
-    assert (status["head_height"], status["head_hash"]) == (head.header.height, head.hash.hex())
-    assert (status["finalized_height"], status["finalized_hash"]) == (1, net.training.hash.hex())
-    assert (status["checkpoint_height"], status["checkpoint_hash"]) == (2, checkpoint.hash.hex())
-    assert checkpoint.hash == net.validation.hash
-    assert status["difficulty"] == state.difficulty
+    assert (status["head_height"], status["head_hash"]) == (2, net.second.hash.hex())
+    # Every decided block is final: the finalized block is the head.
+    assert (status["finalized_height"], status["finalized_hash"]) == (2, net.second.hash.hex())
+    assert (status["state_root"], status["difficulty"]) == (head.state.root.hex(), head.state.difficulty)
+    assert status["state_root"] == net.second.header.state_root.hex()
     assert (status["syncing"], status["peer_count"]) == (False, 0)
-    assert [status["validation_loss"], status["test_loss"]] == list(net.node.mean_losses(state))
+    assert status["voting"] == {"height": 3, "round": 0, "step": "propose"}  # a node without a network
+    assert [status["validation_loss"], status["test_loss"]] == list(net.node.mean_losses(head.state))
 
 
 def test_blocks_by_height_hash_and_head(net: Net) -> None:
     genesis = net.rpc.json("/v1/blocks/0", "Block")
     assert genesis["kind"] == "genesis" and genesis["body"] == {} and genesis["received_at"] is None
     assert genesis["hash"] == net.node.genesis_block.hash.hex() and genesis["canonical"] is True
+    assert genesis["commit"] is None
 
-    training = net.rpc.json("/v1/blocks/1", "Block")
+    # The training block height 1 names: canonical (stored with its decision), no certificate of its own.
+    training = net.rpc.json(f"/v1/blocks/{net.training.hash.hex()}", "Block")
     body = net.training.body
     assert isinstance(body, TrainingBody)
     assert training["hash"] == net.training.hash.hex() and training["kind"] == "training"
     assert (training["parent"], training["height"]) == (genesis["hash"], 1)
+    assert (training["canonical"], training["commit"]) == (True, None)
     assert training["proposer"] == net.scenario.miner.public_key.hex()
     assert training["timestamp"] == net.training.header.timestamp
     assert training["state_root"] == net.training.header.state_root.hex()
@@ -254,28 +301,76 @@ def test_blocks_by_height_hash_and_head(net: Net) -> None:
     assert training["body"]["weights_bytes"] == len(body.weights)
     assert training["body"]["data_seed"] == body.data_seed.hex()
 
-    by_hash = net.rpc.json(f"/v1/blocks/{net.validation.hash.hex()}", "Block")
-    assert by_hash == net.rpc.json("/v1/blocks/2") == net.rpc.json(f"/v1/blocks/{net.validation.hash.hex().upper()}")
-    validation = net.validation.body
-    assert isinstance(validation, ValidationBody)
-    assert by_hash["body"]["confirmed"] is True and by_hash["body"]["evidence"] == 0
-    assert [a["validator"] for a in by_hash["body"]["attestations"]] == [
-        v.public_key.hex() for v in net.scenario.validators
-    ]
-    assert {a["training_block"] for a in by_hash["body"]["attestations"]} == {net.training.hash.hex()}
-    assert by_hash["body"]["rewards"] == [{"address": r.address.hex(), "amount": r.amount} for r in validation.rewards]
+    # Height 1: the decided block, its certificate, and its verdict on the training block.
+    first = net.rpc.json("/v1/blocks/1", "Block")
+    decided = net.first.body
+    assert isinstance(decided, DecidedBody)
+    assert first["hash"] == net.first.hash.hex() and first["kind"] == "decided" and first["canonical"] is True
+    assert (first["parent"], first["height"]) == (genesis["hash"], 1)
+    assert first["proposer"] == net.keys[0].public_key.hex()
+    assert first["timestamp"] == net.first.header.timestamp == net.node.genesis_block.header.timestamp + 1
+    assert first["state_root"] == net.first.header.state_root.hex()
+    assert first["body_hash"] == net.first.header.body_hash.hex()
+    assert first["received_at"] == net.node.received_at[net.first.hash]
+    commit = first["commit"]
+    assert commit == expected_commit(net, net.first, net.keys[FIRST_SIGNERS])
+    assert [s["validator"] for s in commit["signatures"]] == sorted(k.public_key.hex() for k in net.keys[:3])
+    assert (commit["signing_stake"], commit["total_stake"]) == (3_000_000, 4_000_000)
+    assert 3 * commit["signing_stake"] >= 2 * commit["total_stake"]
+    (verdict,) = decided.training
+    assert first["body"] == {
+        "training": [
+            {
+                "training_block": net.training.hash.hex(),
+                "loss_before": verdict.loss_before,
+                "loss_after": verdict.loss_after,
+                "gain": verdict.gain,
+                "confirmed": True,
+                "vrf_proof": verdict.vrf_proof.hex(),
+            }
+        ],
+        "confirmed": True,
+        "last_commit": None,  # genesis has no certificate
+        "evidence": [],
+        "rewards": [{"address": r.address.hex(), "amount": r.amount} for r in decided.rewards],
+    }
+    assert verdict.gain > 0
+    assert [r["address"] for r in first["body"]["rewards"]] == [net.scenario.miner.public_key.hex()]
 
-    head, _ = net.node.head()
-    assert net.rpc.json("/v1/blocks/head", "Block")["hash"] == head.hash.hex()
+    # Height 2: no training block; it carries height 1's certificate and pays its signers.
+    by_hash = net.rpc.json(f"/v1/blocks/{net.second.hash.hex()}", "Block")
+    assert (
+        by_hash
+        == net.rpc.json("/v1/blocks/2", "Block")
+        == net.rpc.json(f"/v1/blocks/{net.second.hash.hex().upper()}", "Block")
+    )
+    second = net.second.body
+    assert isinstance(second, DecidedBody)
+    assert (by_hash["kind"], by_hash["parent"], by_hash["proposer"]) == (
+        "decided",
+        net.first.hash.hex(),
+        net.keys[1].public_key.hex(),
+    )
+    assert by_hash["timestamp"] == net.first.header.timestamp + 2  # height 1's commit time
+    assert by_hash["commit"] == expected_commit(net, net.second, net.keys[SECOND_SIGNERS])
+    assert by_hash["body"]["training"] == [] and by_hash["body"]["confirmed"] is False
+    assert by_hash["body"]["last_commit"] == expected_commit(net, net.first, net.keys[FIRST_SIGNERS], stakes=False)
+    assert by_hash["body"]["evidence"] == []
+    assert by_hash["body"]["rewards"] == [{"address": r.address.hex(), "amount": r.amount} for r in second.rewards]
+    assert {r["address"] for r in by_hash["body"]["rewards"]} == {k.public_key.hex() for k in net.keys[:3]}
+
+    assert net.rpc.json("/v1/blocks/head", "Block") == by_hash
     raw = net.rpc.get("/v1/blocks/1?format=raw")
     assert raw.headers["Content-Type"] == "application/octet-stream"
-    assert raw.body == net.training.encode() and decode_block(raw.body).hash == net.training.hash
-    assert net.rpc.get("/v1/blocks/head?format=raw").body == head.encode()
+    assert raw.body == net.first.encode() and decode_block(raw.body).hash == net.first.hash
+    assert net.rpc.get(f"/v1/blocks/{net.training.hash.hex()}?format=raw").body == net.training.encode()
+    assert net.rpc.get("/v1/blocks/head?format=raw").body == net.second.encode()
 
 
 @pytest.mark.parametrize(
     ("path", "status"),
     [
+        ("/v1/blocks/3", 404),
         ("/v1/blocks/99", 404),
         ("/v1/blocks/" + "9" * 30, 404),
         ("/v1/blocks/" + "ab" * 32, 404),
@@ -290,6 +385,7 @@ def test_blocks_by_height_hash_and_head(net: Net) -> None:
         ("/v1/model?height=-1", 400),
         ("/v1/model?height=1.5", 400),
         ("/v1/model?height=", 400),
+        ("/v1/model?height=3", 404),
         ("/v1/model?height=99", 404),
         ("/v1/model/weights?height=99", 404),
         ("/v1/model/weights?height=0x1", 400),
@@ -307,16 +403,19 @@ def test_bad_reads(net: Net, path: str, status: int) -> None:
 
 def test_finality(net: Net) -> None:
     finality = net.rpc.json("/v1/finality", "Finality")
-    _, state = net.node.head()
-    assert (finality["finalized_height"], finality["finalized_hash"]) == (1, net.training.hash.hex())
-    assert finality["finalized_timestamp"] == net.validation.header.timestamp == state.finalized_timestamp
-    assert (finality["checkpoint_height"], finality["checkpoint_hash"]) == (2, net.validation.hash.hex())
-    assert finality["total_stake"] == state.total_stake
-    assert [p["hash"] for p in finality["pending"]] == [b.hash.hex() for b in net.node.pending_training_blocks()]
+    state = net.node.head().state
+    assert (finality["finalized_height"], finality["finalized_hash"]) == (2, net.second.hash.hex())
+    assert finality["finalized_timestamp"] == net.second.header.timestamp
+    assert finality["commit"] == expected_commit(net, net.second, net.keys[SECOND_SIGNERS])
+    assert finality["commit"] == net.rpc.json("/v1/blocks/head", "Block")["commit"]
+    assert finality["last_tested"] == net.training.hash.hex() == state.finalized_hash.hex()  # height 2 named none
+    assert finality["total_stake"] == state.total_stake == 4_000_000
+    assert finality["voting"] == {"height": 3, "round": 0, "step": "propose"}
+    assert [p["hash"] for p in finality["pending"]] == [b.hash.hex() for b in net.node.training_blocks()]
 
 
 def test_model(net: Net) -> None:
-    _, state = net.node.head()
+    state = net.node.head().state
     model = net.rpc.json("/v1/model", "Model")
     config = net.node.genesis.model
     assert model["config"] == {
@@ -327,27 +426,32 @@ def test_model(net: Net) -> None:
         "vocab_size": config.vocab_size,
         "parameter_count": config.parameter_count(),
     }
+    assert (model["height"], model["block_hash"]) == (2, net.second.hash.hex())
     assert (model["state_root"], model["weights_root"]) == (state.root.hex(), state.weights_root.hex())
     assert model["slice_hashes"] == [h.hex() for h in state.slice_hashes]
     assert [model["validation_loss"], model["test_loss"]] == list(net.node.mean_losses(state))
     assert model["difficulty"] == state.difficulty
-    at_two = net.rpc.json("/v1/model?height=2", "Model")
-    assert at_two["block_hash"] == net.validation.hash.hex() and at_two["weights_root"] == model["weights_root"]
+    at_one = net.rpc.json("/v1/model?height=1", "Model")
+    assert at_one["block_hash"] == net.first.hash.hex() and at_one["weights_root"] == model["weights_root"]
 
     genesis = net.rpc.json("/v1/model?height=0", "Model")
     genesis_state = net.node.state_of(net.node.genesis_block.hash)
     assert genesis_state is not None and genesis["state_root"] == genesis_state.root.hex()
     changed = [a != b for a, b in zip(genesis["slice_hashes"], model["slice_hashes"], strict=True)]
-    assert changed.count(True) == 1  # the confirmed block updated one slice
+    assert changed.count(True) == 1  # the confirmed training block updated one slice
     assert genesis["validation_loss"] > model["validation_loss"]
 
 
 def test_weights_load_and_reproduce_the_validation_loss(net: Net, tmp_path: Path) -> None:
     genesis = net.node.genesis
     reply = net.rpc.get("/v1/model/weights")
-    head, state = net.node.head()
+    head = net.node.head()
+    state = head.state
     assert reply.headers["Content-Type"] == "application/octet-stream"
-    assert reply.headers["Content-Disposition"] == f'attachment; filename="potchain-{head.header.height}.safetensors"'
+    assert (
+        reply.headers["Content-Disposition"]
+        == f'attachment; filename="potchain-{head.block.header.height}.safetensors"'
+    )
     tensors = load(reply.body)
     expected = net.node.weights_of(state)
     assert set(tensors) == set(expected.tensors)
@@ -363,7 +467,7 @@ def test_weights_load_and_reproduce_the_validation_loss(net: Net, tmp_path: Path
     evaluator = CanonicalEvaluator(weights, genesis.tables(), make_backend("torch-int64"))
     total = evaluator.per_token_losses(inputs, targets).loss_total
     assert total == net.node.chain.loss(state, "validation", seed_from_int(0))
-    status = net.rpc.json("/v1/status")
+    status = net.rpc.json("/v1/status", "Status")
     assert round(total / (sequences * context) / (1 << LOSS_BITS), 5) == status["validation_loss"]
 
     at_genesis = net.rpc.get("/v1/model/weights?height=0")
@@ -376,19 +480,19 @@ def test_weights_load_and_reproduce_the_validation_loss(net: Net, tmp_path: Path
 
 
 def test_accounts(net: Net) -> None:
-    _, state = net.node.head()
-    validator = net.scenario.validators[1].public_key
+    state = net.node.head().state
+    validator = net.keys[1].public_key
     account = net.rpc.json(f"/v1/accounts/{validator.hex()}", "Account")
     assert account == {
         "address": validator.hex(),
         "balance": state.accounts[validator].balance,
         "stake": state.stake_of(validator),
     }
-    assert account["stake"] > 0
+    assert account["stake"] > 0 and account["balance"] > 0  # it signed height 1's certificate: height 2 paid it
     miner = net.scenario.miner.public_key
-    assert net.rpc.json(f"/v1/accounts/{miner.hex()}")["balance"] == state.accounts[miner].balance > 0
+    assert net.rpc.json(f"/v1/accounts/{miner.hex()}", "Account")["balance"] == state.accounts[miner].balance > 0
     unknown = "ef" * 32
-    assert net.rpc.json(f"/v1/accounts/{unknown.upper()}") == {"address": unknown, "balance": 0, "stake": 0}
+    assert net.rpc.json(f"/v1/accounts/{unknown.upper()}", "Account") == {"address": unknown, "balance": 0, "stake": 0}
 
 
 def test_peers(net: Net) -> None:
@@ -399,14 +503,15 @@ def test_mining_work(net: Net) -> None:
     miner = net.scenario.miner.public_key
     work = net.rpc.json(f"/v1/mining/work?miner={miner.hex()}", "Work")
     expected = net.node.work_for(miner)
-    assert work["parent_hash"] == expected.parent_hash.hex() == net.validation.hash.hex()
+    assert work["parent_hash"] == expected.parent_hash.hex() == net.second.hash.hex()  # the decided head
     assert (work["height"], work["slice_id"], work["difficulty"]) == (3, expected.slice_id, expected.difficulty)
-    assert work["state_root"] == expected.state_root.hex()
+    assert work["state_root"] == expected.state_root.hex() == net.second.header.state_root.hex()
     assert work["validation_seed"] == expected.validation_seed.hex()
     assert work["training_seed"] == expected.training_seed.hex()
-    assert work["min_timestamp"] == expected.min_timestamp
+    assert work["min_timestamp"] == expected.min_timestamp == net.second.header.timestamp + 1
     assert work["weights_url"] == "/v1/model/weights?height=2"
     assert net.rpc.get(work["weights_url"]).headers["Content-Disposition"].endswith('"potchain-2.safetensors"')
+    assert net.next_training.header.parent == net.second.hash and net.next_training.header.height == work["height"]
 
 
 # --- Writes ----------------------------------------------------------------------------
@@ -426,10 +531,21 @@ def test_submit_auth_and_bad_blocks(net: Net) -> None:
     message = rpc.error("POST", "/v1/mining/submit", 422, wrong.encode(), token=rpc.token)
     assert message == f"loss_after: got {body.loss_after + 1}, want {body.loss_after}"
     on_genesis = rebuild(net.training, net.scenario.miner, net.node.chain.domain, timestamp=9)
-    assert "conflicts with the finalized block" in rpc.error(
-        "POST", "/v1/mining/submit", 422, on_genesis.encode(), token=rpc.token
-    )
-    assert not net.node.has_block(wrong.hash)
+    assert "decided up to 2" in rpc.error("POST", "/v1/mining/submit", 422, on_genesis.encode(), token=rpc.token)
+    orphan = rebuild(block, net.scenario.miner, net.node.chain.domain, parent=bytes(32))
+    assert "unknown block" in rpc.error("POST", "/v1/mining/submit", 422, orphan.encode(), token=rpc.token)
+    for bad in (wrong, on_genesis, orphan):
+        assert net.node.block_by_hash(bad.hash) is None
+
+
+def test_submitting_a_decided_block_is_refused(net: Net) -> None:
+    rpc = net.rpc
+    for decided in (net.first, net.second):
+        message = rpc.error("POST", "/v1/mining/submit", 422, decided.encode(), token=rpc.token)
+        assert message == "kind: only training blocks are submitted, not decided"
+    genesis = net.node.genesis_block.encode()
+    assert rpc.error("POST", "/v1/mining/submit", 422, genesis, token=rpc.token).endswith("not genesis")
+    assert rpc.json("/v1/status", "Status")["head_hash"] == net.second.hash.hex()
 
 
 def test_oversized_body(net: Net) -> None:
@@ -439,7 +555,7 @@ def test_oversized_body(net: Net) -> None:
     assert net.rpc.get("/health").json() == {"status": "synced"}  # still serving
 
 
-def test_submit_then_attest(net: Net) -> None:
+def test_submit_then_known_and_pending(net: Net) -> None:
     rpc, block = net.rpc, net.next_training
     first = rpc.request("POST", "/v1/mining/submit", block.encode(), token=rpc.token)
     assert first.status == 200, first.body
@@ -447,44 +563,71 @@ def test_submit_then_attest(net: Net) -> None:
     conform(first.json(), {"$ref": "#/components/schemas/SubmitResult"}, OPENAPI)
     again = rpc.request("POST", "/v1/mining/submit", block.encode(), token=rpc.token)
     assert again.json() == {"hash": block.hash.hex(), "height": 3, "known": True}
-    assert rpc.json("/v1/blocks/head")["hash"] == block.hash.hex()
-    assert rpc.json("/v1/status")["head_height"] == 3
-    assert rpc.json("/v1/blocks/3")["received_at"] is not None
+    conform(again.json(), {"$ref": "#/components/schemas/SubmitResult"}, OPENAPI)
 
-    checkpoint_state: State = net.node.checkpoint()[1]
-    validator = net.scenario.validators[2]
-    assert net.node.on_attestation(attest(net.node.chain, validator, checkpoint_state, block)) is None
-    (pending,) = rpc.json("/v1/finality", "Finality")["pending"]
-    consensus = net.node.genesis.consensus
-    total = checkpoint_state.total_stake
-    assert pending["hash"] == block.hash.hex() and pending["attestations"] == 1
-    assert pending["attesting_stake"] == checkpoint_state.stake_of(validator.public_key)
-    assert pending["quorum_stake"] * consensus.quorum_denominator >= total * consensus.quorum_numerator
-    assert (pending["quorum_stake"] - 1) * consensus.quorum_denominator < total * consensus.quorum_numerator
+    # Kept on the head, not decided: the head and finality stay where they were.
+    assert rpc.json("/v1/blocks/head", "Block")["hash"] == net.second.hash.hex()
+    status = rpc.json("/v1/status", "Status")
+    assert (status["head_height"], status["finalized_height"]) == (2, 2)
+    kept = rpc.json(f"/v1/blocks/{block.hash.hex()}", "Block")
+    assert (kept["kind"], kept["height"], kept["canonical"], kept["commit"]) == ("training", 3, False, None)
+    assert kept["received_at"] == net.node.received_at[block.hash]
+    assert rpc.error("GET", "/v1/blocks/3", 404)  # no decided block at height 3 yet
+
+    finality = rpc.json("/v1/finality", "Finality")
+    assert finality["finalized_hash"] == net.second.hash.hex()
+    assert finality["commit"] == expected_commit(net, net.second, net.keys[SECOND_SIGNERS])
+    body = block.body
+    assert isinstance(body, TrainingBody)
+    assert finality["pending"] == [
+        {
+            "hash": block.hash.hex(),
+            "height": 3,
+            "proposer": net.scenario.miner.public_key.hex(),
+            "slice_id": body.slice_id,
+            "gain": body.loss_before - body.loss_after,
+        }
+    ]
 
 
 def test_submit_reaches_the_backend(net: Net) -> None:
     calls: list[bytes] = []
 
     class Recording(LocalBackend):
-        def submit_block(self, data: bytes) -> ImportResult:
+        def submit_block(self, data: bytes) -> tuple[Block, bool]:
             calls.append(data)
             return super().submit_block(data)
 
     server = RpcServer(Recording(net.node), token="t")
     rpc = Rpc(f"http://127.0.0.1:{server.start()}", "t")
     try:
-        assert rpc.request("POST", "/v1/mining/submit", net.validation.encode(), token="t").json()["known"] is True
+        kept = rpc.request("POST", "/v1/mining/submit", net.next_training.encode(), token="t").json()
+        conform(kept, {"$ref": "#/components/schemas/SubmitResult"}, OPENAPI)
+        assert (kept["hash"], kept["height"]) == (net.next_training.hash.hex(), 3)
+        assert "only training blocks" in rpc.error("POST", "/v1/mining/submit", 422, net.second.encode(), token="t")
     finally:
         server.stop()
-    assert calls == [net.validation.encode()]
+    assert calls == [net.next_training.encode(), net.second.encode()]
 
 
-def test_a_bug_is_a_json_500(net: Net, caplog: pytest.LogCaptureFixture) -> None:
+class Records(logging.Handler):
+    """Every record a logger emits, formatted (with its traceback); works without pytest's logging plugin."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+def test_a_bug_is_a_json_500(net: Net) -> None:
     class Broken(LocalBackend):
         def peers(self) -> list[dict[str, object]]:
             raise RuntimeError("peer table corrupt")
 
+    records = Records()
+    logging.getLogger("p2p.rpc").addHandler(records)
     server = RpcServer(Broken(net.node), token="t")
     rpc = Rpc(f"http://127.0.0.1:{server.start()}", "t")
     try:
@@ -492,7 +635,8 @@ def test_a_bug_is_a_json_500(net: Net, caplog: pytest.LogCaptureFixture) -> None
         assert rpc.get("/health").json() == {"status": "synced"}
     finally:
         server.stop()
-    assert "peer table corrupt" in caplog.text
+        logging.getLogger("p2p.rpc").removeHandler(records)
+    assert any("peer table corrupt" in line for line in records.lines), records.lines
 
 
 # --- Routing and the document ------------------------------------------------------------
@@ -525,11 +669,17 @@ def test_openapi_lists_every_route(net: Net) -> None:
     schemas = document["components"]["schemas"]
     refs = re.findall(r'"#/components/schemas/(\w+)"', json.dumps(document))
     assert set(refs) <= set(schemas) and set(schemas) <= set(refs) | {"Error"}
+    for name in ("Attestation", "ValidationBody"):  # attestation finality is gone
+        assert name not in schemas
+    assert {"Commit", "LastCommit", "Verdict", "Evidence", "Voting", "DecidedBody", "NodeInfo"} <= set(schemas)
+    for name, schema in schemas.items():
+        if "properties" in schema and name != "Peers":
+            assert schema["required"] == list(schema["properties"]) and schema["additionalProperties"] is False
 
 
 def test_node_info_and_blocked_peers(net: Net) -> None:
-    info = net.rpc.json("/v1/node")
-    assert info["peer_id"] is None and info["rejections"] == [] and isinstance(info["orphaned_blocks"], list)
+    info = net.rpc.json("/v1/node", "NodeInfo")
+    assert info == {"peer_id": None, "addresses": [], "rejections": [], "blocked_peers": [], "link_delay_seconds": 0.0}
     rpc = net.rpc
     body = json.dumps({"peers": ["12D3KooWexample"]}).encode()
     assert "missing" in rpc.error("POST", "/v1/admin/blocked-peers", 401, body)
@@ -540,3 +690,30 @@ def test_node_info_and_blocked_peers(net: Net) -> None:
     assert "0 to 10" in rpc.error("POST", "/v1/admin/link-delay", 400, b'{"seconds": 11}', token=rpc.token)
     assert "0 to 10" in rpc.error("POST", "/v1/admin/link-delay", 400, b'{"seconds": true}', token=rpc.token)
     assert rpc.error("POST", "/v1/admin/link-delay", 409, b'{"seconds": 1}', token=rpc.token)
+
+
+def test_admin_answers_match_the_document(net: Net) -> None:
+    applied: list[object] = []
+
+    class Networked(LocalBackend):
+        def set_blocked_peers(self, peers: list[str]) -> None:
+            applied.append(peers)
+
+        def set_link_delay(self, seconds: float) -> None:
+            applied.append(seconds)
+
+    server = RpcServer(Networked(net.node), token="t")
+    rpc = Rpc(f"http://127.0.0.1:{server.start()}", "t")
+    paths = OPENAPI["paths"]
+    try:
+        for path, body, answer in [
+            ("/v1/admin/blocked-peers", b'{"peers": ["b", "a", "b"]}', {"peers": ["a", "b"]}),
+            ("/v1/admin/link-delay", b'{"seconds": 2}', {"seconds": 2.0}),
+        ]:
+            reply = rpc.request("POST", path, body, token="t")
+            assert (reply.status, reply.json()) == (200, answer)
+            schema = paths[path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+            conform(reply.json(), schema, OPENAPI)
+    finally:
+        server.stop()
+    assert applied == [["b", "a", "b"], 2.0]

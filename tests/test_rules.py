@@ -1,5 +1,7 @@
-"""One test per validity rule: each block breaks exactly that rule, is rejected
-with its reason, and leaves the database byte-for-byte as it was."""
+"""One test per training block rule: each block breaks exactly that rule, is
+rejected with its reason, and leaves the node as it was (its database byte
+for byte, and the training blocks it keeps). The decided block's rules are
+tests/test_decisions.py's."""
 
 from __future__ import annotations
 
@@ -9,11 +11,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from chain.blocks import Block, TrainingBody, sign_attestation
+from chain.blocks import Block, TrainingBody
 from chain.state import State
-from consensus.rules import InvalidBlock, apply_block, compute_assigned_slice
+from consensus.rules import InvalidBlock, apply_training_block, compute_assigned_slice
 from tests.chain_builders import Scenario
-from training.data import seed_from_int
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
 
 @pytest.fixture(scope="module")
 def genesis(scenario: Scenario) -> tuple[Block, State]:
-    return scenario.node.checkpoint()
+    return scenario.genesis()
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,11 @@ def training(scenario: Scenario, genesis: tuple[Block, State]) -> Block:
 
 
 def assert_rejected(scenario: Scenario, block: Block, reason: str) -> None:
-    """The node rejects `block` with `reason` and its database does not change."""
-    before = scenario.node.db.dump()
+    """The node rejects `block` with `reason`; neither its database nor the training blocks it keeps change."""
+    before = (scenario.node.db.dump(), scenario.node.training_blocks())
     with pytest.raises(InvalidBlock, match=reason):
-        scenario.node.import_block(block.encode())
-    assert scenario.node.db.dump() == before
+        scenario.node.on_training_block(block)
+    assert (scenario.node.db.dump(), scenario.node.training_blocks()) == before
 
 
 def test_wrong_slice(scenario: Scenario, genesis: tuple[Block, State]) -> None:
@@ -65,7 +66,7 @@ def test_gain_below_difficulty(scenario: Scenario, genesis: tuple[Block, State],
     hard = dataclasses.replace(state, difficulty=gain + 1)
     block = scenario.build_training_block(parent, hard, state_root=hard.root)
     with pytest.raises(InvalidBlock, match=f"gain: got {gain}, need >= {gain + 1}"):
-        apply_block(hard, parent, block, scenario.chain)
+        apply_training_block(hard, parent, block, scenario.chain)
 
 
 def test_out_of_range_weights(scenario: Scenario, genesis: tuple[Block, State], training: Block) -> None:
@@ -92,7 +93,7 @@ def test_wrong_chain_id(scenario: Scenario, genesis: tuple[Block, State]) -> Non
 
 
 def test_future_timestamp(scenario: Scenario, genesis: tuple[Block, State]) -> None:
-    now = scenario.node.store.time
+    now = scenario.node.decided.time
     block = scenario.build_training_block(*genesis, timestamp=now + 3600)
     assert_rejected(scenario, block, f"timestamp: {now + 3600} is in the future")
 
@@ -109,86 +110,17 @@ def test_wrong_state_root_and_body_hash(scenario: Scenario, genesis: tuple[Block
     assert_rejected(scenario, block, "body_hash: got 0000")
 
 
-def test_validation_rules(scenario: Scenario, genesis: tuple[Block, State], training: Block) -> None:
-    """Validation blocks: quorum, seeds, numbers, duplicates, pairing; then the valid one, and finality."""
-    parent, state = genesis
-    scenario.node.import_block(training.encode())
-    attestations = scenario.attestations(training, state)
-
-    too_few = scenario.build_validation_block(training, state, attestations[:2])
-    assert_rejected(scenario, too_few, "attestations: stake 2000000 of 4000000, need >= 2/3")
-
-    # A validator who evaluated a batch of its own choosing instead of its signature's seed.
-    key = scenario.validators[1]
-    chosen = seed_from_int(0)
-    assert isinstance(training.body, TrainingBody)
-    updated = state.with_slice(training.body.slice_id, training.body.weights)
-    own_numbers = (scenario.chain.loss(state, "test", chosen), scenario.chain.loss(updated, "test", chosen))
-    wrong_seed = sign_attestation(key, scenario.chain.domain, training.hash, parent.hash, *own_numbers)
-    block = scenario.build_validation_block(training, state, [attestations[0], wrong_seed, attestations[2]])
-    assert_rejected(scenario, block, "attestation .*: loss_before")
-
-    # A seed signature that is not the validator's.
-    forged = dataclasses.replace(attestations[1], seed_signature=bytes(64))
-    block = scenario.build_validation_block(training, state, [attestations[0], forged, attestations[2]])
-    assert_rejected(scenario, block, "attestation .*: bad signature")
-
-    # Claimed test loss off by one (re-signed, so only the number is wrong).
-    a = attestations[2]
-    off = sign_attestation(scenario.validators[2], scenario.chain.domain, a.training_block, a.parent,
-                           a.loss_before, a.loss_after + 1)  # fmt: skip
-    block = scenario.build_validation_block(training, state, [attestations[0], attestations[1], off])
-    assert_rejected(scenario, block, f"attestation .*: loss_after {a.loss_after + 1}, want {a.loss_after}")
-
-    duplicate = scenario.build_validation_block(training, state, [attestations[0], attestations[0], attestations[1]])
-    assert_rejected(scenario, duplicate, "attestations: duplicate attester")
-
-    # A validation block whose parent is not a training block.
-    wrong_parent = scenario.build_validation_block(training, state, attestations[:3], parent=parent.hash, height=1)
-    assert_rejected(scenario, wrong_parent, "parent: a validation block pairs with a training block, not GENESIS")
-
-    valid = scenario.valid_validation_block(training, state, attestations)
-    change = scenario.node.import_block(valid.encode())
-    assert change.new_head == valid.hash
-    final_block, final_state = scenario.node.checkpoint()
-    assert final_block.hash == valid.hash
-    assert final_state.finalized_hash == training.hash
-    assert final_state.slices[training.body.slice_id] == training.body.weights
-    miner_balance = final_state.accounts[scenario.miner.public_key].balance
-    assert miner_balance == 700_000
-
-    # A training block on genesis now conflicts with finality.
-    competitor = scenario.build_training_block(parent, state, timestamp=parent.header.timestamp + 11)
-    assert_rejected(scenario, competitor, "height: 1 conflicts with the finalized block at height 1")
-
-    # A second validator's validation block for the same training block (another
-    # quorum) competes as a sibling: every node picks the same head at once.
-    sibling = scenario.valid_validation_block(training, state, attestations[:3], proposer=scenario.validators[1])
-    change = scenario.node.import_block(sibling.encode())
-    both = {valid.hash, sibling.hash}
-    assert scenario.node.store.get_head() == min(both)
-    assert scenario.node.checkpoint()[0].hash == min(both)
-    assert scenario.node.db.canonical_hash(2) == min(both)
-
-
-def test_difficulty_retarget_and_rewards(scenario: Scenario, genesis: tuple[Block, State]) -> None:
-    from consensus.rules import compute_difficulty, compute_rewards
-
-    g = scenario.node.genesis
-    target = g.consensus.target_interval_seconds
-    assert compute_difficulty(80, target // 2 - 1, g) == 90  # fast: up by 80 // 8
-    assert compute_difficulty(80, target, g) == 80
-    assert compute_difficulty(80, 2 * target + 1, g) == 70  # slow: down
-    assert compute_difficulty(1, 10**6, g) == 1  # never below 1
-    assert compute_difficulty(1, 0, g) == 2  # at least one step
-
+def test_a_training_block_builds_on_a_decided_block(
+    scenario: Scenario, genesis: tuple[Block, State], training: Block
+) -> None:
     _, state = genesis
-    attesters = [key.public_key for key in scenario.validators[:3]]
-    rewards = compute_rewards(state, g, scenario.miner.public_key, attesters)
-    assert rewards[0].address == scenario.miner.public_key and rewards[0].amount == 700_000
-    assert [r.address for r in rewards[1:]] == sorted(attesters)
-    assert all(r.amount == 100_000 for r in rewards[1:])
-    assert sum(r.amount for r in rewards) <= g.consensus.block_reward
-    # A rejected update pays the validators for their work, and not the miner.
-    rejected = compute_rewards(state, g, None, attesters)
-    assert [r.address for r in rejected] == sorted(attesters) and all(r.amount == 100_000 for r in rejected)
+    block = scenario.build_training_block(*genesis, parent=training.hash, height=training.header.height + 1)
+    with pytest.raises(InvalidBlock, match="parent: a training block builds on a decided block, not TRAINING"):
+        apply_training_block(state, training, block, scenario.chain)
+
+
+def test_a_valid_training_block_is_kept_in_memory_only(scenario: Scenario, training: Block) -> None:
+    """It changes no state and writes nothing: only a decided block naming it does (tests/test_decisions.py)."""
+    before = scenario.node.db.dump()
+    assert scenario.node.on_training_block(training) and not scenario.node.on_training_block(training)
+    assert training in scenario.node.training_blocks() and scenario.node.db.dump() == before

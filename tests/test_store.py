@@ -17,38 +17,54 @@ import plyvel
 import pytest
 
 from chain import schema
+from chain.blocks import Block, DecidedBody, decode_block
+from chain.encoding import pack, unpack
 from chain.store import CorruptStore
+from chain.votes import Commit, decode_commit
 from genesis import DEVNET
 from node import command_replay
-from p2p.full_node import FullNode
+from p2p.decided_node import DecidedNode
 from tests.conftest import ROOT, run_potchain
 
 IMPORTER = """
 import sys
 from pathlib import Path
-from chain.blocks import decode_block
 from genesis import DEVNET
-from p2p.full_node import FullNode
-node = FullNode(DEVNET, Path(sys.argv[1]))
-for path in sorted(Path(sys.argv[2]).glob("*.block")):
-    data = path.read_bytes()
-    if not node.db.has_block(decode_block(data).hash):
-        node.import_block(data)
+from p2p.decided_node import DecidedNode
+from tests.test_store import read_height
+node = DecidedNode(DEVNET, Path(sys.argv[1]))
+for path in sorted(Path(sys.argv[2]).glob("*.decided")):
+    block, commit, training = read_height(path)
+    if block.header.height == node.head().block.header.height + 1:
+        node.import_decided(block, commit, training)
 node.close()
 print("done", flush=True)
 """
 
 
+def read_height(path: Path) -> tuple[Block, Commit, dict[bytes, Block]]:
+    """One exported height: the decided block, its certificate, the training blocks it names."""
+    block, commit, training = unpack(path.read_bytes(), "height")
+    named = [decode_block(data) for data in training]
+    return decode_block(block), decode_commit(commit), {b.hash: b for b in named}
+
+
 @pytest.fixture(scope="module")
 def exported_chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Six blocks (three finalized training blocks) mined by localnet, one file each."""
+    """The decided heights localnet reached with three confirmed updates, one file each
+    (the block, its certificate and the training blocks it names)."""
     source = tmp_path_factory.mktemp("source")
     completed = run_potchain("localnet", "--datadir", str(source), "--finalize", "3", "--steps", "8")
     assert completed.returncode == 0, completed.stderr
-    node = FullNode(DEVNET, source)
-    exported = tmp_path_factory.mktemp("blocks")
+    node = DecidedNode(DEVNET, source)
+    exported = tmp_path_factory.mktemp("heights")
     for block in node.db.canonical_blocks():
-        (exported / f"{block.header.height:04d}.block").write_bytes(block.encode())
+        if not isinstance(block.body, DecidedBody):
+            continue
+        commit = node.commit_of(block.hash)
+        assert commit is not None
+        training = [node.db.block(v.training_block).encode() for v in block.body.training]
+        (exported / f"{block.header.height:04d}.decided").write_bytes(pack([block.encode(), commit.encode(), training]))
     node.close()
     return exported
 
@@ -74,7 +90,7 @@ def test_sigkill_during_imports_leaves_a_store_that_restarts(exported_chain: Pat
         stdout, stderr = child.communicate()
         assert b"Traceback" not in stderr, stderr.decode()
 
-        node = FullNode(DEVNET, datadir)  # opens, checks, and re-validates a pending head
+        node = DecidedNode(DEVNET, datadir)  # opens and checks the decided head
         head = node.db.head()
         head_height = node.db.block(head).header.height
         node.close()
@@ -88,9 +104,9 @@ def test_sigkill_during_imports_leaves_a_store_that_restarts(exported_chain: Pat
 
 def test_corrupt_or_foreign_store_is_refused(exported_chain: Path, tmp_path: Path) -> None:
     datadir = tmp_path / "node"
-    node = FullNode(DEVNET, datadir)
-    for path in sorted(exported_chain.glob("*.block"))[1:3]:
-        node.import_block(path.read_bytes())
+    node = DecidedNode(DEVNET, datadir)
+    for path in sorted(exported_chain.glob("*.decided"))[:2]:
+        node.import_decided(*read_height(path))
     head = node.db.head()
     node.close()
 
@@ -100,7 +116,7 @@ def test_corrupt_or_foreign_store_is_refused(exported_chain: Path, tmp_path: Pat
     db.delete(schema.state_key(head))
     db.close()
     with pytest.raises(CorruptStore, match=f"head block {head.hex()}: missing key s:{head.hex()}"):
-        FullNode(DEVNET, datadir)
+        DecidedNode(DEVNET, datadir)
     completed = run_potchain("replay", "--datadir", str(datadir))
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
     assert "head block" in completed.stderr
@@ -111,23 +127,11 @@ def test_corrupt_or_foreign_store_is_refused(exported_chain: Path, tmp_path: Pat
     db.put(schema.META_GENESIS, bytes(32))
     db.close()
     with pytest.raises(CorruptStore, match="genesis 0000"):
-        FullNode(DEVNET, datadir)
+        DecidedNode(DEVNET, datadir)
 
     # Garbage in LevelDB's own files.
     for path in (datadir / "chain").iterdir():
         if path.name.startswith("MANIFEST"):
             path.write_bytes(b"\x00garbage" * 100)
     with pytest.raises(CorruptStore, match="LevelDB"):
-        FullNode(DEVNET, datadir)
-
-
-def test_localnet_then_replay_agree(exported_chain: Path, tmp_path: Path) -> None:
-    completed = run_potchain("localnet", "--datadir", str(tmp_path), "--finalize", "2", "--steps", "8")
-    assert completed.returncode == 0, completed.stderr
-    summary = completed.json()
-    assert summary["finalized_training_blocks"] == 2 and summary["finalized_height"] == 3
-    assert float(summary["test_loss_head"]) < float(summary["test_loss_genesis"])  # type: ignore[arg-type]
-    assert "[localnet] finalized 2/2" in completed.stderr
-    replayed = run_potchain("replay", "--datadir", str(tmp_path))
-    assert replayed.returncode == 0, replayed.stderr
-    assert replayed.json()["state_root"] == summary["state_root"]
+        DecidedNode(DEVNET, datadir)

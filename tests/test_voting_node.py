@@ -13,8 +13,7 @@ from chain.crypto import devnet_key
 from consensus.rules import StaleBlock
 from consensus.voting import TimeoutParameters
 from genesis import DEVNET
-from p2p.decided_node import DecidedNode
-from p2p.full_node import mean_loss
+from p2p.decided_node import DecidedNode, mean_loss
 from p2p.voting_node import VotingNode, VotingNodeConfig
 from tests.chain_builders import Scenario
 from training.miner import TrainingConfig

@@ -1,31 +1,62 @@
-"""A miner that withholds its blocks and releases them late.
+"""A miner that announces training blocks it never serves.
 
-It mines honestly but announces each block only WITHHOLD_SECONDS after
-making it, hoping to build a private lead. A training block only counts
-once validators attest it; by the time this one appears, the round has been
-decided on another miner's block, so it is stale, ignored (without a
-penalty: lateness is not provably malicious) and the withholder's work is lost.
+On every decided head it announces a training block (correctly signed; its
+body, never evaluated, claims an arbitrary gain) and answers every request
+for it with "not found". A node keeps and relays a training block only
+after fetching and checking it, so the announcement goes no further than
+the withholder's own peers, costs them one failed request each (a block
+that is not served is not provably malicious: no penalty), and no proposer
+can name the block: a decided block travels with the training blocks it
+names, and validators check them.
 """
 
 from __future__ import annotations
 
+import os
+import time
+
 import trio
 
-from chain.blocks import Block
+from chain.blocks import Block, Header, Kind, TrainingBody, body_hash, sign_block
+from consensus.rules import compute_assigned_slice, compute_training_seed
 from sim.adversaries.base import Adversary
-
-WITHHOLD_SECONDS = 8.0
 
 
 class Withholder(Adversary):
     kind = "withholder"
 
-    async def announce_mined(self, block: Block) -> None:
-        self.record(f"withheld a block for {WITHHOLD_SECONDS:.0f} s", block=block.hash.hex(), invalid=False,
-                    expect="stale")  # fmt: skip
-        if self._tasks is not None:
-            self._tasks.start_soon(self._release, block)
+    async def run_behaviour(self) -> None:
+        last = b""
+        while True:
+            head = await self.next_head(last)
+            last = head.hash
+            await trio.sleep(0.5)
+            block = self._unserved_block(head)
+            self.record("announced a training block it never serves", block=block.hash.hex(),
+                        height=block.header.height, invalid=False, expect="not served")  # fmt: skip
+            await self.announce(block, serve=False)
 
-    async def _release(self, block: Block) -> None:
-        await trio.sleep(WITHHOLD_SECONDS)
-        await self.publish_block(block)
+    def _unserved_block(self, parent: Block) -> Block:
+        node = self.node
+        slice_id = compute_assigned_slice(parent.header, self.key.public_key, node.genesis.partition.slices)
+        head = node.decided.head  # no lock: see Adversary.head_block
+        state = head.state if head.block.hash == parent.hash else None
+        body = TrainingBody(
+            slice_id=slice_id,
+            weights=os.urandom(2 * node.chain.layout.slice_size(slice_id)),
+            loss_before=2_000_000_000,
+            loss_after=1_000_000_000,
+            steps=1,
+            data_seed=compute_training_seed(parent.hash, self.key.public_key),
+        )
+        header = Header(
+            chain_id=node.genesis.chain_id,
+            height=parent.header.height + 1,
+            parent=parent.hash,
+            kind=Kind.TRAINING,
+            timestamp=max(int(time.time()), parent.header.timestamp + 1),
+            proposer=self.key.public_key,
+            state_root=state.root if state is not None else bytes(32),
+            body_hash=body_hash(body),
+        )
+        return sign_block(self.key, node.chain.domain, header, body)

@@ -1,0 +1,185 @@
+"""`potchain localnet`'s network, in one process: a decided node whose voting holds every validator key.
+
+`LocalVoting` runs one `NodeVoting` (p2p/voting.py) holding all the devnet
+validator keys on one `DecidedNode`, and carries out its effects as the
+networked node (p2p/voting_node.py) does, without a network:
+
+- `Send`: the networked node gossips the message to its peers and never
+  feeds its own messages back to itself; `NodeVoting` already gave each of
+  its keys' messages to its other keys' machines, and there are no peers
+  here, so nothing is left to do;
+- `CheckCandidate`: the block and the training blocks it names come from the
+  node (nobody else holds them), are checked with `DecidedNode.check_candidate`,
+  and the outcome goes to `on_block_checked`;
+- `BuildBlock`: `build_block`, then `on_value`;
+- `Decided`: `DecidedNode.store`, which writes the decision in one atomic batch;
+- `SetTimer`: kept on a virtual clock and fired, earliest first, only when no
+  other effect is pending (every message arrives at once, so waiting for a
+  timer in real time would change nothing but the run's length).
+
+`mine_training_block` is the CPU miner's part: train on the decided head
+until a training block meets the difficulty.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from chain.blocks import Block, DecidedBody, TrainingBody
+from chain.crypto import PrivateKey
+from chain.store import ChainDB
+from consensus.decided_chain import Decision
+from consensus.proposals import propose_best_training_block
+from consensus.rules import InvalidBlock, compute_assigned_slice, compute_training_seed
+from p2p.decided_node import DecidedNode
+from p2p.signer import SignerRecord
+from p2p.voting import BuildBlock, CheckCandidate, Decided, Effect, NodeVoting, Send, SetTimer
+from training.miner import Miner
+
+MAX_TIMEOUTS_PER_HEIGHT = 64
+"""Timeouts fired at one height before giving up on it. Every message arrives at once,
+so an undecided height is stuck (see `Stalled`), not slow."""
+
+
+class Stalled(Exception):
+    """The height cannot be decided in this process: no effect pending and no timer left,
+    or more than MAX_TIMEOUTS_PER_HEIGHT timeouts fired (say the validators locked, before a
+    restart, on a block that only the killed process held)."""
+
+
+@dataclass
+class LocalVoting:
+    """See the module docstring."""
+
+    node: DecidedNode
+    voting: NodeVoting
+    pending: deque[Effect] = field(default_factory=deque)
+    """Effects not yet carried out, in order."""
+    timers: list[tuple[int, int, SetTimer]] = field(default_factory=list)
+    """Pending timers by (due time on the virtual clock in milliseconds, arrival order)."""
+    clock_ms: int = 0
+    """The virtual clock: the due time of the latest timer fired."""
+    sequence: itertools.count[int] = field(default_factory=itertools.count)
+
+    @classmethod
+    def open(cls, node: DecidedNode, keys: list[PrivateKey]) -> LocalVoting:
+        """Voting with every key in `keys` on `node`'s decided chain, its signer record in the node's datadir."""
+        record = SignerRecord.open(node.datadir / "signer")
+        voting = NodeVoting(
+            node.decided, {key.public_key: key for key in keys}, record, node.genesis.consensus.timeouts
+        )
+        return cls(node, voting)
+
+    def start(self) -> None:
+        """Start (or, after a restart, resume from the signer record) voting on the next height."""
+        with self.node.lock:
+            self._tick()
+            self.pending.extend(self.voting.start(int(time.time())))
+
+    def decide_height(self) -> Decision:
+        """Carry out effects until the height being decided is decided and stored; the
+        effects that follow (the next height's start) wait for the next call."""
+        height = self.voting.height
+        fired = 0
+        while True:
+            if not self.pending:
+                if fired >= MAX_TIMEOUTS_PER_HEIGHT:
+                    raise Stalled(f"height {height}: not decided after {fired} timeouts")
+                self._fire_next_timer(height)
+                fired += 1
+                continue
+            effect = self.pending.popleft()
+            if isinstance(effect, Decided):
+                self.node.store(effect.decision)
+                return effect.decision
+            self._carry_out(effect)
+
+    # --- internals ----------------------------------------------------------------
+
+    def _carry_out(self, effect: Effect) -> None:
+        if isinstance(effect, Send):
+            return  # gossip to peers: there are none (see the module docstring)
+        if isinstance(effect, SetTimer):
+            due = self.clock_ms + effect.milliseconds
+            heapq.heappush(self.timers, (due, next(self.sequence), effect))
+            return
+        with self.node.lock:
+            self._tick()
+            if isinstance(effect, CheckCandidate):
+                self.pending.extend(self._check_candidate(effect.block_hash))
+            elif isinstance(effect, BuildBlock) and effect.height == self.voting.height:
+                block = self.voting.build_block(effect.validator)
+                self.pending.extend(self.voting.on_value(effect.validator, effect.round, block))
+
+    def _tick(self) -> None:
+        """Set the voting's and the decided chain's clocks: the voting stamps its votes with
+        its clock, and the decided chain checks the blocks built from them against its own."""
+        now = int(time.time())
+        self.voting.on_tick(now)
+        self.node.decided.on_tick(now)
+
+    def _check_candidate(self, block_hash: bytes) -> list[Effect]:
+        """Check a candidate the node holds; one it does not hold stays unanswered (no peer has it)."""
+        block = self.node.block_by_hash(block_hash)
+        if block is None:
+            return []
+        training: dict[bytes, Block] = {}
+        if isinstance(block.body, DecidedBody):
+            for verdict in block.body.training:
+                named = self.node.block_by_hash(verdict.training_block)
+                if named is not None:
+                    training[named.hash] = named
+        try:
+            self.node.check_candidate(block, training)
+            valid = True
+        except InvalidBlock:
+            valid = False
+        return self.voting.on_block_checked(block_hash, valid)
+
+    def _fire_next_timer(self, height: int) -> None:
+        """Fire the earliest timer of this height (earlier heights' timers are dropped)."""
+        while self.timers:
+            due, _, timer = heapq.heappop(self.timers)
+            if timer.timeout.height < height:
+                continue
+            self.clock_ms = max(self.clock_ms, due)
+            with self.node.lock:
+                self._tick()
+                self.pending.extend(self.voting.on_timeout(timer.validator, timer.timeout))
+            return
+        raise Stalled(f"height {height}: nothing left to do and no timer set")
+
+
+def mine_training_block(node: DecidedNode, miner: Miner, key: PrivateKey, attempts: int) -> tuple[Block | None, int]:
+    """Train on the decided head until a training block's validation gain meets the
+    difficulty, at most `attempts` times. Returns the block (None if no attempt
+    met it) and the gain of the last attempt."""
+    chain, genesis = node.chain, node.genesis
+    head = node.head()
+    parent, state = head.block, head.state
+    slice_id = compute_assigned_slice(parent.header, key.public_key, genesis.partition.slices)
+    seed = compute_training_seed(parent.hash, key.public_key)
+    gain = 0
+    for attempt in range(attempts):
+        work = miner.work(chain.weights(state), slice_id, seed + attempt.to_bytes(4, "big"))
+        timestamp = max(int(time.time()), parent.header.timestamp + 1)
+        candidate = propose_best_training_block(chain, parent, state, key, work.values, timestamp, work.steps)
+        assert isinstance(candidate.body, TrainingBody)
+        gain = candidate.body.loss_before - candidate.body.loss_after
+        if gain >= state.difficulty:
+            return candidate, gain
+    return None, gain
+
+
+def confirms_update(block: Block) -> bool:
+    """A decided block whose verdict confirms a training block's update (test gain > 0)."""
+    return isinstance(block.body, DecidedBody) and any(verdict.gain > 0 for verdict in block.body.training)
+
+
+def count_confirmed_updates(db: ChainDB) -> int:
+    """Decided heights of the stored chain whose block confirmed an update."""
+    return sum(1 for block in db.canonical_blocks() if confirms_update(block))
