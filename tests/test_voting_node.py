@@ -4,6 +4,7 @@ chain; a fifth node that starts late catches up by sync, certificates and all.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import trio
@@ -12,7 +13,8 @@ from chain.blocks import DecidedBody
 from chain.crypto import devnet_key
 from consensus.rules import StaleBlock
 from consensus.voting import TimeoutParameters
-from genesis import DEVNET
+from genesis import DEVNET, chunk_directory, load_genesis
+from node import validator_keys
 from p2p.decided_node import DecidedNode, mean_loss
 from p2p.voting_node import VotingNode, VotingNodeConfig
 from tests.chain_builders import Scenario
@@ -185,3 +187,40 @@ def test_a_miner_s_updates_are_confirmed_out_of_sample_and_the_test_loss_falls(t
     finally:
         for store in stores:
             store.close()
+
+
+def test_a_network_whose_miner_cannot_meet_the_difficulty_keeps_deciding_heights(tmp_path: Path) -> None:
+    """A test genesis whose difficulty no update can reach: the miner trains and never
+    publishes, and one node holding every validator key still decides height after height,
+    each without an update (the chain's liveness does not depend on the model)."""
+    document = json.loads(DEVNET.read_text())
+    document["consensus"]["initial_difficulty"] = 2**62
+    genesis_path = tmp_path / "unreachable.json"
+    genesis_path.write_text(json.dumps(document))
+    chunks = tmp_path / document["dataset"]["chunk_directory"]
+    chunks.parent.mkdir(parents=True, exist_ok=True)
+    chunks.symlink_to(chunk_directory(DEVNET, load_genesis(DEVNET)))
+    store = DecidedNode(genesis_path, tmp_path / "node")
+    keys = validator_keys(store.genesis)
+    config = VotingNodeConfig(validator_keys=keys, miner_key=devnet_key("miner-0"), proposal_wait_seconds=1.0,
+                              training=TrainingConfig(steps=4, batch_sequences=8, warmup_steps=1))  # fmt: skip
+    node = VotingNode(store, config)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.run)
+            with trio.fail_after(300):
+                while store.head().block.header.height < 3:
+                    await trio.sleep(0.2)
+            node.stop()
+
+    try:
+        trio.run(main)
+        assert store.head().state.difficulty > 2**61  # it may only fall slowly, after heights without updates
+        for height in range(1, 4):
+            block = store.block_at(height)
+            assert block is not None and isinstance(block.body, DecidedBody) and block.body.training == ()
+            assert store.commit_of(block.hash) is not None
+        assert store.training_blocks() == []  # the miner never met the difficulty, so it offered nothing
+    finally:
+        store.close()
