@@ -81,10 +81,15 @@ class DecidedChain:
         return get_validator_set(self.head.state, self.chain.genesis)
 
     def get_best_training_block(self) -> Block | None:
-        """The training block a proposer names: the largest validation gain, then the lowest hash."""
+        """The training block a proposer names: the largest claimed validation gain, then the
+        first kept (a miner re-signing variants of its block cannot displace the one every
+        validator already holds)."""
         if not self.training:
             return None
-        return min(self.training.values(), key=rank_training_block)
+        return min(self.training.values(), key=self._rank)
+
+    def _rank(self, block: Block) -> tuple[int, int]:
+        return (rank_training_block(block), list(self.training).index(block.hash))
 
     # --- events -----------------------------------------------------------------
 
@@ -106,7 +111,7 @@ class DecidedChain:
         apply_training_block(self.head.state, self.head.block, block, self.chain)
         self.training[block.hash] = block
         if len(self.training) > MAX_PENDING_TRAINING:
-            worst = max(self.training.values(), key=rank_training_block)
+            worst = max(self.training.values(), key=self._rank)
             del self.training[worst.hash]
         return True
 
@@ -184,8 +189,8 @@ class DecidedChain:
             self.candidate_blocks[block.hash] = (block, training_blocks)
 
 
-def rank_training_block(block: Block) -> tuple[int, bytes]:
-    """Largest claimed validation gain first, then the lowest hash."""
+def rank_training_block(block: Block) -> int:
+    """Largest claimed validation gain first (ties: the caller's order)."""
     body = block.body
     gain = body.loss_before - body.loss_after if isinstance(body, TrainingBody) else 0
-    return (-gain, block.hash)
+    return -gain

@@ -37,7 +37,7 @@ def summarize(data: dict[str, Any], genesis_losses: tuple[float, float]) -> dict
         "conflicting_decisions": data.get("conflicting_decisions"),
         "honest_nodes_agree": data.get("honest_nodes_agree", False),
         "invalid_blocks_finalized": data.get("invalid_blocks_finalized", 0),
-        "equivocators_slashed": data.get("equivocators_slashed", False),
+        "equivocators_slashed": data.get("equivocators_slashed"),  # None: no equivocator
         "evidence_included": len(data.get("evidence", [])),
         "honest_node_crashes": data.get("honest_node_crashes", 0),
         "stored_chains_valid": data.get("stored_chains_valid", False),

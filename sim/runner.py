@@ -546,6 +546,7 @@ def run_scenario(scenario: Scenario, out: Path, genesis_path: Path, genesis: Gen
         "timeline": run.timeline, "honest_node_crashes": crashes, "replays": replays,
         "stored_chains_valid": all(r["ok"] for r in replays.values()),
         "samples": run.samples, "node_starts": run.starts, "seconds": round(run.elapsed, 1),
+        "timeline_zero_seconds": round(run.clock_zero, 1),
     })  # fmt: skip
     if failure is None:
         steps = sum(t["body"].get("steps", 0) for b in data["chain"] for t in b["training_blocks"] if t["confirmed"])
@@ -621,7 +622,9 @@ def collect(run: Run) -> dict[str, Any]:
         "rounds_per_height": [b["round"] + 1 if b["round"] is not None else None for b in chain],
         "evidence": evidence,
         "equivocators": equivocators,
-        "equivocators_slashed": all(e["stake"] == 0 and e["evidence_included_at"] for e in equivocators),
+        "equivocators_slashed": all(e["stake"] == 0 and e["evidence_included_at"] for e in equivocators)
+        if equivocators
+        else None,
         "nodes": nodes,
         "chain": chain,
         "adversarial_actions": actions,

@@ -17,7 +17,7 @@ from chain.votes import Commit, Vote, VoteKind, sign_vote
 from consensus.decided_chain import DecidedChain
 from consensus.decisions import propose_decided_block
 from consensus.rules import InvalidBlock, StaleBlock, UnknownParent
-from tests.chain_builders import Scenario
+from tests.chain_builders import Scenario, rebuild
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +133,22 @@ def test_a_decision_is_stored_in_one_batch_and_reads_back(scenario: Scenario, tm
         assert reopened.state(block.hash).root == decision.state.root
     finally:
         reopened.close()
+
+
+def test_a_re_signed_variant_never_displaces_the_block_kept_first(scenario: Scenario) -> None:
+    """Equal claimed gains tie-break on the order kept, not on the hash: a miner re-signing its
+    block every second cannot make each new variant the proposer's choice (validators would have
+    to fetch every one)."""
+    decided = fresh_chain(scenario)
+    genesis, state = decided.head.block, decided.head.state
+    original = scenario.valid_training_block(genesis, state)
+    assert decided.on_training_block(original)
+    variants = [
+        rebuild(original, scenario.miner, scenario.chain.domain, timestamp=original.header.timestamp + offset)
+        for offset in range(1, 9)
+    ]
+    lower = [variant for variant in variants if variant.hash < original.hash]
+    assert lower, "no variant with a lower hash among eight: the tie-break went untested"
+    for variant in variants:
+        assert decided.on_training_block(variant)
+    assert decided.get_best_training_block() == original
