@@ -470,12 +470,20 @@ class VotingNode:
         return block
 
     async def _fetch_any(self, block_hash: bytes) -> Block | None:
-        assert self.host is not None
-        for peer in self.connected_peers():
+        """Ask every connected peer at once; the first to serve the block wins and the
+        other requests are cancelled (one slow or withholding peer delays nothing)."""
+        found: list[Block] = []
+
+        async def ask(peer: ID, cancel: trio.CancelScope) -> None:
             block = await self._fetch(peer, block_hash)
-            if block is not None:
-                return block
-        return None
+            if block is not None and not found:
+                found.append(block)
+                cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for peer in self.connected_peers():
+                nursery.start_soon(ask, peer, nursery.cancel_scope)
+        return found[0] if found else None
 
     async def _serve_sync(self, stream: INetStream) -> None:
         peer = str(stream.muxed_conn.peer_id)
