@@ -71,6 +71,7 @@ from p2p.wire import (
     ERROR,
     MAX_BLOCKS_PER_REQUEST,
     MAX_GOSSIP_BYTES,
+    MAX_RESPONSE_BYTES,
     NOT_FOUND,
     OK,
     Announcement,
@@ -95,6 +96,12 @@ FETCH_RETRY_SECONDS = 0.5
 """A candidate block is asked for again every half second, up to 20 s, while its height lasts."""
 """Seconds between re-sends of our latest voting messages."""
 VOTE_MESSAGE_TYPES = {Vote: 1, Proposal: 2, Commit: 3}
+MAX_DECIDED_RESPONSE_BYTES = MAX_RESPONSE_BYTES - (1 << 20)
+"""A `decided` answer holds as many heights as fit in this (always at least one): on the
+testnet a height with an update carries a 6.4 MB training block, and 32 of them would
+exceed the wire's response limit."""
+ENTRY_OVERHEAD = 64
+"""Bytes of framing counted per `decided` entry (msgpack headers)."""
 MAX_REJECTIONS = 100
 """Rejected messages remembered for the RPC."""
 
@@ -535,13 +542,20 @@ class VotingNode:
         if request.method == "decided":
             start, count = request.arguments
             entries: list[Any] = []
+            size = 0
             for height in range(max(1, start), start + min(count, MAX_BLOCKS_PER_REQUEST)):
                 block = node.block_at(height)
                 commit = None if block is None else node.commit_of(block.hash)
                 if block is None or commit is None or not isinstance(block.body, DecidedBody):
                     break
                 named = [node.block_by_hash(v.training_block) for v in block.body.training]
-                entries.append([block.encode(), commit.encode(), [b.encode() for b in named if b is not None]])
+                encoded, certificate = block.encode(), commit.encode()
+                training = [b.encode() for b in named if b is not None]
+                entry_size = len(encoded) + len(certificate) + sum(map(len, training)) + ENTRY_OVERHEAD
+                if entries and size + entry_size > MAX_DECIDED_RESPONSE_BYTES:
+                    break  # the rest in the next request: a response stays under the wire's limit
+                entries.append([encoded, certificate, training])
+                size += entry_size
             return pack(entries)
         return None
 
@@ -565,7 +579,7 @@ class VotingNode:
         self.syncing = True
         try:
             payload = await self.request(peer, Request("decided", (self.voting.height, MAX_BLOCKS_PER_REQUEST)))
-            entries = unpack(payload or pack([]), "decided", 64 << 20)
+            entries = unpack(payload or pack([]), "decided", MAX_RESPONSE_BYTES)
             for entry in entries:
                 f = Fields(entry, "decided entry", ("block", "commit", "training"))
                 block = decode_block(f.binary("block"))
@@ -579,7 +593,7 @@ class VotingNode:
         except (DecodeError, InvalidBlock) as error:
             self._reject(str(peer), "decided blocks", str(error), PENALTY_INVALID)
         except Exception as error:
-            log.debug("sync from %s failed: %s", peer, error)
+            log.info("sync from %s failed: %s", peer, error)
         finally:
             self.syncing = False
         if moved:

@@ -219,3 +219,42 @@ def test_a_decided_block_without_a_quorum_certificate_is_refused_and_costs_the_p
         assert record.score < 0 and b.rejections[-1].what == "decided blocks"
 
     run_pair(tmp_path, body, a_class=ShortCertificates)
+
+
+def test_a_decided_answer_holds_only_the_heights_that_fit_and_always_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `decided` answer stops before the byte budget (a testnet height with an update carries a
+    6.4 MB training block; 32 of them would break the wire's response limit), but never
+    answers with nothing while a height is there: a requester asks again from where it ends."""
+    import p2p.voting_node as voting_node
+
+    scenario = Scenario.create(tmp_path / "builder")
+    node = DecidedNode(DEVNET, tmp_path / "a")
+    try:
+        keys = scenario.validators
+        training = scenario.valid_training_block(node.head().block, node.head().state)
+        node.on_training_block(training)
+        decide_next(node, keys[0], keys[:3], training)  # height 1 names a 111 kB training block
+        decide_next(node, keys[1], keys[1:], None)
+        decide_next(node, keys[2], keys[1:], None)
+        answer = VotingNode(node, VotingNodeConfig())._answer
+
+        def heights(start: int) -> list[int]:
+            entries = unpack(answer(Request("decided", (start, 32))) or b"", "decided")
+            return [decode_block(Fields(e, "entry", ("block", "commit", "training")).binary("block")).header.height
+                    for e in entries]  # fmt: skip
+
+        assert heights(1) == [1, 2, 3]
+        monkeypatch.setattr(voting_node, "MAX_DECIDED_RESPONSE_BYTES", 10_000)  # below height 1's entry
+        assert heights(1) == [1]  # too big alone, but one height always goes
+        assert heights(2) == [2, 3]  # small heights fill the budget
+        second = node.block_at(2)
+        assert second is not None
+        one_entry = len(second.encode()) + len(node.commit_of(second.hash).encode()) + voting_node.ENTRY_OVERHEAD  # type: ignore[union-attr]
+        monkeypatch.setattr(voting_node, "MAX_DECIDED_RESPONSE_BYTES", one_entry + 10)
+        assert heights(2) == [2]
+        assert heights(4) == []
+    finally:
+        node.close()
+        scenario.node.close()
