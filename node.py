@@ -396,6 +396,18 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
             "finalized_height": head.header.height}  # fmt: skip
 
 
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM stop this process the way Ctrl-C does (KeyboardInterrupt), so that the
+    `finally` blocks of `devnet` and `sim` stop the node processes they started."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def command_devnet(args: argparse.Namespace) -> dict[str, object]:
     """A local network of separate node processes (see sim/devnet.py)."""
     from sim.devnet import DevnetConfig, run_devnet
@@ -409,6 +421,7 @@ def command_devnet(args: argparse.Namespace) -> dict[str, object]:
     validators = len(validator_keys(genesis))
     if validators == 0:
         raise UserError(f"{args.genesis}: no devnet validator keys (validator-0, ...) in this genesis")
+    interrupt_on_sigterm()
     config = DevnetConfig(
         genesis=args.genesis.resolve(),
         nodes=args.nodes,
@@ -565,6 +578,7 @@ def command_sim(args: argparse.Namespace) -> dict[str, object]:
     from sim.runner import report_losses, run_scenario
     from sim.scenario import ScenarioError, load_scenario
 
+    interrupt_on_sigterm()
     genesis = load_genesis(args.genesis)
     if args.mode == "model":
         return command_sim_model(args, genesis)

@@ -198,3 +198,36 @@ def test_an_external_miner_mines_through_the_rpc(tmp_path: Path) -> None:
         assert missing.returncode == 2 and "RPC token" in missing.stderr
     finally:
         assert set(stop_all([node]).values()) == {0}
+
+
+def test_a_devnet_stopped_with_sigterm_stops_its_nodes(tmp_path: Path) -> None:
+    """`potchain devnet` ended by SIGTERM (a service manager, `kill`) stops every node it
+    started, as Ctrl-C does, instead of leaving them running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "devnet"
+    command = [sys.executable, "-c", "import sys, node; sys.exit(node.main())", "devnet", "--nodes", "2",
+               "--out", str(out)]  # fmt: skip
+    devnet = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        infos = [out / f"node{i}" / "node.json" for i in range(2)]
+        while not all(info.exists() for info in infos):
+            assert devnet.poll() is None and time.monotonic() < deadline, devnet.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
+            time.sleep(0.5)
+        pids = [json.loads(info.read_text())["pid"] for info in infos]
+        devnet.send_signal(signal.SIGTERM)
+        devnet.wait(timeout=120)
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        summary = json.loads((out / "summary.json").read_text())
+        assert set(summary["exit_codes"].values()) == {0}
+    finally:
+        if devnet.poll() is None:
+            devnet.kill()
