@@ -229,12 +229,15 @@ NODE_DEFAULTS: dict[str, object] = {
 """Every `potchain node` setting: a TOML file (--config) sets any of them, flags override it."""
 
 
-def load_key(spec: str) -> PrivateKey:
+def load_key(spec: str, create: bool = True) -> PrivateKey:
     """A signing key: `devnet:NAME` (INSECURE, derived from the name) or a file holding
-    the 32-byte seed as 64 hex characters (created, mode 0600, if it does not exist)."""
+    the 32-byte seed as 64 hex characters (created, mode 0600, if it does not exist and
+    `create`; otherwise a missing file is an error)."""
     if spec.startswith("devnet:"):
         return devnet_key(spec.removeprefix("devnet:"))
     path = Path(spec)
+    if not path.exists() and not create:
+        raise UserError(f"{path}: no such key file (a validator key must be the staked key, not a new one)")
     if not path.exists():
         temporary = path.with_suffix(".tmp")
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -333,7 +336,7 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
         torch.set_num_threads(int(str(settings["threads"])))
     datadir: Path = args.datadir
     datadir.mkdir(parents=True, exist_ok=True)
-    validators = [load_key(str(spec)) for spec in settings["validator_key"]]  # type: ignore[attr-defined]
+    validators = [load_key(str(spec), create=False) for spec in settings["validator_key"]]  # type: ignore[attr-defined]
     miner_key = None
     if settings["mine"]:
         miner_key = load_key(str(settings["miner_key"] or datadir / "miner_key"))
@@ -353,6 +356,11 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
         miner_key=miner_key,
         training=training,
     )
+    log = logging.getLogger("potchain.node")
+    head_state = node.head().state
+    for key in validators:
+        if head_state.stake_of(key.public_key) <= 0:
+            log.warning("validator key %s has no stake at the head: it will not vote", key.public_key.hex())
     network = VotingNode(node, config)
     if settings["adversary"]:
         from sim.adversaries import make_adversary
@@ -364,7 +372,6 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
         port=int(str(settings["rpc_port"])),
         token=load_or_create_token(datadir),
     )
-    log = logging.getLogger("potchain.node")
 
     async def started(network: VotingNode) -> None:
         port = await trio.to_thread.run_sync(server.start)

@@ -112,6 +112,39 @@ def test_bad_arguments() -> None:
         assert_user_error(run_potchain("mine", "--rpc", "http://127.0.0.1:9", "--device", "cuda"), "no CUDA device")
 
 
+def test_a_validator_key_file_must_exist_and_an_unstaked_key_is_named(tmp_path: Path) -> None:
+    """A mistyped validator key path is an error (it once made a fresh, unstaked key, and the
+    validator silently never voted); a key without stake starts, with a warning naming it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from chain.crypto import devnet_key
+    from tests.conftest import ROOT
+
+    missing = tmp_path / "validator.key"
+    completed = run_potchain("node", "--datadir", str(tmp_path / "a"), "--validator-key", str(missing))
+    assert_user_error(completed, f"{missing}: no such key file")
+    assert not missing.exists()
+
+    command = [sys.executable, "-c", "import sys, node; sys.exit(node.main())", "node", "--datadir",
+               str(tmp_path / "b"), "--validator-key", "devnet:nobody"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        seen, deadline = [], time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()
+            seen.append(line)
+            if "has no stake" in line or not line:
+                break
+        assert f"validator key {devnet_key('nobody').public_key.hex()} has no stake" in "".join(seen), seen[-5:]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
 # --- localnet and replay on the decided chain ------------------------------------------
 
 
