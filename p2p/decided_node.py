@@ -10,7 +10,7 @@ node resumes deciding the next height. Training blocks on the head and
 checked candidates live in memory only (a restarted node keeps new ones as they arrive).
 
 The networked node, the RPC and the miner share one `DecidedNode`; every
-method takes its lock.
+method but `head` takes its lock.
 """
 
 from __future__ import annotations
@@ -166,8 +166,10 @@ class DecidedNode:
     # --- reads ------------------------------------------------------------------
 
     def head(self) -> Decision:
-        with self.lock:
-            return self.decided.head
+        """The last decided block, its state, certificate and training blocks. Without the lock:
+        a `Decision` is immutable and replaced whole, so the network loop reads it without
+        waiting on an evaluation another thread holds the lock for."""
+        return self.decided.head
 
     def block_at(self, height: int) -> Block | None:
         """The decided block at a height (genesis at 0), if decided."""

@@ -39,7 +39,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import multiaddr
 import numpy as np
@@ -88,6 +88,7 @@ from training.data import load_split
 from training.miner import Miner, TrainingConfig
 
 log = logging.getLogger("potchain.node")
+T = TypeVar("T")
 
 SYNC_INTERVAL = 2.0
 RESEND_INTERVAL = 3.0
@@ -180,6 +181,7 @@ class VotingNode:
         self._tasks: trio.Nursery | None = None
         self._stop: trio.CancelScope | None = None
         self._checking: set[bytes] = set()
+        self._voting_limiter = trio.CapacityLimiter(1)
         self.decisions = trio.Event()
         """Set (and replaced) at every decision, for waiters."""
         self.trio_token: trio.lowlevel.TrioToken | None = None
@@ -266,9 +268,7 @@ class VotingNode:
                     if self.config.miner_key is not None:
                         tasks.start_soon(self._guarded, self._mine_loop, self.config.miner_key)
                     tasks.start_soon(self._guarded, self.run_behaviour)
-                    with self.node.lock:
-                        effects = self.voting.start(int(time.time()))
-                    await self._carry_out(effects)
+                    await self._carry_out(await self._voting_call(self.voting.start, int(time.time())))
                     self.ready = True
                     log.info("listening on %s", " ".join(self.listen_addresses))
                     if on_started is not None:
@@ -319,10 +319,7 @@ class VotingNode:
         if effect.timeout.step == Step.PROPOSE and effect.timeout.round == 0:
             seconds += self._proposal_wait()  # the proposer may wait that long for a training block
         await trio.sleep(seconds)
-        with self.node.lock:
-            self.voting.on_tick(int(time.time()))
-            effects = self.voting.on_timeout(effect.validator, effect.timeout)
-        await self._carry_out(effects)
+        await self._carry_out(await self._voting_call(self.voting.on_timeout, effect.validator, effect.timeout))
 
     async def _build(self, effect: BuildBlock) -> None:
         deadline = trio.current_time() + (self._proposal_wait() if effect.round == 0 else 0.0)
@@ -330,19 +327,25 @@ class VotingNode:
             await trio.sleep(0.1)
         if effect.height != self.voting.height:
             return
-        block = await trio.to_thread.run_sync(self._locked_build, effect.validator)
-        with self.node.lock:
-            effects = self.voting.on_value(effect.validator, effect.round, block)
-        await self._carry_out(effects)
+        block = await self._voting_call(self.voting.build_block, effect.validator)
+        await self._carry_out(await self._voting_call(self.voting.on_value, effect.validator, effect.round, block))
 
     def _proposal_wait(self) -> float:
         wait = self.config.proposal_wait_seconds
         return self.timeouts.propose_ms / 1000 if wait is None else wait
 
-    def _locked_build(self, validator: bytes) -> Block:
-        with self.node.lock:
-            self.voting.on_tick(int(time.time()))
-            return self.voting.build_block(validator)
+    async def _voting_call(self, function: Callable[..., T], *arguments: Any) -> T:
+        """Call into the node's voting (or the chain) holding the node's lock, in a worker
+        thread: the lock may be held for whole evaluations (a candidate's check, a training
+        block's), and the trio thread, which runs libp2p, must never wait on it. One call at a
+        time, in the order asked (the limiter is fair)."""
+
+        def locked() -> T:
+            with self.node.lock:
+                self.voting.on_tick(int(time.time()))
+                return function(*arguments)
+
+        return await trio.to_thread.run_sync(locked, limiter=self._voting_limiter)
 
     async def _check_once(self, block_hash: bytes) -> None:
         """Check a candidate; a later `CheckCandidate` for it checks again only if this one failed."""
@@ -354,7 +357,7 @@ class VotingNode:
     async def _check_candidate(self, block_hash: bytes) -> None:
         """Fetch a proposed block and the training blocks it names, check it, tell the machines."""
         height = self.voting.height
-        block = self.node.block_by_hash(block_hash)
+        block = await trio.to_thread.run_sync(self.node.block_by_hash, block_hash)
         for _ in range(FETCH_ATTEMPTS):  # a peer may get the block only after we asked: ask again
             if block is not None or height != self.voting.height:
                 break
@@ -366,7 +369,8 @@ class VotingNode:
         training: dict[bytes, Block] = {}
         if isinstance(block.body, DecidedBody):
             for verdict in block.body.training:
-                named = self.node.block_by_hash(verdict.training_block) or await self._fetch_any(verdict.training_block)
+                named = await trio.to_thread.run_sync(self.node.block_by_hash, verdict.training_block)
+                named = named or await self._fetch_any(verdict.training_block)
                 if named is not None:
                     training[named.hash] = named
         try:
@@ -375,9 +379,8 @@ class VotingNode:
         except InvalidBlock as error:
             log.info("candidate %s invalid: %s", block_hash.hex()[:16], error)
             valid = False
-        with self.node.lock:
-            effects = self.voting.on_block_checked(block_hash, valid) if height == self.voting.height else []
-        await self._carry_out(effects)
+        if height == self.voting.height:
+            await self._carry_out(await self._voting_call(self.voting.on_block_checked, block_hash, valid))
 
     # --- gossip -----------------------------------------------------------------
 
@@ -424,9 +427,7 @@ class VotingNode:
         if decoded.height < self.voting.height:
             return False  # an earlier height: stale, not a fault
         try:
-            with self.node.lock:
-                self.voting.on_tick(int(time.time()))
-                effects = self.voting.on_message(decoded)
+            effects = await self._voting_call(self.voting.on_message, decoded)
         except InvalidVote as error:
             self._reject(peer, "voting message", str(error), PENALTY_INVALID)
             return False
@@ -597,9 +598,7 @@ class VotingNode:
         finally:
             self.syncing = False
         if moved:
-            with self.node.lock:
-                effects = self.voting.start(int(time.time()))
-            await self._carry_out(effects)
+            await self._carry_out(await self._voting_call(self.voting.start, int(time.time())))
             self.decisions.set()
             self.decisions = trio.Event()
 
@@ -660,9 +659,7 @@ class VotingNode:
         missed them while its connections formed, counts them then (it ignores repeats)."""
         while True:
             await trio.sleep(RESEND_INTERVAL)
-            with self.node.lock:
-                effects = self.voting.resend()
-            await self._carry_out(effects)
+            await self._carry_out(await self._voting_call(self.voting.resend))
 
     async def _peers_loop(self) -> None:
         """Track connections, drop banned and blocked peers, and re-dial bootstrap peers."""
