@@ -52,6 +52,10 @@ class UserError(Exception):
     """A mistake in what the user asked for: reported in one line, exit code 2."""
 
 
+class NodeFailure(Exception):
+    """The node stopped on its own (a failed disk write): reported in one line, exit code 1."""
+
+
 def command_eval(args: argparse.Namespace) -> dict[str, object]:
     """Canonical loss of a model on one seeded batch of a split."""
     import torch
@@ -398,6 +402,8 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
         server.stop()
         head = node.head().block
         node.close()
+    if network.failure is not None:
+        raise NodeFailure(f"stopped at height {head.header.height}: {network.failure}")
     log.info("stopped cleanly at height %d", head.header.height)
     return {"stopped": True, "head_height": head.header.height, "head_hash": head.hash.hex(),
             "finalized_height": head.header.height}  # fmt: skip
@@ -707,6 +713,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, GenesisError, ChunkError, WeightsError, CorruptStore, ValueError) as error:
         print(f"potchain: error: {error}", file=sys.stderr)
         return 2
+    except NodeFailure as error:
+        print(f"potchain: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     print(json.dumps(result), flush=True)

@@ -52,18 +52,18 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
-from chain.blocks import Block, DecidedBody, Kind, TrainingBody, decode_block
+from chain.blocks import MAX_TRAINING_PER_HEIGHT, Block, DecidedBody, Kind, TrainingBody, decode_block
 from chain.crypto import PrivateKey
 from chain.encoding import DecodeError, Fields, pack, unpack
 from chain.state import State
-from chain.votes import Commit, Proposal, Vote, decode_commit
+from chain.votes import MAX_COMMIT_OBJECTS, Commit, Proposal, Vote, decode_commit
 from consensus.proposals import propose_best_training_block
 from consensus.rules import InvalidBlock, StaleBlock, UnknownParent, compute_assigned_slice, compute_training_seed
 from consensus.voting import InvalidVote, Step, TimeoutParameters
 from genesis import chunk_directory
 from p2p.decided_node import DecidedNode
 from p2p.host import load_or_create_node_key, make_host, make_pubsub
-from p2p.peers import PENALTY_INVALID, PENALTY_MALFORMED, PeerBook
+from p2p.peers import PENALTY_FLOOD, PENALTY_INVALID, PENALTY_MALFORMED, PENALTY_WITHHELD, PeerBook
 from p2p.signer import SignerRecord
 from p2p.sync import REQUEST_TIMEOUT, send_request
 from p2p.voting import BuildBlock, CheckCandidate, Decided, Effect, NodeVoting, Send, SetTimer
@@ -91,6 +91,8 @@ log = logging.getLogger("potchain.node")
 T = TypeVar("T")
 
 SYNC_INTERVAL = 2.0
+STATUS_TIMEOUT = 5.0
+"""Seconds a peer has to answer a status request."""
 RESEND_INTERVAL = 3.0
 FETCH_ATTEMPTS = 40
 FETCH_RETRY_SECONDS = 0.5
@@ -101,10 +103,23 @@ MAX_DECIDED_RESPONSE_BYTES = MAX_RESPONSE_BYTES - (1 << 20)
 """A `decided` answer holds as many heights as fit in this (always at least one): on the
 testnet a height with an update carries a 6.4 MB training block, and 32 of them would
 exceed the wire's response limit."""
+MAX_DECIDED_OBJECTS = 1 + MAX_BLOCKS_PER_REQUEST * (4 + MAX_TRAINING_PER_HEIGHT)
+"""Objects a `decided` answer may hold: per height an entry's array, the block, the
+certificate, the array of training blocks it names and those blocks (byte strings all)."""
+MAX_VOTING_MESSAGE_OBJECTS = 2 + MAX_COMMIT_OBJECTS
+"""Objects a voting message may hold: its array, its type and a commit certificate at most."""
 ENTRY_OVERHEAD = 64
 """Bytes of framing counted per `decided` entry (msgpack headers)."""
 MAX_REJECTIONS = 100
 """Rejected messages remembered for the RPC."""
+BODY_FETCH_TIMEOUT = 10.0
+"""Seconds an announcer has to serve the training block it announced."""
+MAX_PENDING_PER_PEER = 4
+"""Announcements of one peer fetched or checked at the same time; more are dropped unread."""
+MAX_RECEIVING = 256
+"""Announced training blocks being fetched or checked at the same time, from all peers."""
+MAX_SERVING = 4
+"""Sync requests answered at the same time, from all peers (each in a worker thread)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,27 @@ class Rejection:
     """The rule it broke."""
 
 
+def _describe(value: object) -> str:
+    """A short form of a task argument for logs."""
+    if isinstance(value, bytes):
+        return value.hex()[:16]
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def decode_decided_entries(payload: bytes) -> list[tuple[Block, Commit, dict[bytes, Block]]]:
+    """A `decided` answer: each entry's block, certificate and the training blocks it names
+    (raises DecodeError). Run in a worker thread: an answer may be 63 MiB."""
+    entries = []
+    for entry in unpack(payload, "decided", MAX_RESPONSE_BYTES, MAX_DECIDED_OBJECTS):
+        f = Fields(entry, "decided entry", ("block", "commit", "training"))
+        block = decode_block(f.binary("block"))
+        commit = decode_commit(f.binary("commit"))
+        training = {b.hash: b for b in (decode_block(data) for data in f.array("training"))}
+        entries.append((block, commit, training))
+    return entries
+
+
 def votes_topic(chain_id: str) -> str:
     return f"/potchain/{chain_id}/votes/1"
 
@@ -130,7 +166,8 @@ def encode_voting_message(message: Proposal | Vote | Commit) -> bytes:
 
 
 def decode_voting_message(data: bytes) -> Proposal | Vote | Commit:
-    f = Fields(unpack(data, "voting message", MAX_GOSSIP_BYTES), "voting message", ("type", "message"))
+    value = unpack(data, "voting message", MAX_GOSSIP_BYTES, MAX_VOTING_MESSAGE_OBJECTS)
+    f = Fields(value, "voting message", ("type", "message"))
     kind = f.integer("type", 1, 3)
     if kind == 1:
         return Vote.from_fields(f.raw("message"))
@@ -152,6 +189,8 @@ class VotingNodeConfig:
     """Mine with this key (None: do not mine)."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """The miner's training configuration."""
+    max_peers: int = 64
+    """Connections kept; beyond it the lowest-scored peers that are not bootstrap peers are dropped."""
     proposal_wait_seconds: float | None = None
     """How long a proposer waits in a height's first round for a training block on the head
     before proposing without one (node policy, like Tendermint's empty-block interval: a
@@ -182,6 +221,14 @@ class VotingNode:
         self._stop: trio.CancelScope | None = None
         self._checking: set[bytes] = set()
         self._voting_limiter = trio.CapacityLimiter(1)
+        self._serving_limiter = trio.CapacityLimiter(MAX_SERVING)
+        self._verifying_limiter = trio.CapacityLimiter(1)
+        self._receiving: dict[bytes, list[ID]] = {}
+        """Announced training blocks being fetched or checked: who announced each (first first)."""
+        self._pending: dict[str, int] = {}
+        """Per peer: its announcements being fetched or checked."""
+        self.failure: str | None = None
+        """Why the node stopped on its own (a failed disk write), or None."""
         self.decisions = trio.Event()
         """Set (and replaced) at every decision, for waiters."""
         self.trio_token: trio.lowlevel.TrioToken | None = None
@@ -231,11 +278,27 @@ class VotingNode:
         self.rejections = [*self.rejections[-(MAX_REJECTIONS - 1) :], Rejection(time.time(), peer_id, what, reason)]
         banned = self.peers.penalize(peer_id, points, f"{what}: {reason}")
         log.warning("rejected %s from %s: %s%s", what, peer_id, reason, " (banned)" if banned else "")
+        if banned:
+            self._ban(peer_id)
+
+    def _ban(self, peer_id: str) -> None:
+        """Enforce a ban at once: gossip from the peer is dropped before it is read (py-libp2p's
+        blacklist) and the connection closed; sync and dialing check the book."""
+        peer = ID.from_base58(peer_id)
+        if self.pubsub is not None:
+            self.pubsub.add_to_blacklist(peer)
+        if self.host is not None and self._tasks is not None:
+            self._tasks.start_soon(self._guarded, self._disconnect, peer)
+
+    async def _disconnect(self, peer: ID) -> None:
+        assert self.host is not None
+        with trio.move_on_after(5):
+            await self.host.disconnect(peer)
 
     def _screen(self, forwarder: ID) -> bool | None:
-        """A gossip message's fate before it is read: dropped (a blocked peer's),
+        """A gossip message's fate before it is read: dropped (a blocked or banned peer's),
         accepted (our own, already checked), or None: check it."""
-        if str(forwarder) in self.blocked:
+        if str(forwarder) in self.blocked or self.peers.is_banned(str(forwarder)):
             return False
         if self.host is not None and forwarder == self.host.get_id():
             return True
@@ -261,7 +324,7 @@ class VotingNode:
                     for topic, validator in topics:
                         pubsub.set_topic_validator(topic, validator, True)
                         subscription = await pubsub.subscribe(topic)
-                        tasks.start_soon(self._drain, subscription)
+                        tasks.start_soon(self._guarded, self._drain_loop, subscription)
                     tasks.start_soon(self._guarded, self._peers_loop)
                     tasks.start_soon(self._guarded, self._sync_loop)
                     tasks.start_soon(self._guarded, self._resend_loop)
@@ -278,15 +341,26 @@ class VotingNode:
             outer.cancel_scope.cancel()
         pubsub.seen_messages.stop()
 
+    def fail(self, reason: str) -> None:
+        """Stop the node on its own, for `reason` (kept in `failure`, logged, and reported by
+        `potchain node` on exit): for errors it must not run on after, like a failed disk write."""
+        if self.failure is None:
+            self.failure = reason
+            log.critical("stopping: %s", reason)
+        self.stop()
+
     async def _guarded(self, task: Callable[..., Awaitable[None]], *arguments: Any) -> None:
-        """Run a task; an unexpected error is logged and the task restarted a second later
-        (a loop) or dropped (a one-off effect): a bug in one part must not stop the node."""
+        """Run a task under supervision: an unexpected error is logged with the task's name and
+        arguments, and a loop is restarted a second later, a one-off effect (a timer, a check)
+        dropped: a bug in one duty must not stop the others. A loop that keeps failing is
+        logged each time; an error the node must not run on after stops it (`fail`)."""
         while True:
             try:
                 await task(*arguments)
                 return
             except Exception:
-                log.exception("task %s failed", task.__name__)
+                described = ", ".join(_describe(argument) for argument in arguments)
+                log.exception("task %s(%s) failed", task.__name__, described)
                 if not task.__name__.endswith("_loop"):
                     return
                 await trio.sleep(1.0)
@@ -307,7 +381,12 @@ class VotingNode:
             elif isinstance(effect, BuildBlock):
                 self._tasks.start_soon(self._guarded, self._build, effect)
             elif isinstance(effect, Decided):
-                await trio.to_thread.run_sync(self.node.store, effect.decision)
+                try:
+                    await trio.to_thread.run_sync(self.node.store, effect.decision)
+                except Exception as error:  # the disk failed: voting on without it would lose the decision
+                    height = effect.decision.block.header.height
+                    self.fail(f"writing decided height {height} failed: {type(error).__name__}: {error}")
+                    return
                 log.info("decided height %d %s", effect.decision.block.header.height,
                          effect.decision.block.hash.hex()[:16])  # fmt: skip
                 self._checking.clear()
@@ -384,7 +463,7 @@ class VotingNode:
 
     # --- gossip -----------------------------------------------------------------
 
-    async def _drain(self, subscription: Any) -> None:
+    async def _drain_loop(self, subscription: Any) -> None:
         while True:
             await subscription.get()
 
@@ -435,6 +514,10 @@ class VotingNode:
         return True
 
     async def _validate_block_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
+        """An announcement is read at once and never waits for its body: a new training block on
+        our head is fetched and checked in a task of its own (`_receive_training_block`), which
+        announces it afresh once it is kept. The message itself is never relayed, so a slow or
+        withholding announcer holds none of py-libp2p's few validation slots."""
         if (verdict := self._screen(forwarder)) is not None:
             return verdict
         peer = str(forwarder)
@@ -443,21 +526,68 @@ class VotingNode:
         except DecodeError as error:
             self._reject(peer, "block announcement", str(error), PENALTY_MALFORMED)
             return False
-        if announcement.header.kind != Kind.TRAINING:
+        block_hash = announcement.block_hash
+        if announcement.header.kind != Kind.TRAINING or block_hash in self.node.decided.training:
             return False
-        if announcement.block_hash in self.node.decided.training:
-            return True
-        block = await self._fetch(forwarder, announcement.block_hash)
-        if block is None:
+        if announcement.header.parent != self.node.head().block.hash:
+            return False  # on an earlier decided block (late), or on one we have not decided yet
+        announcers = self._receiving.get(block_hash)
+        if announcers is not None:  # being fetched: another relay to ask if the first fails
+            if forwarder not in announcers and len(announcers) < 8:
+                announcers.append(forwarder)
             return False
+        if self._pending.get(peer, 0) >= MAX_PENDING_PER_PEER or len(self._receiving) >= MAX_RECEIVING:
+            return False
+        if not self.peers.take_verification(peer):
+            log.debug("announcement %s from %s over its verification budget", block_hash.hex()[:16], peer)
+            return False
+        assert self._tasks is not None
+        self._receiving[block_hash] = [forwarder]
+        self._pending[peer] = self._pending.get(peer, 0) + 1
+        self._tasks.start_soon(self._guarded, self._receive_training_block, announcement)
+        return False
+
+    async def _receive_training_block(self, announcement: Announcement) -> None:
+        """Fetch an announced training block from its announcers in turn, check it, keep it and
+        announce it. An announcer that does not serve it while it is still on our head pays
+        PENALTY_WITHHELD (an honest node serves what it announced); one whose block breaks a rule
+        pays PENALTY_INVALID."""
+        block_hash = announcement.block_hash
+        announcers = self._receiving[block_hash]
+        first = str(announcers[0])
         try:
-            await trio.to_thread.run_sync(self.node.on_training_block, block)
-        except (StaleBlock, UnknownParent):
-            return False
-        except InvalidBlock as error:
-            self._reject(peer, f"training block {block.hash.hex()[:16]}", str(error), PENALTY_INVALID)
-            return False
-        return True
+            block = None
+            for announcer in announcers:  # the list grows while we ask
+                if self.peers.is_banned(str(announcer)) or str(announcer) in self.blocked:
+                    continue
+                block = await self._fetch(announcer, block_hash, BODY_FETCH_TIMEOUT)
+                if block is not None:
+                    break
+                if announcement.header.parent == self.node.head().block.hash:
+                    self._reject(str(announcer), "block announcement", "announced a block it did not serve",
+                                 PENALTY_WITHHELD)  # fmt: skip
+            if block is None or block.header != announcement.header:
+                return
+            async with self._verifying_limiter:
+                if self.peers.is_banned(first) or block.header.parent != self.node.head().block.hash:
+                    return
+                try:
+                    kept = await trio.to_thread.run_sync(self.node.on_training_block, block)
+                except (StaleBlock, UnknownParent):
+                    return
+                except InvalidBlock as error:
+                    self._reject(first, f"training block {block_hash.hex()[:16]}", str(error), PENALTY_INVALID)
+                    return
+            self.peers.on_valid_block(first)
+            if kept:
+                await self._publish(block_topic(self.chain_id), Announcement.of(block).encode())
+        finally:
+            del self._receiving[block_hash]
+            remaining = self._pending.get(first, 1) - 1
+            if remaining > 0:
+                self._pending[first] = remaining
+            else:
+                self._pending.pop(first, None)
 
     # --- sync -------------------------------------------------------------------
 
@@ -465,10 +595,11 @@ class VotingNode:
         assert self.host is not None
         return await send_request(self.host, self.chain_id, peer, request)
 
-    async def _fetch(self, peer: ID, block_hash: bytes) -> Block | None:
+    async def _fetch(self, peer: ID, block_hash: bytes, timeout: float = REQUEST_TIMEOUT) -> Block | None:
         try:
-            data = await self.request(peer, Request("block", (block_hash,)))
-            block = decode_block(data) if data is not None else None
+            with trio.fail_after(timeout):
+                data = await self.request(peer, Request("block", (block_hash,)))
+            block = await trio.to_thread.run_sync(decode_block, data) if data is not None else None
         except (DecodeError, ProtocolError, trio.TooSlowError, OSError, Exception) as error:
             log.info("fetching %s from %s failed: %s", block_hash.hex()[:16], peer, error)
             return None
@@ -494,7 +625,11 @@ class VotingNode:
         return found[0] if found else None
 
     async def _serve_sync(self, stream: INetStream) -> None:
+        """Answer one sync request, within the peer's budgets (p2p/peers.py): requests and bytes
+        per second, streams at once; a request over them is answered "busy" and costs a little.
+        At most MAX_SERVING answers are computed at once, each in a worker thread."""
         peer = str(stream.muxed_conn.peer_id)
+        record = None
         try:
             if peer in self.blocked or self.peers.is_banned(peer):
                 return
@@ -505,13 +640,24 @@ class VotingNode:
                     self._reject(peer, "sync request", str(error), PENALTY_MALFORMED)
                     await write_response(stream, ERROR, str(error).encode())
                     return
-                payload = await trio.to_thread.run_sync(self._answer, request)
+                if not self.peers.take_request(peer):
+                    self._reject(peer, "sync request", "busy: over the peer's request budget", PENALTY_FLOOD)
+                    await write_response(stream, ERROR, b"busy: over your request budget, ask again later")
+                    return
+                record = self.peers.get(peer)
+                record.open_streams += 1
+                payload = await trio.to_thread.run_sync(self._answer, request, limiter=self._serving_limiter)
+                if payload is not None and not self.peers.take_bytes(peer, len(payload)):
+                    await write_response(stream, ERROR, b"busy: over your byte budget, ask again later")
+                    return
                 if self.link_delay:
                     await trio.sleep(self.link_delay)
                 await write_response(stream, OK if payload is not None else NOT_FOUND, payload or b"")
         except Exception as error:
             log.debug("sync stream from %s failed: %s", peer, error)
         finally:
+            if record is not None:
+                record.open_streams -= 1
             await stream.close()
 
     def _answer(self, request: Request) -> bytes | None:
@@ -561,16 +707,28 @@ class VotingNode:
         return None
 
     async def _sync_loop(self) -> None:
+        """Every SYNC_INTERVAL: ask every peer's status at once (each within STATUS_TIMEOUT, so
+        slow peers delay nothing), then import from the peers ahead of us, highest head first."""
         while True:
-            assert self.host is not None
-            for peer in self.connected_peers():
+            heads: dict[ID, int] = {}
+
+            async def ask(peer: ID, heads: dict[ID, int]) -> None:
                 try:
-                    payload = await self.request(peer, Request("status"))
+                    with trio.fail_after(STATUS_TIMEOUT):
+                        payload = await self.request(peer, Request("status"))
                     status = StatusMessage.decode(payload or b"")
                 except Exception as error:
                     log.debug("status from %s failed: %s", peer, error)
-                    continue
-                if status.head_height >= self.voting.height:
+                    return
+                if status.genesis_hash.hex() == self.node.genesis.hash:
+                    heads[peer] = status.head_height
+                    self.peers.get(str(peer)).head_height = status.head_height
+
+            async with trio.open_nursery() as nursery:
+                for peer in self.connected_peers():
+                    nursery.start_soon(ask, peer, heads)
+            for peer in sorted(heads, key=lambda p: -heads[p]):
+                if heads[peer] >= self.voting.height and not self.peers.is_banned(str(peer)):
                     await self._sync_from(peer)
             await trio.sleep(SYNC_INTERVAL)
 
@@ -580,12 +738,8 @@ class VotingNode:
         self.syncing = True
         try:
             payload = await self.request(peer, Request("decided", (self.voting.height, MAX_BLOCKS_PER_REQUEST)))
-            entries = unpack(payload or pack([]), "decided", MAX_RESPONSE_BYTES)
-            for entry in entries:
-                f = Fields(entry, "decided entry", ("block", "commit", "training"))
-                block = decode_block(f.binary("block"))
-                commit = decode_commit(f.binary("commit"))
-                training = {b.hash: b for b in (decode_block(data) for data in f.array("training"))}
+            entries = await trio.to_thread.run_sync(decode_decided_entries, payload or pack([]))
+            for block, commit, training in entries:
                 if block.header.height != self.voting.height:
                     break
                 await trio.to_thread.run_sync(self.node.import_decided, block, commit, training)
@@ -662,14 +816,29 @@ class VotingNode:
             await self._carry_out(await self._voting_call(self.voting.resend))
 
     async def _peers_loop(self) -> None:
-        """Track connections, drop banned and blocked peers, and re-dial bootstrap peers."""
-        assert self.host is not None
+        """Track connections, drop banned and blocked peers and those beyond `max_peers`
+        (lowest score first, bootstrap peers kept), lift expired bans, re-dial bootstrap peers."""
+        assert self.host is not None and self.pubsub is not None
         known: set[str] = set()
+        blacklisted: set[str] = set()
         while True:
+            banned = self.peers.banned()
+            for name in blacklisted - banned:  # the ban expired
+                self.pubsub.remove_from_blacklist(ID.from_base58(name))
+            for name in banned - blacklisted:
+                self.pubsub.add_to_blacklist(ID.from_base58(name))
+            blacklisted = banned
             connected = {str(peer): peer for peer in self.host.get_connected_peers()}
+            excess = len(connected) - self.config.max_peers
+            if excess > 0:
+                protected = {address.rsplit("/p2p/", 1)[-1] for address in self.config.bootstrap}
+                droppable = sorted((n for n in connected if n not in protected), key=self.peers.score)
+                for name in droppable[:excess]:
+                    log.info("peer %s dropped: over the limit of %d peers", name, self.config.max_peers)
+                    await self._disconnect(connected.pop(name))
             for name, peer in connected.items():
                 if self.peers.is_banned(name) or name in self.blocked:
-                    await self.host.disconnect(peer)
+                    await self._disconnect(peer)
                     continue
                 if name not in known:
                     try:
