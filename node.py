@@ -18,6 +18,7 @@ import numpy as np
 
 from chain.blocks import TrainingBody, decode_block
 from chain.crypto import PrivateKey, devnet_key
+from chain.files import PUBLIC_MODE, SECRET_MODE, write_atomically
 from chain.store import ChainDB, CorruptStore
 from consensus.genesis import Genesis, GenesisError
 from consensus.proposals import propose_best_training_block
@@ -243,11 +244,7 @@ def load_key(spec: str, create: bool = True) -> PrivateKey:
     if not path.exists() and not create:
         raise UserError(f"{path}: no such key file (a validator key must be the staked key, not a new one)")
     if not path.exists():
-        temporary = path.with_suffix(".tmp")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(secrets.token_hex(32) + "\n")
-        os.replace(temporary, path)
+        write_atomically(path, (secrets.token_hex(32) + "\n").encode(), SECRET_MODE)
     text = path.read_text().strip()
     try:
         seed = bytes.fromhex(text)
@@ -317,9 +314,8 @@ def configure_logging(level: str, style: str) -> None:
 
 
 def write_json_atomically(path: Path, value: object) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(temporary, path)
+    """Write `value` as indented JSON, atomically and durably (chain/files.py)."""
+    write_atomically(path, (json.dumps(value, indent=1) + "\n").encode(), PUBLIC_MODE)
 
 
 def command_node(args: argparse.Namespace) -> dict[str, object]:
@@ -533,7 +529,7 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
         result = miner.work(weights, int(work["slice_id"]), seed)
         attempts += 1
         if args.state is not None:
-            miner.save(args.state)
+            write_atomically(args.state, miner.state_bytes(), SECRET_MODE)
         values = result.values
         for _ in range(SUBMIT_TRIES):
             try:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,8 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
+
+from chain.files import SECRET_MODE, write_atomically
 
 GOSSIPSUB_PROTOCOL = TProtocol("/meshsub/1.1.0")
 QUEUE_SIZE = 1024
@@ -89,13 +90,7 @@ def load_or_create_node_key(path: Path) -> KeyPair:
             raise ValueError(f"{path}: a node key is 32 bytes, this file has {len(seed)}")
     else:
         seed = secrets.token_bytes(32)
-        temporary = path.with_suffix(".tmp")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(seed)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        write_atomically(path, seed, SECRET_MODE)
     return create_new_key_pair(seed)
 
 

@@ -16,10 +16,8 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import secrets
-import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +39,7 @@ from chain.blocks import (
     decode_block,
 )
 from chain.encoding import MAX_MESSAGE_BYTES, DecodeError
+from chain.files import SECRET_MODE, write_atomically
 from chain.state import Account, State
 from chain.votes import Commit, Proposal
 from consensus.rules import InvalidBlock
@@ -152,17 +151,7 @@ def load_or_create_token(datadir: Path) -> str:
         return token
     datadir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(32)
-    descriptor, temporary = tempfile.mkstemp(dir=datadir, prefix=f".{TOKEN_FILE}.")  # created with mode 0600
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(token + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, (token + "\n").encode(), SECRET_MODE)
     return token
 
 

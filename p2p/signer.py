@@ -57,9 +57,7 @@ its integer, a missing block hash as empty bytes), and each sent message is
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
-import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import replace
@@ -68,6 +66,7 @@ from typing import Any
 
 from chain.crypto import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, MessageType
 from chain.encoding import MAX_ARRAY_LENGTH, MAX_MESSAGE_BYTES, DecodeError, Fields, pack, unpack
+from chain.files import SECRET_MODE, fsync_directory, remove_leftovers, write_atomically
 from chain.votes import HASH_BYTES, MAX_ROUND, Proposal, Vote, VoteKind
 from consensus.voting import SignerState, Step
 
@@ -397,14 +396,6 @@ def _check_reads_back(previous: SignerState | None, state: SignerState, validato
             raise DecodeError(f"{describe_message(message)} would read back as another")
 
 
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 class SignerRecord:
     """Each validator key's `SignerState`, persisted at `path` (see the module docstring).
 
@@ -425,17 +416,15 @@ class SignerRecord:
         read (a save killed between its rename and its directory sync leaves a
         record that is read but not yet durable). Raises SignerRecordError if
         the file cannot be read or decoded."""
-        pattern = glob.escape(str(path.parent / path.name)) + ".*.tmp"
-        for leftover in glob.glob(pattern):
-            with contextlib.suppress(OSError):
-                os.unlink(leftover)
+        with contextlib.suppress(OSError):
+            remove_leftovers(path)
         if not path.exists():
             return cls(path)
         try:
             data = path.read_bytes()
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-            _fsync_directory(path.parent)
+            fsync_directory(path.parent)
         except OSError as error:
             raise SignerRecordError(f"{path}: cannot read the signer record ({error}). {_REMOVAL_ADVICE}") from error
         try:
@@ -498,17 +487,5 @@ class SignerRecord:
         self.save(validator, state)
 
     def _write(self, data: bytes) -> None:
-        """Replace the record with `data` atomically and durably."""
-        directory = self.path.parent
-        descriptor, name = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(name, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(name)
-            raise
-        _fsync_directory(directory)
+        """Replace the record with `data` atomically and durably (chain/files.py)."""
+        write_atomically(self.path, data, SECRET_MODE)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from chain.files import PUBLIC_MODE, write_atomically
 from consensus.genesis import Genesis
 from training.data import sample_batch, seed_from_int
 from training.evaluate import CanonicalEvaluator, make_backend
@@ -74,7 +75,7 @@ def test_state_survives_save_and_load(devnet: Genesis, layout: SliceLayout, trai
     start = devnet.initial_weights()
     miner = Miner(start, layout, train_text, CONFIG)
     miner.work(start, 1, b"seed")
-    miner.save(tmp_path / "miner.pt")
+    write_atomically(tmp_path / "miner.pt", miner.state_bytes(), PUBLIC_MODE)
     restored = Miner(start, layout, train_text, CONFIG)
     restored.load(tmp_path / "miner.pt")
     assert restored.steps_done == miner.steps_done and restored.known == miner.known
@@ -82,7 +83,7 @@ def test_state_survives_save_and_load(devnet: Genesis, layout: SliceLayout, trai
         assert torch.equal(a, b), name
     first = miner.optimizer.state_dict()["state"][0]["exp_avg"]
     assert torch.equal(first, restored.optimizer.state_dict()["state"][0]["exp_avg"])
-    assert not (tmp_path / "miner.pt.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["miner.pt"]
 
 
 def test_cuda_without_cuda_is_a_clear_error(devnet: Genesis, layout: SliceLayout, train_text: bytes) -> None:

@@ -1,7 +1,7 @@
 """The miner: train the model in float, publish the assigned slice.
 
 A miner keeps a local float model and its AdamW state across blocks (miner
-state, not consensus data; saved atomically to a file when asked). For each
+state, not consensus data; `state_bytes` is what its caller saves). For each
 block it
 
 1. adopts every slice the chain changed since it last looked (another miner's
@@ -20,7 +20,7 @@ Two schemes (measured in docs/benchmarks.md):
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -163,9 +163,10 @@ class Miner:
         self.optimizer.step()
         self.steps_done += 1
 
-    def save(self, path: Path) -> None:
-        """Write the miner's state atomically (a temporary file, then a rename)."""
-        temporary = path.with_suffix(path.suffix + ".tmp")
+    def state_bytes(self) -> bytes:
+        """The miner's state as `load` reads it (a torch archive). The caller writes
+        it to disk atomically (chain/files.py; training/ does not import chain/)."""
+        buffer = io.BytesIO()
         torch.save(
             {
                 "model": self.model.state_dict(),
@@ -173,12 +174,12 @@ class Miner:
                 "steps_done": self.steps_done,
                 "known": self.known,
             },
-            temporary,
+            buffer,
         )
-        os.replace(temporary, path)
+        return buffer.getvalue()
 
     def load(self, path: Path) -> None:
-        """Restore state written by `save` (weights-only unpickling)."""
+        """Restore state written from `state_bytes` (weights-only unpickling)."""
         saved = torch.load(path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])

@@ -1,0 +1,172 @@
+"""Disk full and power loss: every file the node writes is replaced atomically
+(chain/files.py), and a failed database write leaves memory and disk in step
+(chain/store.py StorageError, p2p/decided_node.py).
+
+The full-disk tests put the data directory on a small tmpfs. Mounting one needs
+root: as root (CI) the test mounts it itself; otherwise it runs itself again as
+root of a new user and mount namespace (`unshare -rm`), and fails, naming the
+reason, where neither works. Every mount is unmounted in a `finally`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from chain.files import PUBLIC_MODE, SECRET_MODE, leftover_pattern, remove_leftovers, write_atomically
+from tests.conftest import ROOT
+
+# --- a small disk --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (mount's syntax: 16m) mounted at `path` for the block's duration."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.fail(f"mounting a {size} tmpfs at {path} failed: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        unmounted = subprocess.run(["umount", str(path)], capture_output=True, text=True)
+        if unmounted.returncode != 0:  # a file still open: detach it now, it goes when closed
+            subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def free_bytes(path: Path) -> int:
+    status = os.statvfs(path)
+    return status.f_bavail * status.f_frsize
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """A filler file that leaves about `leave` bytes free on `disk`."""
+    filler = disk / "filler"
+    size = free_bytes(disk) - leave
+    assert size > 0, f"{disk}: {free_bytes(disk)} bytes free, cannot leave {leave}"
+    with filler.open("wb") as handle:
+        handle.truncate(0)
+        for _ in range(size // (1 << 20)):
+            handle.write(bytes(1 << 20))
+        handle.write(bytes(size % (1 << 20)))
+    return filler
+
+
+def as_root(test: Callable[[Path], None], tmp_path: Path, node_id: str) -> None:
+    """Run `test(tmp_path)` as root: here if this process is root, else this test alone
+    again in `unshare -rm` (root of its own user and mount namespace)."""
+    if os.geteuid() == 0:
+        test(tmp_path)
+        return
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.fail(f"mounting a small disk needs root or `unshare -rm` (user namespaces): {probe.stderr.strip()}")
+    completed = subprocess.run(
+        ["unshare", "-rm", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node_id],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-2000:]
+
+
+# --- the atomic write ------------------------------------------------------------------
+
+
+def test_a_write_replaces_the_file_whole_with_its_mode_and_no_leftovers(tmp_path: Path) -> None:
+    path = tmp_path / "record"
+    write_atomically(path, b"first", PUBLIC_MODE)
+    write_atomically(path, b"second", SECRET_MODE)
+    assert path.read_bytes() == b"second"
+    assert stat.S_IMODE(path.stat().st_mode) == SECRET_MODE
+    write_atomically(path, b"third", PUBLIC_MODE)
+    assert stat.S_IMODE(path.stat().st_mode) == PUBLIC_MODE
+    assert [p.name for p in tmp_path.iterdir()] == ["record"]
+    with pytest.raises(ValueError, match="mode: got 4600"):
+        write_atomically(path, b"x", 0o4600)
+    with pytest.raises(TypeError, match="data: got str, want bytes"):
+        write_atomically(path, "text", PUBLIC_MODE)  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match=f"writing {tmp_path / 'missing' / 'record'}"):
+        write_atomically(tmp_path / "missing" / "record", b"x", PUBLIC_MODE)
+    assert path.read_bytes() == b"third"
+
+
+def test_leftovers_of_killed_writes_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    path = tmp_path / "node_key"
+    write_atomically(path, b"key", SECRET_MODE)
+    leftovers = [tmp_path / "node_key.k2x9q1zz.tmp", tmp_path / "node_key.a_b1c2d3.tmp"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"partial")
+    others = [tmp_path / "node_key.tmp", tmp_path / "other.k2x9q1zz.tmp", tmp_path / "node_key.bak"]
+    for other in others:
+        other.write_bytes(b"not a leftover")
+    assert leftover_pattern(path) == "node_key.*.tmp"
+    assert remove_leftovers(path) == sorted(leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["node_key", *(o.name for o in others)])
+    assert path.read_bytes() == b"key"
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from chain.files import PUBLIC_MODE, write_atomically
+path, size = Path(sys.argv[1]), int(sys.argv[2])
+print("ready", flush=True)
+for index in range(1_000_000):
+    write_atomically(path, bytes([index % 251]) * size, PUBLIC_MODE)
+"""
+
+
+def test_a_write_killed_at_any_moment_leaves_the_old_file_or_the_new_one(tmp_path: Path) -> None:
+    """A process rewriting a 4 MB file in a loop, SIGKILLed at random moments: the file
+    is always one whole version, and the next write goes through."""
+    seed = int(os.environ.get("POTCHAIN_TEST_SEED", time.time_ns() % 2**32))
+    print(f"kill test seed {seed} (replay with POTCHAIN_TEST_SEED={seed})")
+    chooser = random.Random(seed)
+    path, size = tmp_path / "record", 4 << 20
+    write_atomically(path, bytes(size), PUBLIC_MODE)
+    versions = set()
+    for _ in range(8):
+        child = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), str(size)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        time.sleep(chooser.uniform(0.0, 0.3))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        data = path.read_bytes()
+        assert len(data) == size and data == bytes([data[0]]) * size, "a torn file"
+        versions.add(data[0])
+        remove_leftovers(path)
+        assert [p.name for p in tmp_path.iterdir()] == ["record"]
+    assert len(versions) > 1, "every kill landed before the first write: the test exercised nothing"
+
+
+def check_full_disk_write(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        path = disk / "node.json"
+        write_atomically(path, b"old", PUBLIC_MODE)
+        with pytest.raises(OSError, match=f"writing {path}: No space left on device") as raised:
+            write_atomically(path, bytes(2 << 20), PUBLIC_MODE)
+        assert raised.value.errno == errno.ENOSPC
+        assert path.read_bytes() == b"old"
+        assert [p.name for p in disk.iterdir()] == ["node.json"], "the failed write's temporary file stays"
+
+
+def test_a_write_to_a_full_disk_fails_naming_the_file_and_leaves_it_as_it_was(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    as_root(check_full_disk_write, tmp_path, request.node.nodeid)
