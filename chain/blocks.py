@@ -150,6 +150,11 @@ class Reward:
 MAX_TRAINING_PER_HEIGHT = 1
 """Training blocks a decided block may name (a list, so that several miners' work can count later)."""
 MAX_EVIDENCE = 64
+MAX_REWARDS = 1100
+"""Payouts a decided block may carry."""
+MAX_BLOCK_OBJECTS = 1 << 14
+"""Objects a block's encoding may hold: a decided block at every array limit holds 8,765
+(tests/test_encoding.py), a training block 18."""
 
 
 @dataclass(frozen=True)
@@ -241,7 +246,7 @@ class DecidedBody:
             training=tuple(TrainingVerdict.from_fields(t) for t in f.array("training", MAX_TRAINING_PER_HEIGHT)),
             last_commit=Commit.from_fields(commit) if commit else None,
             evidence=tuple(EquivocationEvidence.from_fields(e) for e in f.array("evidence", MAX_EVIDENCE)),
-            rewards=tuple(Reward.from_fields(r) for r in f.array("rewards", 1100)),
+            rewards=tuple(Reward.from_fields(r) for r in f.array("rewards", MAX_REWARDS)),
         )
 
 
@@ -294,7 +299,7 @@ def sign_block(key: PrivateKey, domain: Domain, header: Header, body: Body) -> B
 
 def decode_block(data: bytes) -> Block:
     """Parse a block; raises DecodeError naming the first problem."""
-    f = Fields(unpack(data, "block"), "block", ("header", "body", "signature"))
+    f = Fields(unpack(data, "block", MAX_MESSAGE_BYTES, MAX_BLOCK_OBJECTS), "block", ("header", "body", "signature"))
     header = Header.from_fields(f.raw("header"))
     body: Body
     if header.kind == Kind.TRAINING:

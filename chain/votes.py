@@ -25,6 +25,11 @@ MAX_ROUND = 2**31 - 1
 """Rounds are counted from 0; a height that needs more than this never ends."""
 MAX_COMMIT_SIGNATURES = 1024
 """Most precommits a commit certificate may carry (one per validator)."""
+MAX_COMMIT_OBJECTS = 5 + 4 * MAX_COMMIT_SIGNATURES
+"""Objects in a commit certificate's encoding at most: its array, four fields, and an
+array of three fields per signature."""
+MAX_MESSAGE_OBJECTS = 16
+"""Objects in a vote's (8) or a proposal's (7) encoding, with room to spare."""
 
 
 class VoteKind(IntEnum):
@@ -93,7 +98,7 @@ def sign_vote(key: PrivateKey, domain: Domain, vote: Vote) -> Vote:
 
 
 def decode_vote(data: bytes) -> Vote:
-    return Vote.from_fields(unpack(data, "vote", 1024))
+    return Vote.from_fields(unpack(data, "vote", 1024, MAX_MESSAGE_OBJECTS))
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,7 @@ def sign_proposal(key: PrivateKey, domain: Domain, proposal: Proposal) -> Propos
 
 
 def decode_proposal(data: bytes) -> Proposal:
-    return Proposal.from_fields(unpack(data, "proposal", 1024))
+    return Proposal.from_fields(unpack(data, "proposal", 1024, MAX_MESSAGE_OBJECTS))
 
 
 @dataclass(frozen=True)
@@ -207,4 +212,4 @@ class Commit:
 
 
 def decode_commit(data: bytes) -> Commit:
-    return Commit.from_fields(unpack(data, "commit", 1 << 20))
+    return Commit.from_fields(unpack(data, "commit", 1 << 20, MAX_COMMIT_OBJECTS))

@@ -25,6 +25,10 @@ MAX_GOSSIP_BYTES = 64 << 10
 """Largest gossip message; announcements and voting messages are far smaller."""
 MAX_BLOCKS_PER_REQUEST = 32
 """Blocks a `blocks` request may ask for."""
+MAX_SMALL_OBJECTS = 8
+"""Objects in a response head (3), a request (at most 4) or a status (6)."""
+MAX_ANNOUNCEMENT_OBJECTS = 16
+"""Objects in an announcement: its array, the header's array and 8 fields, the signature."""
 
 
 def block_topic(chain_id: str) -> str:
@@ -110,7 +114,11 @@ async def write_response(stream: Stream, status: int, payload: bytes) -> None:
 
 async def read_response(stream: Stream) -> tuple[int, bytes]:
     try:
-        head = Fields(unpack(await read_frame(stream), "response"), "response", ("status", "length"))
+        head = Fields(
+            unpack(await read_frame(stream), "response", 64, MAX_SMALL_OBJECTS),
+            "response",
+            ("status", "length"),
+        )
         status, length = head.integer("status", 0, 2), head.integer("length", 0, MAX_RESPONSE_BYTES)
     except DecodeError as error:
         raise ProtocolError(str(error)) from None
@@ -147,7 +155,7 @@ METHODS = {"status": 0, "headers": 2, "blocks": 2, "block": 1, "slice": 1, "chun
 
 
 def decode_request(data: bytes) -> Request:
-    value = unpack(data, "request", 4096)
+    value = unpack(data, "request", 4096, MAX_SMALL_OBJECTS)
     if not isinstance(value, list) or not value or not isinstance(value[0], str):
         raise DecodeError("request: not [method, arguments...]")
     method, arguments = value[0], tuple(value[1:])
@@ -184,7 +192,7 @@ class StatusMessage:
     @classmethod
     def decode(cls, data: bytes) -> StatusMessage:
         names = ("genesis_hash", "head_height", "head_hash", "checkpoint_height", "checkpoint_hash")
-        f = Fields(unpack(data, "status", 4096), "status", names)
+        f = Fields(unpack(data, "status", 4096, MAX_SMALL_OBJECTS), "status", names)
         return cls(
             f.binary("genesis_hash", 32),
             f.integer("head_height"),
@@ -195,7 +203,7 @@ class StatusMessage:
 
 
 def decode_block_list(data: bytes) -> list[bytes]:
-    value = unpack(data, "blocks", MAX_RESPONSE_BYTES)
+    value = unpack(data, "blocks", MAX_RESPONSE_BYTES, 1 + MAX_BLOCKS_PER_REQUEST)
     if not isinstance(value, list) or len(value) > MAX_BLOCKS_PER_REQUEST:
         raise DecodeError("blocks: not a list of at most 32 blocks")
     if not all(isinstance(item, bytes) for item in value):
@@ -226,5 +234,6 @@ class Announcement:
 
     @classmethod
     def decode(cls, data: bytes) -> Announcement:
-        f = Fields(unpack(data, "announcement", MAX_GOSSIP_BYTES), "announcement", ("header", "signature"))
+        value = unpack(data, "announcement", MAX_GOSSIP_BYTES, MAX_ANNOUNCEMENT_OBJECTS)
+        f = Fields(value, "announcement", ("header", "signature"))
         return cls(Header.from_fields(f.raw("header")), f.binary("signature", SIGNATURE_BYTES))
