@@ -355,7 +355,9 @@ def encode_record(states: Mapping[bytes, SignerState]) -> bytes:
 
 def decode_record(data: bytes) -> dict[bytes, SignerState]:
     """Each validator's state from a record's encoding; raises DecodeError."""
-    f = Fields(unpack(data, "signer record", MAX_MESSAGE_BYTES), "signer record", ("version", "states"))
+    # A file this node wrote within _check_reads_back's limits: no object budget beyond its bytes.
+    value = unpack(data, "signer record", MAX_MESSAGE_BYTES, max_objects=MAX_MESSAGE_BYTES)
+    f = Fields(value, "signer record", ("version", "states"))
     version = f.integer("version")
     if version != FORMAT_VERSION:
         raise DecodeError(f"signer record: format version {version}, this node reads {FORMAT_VERSION}")
