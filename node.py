@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import getpass
 import json
 import logging
 import os
@@ -19,6 +20,15 @@ import numpy as np
 from chain.blocks import TrainingBody, decode_block
 from chain.crypto import PrivateKey, devnet_key
 from chain.files import PUBLIC_MODE, SECRET_MODE, write_atomically
+from chain.keystore import (
+    DEVNET_CHAIN_PREFIX,
+    Keystore,
+    KeystoreError,
+    is_devnet_chain_id,
+    read_key_file,
+    read_plaintext_seed,
+    write_keystore,
+)
 from chain.store import ChainDB, CorruptStore
 from consensus.genesis import Genesis, GenesisError
 from consensus.proposals import propose_best_training_block
@@ -224,6 +234,7 @@ NODE_DEFAULTS: dict[str, object] = {
     "mine": False,
     "miner_key": None,
     "validator_key": [],
+    "key_passphrase_file": None,
     "device": "cpu",
     "steps": TrainingConfig.steps,
     "threads": None,
@@ -232,27 +243,70 @@ NODE_DEFAULTS: dict[str, object] = {
     "adversary": "",
 }
 """Every `potchain node` setting: a TOML file (--config) sets any of them, flags override it."""
+KEY_LOG = logging.getLogger("potchain.keys")
 
 
-def load_key(spec: str, create: bool = True) -> PrivateKey:
-    """A signing key: `devnet:NAME` (INSECURE, derived from the name) or a file holding
-    the 32-byte seed as 64 hex characters (created, mode 0600, if it does not exist and
-    `create`; otherwise a missing file is an error)."""
+def read_passphrase(passphrase_file: Path | None, flag: str, need: str, twice: bool = False) -> str:
+    """A keystore passphrase: the text of `passphrase_file` without its trailing line break, or
+    typed at a terminal (twice when `twice`, for a new keystore); with neither, an error that
+    says what needs it (`need`) and how to give it (`flag`)."""
+    if passphrase_file is not None:
+        try:
+            passphrase = passphrase_file.read_text().rstrip("\r\n")
+        except OSError as error:
+            raise UserError(f"{passphrase_file}: cannot read the passphrase file ({error.strerror})") from None
+        if not passphrase:
+            raise UserError(f"{passphrase_file}: the passphrase file is empty, want a passphrase")
+        return passphrase
+    if not sys.stdin.isatty():
+        raise UserError(f"{need}: give {flag} FILE, or run at a terminal to type it")
+    passphrase = getpass.getpass(f"{need}: ")
+    if not passphrase:
+        raise UserError(f"{need}: the passphrase is empty, want at least one character")
+    if twice and getpass.getpass("the same passphrase again: ") != passphrase:
+        raise UserError(f"{need}: the two passphrases differ")
+    return passphrase
+
+
+def load_key(spec: str, chain_id: str, passphrase_file: Path | None = None, create: bool = False) -> PrivateKey:
+    """A signing key for the chain `chain_id`:
+
+    - `devnet:NAME`: the INSECURE key derived from the name, only on a development network
+      (a chain id beginning with "potchain-devnet", chain/keystore.py); refused elsewhere;
+    - a keystore file: unlocked with the passphrase in `passphrase_file`, or typed at a terminal;
+    - a legacy plaintext key file (64 hex characters): loaded, with a warning that it is unencrypted.
+
+    A missing file is an error, unless `create` (a miner key, which needs no stake): then a new
+    keystore is written there (mode 0600) under the passphrase of `passphrase_file`, or one typed
+    twice at a terminal."""
     if spec.startswith("devnet:"):
+        if not is_devnet_chain_id(chain_id):
+            raise UserError(
+                f"{spec}: devnet keys are derived from their names, so anyone can sign with them; refused on "
+                f"chain {chain_id!r} (only chain ids beginning with {DEVNET_CHAIN_PREFIX!r} take them): "
+                "use a keystore (potchain keys new)"
+            )
         return devnet_key(spec.removeprefix("devnet:"))
     path = Path(spec)
-    if not path.exists() and not create:
-        raise UserError(f"{path}: no such key file (a validator key must be the staked key, not a new one)")
-    if not path.exists():
-        write_atomically(path, (secrets.token_hex(32) + "\n").encode(), SECRET_MODE)
-    text = path.read_text().strip()
     try:
-        seed = bytes.fromhex(text)
-    except ValueError:
-        raise UserError(f"{path}: a key file holds 64 hex characters") from None
-    if len(seed) != 32:
-        raise UserError(f"{path}: a key file holds 64 hex characters, this one {len(text)}")
-    return PrivateKey(seed)
+        if not path.exists():
+            if not create:
+                raise UserError(f"{path}: no such key file (a validator key must be the staked key, not a new one)")
+            need = f"a passphrase for the new miner keystore {path}"
+            passphrase = read_passphrase(passphrase_file, "--key-passphrase-file", need, twice=True)
+            seed = secrets.token_bytes(32)
+            keystore = write_keystore(path, seed, passphrase)
+            KEY_LOG.warning("created the miner key %s, an encrypted keystore (public key %s): keep a copy",
+                            path, keystore.public_key.hex())  # fmt: skip
+            return PrivateKey(seed)
+        found = read_key_file(path)
+        if isinstance(found, PrivateKey):
+            KEY_LOG.warning("%s holds an UNENCRYPTED key (public key %s); encrypt it with: potchain keys import "
+                            "--seed-file %s --out NEW_FILE", path, found.public_key.hex(), path)  # fmt: skip
+            return found
+        return found.unlock(read_passphrase(passphrase_file, "--key-passphrase-file", f"the passphrase of {path}"))
+    except KeystoreError as error:
+        raise UserError(str(error)) from None
 
 
 def node_settings(args: argparse.Namespace) -> dict[str, object]:
@@ -336,10 +390,15 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
         torch.set_num_threads(int(str(settings["threads"])))
     datadir: Path = args.datadir
     datadir.mkdir(parents=True, exist_ok=True)
-    validators = [load_key(str(spec), create=False) for spec in settings["validator_key"]]  # type: ignore[attr-defined]
+    chain_id = load_genesis(Path(str(settings["genesis"]))).chain_id
+    passphrase = settings["key_passphrase_file"]
+    passphrase_file = None if passphrase is None else Path(str(passphrase))
+    validators = [load_key(str(spec), chain_id, passphrase_file)
+                  for spec in settings["validator_key"]]  # type: ignore[attr-defined]  # fmt: skip
     miner_key = None
     if settings["mine"]:
-        miner_key = load_key(str(settings["miner_key"] or datadir / "miner_key"))
+        miner_spec = str(settings["miner_key"] or datadir / "miner_key")
+        miner_key = load_key(miner_spec, chain_id, passphrase_file, create=True)
     device = str(settings["device"])
     if device not in ("cpu", "cuda"):
         raise UserError(f"device must be cpu or cuda, got {device!r}")
@@ -475,8 +534,8 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
         token = args.token_file.read_text().strip()
     if token is None:
         raise UserError("submitting needs the node's RPC token: --token or --token-file (DATADIR/rpc_token)")
-    key = load_key(str(args.key))
     genesis = load_genesis(args.genesis)
+    key = load_key(str(args.key), genesis.chain_id, args.key_passphrase_file, create=True)
     directory = chunk_directory(args.genesis, genesis)
     chain = Chain(genesis, load_split(genesis.dataset, directory, "validation"),
                   load_split(genesis.dataset, directory, "test"), backend=default_backend(args.device),
@@ -611,6 +670,116 @@ def command_sim(args: argparse.Namespace) -> dict[str, object]:
     return {key: report[key] for key in keys} | {"report": str(out / "report.html")}
 
 
+# --- keys and a new network's genesis -----------------------------------------------
+
+
+def key_summary(path: Path, public_key: bytes, encrypted: bool) -> dict[str, object]:
+    """What `potchain keys` prints about a key file (an account's address is its public key)."""
+    return {"path": str(path), "public_key": public_key.hex(), "address": public_key.hex(),
+            "format": "keystore" if encrypted else "plaintext", "encrypted": encrypted}  # fmt: skip
+
+
+def write_new_keystore(out: Path, seed: bytes, passphrase_file: Path | None) -> dict[str, object]:
+    """Encrypt `seed` into a new keystore at `out` (an existing file is an error)."""
+    if out.exists():
+        raise UserError(f"{out}: the file exists; not overwriting a key file")
+    passphrase = read_passphrase(passphrase_file, "--passphrase-file", f"a passphrase for {out}", twice=True)
+    try:
+        keystore = write_keystore(out, seed, passphrase)
+    except KeystoreError as error:
+        raise UserError(str(error)) from None
+    return key_summary(out, keystore.public_key, encrypted=True)
+
+
+def command_keys_new(args: argparse.Namespace) -> dict[str, object]:
+    """A fresh Ed25519 key in a new encrypted keystore."""
+    return write_new_keystore(args.out, secrets.token_bytes(32), args.passphrase_file)
+
+
+def command_keys_import(args: argparse.Namespace) -> dict[str, object]:
+    """A legacy plaintext key file (64 hex characters) encrypted into a new keystore."""
+    try:
+        seed = read_plaintext_seed(args.seed_file)
+    except KeystoreError as error:
+        raise UserError(str(error)) from None
+    return write_new_keystore(args.out, seed, args.passphrase_file)
+
+
+def command_keys_show(args: argparse.Namespace) -> dict[str, object]:
+    """A key file's public key, without its passphrase."""
+    try:
+        found = read_key_file(args.path)
+    except KeystoreError as error:
+        raise UserError(str(error)) from None
+    if isinstance(found, Keystore):
+        return key_summary(args.path, found.public_key, encrypted=True)
+    return key_summary(args.path, found.public_key, encrypted=False)
+
+
+def command_genesis_new(args: argparse.Namespace) -> dict[str, object]:
+    """A new network's genesis from its validators' public keys, with a shipped network's model
+    and the shipped corpus (copied beside the file)."""
+    import dataclasses
+    import shutil
+
+    from consensus.genesis import parse_genesis
+    from genesis import GENESIS_DIR
+    from genesis.build import (
+        NETWORKS,
+        ValidatorsError,
+        genesis_document,
+        parse_validator,
+        read_validators_file,
+        refuse_name_keys,
+        shipped_documents,
+    )
+
+    out: Path = args.out
+    if out.exists():
+        raise UserError(f"{out}: the file exists; not overwriting a genesis")
+    if not out.resolve().parent.is_dir():
+        raise UserError(f"{out}: no such directory {out.resolve().parent}")
+    if is_devnet_chain_id(args.chain_id):
+        raise UserError(
+            f"--chain-id: got {args.chain_id!r}; chain ids beginning with {DEVNET_CHAIN_PREFIX!r} name INSECURE "
+            "development networks, whose nodes take keys derived from public names: want another for a "
+            "network of operators' keys"
+        )
+    timestamp = int(time.time()) if args.timestamp is None else args.timestamp
+    try:
+        accounts = [parse_validator(text) for text in args.validator or []]
+        if args.validators_file is not None:
+            accounts += read_validators_file(args.validators_file)
+        refuse_name_keys(accounts)
+        network = dataclasses.replace(NETWORKS[args.model], chain_id=args.chain_id)
+        document = genesis_document(network, shipped_documents(), accounts, timestamp)
+    except ValidatorsError as error:
+        raise UserError(str(error)) from None
+    genesis = parse_genesis(json.dumps(document).encode())  # every field checked before anything is written
+    source = GENESIS_DIR / genesis.chunk_directory
+    target = out.resolve().parent / genesis.chunk_directory
+    if source.resolve() != target.resolve():
+        target.mkdir(parents=True, exist_ok=True)
+        for entry in genesis.dataset.documents:
+            for digest in entry.chunks:
+                if not (target / f"{digest}.xz").exists():
+                    shutil.copyfile(source / f"{digest}.xz", target / f"{digest}.xz")
+    write_json_atomically(out, document)
+    written = load_genesis(out)
+    for split in SPLITS:
+        load_split(written.dataset, chunk_directory(out, written), split)
+    return {
+        "genesis": str(out),
+        "chain_id": written.chain_id,
+        "genesis_hash": written.hash,
+        "model": args.model,
+        "timestamp": written.timestamp,
+        "validators": [account.public_key.hex() for account in written.accounts if account.stake],
+        "total_stake": sum(account.stake for account in written.accounts),
+        "chunk_directory": str(chunk_directory(out, written)),
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="potchain", description="A proof-of-training blockchain full node.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -651,6 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_node.add_argument("--mine", action="store_true", default=None, help="mine in this process")
     run_node.add_argument("--miner-key", help="devnet:NAME or a key file (default DATADIR/miner_key)")
     run_node.add_argument("--validator-key", action="append", help="devnet:NAME or a key file (repeatable)")
+    run_node.add_argument("--key-passphrase-file", help="file holding the keystores' passphrase (default: ask)")
     run_node.add_argument("--device", choices=("cpu", "cuda"), help="the miner's device (default cpu)")
     run_node.add_argument("--steps", type=int, help="the miner's optimizer steps per attempt")
     run_node.add_argument("--threads", type=int, help="torch threads")
@@ -664,6 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
     mine.add_argument("--token", help="the node's RPC token")
     mine.add_argument("--token-file", type=Path, help="file holding the RPC token (the node's DATADIR/rpc_token)")
     mine.add_argument("--key", default="miner_key", help="devnet:NAME or a key file (created if missing)")
+    mine.add_argument("--key-passphrase-file", type=Path, help="file holding the keystore's passphrase")
     mine.add_argument("--genesis", type=Path, default=DEVNET)
     mine.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     mine.add_argument("--steps", type=int, default=TrainingConfig.steps, help="optimizer steps per attempt")
@@ -698,6 +869,35 @@ def build_parser() -> argparse.ArgumentParser:
     devnet.add_argument("--threads", type=int, default=1, help="torch threads per node (default 1)")
     devnet.add_argument("--timeout", type=float, default=900, help="seconds to wait for --finalize")
     devnet.set_defaults(handler=command_devnet)
+
+    keys = commands.add_parser("keys", help="create, import and show signing keys (encrypted keystores)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
+    keys_new = key_commands.add_parser("new", help="a fresh key in a new encrypted keystore")
+    keys_new.add_argument("--out", type=Path, required=True, help="the keystore to write (must not exist)")
+    keys_new.add_argument("--passphrase-file", type=Path, help="file holding the passphrase (default: ask twice)")
+    keys_new.set_defaults(handler=command_keys_new)
+    keys_show = key_commands.add_parser("show", help="a key file's public key (no passphrase needed)")
+    keys_show.add_argument("path", type=Path, help="a keystore or a plaintext key file")
+    keys_show.set_defaults(handler=command_keys_show)
+    keys_import = key_commands.add_parser("import", help="encrypt a plaintext key file into a new keystore")
+    keys_import.add_argument("--seed-file", type=Path, required=True, help="the plaintext key file (64 hex)")
+    keys_import.add_argument("--out", type=Path, required=True, help="the keystore to write (must not exist)")
+    keys_import.add_argument("--passphrase-file", type=Path, help="file holding the passphrase (default: ask twice)")
+    keys_import.set_defaults(handler=command_keys_import)
+
+    genesis_parser = commands.add_parser("genesis", help="make the genesis of a new network")
+    genesis_commands = genesis_parser.add_subparsers(dest="genesis_command", required=True, metavar="GENESIS_COMMAND")
+    genesis_new = genesis_commands.add_parser("new", help="a genesis from the validators' public keys")
+    genesis_new.add_argument("--validator", action="append", metavar="PUBKEY_HEX:STAKE",
+                             help="a validator's public key (potchain keys show) and stake (repeatable)")  # fmt: skip
+    genesis_new.add_argument("--validators-file", type=Path,
+                             help='JSON {"validators": [{"public_key": HEX, "stake": N}, ...]}')  # fmt: skip
+    genesis_new.add_argument("--chain-id", required=True, help="the network's name, part of every signature")
+    genesis_new.add_argument("--out", type=Path, required=True, help="the genesis file to write (must not exist)")
+    genesis_new.add_argument("--model", choices=("devnet", "testnet"), default="testnet",
+                             help="the shipped network whose model and timeouts to use (default testnet)")  # fmt: skip
+    genesis_new.add_argument("--timestamp", type=int, help="genesis time, Unix seconds (default: now)")
+    genesis_new.set_defaults(handler=command_genesis_new)
     return parser
 
 
