@@ -16,9 +16,7 @@ for another all fail the authentication. Files are written mode 0600, atomically
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from chain.crypto import PrivateKey
+from chain.files import SECRET_MODE, write_atomically
 
 KEYSTORE_FORMAT = "potchain-keystore"
 KEYSTORE_VERSION = 1
@@ -152,29 +151,17 @@ def encrypt_seed(path: Path, seed: bytes, passphrase: str, scrypt: ScryptParamet
 
 
 def write_private_file(path: Path, data: bytes) -> None:
-    """Create `path` (mode 0600) holding `data`, atomically: a temporary file in the same
-    directory, fsynced, renamed into place, the directory fsynced. An existing file is an error."""
+    """Create `path` (mode 0600) holding `data`, atomically (chain/files.py: a temporary file in
+    the same directory, fsynced, renamed into place, the directory fsynced). An existing file is
+    an error: a key file is never overwritten."""
     if path.exists():
         raise KeystoreError(f"{path}: the file exists; not overwriting a key file")
-    directory = path.parent
-    if not directory.is_dir():
-        raise KeystoreError(f"{path}: no such directory {directory}")
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    if not path.parent.is_dir():
+        raise KeystoreError(f"{path}: no such directory {path.parent}")
     try:
-        os.fchmod(descriptor, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory_descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(directory_descriptor)
-    finally:
-        os.close(directory_descriptor)
+        write_atomically(path, data, SECRET_MODE)
+    except OSError as error:
+        raise KeystoreError(f"{path}: cannot write the key file ({error.strerror or error})") from None
 
 
 def write_keystore(path: Path, seed: bytes, passphrase: str, scrypt: ScryptParameters = DEFAULT_SCRYPT) -> Keystore:

@@ -111,6 +111,8 @@ def test_a_keystore_round_trips_and_is_written_private_and_atomically(tmp_path: 
     assert json.loads(path.read_text()) == document
     with pytest.raises(KeystoreError, match="the passphrase is empty"):
         write_keystore(tmp_path / "empty.json", SEED, "", FAST)
+    with pytest.raises(KeystoreError, match=f"{tmp_path / 'absent'}/key.json: no such directory"):
+        write_keystore(tmp_path / "absent" / "key.json", SEED, "secret", FAST)
 
 
 def test_the_default_kdf_is_memory_hard() -> None:
