@@ -171,7 +171,9 @@ def test_an_external_miner_mines_through_the_rpc(tmp_path: Path) -> None:
     node = start("node", tmp_path, *validators)
     try:
         token = str(node.datadir / "rpc_token")
+        (tmp_path / "passphrase").write_text("miner passphrase\n")
         completed = run_potchain("mine", "--rpc", node.rpc, "--token-file", token, "--key", str(tmp_path / "key"),
+                                 "--key-passphrase-file", str(tmp_path / "passphrase"),  # the key is created
                                  "--blocks", "2", "--steps", "10", "--state", str(tmp_path / "miner.pt"),
                                  timeout=600)  # fmt: skip
         assert completed.returncode == 0, completed.stderr[-3000:]
