@@ -28,6 +28,7 @@ from chain.keystore import (
     read_key_file,
     write_keystore,
 )
+from consensus.genesis import parse_genesis
 from genesis import DEVNET, GENESIS_DIR, TESTNET, chunk_directory, load_genesis
 from genesis.build import (
     NETWORKS,
@@ -116,7 +117,12 @@ def test_a_keystore_round_trips_and_is_written_private_and_atomically(tmp_path: 
 
 
 def test_the_default_kdf_is_memory_hard() -> None:
-    assert DEFAULT_SCRYPT.n >= 1 << 17 and DEFAULT_SCRYPT.memory_bytes >= 128 << 20
+    assert (DEFAULT_SCRYPT.n, DEFAULT_SCRYPT.r, DEFAULT_SCRYPT.p, DEFAULT_SCRYPT.memory_bytes) == (
+        1 << 17,
+        8,
+        1,
+        128 << 20,
+    )
     assert DEFAULT_SCRYPT.problem() is None
 
 
@@ -297,6 +303,9 @@ def test_load_key_opens_keystores_and_warns_on_plaintext(
     write_keystore(keystore, SEED, "correct horse battery staple", FAST)
     key = node.load_key(str(keystore), TESTNET_CHAIN, passphrase_file)
     assert key.public_key == PrivateKey(SEED).public_key
+    other = tmp_path / "other.json"  # one passphrase file serves every keystore of a node
+    write_keystore(other, bytes(32), "correct horse battery staple", FAST)
+    assert node.load_key(str(other), TESTNET_CHAIN, passphrase_file).public_key == PrivateKey(bytes(32)).public_key
     wrong = tmp_path / "wrong"
     wrong.write_text("incorrect\n")
     with pytest.raises(node.UserError, match=f"{keystore}: wrong passphrase"):
@@ -308,6 +317,7 @@ def test_load_key_opens_keystores_and_warns_on_plaintext(
     with caplog.at_level(logging.WARNING, logger="potchain.keys"):
         assert node.load_key(str(legacy), TESTNET_CHAIN).public_key == key.public_key
     assert f"{legacy} holds an UNENCRYPTED key" in caplog.text
+    assert f"potchain keys import --seed-file {legacy}" in caplog.text
     missing = tmp_path / "missing.json"
     with pytest.raises(node.UserError, match=f"{missing}: no such key file"):
         node.load_key(str(missing), TESTNET_CHAIN, passphrase_file)
@@ -381,9 +391,20 @@ def test_genesis_new_builds_a_loadable_genesis_of_exactly_the_given_keys(
     assert [(a.public_key.hex(), a.balance, a.stake) for a in genesis.accounts] == [
         (keys[0], 0, 100), (keys[1], 0, 200), (keys[2], 0, 300)]  # fmt: skip
     devnet = load_genesis(DEVNET)
+    assert set(made) == {"genesis", "chain_id", "genesis_hash", "model", "timestamp", "validators", "total_stake",
+                         "chunk_directory"}  # fmt: skip
     assert genesis.model == devnet.model and genesis.consensus == devnet.consensus
-    assert genesis.dataset == devnet.dataset
+    assert (genesis.partition, genesis.evaluation, genesis.dataset) == (devnet.partition, devnet.evaluation,
+                                                                        devnet.dataset)  # fmt: skip
     assert load_split(genesis.dataset, chunk_directory(out, genesis), "test")  # the corpus was copied beside it
+    # By default: the testnet's model, and now as the genesis time.
+    started = int(time.time())
+    code, made, stderr = run_main(capsys, "genesis", "new", "--chain-id", "acme-net-2", "--out",
+                                  str(out.with_name("second.json")), "--validator", f"{keys[0]}:100")  # fmt: skip
+    assert code == 0 and made is not None, stderr
+    second, testnet = load_genesis(out.with_name("second.json")), load_genesis(TESTNET)
+    assert second.model == testnet.model and second.consensus == testnet.consensus
+    assert started <= second.timestamp <= time.time()
     # The same command again refuses to overwrite it.
     code, _, stderr = run_main(capsys, "genesis", "new", "--chain-id", "acme-net-1", "--out", str(out),
                                "--validator", f"{keys[0]}:100")  # fmt: skip
@@ -430,5 +451,12 @@ def test_the_shipped_genesis_files_rebuild_from_their_public_keys() -> None:
         (str(v["public_key"]), v["stake"]) for v in validators
     ]
     refuse_name_keys(validators)  # none is a devnet name key
+    devnet = load_genesis(DEVNET)
+    assert [a.public_key for a in devnet.accounts] == [devnet_key(f"validator-{i}").public_key for i in range(4)]
+    assert [a.stake for a in devnet.accounts] == [a.stake for a in testnet.accounts] == [1_000_000] * 4
+    # A known limit (docs/spec.md, section 14): a genesis written by hand may stake name keys on any chain id.
+    document = json.loads(DEVNET.read_text())
+    document["chain_id"] = "acme-net-1"
+    assert parse_genesis(json.dumps(document).encode()).accounts == devnet.accounts
     assert not any(path.suffix in (".key", ".keystore") for path in GENESIS_DIR.iterdir())
     assert not is_devnet_chain_id(testnet.chain_id)
