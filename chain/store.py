@@ -8,11 +8,20 @@ leaves the canonical chain).
 Opening checks the store's format, its genesis, and that the head and the
 finalized block, their states and their slices are all present and decode;
 a store that fails these checks raises `CorruptStore`, never starts silently.
+
+A write that fails (a full disk, an I/O error) raises `StorageError` naming
+the directory, what was written and why ("writing height 12: ... No space
+left on device"), and changes nothing the store reads back: LevelDB applies a
+batch to its view only once the batch is in its log. The store then refuses
+every later write (a failed append may leave a torn record at the log's end,
+harmless there, which a later append would bury mid-log); reopening it after
+space is freed recovers the last complete batch (the failed one too, if its
+record reached the log whole before the error).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import plyvel
@@ -28,6 +37,11 @@ class CorruptStore(Exception):
     """The database is unreadable or inconsistent."""
 
 
+class StorageError(Exception):
+    """A write to the database failed (a full disk, an I/O error): the store's view
+    is as before the write, and the store refuses later writes until reopened."""
+
+
 class ChainDB:
     """Blocks, states and the canonical chain of one network."""
 
@@ -40,6 +54,8 @@ class ChainDB:
         except plyvel.IOError as error:
             raise CorruptStore(f"{path}: cannot open LevelDB: {error}") from None
         self.path = path
+        self.failure: str | None = None
+        """Why a write failed, once one has (later writes are refused)."""
         stored_format = self.db.get(schema.META_FORMAT)
         try:
             if stored_format is None:
@@ -54,13 +70,15 @@ class ChainDB:
         self.db.close()
 
     def _initialize(self, genesis_hash: bytes, genesis: Block, state: State) -> None:
-        with self.db.write_batch(transaction=True, sync=True) as batch:
+        def fill(batch: plyvel.WriteBatch) -> None:
             self._put_block(batch, genesis, state)
             batch.put(schema.canonical_key(0), genesis.hash)
             batch.put(schema.META_HEAD, genesis.hash)
             batch.put(schema.META_FINALIZED, genesis.hash)
             batch.put(schema.META_GENESIS, genesis_hash)
             batch.put(schema.META_FORMAT, schema.FORMAT_VERSION)
+
+        self._write("writing genesis", fill)
 
     def _check(self, stored_format: bytes, genesis_hash: bytes) -> None:
         if stored_format != schema.FORMAT_VERSION:
@@ -135,6 +153,20 @@ class ChainDB:
 
     # --- writes -----------------------------------------------------------------
 
+    def _write(self, what: str, fill: Callable[[plyvel.WriteBatch], None]) -> None:
+        """One atomic, synced batch filled by `fill`; StorageError if it fails or a write failed before."""
+        if self.failure is not None:
+            raise StorageError(
+                f"{self.path}: {what}: refused, an earlier write failed ({self.failure}); "
+                "restart the node once the disk is fixed"
+            )
+        try:
+            with self.db.write_batch(transaction=True, sync=True) as batch:
+                fill(batch)
+        except plyvel.Error as error:
+            self.failure = f"{what}: {describe_error(error)}"
+            raise StorageError(f"{self.path}: {self.failure}") from error
+
     def _put_block(self, batch: plyvel.WriteBatch, block: Block, state: State) -> None:
         batch.put(schema.block_key(block.hash), block.encode())
         batch.put(schema.state_key(block.hash), state.record())
@@ -145,8 +177,10 @@ class ChainDB:
     def import_decision(self, block: Block, state: State, commit: Commit, training_blocks: tuple[Block, ...]) -> None:
         """Store a decided block with its commit certificate and the training blocks
         it names, and make it the head and the finalized block, in one atomic batch.
-        A decided block is final: it extends the canonical chain, nothing leaves it."""
-        with self.db.write_batch(transaction=True, sync=True) as batch:
+        A decided block is final: it extends the canonical chain, nothing leaves it.
+        Raises StorageError if the write fails (see the module docstring)."""
+
+        def fill(batch: plyvel.WriteBatch) -> None:
             self._put_block(batch, block, state)
             for training in training_blocks:
                 batch.put(schema.block_key(training.hash), training.encode())
@@ -154,3 +188,11 @@ class ChainDB:
             batch.put(schema.canonical_key(block.header.height), block.hash)
             batch.put(schema.META_HEAD, block.hash)
             batch.put(schema.META_FINALIZED, block.hash)
+
+        self._write(f"writing height {block.header.height}", fill)
+
+
+def describe_error(error: plyvel.Error) -> str:
+    """LevelDB's message for `error` as text (plyvel gives it as bytes)."""
+    message = error.args[0] if error.args else error
+    return message.decode(errors="replace") if isinstance(message, bytes) else str(message)

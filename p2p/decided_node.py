@@ -9,6 +9,13 @@ certificate and the validator set that voted on it are read back, and the
 node resumes deciding the next height. Training blocks on the head and
 checked candidates live in memory only (a restarted node keeps new ones as they arrive).
 
+A write that fails (a full disk) raises `chain.store.StorageError` and leaves
+memory as the disk is: `import_decided` validates on a copy of the decided
+chain and advances the node only once the store holds the decision, and
+`store` (the voting's decision, which already advanced the decided chain)
+puts the decided head back to the stored one. The store then refuses every
+later write, so the node must stop; a restart reads back the last stored height.
+
 The networked node, the RPC and the miner share one `DecidedNode`; every
 method but `head` takes its lock.
 """
@@ -18,13 +25,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from chain.blocks import Block, DecidedBody, Kind
 from chain.encoding import DecodeError
 from chain.state import Account, State
-from chain.store import ChainDB, CorruptStore
+from chain.store import ChainDB, CorruptStore, StorageError
 from chain.votes import Commit
 from consensus.decided_chain import DecidedChain, Decision
 from consensus.decisions import get_validator_set
@@ -36,6 +43,7 @@ from consensus.rules import (
     genesis_block,
     genesis_state,
 )
+from consensus.voting import ValidatorSet
 from genesis import chunk_directory, load_genesis
 from training.data import load_split, seed_from_int
 from training.evaluate import default_backend
@@ -106,6 +114,8 @@ class DecidedNode:
         except CorruptStore:
             self.db.close()
             raise
+        self._stored: tuple[Decision, ValidatorSet | None] = (self.decided.head, self.decided.head_validators)
+        """The decided head the store holds, and the validators who voted on it."""
         self.decided.on_tick(int(time.time()))
 
     def _load_head(self, first_state: State) -> DecidedChain:
@@ -148,20 +158,51 @@ class DecidedNode:
     def import_decided(
         self, block: Block, commit: Commit, training_blocks: Mapping[bytes, Block] | None = None
     ) -> Decision:
-        """The next height is decided: validate the block and its certificate, store them."""
+        """The next height is decided: validate the block and its certificate, store them.
+        The node changes only once the store holds them: a failed write (StorageError)
+        leaves the decided chain, its kept training blocks and candidates as they were."""
         with self.lock:
-            decision = self.decided.on_decided(block, commit, training_blocks)
-            self.store(decision)
-            return decision
+            decided = self.decided
+            scratch = replace(
+                decided,
+                training=dict(decided.training),
+                candidates=dict(decided.candidates),
+                candidate_blocks=dict(decided.candidate_blocks),
+            )
+            decision = scratch.on_decided(block, commit, training_blocks)
+            self._write(decision, scratch.head_validators)
+            # Stored: advance the node's own decided chain, with the state just computed.
+            decided.candidates[block.hash] = decision.state
+            named = {training.hash: training for training in decision.training_blocks}
+            advanced = decided.on_decided(block, commit, named)
+            self._stored = (advanced, decided.head_validators)
+            return advanced
 
     def store(self, decision: Decision) -> None:
-        """Write a decision the decided chain already took (the voting's `Decided`)."""
-        assert decision.commit is not None
+        """Write a decision the decided chain already took (the voting's `Decided`). If the
+        write fails (StorageError), the decided head goes back to the one stored."""
         with self.lock:
-            self.db.import_decision(decision.block, decision.state, decision.commit, decision.training_blocks)
-            now = time.time()
-            for block in (decision.block, *decision.training_blocks):
-                self.received_at.setdefault(block.hash, now)
+            stored, stored_validators = self._stored
+            if self.decided.head is decision:
+                validators = self.decided.head_validators
+            else:
+                validators = get_validator_set(stored.state, self.genesis)
+            try:
+                self._write(decision, validators)
+            except StorageError:
+                if self.decided.head is decision:
+                    self.decided.head, self.decided.head_validators = stored, stored_validators
+                raise
+
+    def _write(self, decision: Decision, validators: ValidatorSet | None) -> None:
+        """Store a decision (raises StorageError, changing nothing, if the write fails)."""
+        if decision.commit is None:
+            raise ValueError(f"decision at height {decision.block.header.height}: no commit certificate")
+        self.db.import_decision(decision.block, decision.state, decision.commit, decision.training_blocks)
+        self._stored = (decision, validators)
+        now = time.time()
+        for block in (decision.block, *decision.training_blocks):
+            self.received_at.setdefault(block.hash, now)
 
     # --- reads ------------------------------------------------------------------
 

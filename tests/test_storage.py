@@ -25,6 +25,12 @@ from pathlib import Path
 import pytest
 
 from chain.files import PUBLIC_MODE, SECRET_MODE, leftover_pattern, remove_leftovers, write_atomically
+from chain.store import StorageError
+from consensus.decisions import propose_decided_block
+from genesis import DEVNET
+from p2p.decided_node import DecidedNode
+from p2p.replay import replay_decided_chain
+from tests.chain_builders import Scenario, certificate, decide_next
 from tests.conftest import ROOT
 
 # --- a small disk --------------------------------------------------------------------
@@ -170,3 +176,75 @@ def test_a_write_to_a_full_disk_fails_naming_the_file_and_leaves_it_as_it_was(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     as_root(check_full_disk_write, tmp_path, request.node.nodeid)
+
+
+# --- a full disk under the decided node --------------------------------------------------
+
+
+def check_full_disk_under_the_decided_node(tmp_path: Path) -> None:
+    scenario = Scenario.create(tmp_path / "builder")
+    keys = scenario.validators
+    try:
+        with small_disk(tmp_path / "disk", "16m") as disk:
+            node = DecidedNode(DEVNET, disk / "node")
+            try:
+                filler = fill(disk, 350_000)  # room for one decided height with an update (about 225 kB)
+                failure, height = None, 0
+                while failure is None and height < 4:
+                    head = node.head()
+                    training = scenario.valid_training_block(head.block, head.state)
+                    assert node.on_training_block(training)
+                    stored = node.db.dump()
+                    try:
+                        decide_next(node, keys[height % 4], keys, training)
+                        height += 1
+                    except StorageError as error:
+                        failure = error
+                assert failure is not None, "the disk never filled up"
+                assert height >= 1, "the disk was full at the first height: the filler left too little room"
+                assert str(failure).startswith(f"{disk / 'node' / 'chain'}: writing height {height + 1}: IO error: ")
+                assert str(failure).endswith("No space left on device")
+
+                # Memory and disk in step: the node is exactly as before the failed write.
+                assert node.head() is head and head.block.header.height == height
+                assert list(node.decided.training) == [training.hash]
+                assert node.db.dump() == stored and node.db.head() == head.block.hash
+                assert node.block_at(height + 1) is None and not node.is_canonical(training)
+
+                # Later writes are refused with the first failure's reason; the voting's decision
+                # (the decided chain already advanced) is taken back.
+                with pytest.raises(StorageError, match=r"refused, an earlier write failed \(writing height"):
+                    decide_next(node, keys[height % 4], keys, training)
+                block = propose_decided_block(
+                    node.chain, head.block, head.state, keys[0], training, head.commit, node.decided.head_validators, ()
+                )
+                decision = node.decided.on_decided(block, certificate(node, block, keys), {training.hash: training})
+                with pytest.raises(StorageError, match="refused"):
+                    node.store(decision)
+                assert node.head() is head and node.db.dump() == stored
+            finally:
+                node.close()
+
+            filler.unlink()  # space freed: the node restarts at the last stored height, which replays
+            node = DecidedNode(DEVNET, disk / "node")
+            try:
+                assert node.head().block == head.block
+                first_state = node.db.state(node.genesis_block.hash)
+                replayed = replay_decided_chain(node.db, node.chain, node.genesis_block, first_state)
+                assert (replayed.head, replayed.state.root, replayed.decided_blocks) == (
+                    head.block,
+                    head.state.root,
+                    height,
+                )
+                block = decide_next(node, keys[height % 4], keys, None)
+                assert node.db.head() == block.hash and node.block_at(height + 1) == block
+            finally:
+                node.close()
+    finally:
+        scenario.node.close()
+
+
+def test_a_full_disk_under_the_decided_node_leaves_memory_and_disk_in_step(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    as_root(check_full_disk_under_the_decided_node, tmp_path, request.node.nodeid)
