@@ -240,6 +240,7 @@ NODE_DEFAULTS: dict[str, object] = {
     "threads": None,
     "log_level": "info",
     "log_format": "text",
+    "admin_rpc": False,
     "adversary": "",
 }
 """Every `potchain node` setting: a TOML file (--config) sets any of them, flags override it."""
@@ -379,10 +380,12 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
 
     from p2p.backend import NetworkBackend
     from p2p.decided_node import DecidedNode
-    from p2p.rpc import RpcServer, load_or_create_token
+    from p2p.rpc import ADMIN_TOKEN_FILE, RpcServer, load_or_create_token
     from p2p.voting_node import VotingNode, VotingNodeConfig
 
     settings = node_settings(args)
+    if settings["adversary"] and not settings["admin_rpc"]:
+        raise UserError("--adversary is for simulations only: it needs --admin-rpc (the simulation mode)")
     if settings["log_level"] not in ("debug", "info", "warning", "error"):
         raise UserError(f"log_level must be debug, info, warning or error, got {settings['log_level']!r}")
     configure_logging(str(settings["log_level"]), str(settings["log_format"]))
@@ -430,6 +433,7 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
         host=str(settings["rpc_host"]),
         port=int(str(settings["rpc_port"])),
         token=load_or_create_token(datadir),
+        admin_token=load_or_create_token(datadir, ADMIN_TOKEN_FILE) if settings["admin_rpc"] else None,
     )
 
     async def started(network: VotingNode) -> None:
@@ -826,7 +830,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_node.add_argument("--threads", type=int, help="torch threads")
     run_node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     run_node.add_argument("--log-format", choices=("text", "json"))
-    run_node.add_argument("--adversary", help="SIMULATION ONLY: misbehave as this adversary (sim/adversaries.py)")
+    run_node.add_argument("--admin-rpc", action="store_true", default=None,
+                          help="simulations: serve /v1/admin/* with the token DATADIR/admin_token")  # fmt: skip
+    run_node.add_argument("--adversary", help="SIMULATION ONLY (needs --admin-rpc): misbehave as this adversary")
     run_node.set_defaults(handler=command_node)
 
     mine = commands.add_parser("mine", help="mine against a node's RPC (a GPU box can mine for a remote node)")

@@ -23,9 +23,11 @@ class NetworkBackend:
         return self.network.syncing
 
     def voting(self) -> dict[str, object]:
-        with self.node.lock:
-            machines = list(self.network.voting.machines.values())
-            height = self.network.voting.height
+        """Read without the node's lock (a worker thread holds it through whole evaluations):
+        a snapshot of the machines, each read once; a status may be a step behind."""
+        voting = self.network.voting
+        height = voting.height
+        machines = list(voting.machines.values())
         if not machines:
             return {"height": height, "round": 0, "step": "propose"}
         furthest = max(machines, key=lambda machine: (machine.round, machine.step))

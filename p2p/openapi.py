@@ -16,10 +16,13 @@ _REF = "#/components/schemas/"
 _ERROR_DESCRIPTIONS = {
     400: "Malformed input",
     401: "Missing or wrong bearer token",
+    403: "The mining token given to an admin endpoint",
     404: "Unknown object",
-    413: "Request body too large",
+    408: "The request body did not arrive in time (the connection is closed)",
     409: "Not possible on this node",
+    413: "Request body too large",
     422: "Invalid block",
+    503: "Busy: too many connections, requests or evaluations at once (see Retry-After)",
 }
 
 
@@ -382,20 +385,21 @@ def _responses(ok: Schema, *errors: int, ok_status: str = "200") -> Schema:
     for status in errors:
         responses[str(status)] = _json("Error", _ERROR_DESCRIPTIONS[status])
     responses["default"] = _json("Error", "Any other error (405 wrong method, 500 a bug)")
+    responses["503"] = _json("Error", _ERROR_DESCRIPTIONS[503])
     return responses
 
 
 def _admin_operation(operation_id: str, summary: str, field: str, schema: Schema, result: str) -> Schema:
-    """A token-guarded POST whose JSON body is one required field."""
+    """An admin-token-guarded POST whose JSON body is one required field."""
     body = {"type": "object", "required": [field], "properties": {field: schema}}
     answer = {"type": "object", "required": [field], "properties": {field: schema}, "additionalProperties": False}
     return {
         "operationId": operation_id,
         "summary": summary,
-        "security": [{"bearer": []}],
+        "security": [{"admin": []}],
         "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
         "responses": _responses(
-            {"description": result, "content": {"application/json": {"schema": answer}}}, 400, 401, 409
+            {"description": result, "content": {"application/json": {"schema": answer}}}, 400, 401, 403, 408, 409
         ),
     }
 
@@ -417,8 +421,11 @@ def _parameter(name: str, where: str, schema: Schema, description: str, required
     }
 
 
-def _binary() -> Schema:
-    return {"type": "string", "contentMediaType": "application/octet-stream"}
+def _binary(min_length: int = 0) -> Schema:
+    schema: Schema = {"type": "string", "contentMediaType": "application/octet-stream"}
+    if min_length:
+        schema["minLength"] = min_length
+    return schema
 
 
 def _block_ok() -> Schema:
@@ -428,7 +435,7 @@ def _block_ok() -> Schema:
     }
 
 
-def _paths() -> dict[str, Schema]:
+def _paths(admin: bool) -> dict[str, Schema]:
     height = _parameter("height", "query", {"type": "integer", "minimum": 0}, "A decided height (default: the head)")
     block_format = _parameter(
         "format",
@@ -469,10 +476,10 @@ def _paths() -> dict[str, Schema]:
         "any other kind, a block built on an earlier decided block, or one that breaks a rule is a 422 "
         "naming the rule",
         "security": [{"bearer": []}],
-        "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": _binary()}}},
-        "responses": _responses(_json("SubmitResult", "Kept (or already kept)"), 400, 401, 413, 422),
+        "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": _binary(1)}}},
+        "responses": _responses(_json("SubmitResult", "Kept (or already kept)"), 400, 401, 408, 413, 422),
     }
-    return {
+    paths: dict[str, Schema] = {
         "/health": {"get": _operation("health", "Readiness for load balancers", health)},
         "/v1/status": {
             "get": _operation("status", "Head (final), voting and losses", _responses(_json("Status", "OK")))
@@ -517,6 +524,21 @@ def _paths() -> dict[str, Schema]:
                 _responses(_json("NodeInfo", "OK")),
             )
         },
+        "/openapi.json": {
+            "get": _operation(
+                "openapi",
+                "This document",
+                {
+                    "200": {
+                        "description": "OpenAPI 3.1 document",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "503": _json("Error", _ERROR_DESCRIPTIONS[503]),
+                },
+            )
+        },
+    }
+    admin_paths = {
         "/v1/admin/link-delay": {
             "post": _admin_operation(
                 "setLinkDelay",
@@ -531,27 +553,19 @@ def _paths() -> dict[str, Schema]:
                 "setBlockedPeers",
                 "Refuse exactly these peers (partitions a test network)",
                 "peers",
-                {"type": "array", "items": {"type": "string"}},
+                {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 128}},
                 "The peers now refused",
             )
         },
-        "/openapi.json": {
-            "get": _operation(
-                "openapi",
-                "This document",
-                {
-                    "200": {
-                        "description": "OpenAPI 3.1 document",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
-                    }
-                },
-            )
-        },
     }
+    return paths | admin_paths if admin else paths
 
 
-def openapi_document() -> Schema:
-    """The OpenAPI 3.1 description of every RPC endpoint."""
+def openapi_document(admin: bool = False) -> Schema:
+    """The OpenAPI 3.1 description of every endpoint a server serves (the admin ones only when on)."""
+    schemes = {"bearer": {"type": "http", "scheme": "bearer", "description": "The mining token, DATADIR/rpc_token"}}
+    if admin:
+        schemes["admin"] = {"type": "http", "scheme": "bearer", "description": "The admin token, DATADIR/admin_token"}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -560,12 +574,14 @@ def openapi_document() -> Schema:
             "description": "Reads of a potchain node's chain, model and mining work, and training block "
             "submission. The chain decides one block per height by voting rounds; a decided block is final the "
             "moment it is decided, with its commit certificate (precommits from at least 2/3 of the stake in "
-            "one round), so the finalized block is the head. Errors are JSON {error}. Write endpoints need "
-            "Authorization: Bearer <datadir/rpc_token>.",
+            "one round), so the finalized block is the head. Errors are JSON {error}; a busy node answers 503 "
+            "with Retry-After. Block submission needs Authorization: Bearer <datadir/rpc_token>; the admin "
+            "endpoints (/v1/admin/*, served only by a node started with --admin-rpc) need Bearer "
+            "<datadir/admin_token>.",
         },
-        "paths": _paths(),
+        "paths": _paths(admin),
         "components": {
             "schemas": {**_block_schemas(), **_node_schemas()},
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": schemes,
         },
     }

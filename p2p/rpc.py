@@ -2,10 +2,15 @@
 and block submission, served by aiohttp.
 
 libp2p runs on trio in the main thread; the RPC runs its own asyncio loop in
-its own thread. Every call into the node (which may wait on its lock or run
-an evaluation) goes to the server's thread pool, so the loop never blocks.
-Errors are JSON `{"error": message}` with a 4xx status; a 500 is a bug.
-Bytes are lowercase hex; the paths and schemas are in `p2p.openapi`.
+its own thread. Every call into the node (which may wait on its lock) goes to
+the server's thread pool, so the loop never blocks. Model evaluations and
+weights encodings run on the RPC's own evaluator, outside the node's lock,
+one at a time, cached by block hash (`ExpensiveReads`). Slow or idle clients
+are cut off and the connections and requests served at once are bounded
+(`RpcLimits`). The admin endpoints exist only with an admin token.
+Errors are JSON `{"error": message}` with a 4xx status (503 when busy); a
+500 is a bug. Bytes are lowercase hex; the paths and schemas are in
+`p2p.openapi`.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import logging
 import re
 import secrets
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -42,8 +48,9 @@ from chain.encoding import MAX_MESSAGE_BYTES, DecodeError
 from chain.files import SECRET_MODE, write_atomically
 from chain.state import Account, State
 from chain.votes import Commit, Proposal
-from consensus.rules import InvalidBlock
-from p2p.decided_node import DecidedNode, WorkAssignment
+from consensus.decided_chain import Decision
+from consensus.rules import Chain, InvalidBlock
+from p2p.decided_node import DecidedNode, WorkAssignment, mean_loss
 from p2p.openapi import openapi_document
 from training.weights import encode_weights
 
@@ -52,7 +59,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = MAX_MESSAGE_BYTES + (64 << 10)
 """Largest request body accepted: one encoded block and some slack."""
 TOKEN_FILE = "rpc_token"
-"""The write token's file name in the data directory."""
+"""The mining (write) token's file name in the data directory."""
+ADMIN_TOKEN_FILE = "admin_token"
+"""The admin token's file name in the data directory (used only with the admin endpoints on)."""
 MAX_HEIGHT = (1 << 63) - 1
 """Heights above this are never stored (and so unknown)."""
 
@@ -140,9 +149,10 @@ class LocalBackend:
 # --- The write token --------------------------------------------------------------
 
 
-def load_or_create_token(datadir: Path) -> str:
-    """The token in `datadir/rpc_token`, created (32 random bytes, hex, mode 0600) if absent."""
-    path = datadir / TOKEN_FILE
+def load_or_create_token(datadir: Path, name: str = TOKEN_FILE) -> str:
+    """The token in `datadir/name` (rpc_token: mining; admin_token: admin), created
+    (32 random bytes, hex, mode 0600) if absent."""
+    path = datadir / name
     try:
         token = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
@@ -245,10 +255,10 @@ def commit_view(commit: Commit, stakes: Mapping[bytes, int] | None) -> JSON:
     return view
 
 
-def status_view(backend: RpcBackend) -> JSON:
+def status_view(backend: RpcBackend, head: Decision, losses: tuple[float, float]) -> JSON:
+    """The node's status at `head`, with that head's (validation, test) losses."""
     node = backend.node
-    head = node.head()
-    validation_loss, test_loss = node.mean_losses(head.state)
+    validation_loss, test_loss = losses
     block, state = head.block, head.state
     return {
         "chain_id": node.genesis.chain_id,
@@ -299,9 +309,9 @@ def pending_view(block: Block) -> JSON:
     }
 
 
-def model_view(node: DecidedNode, block: Block, state: State) -> JSON:
+def model_view(node: DecidedNode, block: Block, state: State, losses: tuple[float, float]) -> JSON:
     config = node.genesis.model
-    validation_loss, test_loss = node.mean_losses(state)
+    validation_loss, test_loss = losses
     return {
         "height": block.header.height,
         "block_hash": block.hash.hex(),
@@ -373,10 +383,70 @@ def block_and_state(node: DecidedNode, height: int | None) -> tuple[Block, State
     return block, state
 
 
-def weights_file(node: DecidedNode, height: int | None) -> tuple[int, bytes]:
-    """(height, safetensors bytes) of the model at the head or after the block at `height`."""
-    block, state = block_and_state(node, height)
-    return block.header.height, encode_weights(node.weights_of(state))
+# --- Expensive reads --------------------------------------------------------------
+
+
+class ExpensiveReads:
+    """Model evaluations (the report losses) and weights encodings for the RPC.
+
+    They run on the RPC's own `Chain` (the node's evaluator and its caches
+    belong to the voting, under the node's lock), never under the node's
+    lock: the caller takes the block and state it needs from the node
+    quickly (a decided block's state is immutable) and evaluates here.
+    Answers are cached by block hash, the least recently used dropped past
+    `entries`; `compute_*` runs one at a time (the RPC server admits one
+    caller at a time, and waits on a cache hit for none)."""
+
+    def __init__(self, node: DecidedNode, entries: int) -> None:
+        if entries < 1:
+            raise ValueError(f"ExpensiveReads entries: got {entries}, want at least 1")
+        self.chain = Chain(
+            node.genesis,
+            node.chain.validation_text,
+            node.chain.test_text,
+            backend=node.chain.backend,
+            device=node.chain.device,
+        )
+        """The RPC's own evaluator (its `evaluations` counts what the RPC evaluated)."""
+        self.entries = entries
+        self._cache: OrderedDict[tuple[str, bytes], Any] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._compute_lock = threading.Lock()
+
+    def cached(self, what: str, block_hash: bytes) -> Any:
+        """A cached answer (`losses` or `weights`) for a block, or None."""
+        with self._cache_lock:
+            key = (what, block_hash)
+            if key not in self._cache:
+                return None
+            self._cache.move_to_end(key)
+            return self._cache[key]
+
+    def _keep(self, what: str, block_hash: bytes, value: Any) -> None:
+        with self._cache_lock:
+            self._cache[(what, block_hash)] = value
+            while len(self._cache) > self.entries:
+                self._cache.popitem(last=False)
+
+    def losses(self, block_hash: bytes, state: State) -> tuple[float, float]:
+        """(validation, test) nats per token of the model after a block on the report batches (seed 0)."""
+        with self._compute_lock:
+            found = self.cached("losses", block_hash)
+            if found is not None:
+                return tuple(found)
+            losses = (mean_loss(self.chain, state, "validation"), mean_loss(self.chain, state, "test"))
+            self._keep("losses", block_hash, losses)
+            return losses
+
+    def weights(self, block_hash: bytes, state: State) -> bytes:
+        """The safetensors encoding of the model after a block."""
+        with self._compute_lock:
+            found = self.cached("weights", block_hash)
+            if found is not None:
+                return bytes(found)
+            data = encode_weights(self.chain.weights(state))
+            self._keep("weights", block_hash, data)
+            return data
 
 
 # --- Input parsing -----------------------------------------------------------------
@@ -436,6 +506,42 @@ def parse_raw_format(request: web.Request) -> bool:
 
 # --- The server ----------------------------------------------------------------------
 
+RETRY_AFTER_SECONDS = 1
+"""The Retry-After of a 503 (too many connections, requests or evaluations at once)."""
+
+
+@dataclass(frozen=True)
+class RpcLimits:
+    """How much the RPC serves at once and how long it waits on a client, so that slow,
+    idle or too many clients cannot stall or exhaust it (tests/test_rpc.py)."""
+
+    max_connections: int = 128
+    """Connections open at once; one more is answered 503 with Retry-After and closed."""
+    max_in_flight: int = 32
+    """Requests being handled at once; one more is answered 503 with Retry-After."""
+    idle_seconds: float = 10.0
+    """A connection that sends no complete request head for this long is closed: an idle
+    keep-alive connection, or headers trickled a byte at a time."""
+    body_seconds: float = 10.0
+    """A request body not received whole within this is answered 408 and the connection closed."""
+    send_seconds: float = 30.0
+    """A connection whose client reads nothing of a response for this long is closed."""
+    evaluator_wait_seconds: float = 10.0
+    """How long a request waits for the evaluator (one evaluation or weights encoding at a time)
+    before it is answered 503 with Retry-After."""
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    """Largest request body; a larger one is answered 413."""
+    cache_entries: int = 16
+    """Evaluated losses and weights encodings kept by block hash (least recently used dropped)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_connections", "max_in_flight", "max_body_bytes", "cache_entries"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RpcLimits.{name}: got {getattr(self, name)}, want at least 1")
+        for name in ("idle_seconds", "body_seconds", "send_seconds", "evaluator_wait_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"RpcLimits.{name}: got {getattr(self, name)}, want more than 0")
+
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -444,7 +550,10 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except RpcError as error:
-        return error_response(error.status, error.message, error.headers)
+        response = error_response(error.status, error.message, error.headers)
+        if error.status == 408:  # the rest of the body may still come: the connection is done
+            response.force_close()
+        return response
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -462,8 +571,53 @@ def error_response(status: int, message: str, headers: Mapping[str, str] | None 
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+def busy_headers() -> dict[str, str]:
+    return {"Retry-After": str(RETRY_AFTER_SECONDS)}
+
+
+class Refused(asyncio.Protocol):
+    """A connection past `max_connections`: answered 503 with Retry-After, its write side
+    shut, what the client sends read and dropped, and closed a moment later (closing at once
+    with its request unread would reset it and lose the answer). Without a message (a flood
+    of connections), closed at once."""
+
+    def __init__(self, message: str | None, on_closed: Callable[[], None]) -> None:
+        self.message = message
+        self.on_closed = on_closed
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self.message is None:
+            transport.abort()
+            return
+        body = json.dumps({"error": self.message}).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Retry-After: {RETRY_AFTER_SECONDS}\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        transport.write(head.encode() + body)
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(1.0, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.on_closed()
+
+
 class RpcServer:
-    """The HTTP RPC on its own thread and asyncio loop; `start()`, then `stop()`."""
+    """The HTTP RPC on its own thread and asyncio loop; `start()`, then `stop()`.
+
+    With `admin_token` the admin endpoints (`/v1/admin/*`: partitions and link delays,
+    for simulations) are served and take that token, not the mining `token`;
+    without it they do not exist (404) and the OpenAPI document omits them."""
 
     def __init__(
         self,
@@ -472,29 +626,44 @@ class RpcServer:
         port: int = 0,
         *,
         token: str,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        admin_token: str | None = None,
+        limits: RpcLimits | None = None,
     ) -> None:
         if not token:
             raise ValueError("RpcServer needs a non-empty token")
+        if admin_token is not None and (not admin_token or admin_token == token):
+            raise ValueError("RpcServer: admin_token must be non-empty and differ from the mining token")
         self.backend = backend
         self.node = backend.node
         self.host = host
         self.port = port
         """The port asked for; after start(), the bound port."""
+        self.limits = limits or RpcLimits()
         self._token = token.encode()
-        self._openapi = openapi_document()
-        self.app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
+        self._admin_token = admin_token.encode() if admin_token is not None else None
+        self._openapi = openapi_document(admin=admin_token is not None)
+        self.reads = ExpensiveReads(self.node, self.limits.cache_entries)
+        """The evaluations and weights encodings the RPC serves, cached by block hash."""
+        self.app = web.Application(middlewares=[self._admit, json_errors], client_max_size=self.limits.max_body_bytes)
         self.app.add_routes(self._routes())
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rpc-worker")
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
+        self._evaluator: asyncio.Semaphore | None = None
+        self._in_flight = 0
+        self._refused = 0
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._stop_lock = threading.Lock()
 
+    @property
+    def admin(self) -> bool:
+        """Whether the admin endpoints are served."""
+        return self._admin_token is not None
+
     def _routes(self) -> list[web.RouteDef]:
-        return [
+        routes = [
             web.get("/health", self.health, allow_head=False),
             web.get("/v1/status", self.status, allow_head=False),
             web.get("/v1/blocks/head", self.head_block, allow_head=False),
@@ -507,10 +676,14 @@ class RpcServer:
             web.get("/v1/mining/work", self.work, allow_head=False),
             web.post("/v1/mining/submit", self.submit),
             web.get("/v1/node", self.node_info, allow_head=False),
-            web.post("/v1/admin/blocked-peers", self.blocked_peers),
-            web.post("/v1/admin/link-delay", self.link_delay),
             web.get("/openapi.json", self.openapi, allow_head=False),
         ]
+        if self.admin:
+            routes += [
+                web.post("/v1/admin/blocked-peers", self.blocked_peers),
+                web.post("/v1/admin/link-delay", self.link_delay),
+            ]
+        return routes
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -554,29 +727,136 @@ class RpcServer:
             loop.close()
 
     async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        runner = web.AppRunner(self.app, shutdown_timeout=5.0)
+        self._evaluator = asyncio.Semaphore(1)
+        limits = self.limits
+        # keepalive_timeout runs from a connection's start and from each answer, and closes a
+        # connection still waiting for a complete request head: idle and slow-header clients.
+        runner = web.AppRunner(
+            self.app,
+            shutdown_timeout=5.0,
+            keepalive_timeout=limits.idle_seconds,
+            lingering_time=min(limits.body_seconds, 2.0),
+            access_log=None,
+        )
         await runner.setup()
+        server = runner.server
+        assert server is not None
+        listener: asyncio.Server | None = None
+        watchdog: asyncio.Task[None] | None = None
+
+        def accept() -> asyncio.BaseProtocol:
+            if len(server.connections) < limits.max_connections:
+                return server()
+            if self._refused >= limits.max_connections:  # a flood: no answer either
+                return Refused(None, lambda: None)
+            self._refused += 1
+            message = f"busy: {limits.max_connections} connections open, the most this node serves; retry later"
+            return Refused(message, self._refused_closed)
+
         try:
-            await web.TCPSite(runner, self.host, self.port).start()
-            self.port = int(runner.addresses[0][1])
+            listener = await loop.create_server(accept, self.host, self.port, reuse_address=True, backlog=128)
+            self.port = int(listener.sockets[0].getsockname()[1])
+            watchdog = asyncio.create_task(self._watch_stalled_sends(server))
             self._ready.set()
             await self._stopping.wait()
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            if listener is not None:
+                listener.close()
             await runner.cleanup()
+
+    def _refused_closed(self) -> None:
+        self._refused -= 1
+
+    async def _watch_stalled_sends(self, server: web.Server) -> None:
+        """Close connections whose client has read nothing of an answer for `send_seconds`."""
+        loop = asyncio.get_running_loop()
+        since: dict[object, tuple[int, float]] = {}
+        while True:
+            await asyncio.sleep(min(1.0, self.limits.send_seconds / 4))
+            now = loop.time()
+            seen: dict[object, tuple[int, float]] = {}
+            for handler in server.connections:
+                transport = handler.transport
+                if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+                    continue
+                pending = transport.get_write_buffer_size()
+                if pending == 0:
+                    continue
+                previous = since.get(handler)
+                seen[handler] = (pending, now) if previous is None or pending < previous[0] else previous
+                if now - seen[handler][1] >= self.limits.send_seconds:
+                    log.info("RPC: closing a connection whose client read nothing for %s s", self.limits.send_seconds)
+                    transport.abort()
+            since = seen
+
+    @web.middleware
+    async def _admit(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The admin endpoints' 404 when they are off; a 503 past `max_in_flight` requests."""
+        if not self.admin and request.path.startswith("/v1/admin/"):
+            return error_response(
+                404, f"not found: {request.method} {request.path}: the admin endpoints are off (--admin-rpc)"
+            )
+        if self._in_flight >= self.limits.max_in_flight:
+            message = f"busy: {self._in_flight} requests in flight, the most this node serves at once; retry later"
+            return error_response(503, message, busy_headers())
+        self._in_flight += 1
+        try:
+            return await handler(request)
+        finally:
+            self._in_flight -= 1
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         """Run a blocking node call on the server's pool."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, partial(function, *args))
 
-    def _authorize(self, request: web.Request) -> None:
+    async def _expensive(self, what: str, block: Block, state: State) -> Any:
+        """Losses or a weights encoding after `block`: from the cache, or evaluated on the pool
+        (one at a time; a 503 if the evaluator stays taken for `evaluator_wait_seconds`)."""
+        found = self.reads.cached(what, block.hash)
+        if found is not None:
+            return found
+        assert self._evaluator is not None
+        try:
+            async with asyncio.timeout(self.limits.evaluator_wait_seconds):
+                await self._evaluator.acquire()
+        except TimeoutError:
+            message = f"busy: the evaluator stayed taken for {self.limits.evaluator_wait_seconds} s; retry later"
+            raise RpcError(503, message, busy_headers()) from None
+        try:
+            compute = self.reads.losses if what == "losses" else self.reads.weights
+            return await self._call(compute, block.hash, state)
+        finally:
+            self._evaluator.release()
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The request body; 408 (and the connection closed) if it does not arrive in `body_seconds`."""
+        try:
+            async with asyncio.timeout(self.limits.body_seconds):
+                return await request.read()
+        except TimeoutError:
+            raise RpcError(408, f"body: not received within {self.limits.body_seconds} s") from None
+
+    def _authorize(self, request: web.Request, admin: bool = False) -> None:
         scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
         challenge = {"WWW-Authenticate": "Bearer"}
         if scheme.lower() != "bearer" or not credentials.strip():
             raise RpcError(401, "missing bearer token (Authorization: Bearer <token>)", challenge)
-        if not hmac.compare_digest(credentials.strip().encode("utf-8", "surrogatepass"), self._token):
-            raise RpcError(401, "wrong bearer token", challenge)
+        given = credentials.strip().encode("utf-8", "surrogatepass")
+        if not admin:
+            if not hmac.compare_digest(given, self._token):
+                raise RpcError(401, "wrong bearer token", challenge)
+            return
+        assert self._admin_token is not None
+        if hmac.compare_digest(given, self._admin_token):
+            return
+        if hmac.compare_digest(given, self._token):
+            raise RpcError(403, "the admin endpoints take the admin token (DATADIR/admin_token), not the mining token")
+        raise RpcError(401, "wrong bearer token", challenge)
 
     # --- handlers -------------------------------------------------------------------
 
@@ -590,12 +870,13 @@ class RpcServer:
         return web.json_response({"status": "synced"})
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._call(status_view, self.backend))
+        head = self.node.head()
+        losses = await self._expensive("losses", head.block, head.state)
+        return web.json_response(await self._call(status_view, self.backend, head, losses))
 
     async def head_block(self, request: web.Request) -> web.Response:
         raw = parse_raw_format(request)
-        head = await self._call(self.node.head)
-        return await self._block_response(head.block, raw)
+        return await self._block_response(self.node.head().block, raw)
 
     async def block(self, request: web.Request) -> web.Response:
         ref = parse_block_ref(request.match_info["ref"])
@@ -614,18 +895,20 @@ class RpcServer:
     async def model(self, request: web.Request) -> web.Response:
         height = parse_height_query(request)
         block, state = await self._call(block_and_state, self.node, height)
-        return web.json_response(await self._call(model_view, self.node, block, state))
+        losses = await self._expensive("losses", block, state)
+        return web.json_response(await self._call(model_view, self.node, block, state, losses))
 
     async def weights(self, request: web.Request) -> web.Response:
-        height, data = await self._call(weights_file, self.node, parse_height_query(request))
-        disposition = f'attachment; filename="potchain-{height}.safetensors"'
+        block, state = await self._call(block_and_state, self.node, parse_height_query(request))
+        data = await self._expensive("weights", block, state)
+        disposition = f'attachment; filename="potchain-{block.header.height}.safetensors"'
         return web.Response(
             body=data, content_type="application/octet-stream", headers={"Content-Disposition": disposition}
         )
 
     async def account(self, request: web.Request) -> web.Response:
         address = parse_hex32(request.match_info["address"], "address")
-        account = await self._call(self.node.account, address)
+        account = self.node.head().state.accounts.get(address)  # an immutable decided state: no lock
         return web.json_response(account_view(address, account))
 
     async def peers(self, request: web.Request) -> web.Response:
@@ -637,7 +920,9 @@ class RpcServer:
 
     async def submit(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        data = await request.read()
+        data = await self._read_body(request)
+        if not data:
+            raise RpcError(400, "body: empty, want an encoded training block")
         try:
             block, known = await self._call(self.backend.submit_block, data)
         except DecodeError as error:
@@ -649,7 +934,7 @@ class RpcServer:
     async def _json_field(self, request: web.Request, name: str) -> Any:
         """One field of a JSON object body (None when the object lacks it); 400 if the body is not JSON."""
         try:
-            document = json.loads(await request.read())
+            document = json.loads(await self._read_body(request))
         except ValueError:
             raise RpcError(400, "body: not JSON") from None
         return document.get(name) if isinstance(document, dict) else None
@@ -658,17 +943,17 @@ class RpcServer:
         return web.json_response(await self._call(self.backend.node_info))
 
     async def blocked_peers(self, request: web.Request) -> web.Response:
-        """Replace the set of peers this node refuses (a network partition, for simulations and operators)."""
-        self._authorize(request)
+        """Replace the set of peers this node refuses (a network partition, for simulations)."""
+        self._authorize(request, admin=True)
         peers = await self._json_field(request, "peers")
         if not isinstance(peers, list) or not all(isinstance(p, str) and 0 < len(p) <= 128 for p in peers):
-            raise RpcError(400, 'body: want {"peers": [peer id, ...]}')
+            raise RpcError(400, 'body: want {"peers": [peer id (1 to 128 characters), ...]}')
         await self._call(self.backend.set_blocked_peers, peers)
         return web.json_response({"peers": sorted(set(peers))})
 
     async def link_delay(self, request: web.Request) -> web.Response:
         """Delay everything this node sends by a number of seconds (0 to 10; simulations)."""
-        self._authorize(request)
+        self._authorize(request, admin=True)
         seconds = await self._json_field(request, "seconds")
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds <= 10:
             raise RpcError(400, 'body: want {"seconds": 0 to 10}')

@@ -101,7 +101,7 @@ class Run:
         scenario = self.scenario
         listen = self.address(spec.index).rsplit("/p2p/", 1)[0]
         flags = ["--genesis", str(self.genesis_path), "--rpc-port", "0", "--threads", "1", "--listen", listen]
-        flags += ["--steps", str(scenario.steps), "--log-level", "info"]
+        flags += ["--steps", str(scenario.steps), "--log-level", "info", "--admin-rpc"]  # partitions, delays
         for validator in spec.validators:
             flags += ["--validator-key", f"devnet:validator-{validator}"]
         if spec.mine:
@@ -238,7 +238,7 @@ def free_port() -> int:
 
 
 def post_json(process: NodeProcess, path: str, document: object) -> Any:
-    token = (process.datadir / "rpc_token").read_text().strip()
+    token = (process.datadir / "admin_token").read_text().strip()  # the admin endpoints' own token
     request = urllib.request.Request(process.rpc + path, data=json.dumps(document).encode(), method="POST")
     request.add_header("Authorization", f"Bearer {token}")
     request.add_header("Content-Type", "application/json")

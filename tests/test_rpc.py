@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import stat
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +27,15 @@ from chain.blocks import Block, DecidedBody, TrainingBody, decode_block
 from chain.crypto import PrivateKey
 from genesis import DEVNET
 from p2p.decided_node import DecidedNode
-from p2p.rpc import DEFAULT_MAX_BODY_BYTES, LocalBackend, RpcServer, RpcStartError, load_or_create_token
+from p2p.rpc import (
+    ADMIN_TOKEN_FILE,
+    DEFAULT_MAX_BODY_BYTES,
+    LocalBackend,
+    RpcLimits,
+    RpcServer,
+    RpcStartError,
+    load_or_create_token,
+)
 from tests.chain_builders import Scenario, decide_next, rebuild
 from training.data import sample_batch, seed_from_int
 from training.evaluate import CanonicalEvaluator, make_backend
@@ -650,17 +661,34 @@ def test_wrong_method_and_unknown_route(net: Net) -> None:
     assert net.rpc.error("GET", "/nothing/here", 404) == "not found: GET /nothing/here"
 
 
-def test_openapi_lists_every_route(net: Net) -> None:
-    document = net.rpc.json("/openapi.json")
-    assert document["openapi"].startswith("3.1")
+def served_and_documented(server: RpcServer, document: dict[str, Any]) -> set[tuple[str, str]]:
+    """The (method, path) pairs the server routes, checked equal to those its document lists."""
     served = set()
-    for resource in net.server.app.router.resources():
+    for resource in server.app.router.resources():
         info = resource.get_info()
         for route in resource:
             served.add((route.method.lower(), info.get("path") or info["formatter"]))
     documented = {(m, p) for p, ops in document["paths"].items() for m in ops if m in HTTP_METHODS}
     assert served == documented
-    assert len(served) == 15
+    return served
+
+
+def test_openapi_lists_every_route(net: Net) -> None:
+    document = net.rpc.json("/openapi.json")
+    assert document["openapi"].startswith("3.1")
+    served = served_and_documented(net.server, document)
+    assert len(served) == 13 and not any(path.startswith("/v1/admin/") for _, path in served)
+    assert set(document["components"]["securitySchemes"]) == {"bearer"}
+    admin = RpcServer(LocalBackend(net.node), token="t", admin_token="a")
+    admin_rpc = Rpc(f"http://127.0.0.1:{admin.start()}", "t")
+    try:
+        with_admin = admin_rpc.json("/openapi.json")
+        assert len(served_and_documented(admin, with_admin)) == 15
+        assert set(with_admin["components"]["securitySchemes"]) == {"bearer", "admin"}
+        for path in ("/v1/admin/blocked-peers", "/v1/admin/link-delay"):
+            assert with_admin["paths"][path]["post"]["security"] == [{"admin": []}]
+    finally:
+        admin.stop()
     for path, operations in document["paths"].items():
         for operation in operations.values():
             in_path = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
@@ -677,19 +705,49 @@ def test_openapi_lists_every_route(net: Net) -> None:
             assert schema["required"] == list(schema["properties"]) and schema["additionalProperties"] is False
 
 
-def test_node_info_and_blocked_peers(net: Net) -> None:
+def test_node_info(net: Net) -> None:
     info = net.rpc.json("/v1/node", "NodeInfo")
     assert info == {"peer_id": None, "addresses": [], "rejections": [], "blocked_peers": [], "link_delay_seconds": 0.0}
+
+
+def test_admin_endpoints_are_off_unless_enabled(net: Net) -> None:
     rpc = net.rpc
-    body = json.dumps({"peers": ["12D3KooWexample"]}).encode()
-    assert "missing" in rpc.error("POST", "/v1/admin/blocked-peers", 401, body)
-    assert rpc.error("POST", "/v1/admin/blocked-peers", 400, b"not json", token=rpc.token) == "body: not JSON"
-    assert "want" in rpc.error("POST", "/v1/admin/blocked-peers", 400, b'{"peers": [1]}', token=rpc.token)
-    assert rpc.error("POST", "/v1/admin/blocked-peers", 409, body, token=rpc.token) == "this node has no network"
-    assert "missing" in rpc.error("POST", "/v1/admin/link-delay", 401, b'{"seconds": 1}')
-    assert "0 to 10" in rpc.error("POST", "/v1/admin/link-delay", 400, b'{"seconds": 11}', token=rpc.token)
-    assert "0 to 10" in rpc.error("POST", "/v1/admin/link-delay", 400, b'{"seconds": true}', token=rpc.token)
-    assert rpc.error("POST", "/v1/admin/link-delay", 409, b'{"seconds": 1}', token=rpc.token)
+    assert not net.server.admin
+    for path in ("/v1/admin/blocked-peers", "/v1/admin/link-delay"):
+        message = rpc.error("POST", path, 404, b'{"peers": []}', token=rpc.token)
+        assert message == f"not found: POST {path}: the admin endpoints are off (--admin-rpc)"
+    assert not (net.datadir / ADMIN_TOKEN_FILE).exists()  # a node without --admin-rpc makes no admin token
+
+
+def test_admin_token_is_its_own(net: Net, tmp_path: Path) -> None:
+    admin_token = load_or_create_token(tmp_path, ADMIN_TOKEN_FILE)
+    mining_token = load_or_create_token(tmp_path)
+    assert admin_token != mining_token and re.fullmatch(r"[0-9a-f]{64}", admin_token)
+    assert stat.S_IMODE((tmp_path / ADMIN_TOKEN_FILE).stat().st_mode) == 0o600
+    assert load_or_create_token(tmp_path, ADMIN_TOKEN_FILE) == admin_token
+    with pytest.raises(ValueError, match="differ from the mining token"):
+        RpcServer(LocalBackend(net.node), token="same", admin_token="same")
+
+    server = RpcServer(LocalBackend(net.node), token=mining_token, admin_token=admin_token)
+    rpc = Rpc(f"http://127.0.0.1:{server.start()}", mining_token)
+    try:
+        body = json.dumps({"peers": ["12D3KooWexample"]}).encode()
+        assert "missing" in rpc.error("POST", "/v1/admin/blocked-peers", 401, body)
+        assert "wrong" in rpc.error("POST", "/v1/admin/blocked-peers", 401, body, token="nope")
+        message = rpc.error("POST", "/v1/admin/blocked-peers", 403, body, token=mining_token)
+        assert message == "the admin endpoints take the admin token (DATADIR/admin_token), not the mining token"
+        assert "admin token" in rpc.error("POST", "/v1/admin/link-delay", 403, b'{"seconds": 1}', token=mining_token)
+        assert "wrong" in rpc.error("POST", "/v1/mining/submit", 401, net.next_training.encode(), token=admin_token)
+        bad = [(b"not json", "body: not JSON"), (b'{"peers": [1]}', "want"), (b'{"peers": [""]}', "1 to 128")]
+        for bad_body, reason in bad:
+            assert reason in rpc.error("POST", "/v1/admin/blocked-peers", 400, bad_body, token=admin_token)
+        assert rpc.error("POST", "/v1/admin/blocked-peers", 409, body, token=admin_token) == "this node has no network"
+        for seconds in (b"11", b"true", b"-1"):
+            delay = b'{"seconds": ' + seconds + b"}"
+            assert "0 to 10" in rpc.error("POST", "/v1/admin/link-delay", 400, delay, token=admin_token)
+        assert rpc.error("POST", "/v1/admin/link-delay", 409, b'{"seconds": 1}', token=admin_token)
+    finally:
+        server.stop()
 
 
 def test_admin_answers_match_the_document(net: Net) -> None:
@@ -702,18 +760,166 @@ def test_admin_answers_match_the_document(net: Net) -> None:
         def set_link_delay(self, seconds: float) -> None:
             applied.append(seconds)
 
-    server = RpcServer(Networked(net.node), token="t")
+    server = RpcServer(Networked(net.node), token="t", admin_token="a")
     rpc = Rpc(f"http://127.0.0.1:{server.start()}", "t")
-    paths = OPENAPI["paths"]
+    paths = rpc.json("/openapi.json")["paths"]
     try:
         for path, body, answer in [
             ("/v1/admin/blocked-peers", b'{"peers": ["b", "a", "b"]}', {"peers": ["a", "b"]}),
             ("/v1/admin/link-delay", b'{"seconds": 2}', {"seconds": 2.0}),
         ]:
-            reply = rpc.request("POST", path, body, token="t")
+            reply = rpc.request("POST", path, body, token="a")
             assert (reply.status, reply.json()) == (200, answer)
             schema = paths[path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
             conform(reply.json(), schema, OPENAPI)
     finally:
         server.stop()
     assert applied == [["b", "a", "b"], 2.0]
+
+
+# --- Expensive reads and limits ------------------------------------------------------------
+
+
+def test_expensive_reads_are_cached_and_run_outside_the_node_lock(net: Net) -> None:
+    server = RpcServer(LocalBackend(net.node), token="t")
+    rpc = Rpc(f"http://127.0.0.1:{server.start()}", "t")
+    evaluations = server.reads.chain.evaluations
+    node_evaluations = net.node.chain.evaluations
+    try:
+        first = rpc.json("/v1/model?height=1", "Model")
+        assert server.reads.chain.evaluations == evaluations + 2  # validation and test, on the RPC's evaluator
+        assert rpc.json("/v1/model?height=1", "Model") == first
+        assert server.reads.chain.evaluations == evaluations + 2  # the second answer comes from the cache
+        assert net.node.chain.evaluations == node_evaluations  # the node's evaluator (the voting's) is untouched
+        state = net.node.state_of(net.first.hash)
+        assert state is not None
+        assert [first["validation_loss"], first["test_loss"]] == list(net.node.mean_losses(state))
+
+        # With the node's lock held elsewhere (a worker thread evaluating a candidate, say), the
+        # head's status, model and weights still answer: nothing evaluates under the lock.
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with net.node.lock:
+                held.set()
+                release.wait(60)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait(10)
+        try:
+            started = time.monotonic()
+            status = rpc.json("/v1/status", "Status")
+            model = rpc.json("/v1/model", "Model")
+            weights = rpc.get("/v1/model/weights")
+            assert time.monotonic() - started < 10
+        finally:
+            release.set()
+            holder.join()
+        assert status["validation_loss"] == model["validation_loss"]
+        assert weights.body == encode_weights(net.node.weights_of(net.node.head().state))
+        evaluated = server.reads.chain.evaluations
+        assert rpc.get("/v1/model/weights").body == weights.body
+        assert rpc.json("/v1/status", "Status")["test_loss"] == status["test_loss"]
+        assert server.reads.chain.evaluations == evaluated
+    finally:
+        server.stop()
+
+
+def test_requests_past_the_in_flight_limit_get_503(net: Net) -> None:
+    entered, release = threading.Semaphore(0), threading.Event()
+
+    class Slow(LocalBackend):
+        def peers(self) -> list[dict[str, object]]:
+            entered.release()
+            release.wait(30)
+            return []
+
+    server = RpcServer(Slow(net.node), token="t", limits=RpcLimits(max_in_flight=2))
+    rpc = Rpc(f"http://127.0.0.1:{server.start()}", "t")
+    answers: list[int] = []
+    waiting = [threading.Thread(target=lambda: answers.append(rpc.request("GET", "/v1/peers").status)) for _ in "ab"]
+    try:
+        for thread in waiting:
+            thread.start()
+        assert entered.acquire(timeout=10) and entered.acquire(timeout=10)
+        reply = rpc.request("GET", "/v1/status")
+        assert (reply.status, reply.headers["Retry-After"]) == (503, "1")
+        assert reply.json()["error"].startswith("busy: 2 requests in flight")
+    finally:
+        release.set()
+        for thread in waiting:
+            thread.join()
+    try:
+        assert answers == [200, 200]
+        assert rpc.get("/health").json() == {"status": "synced"}
+    finally:
+        server.stop()
+
+
+def raw_request(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send `data` on a new connection and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(data)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+        return received
+
+
+def closed_within(connection: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `connection` (reading whatever it sends) within `seconds`."""
+    connection.settimeout(seconds)
+    try:
+        while connection.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_slow_and_idle_clients_do_not_stall_the_rpc(net: Net) -> None:
+    limits = RpcLimits(max_connections=12, idle_seconds=1.0, body_seconds=1.0)
+    server = RpcServer(LocalBackend(net.node), token="t", limits=limits)
+    port = server.start()
+    rpc = Rpc(f"http://127.0.0.1:{port}", "t")
+    slow: list[socket.socket] = []
+    try:
+        rpc.json("/v1/status", "Status")  # the head's losses are cached: what follows times the limits only
+        for index in range(limits.max_connections):
+            connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if index % 3 == 1:  # slowloris: a request head that never ends
+                connection.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
+            elif index % 3 == 2:  # a body that never ends
+                head = "POST /v1/mining/submit HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n"
+                connection.sendall(f"{head}Content-Length: 1000\r\n\r\n".encode() + bytes(10))
+            slow.append(connection)  # index % 3 == 0: idle, sends nothing
+        time.sleep(0.2)
+
+        # Every connection is taken: the next one is answered 503 with Retry-After and closed.
+        busy = raw_request(port, b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert busy.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 1\r\n" in busy, busy[:300]
+        assert b"busy: 12 connections open" in busy
+
+        # A normal client retrying after Retry-After is answered within a few seconds: the idle and
+        # slow-header connections are closed after idle_seconds, the unfinished body gets a 408.
+        started = time.monotonic()
+        while True:
+            reply = rpc.request("GET", "/v1/status")
+            if reply.status != 503 or time.monotonic() - started > 10:
+                break
+            time.sleep(float(reply.headers["Retry-After"]) / 4)
+        assert reply.status == 200 and time.monotonic() - started < 4, (reply.status, time.monotonic() - started)
+        for index, connection in enumerate(slow):
+            assert closed_within(connection, 5), index
+        answered = raw_request(port, b"POST /v1/mining/submit HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n"
+                               b"Content-Length: 100\r\n\r\n" + bytes(5))  # fmt: skip
+        assert answered.startswith(b"HTTP/1.1 408 "), answered[:200]
+        assert b"body: not received within 1.0 s" in answered
+        assert rpc.get("/health").json() == {"status": "synced"}
+    finally:
+        for connection in slow:
+            connection.close()
+        server.stop()
