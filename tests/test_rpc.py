@@ -923,3 +923,12 @@ def test_slow_and_idle_clients_do_not_stall_the_rpc(net: Net) -> None:
         for connection in slow:
             connection.close()
         server.stop()
+
+
+def test_an_adversary_needs_the_admin_rpc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import node
+
+    assert node.main(["node", "--datadir", str(tmp_path), "--adversary", "equivocator"]) == 2
+    error = capsys.readouterr().err
+    assert "--adversary is for simulations only: it needs --admin-rpc" in error
+    assert not (tmp_path / "chain").exists()  # refused before anything started
