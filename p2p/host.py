@@ -13,7 +13,12 @@ measured problem):
   the adversarial simulation): such a stream is reset and its peer dropped,
   as the handler already does for the errors it expects; and a message that
   arrives while the Pubsub service shuts down no longer fails the node's
-  exit ("Nursery is closed to new arrivals").
+  exit ("Nursery is closed to new arrivals");
+- blacklisting a connected peer (how the node enforces a ban) resets its
+  pubsub stream and then deletes it from the peer table, which the
+  dead-peer handler may already have done meanwhile: the `KeyError` stopped
+  the Pubsub service and the node (seen in the hostile-peer tests); the
+  entry is now removed only if still there.
 
 GossipSub's own spam protection (10 messages a second per forwarder and
 topic, counting our own publishes) is off; the node rate-limits verification
@@ -22,6 +27,7 @@ work per peer itself (p2p/peers.py). Heartbeat: 1 s.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import secrets
@@ -74,6 +80,16 @@ def configure_libp2p() -> None:
             await stream.reset()
 
     setattr(Pubsub, "stream_handler", stream_handler)  # noqa: B010
+
+    async def teardown_if_connected(self: Pubsub, peer_id: Any) -> None:
+        stream = self.peers.get(peer_id)
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            self.peers.pop(peer_id, None)
+        self._forget_all_subscriptions(peer_id)
+
+    setattr(Pubsub, "_teardown_if_connected", teardown_if_connected)  # noqa: B010
     library_logger = logging.getLogger("libp2p")
     library_logger.propagate = True
     library_logger.setLevel(logging.WARNING)

@@ -2,7 +2,8 @@
 
 A peer's score starts at 0, falls with every fault it commits (more for one
 that breaks a consensus rule than for one that does not decode) and decays
-back toward 0 with a half-life of `SCORE_HALF_LIFE_SECONDS`, so an honest
+back toward 0 with a half-life of `SCORE_HALF_LIFE_SECONDS` (from a minute
+after its latest penalty), so an honest
 peer's rare mishap is forgotten and a hostile peer must keep paying. At
 `BAN_SCORE` or below the peer is banned for `BAN_SECONDS`: disconnected,
 its gossip dropped before it is read, its sync requests refused and its
@@ -33,6 +34,8 @@ BAN_SCORE = -100.0
 BAN_SECONDS = 600.0
 SCORE_HALF_LIFE_SECONDS = 300.0
 """A penalty halves every five minutes: an honest peer's occasional fault fades."""
+SCORE_GRACE_SECONDS = 60.0
+"""Decay starts this long after the latest penalty: penalties close together add up exactly."""
 
 PENALTY_MALFORMED = 20
 """A message that does not decode, or breaks the wire protocol."""
@@ -113,7 +116,7 @@ class PeerRecord:
 
     def score_at(self, now: float) -> float:
         """The score at `now`: its last value decayed toward 0 by the half-life."""
-        elapsed = max(0.0, now - self.score_updated)
+        elapsed = max(0.0, now - self.score_updated - SCORE_GRACE_SECONDS)
         return float(self.score_at_update * 0.5 ** (elapsed / SCORE_HALF_LIFE_SECONDS))
 
     @property
