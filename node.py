@@ -545,8 +545,11 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
                   load_split(genesis.dataset, directory, "test"), backend=default_backend(args.device),
                   device=args.device)  # fmt: skip
     train_text = load_split(genesis.dataset, directory, "train")
-    client = RpcClient(args.rpc, token)
-    status = client.get_json("/v1/status")
+    client = RpcClient(args.rpc, token)  # kept-alive connections; a refused connection or a broken GET is retried
+    try:
+        status = client.get_json("/v1/status")
+    except RpcClientError as error:
+        raise UserError(f"the node's RPC at {args.rpc}: {error}") from None
     if status["genesis_hash"] != genesis.hash:
         raise UserError(f"the node runs genesis {status['genesis_hash']}, this miner {genesis.hash}")
 

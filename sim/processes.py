@@ -2,8 +2,10 @@
 
 `NodeProcess` runs `potchain node` as a child process with its own data
 directory and log file; it reads the node's `node.json` (peer address and
-RPC URL, written once the node listens) and talks to it over HTTP. The
-devnet and the functional tests drive networks with these.
+RPC URL, written once the node listens) and talks to it over HTTP with the
+RPC client (p2p/rpc_client.py: kept-alive connections, a short retry of a
+connection refused). The devnet and the functional tests drive networks
+with these.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2p.rpc_client import RpcClient, RpcClientError
+
 ROOT = Path(__file__).resolve().parent.parent
+RPC_RETRIES = 2
+"""Retries of a request to a node process (a killed node must not hold the simulation up)."""
+RPC_BACKOFF_SECONDS = 0.2
 
 
 class NodeProcessError(Exception):
@@ -40,6 +45,8 @@ class NodeProcess:
     info: dict[str, Any] = field(default_factory=dict)
     """node.json: peer_id, addresses, rpc, pid."""
     terminated: bool = False
+    _client: RpcClient | None = field(default=None, repr=False)
+    """The RPC client of the node's current run (`client`)."""
 
     @property
     def log_path(self) -> Path:
@@ -80,17 +87,28 @@ class NodeProcess:
     def address(self) -> str:
         return str(self.info["addresses"][0])
 
+    @property
+    def client(self) -> RpcClient:
+        """The RPC client of this run of the node (a restarted node has another port)."""
+        if self._client is None or self._client.url != self.rpc:
+            if self._client is not None:
+                self._client.close()
+            self._client = RpcClient(self.rpc, retries=RPC_RETRIES, backoff=RPC_BACKOFF_SECONDS)
+        return self._client
+
     def get(self, path: str, timeout: float = 10) -> Any:
-        """GET a JSON document from the node's RPC."""
+        """GET a JSON document from the node's RPC (a 206 "syncing" answer too)."""
         try:
-            with urllib.request.urlopen(self.rpc + path, timeout=timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            if error.code == 206:
-                return json.loads(error.read())
-            raise NodeProcessError(f"{self.name} GET {path}: HTTP {error.code}: {error.read()[:200]!r}") from None
-        except (urllib.error.URLError, OSError) as error:
+            return self.client.get_json(path, timeout=timeout)
+        except RpcClientError as error:
             raise NodeProcessError(f"{self.name} GET {path}: {error}") from None
+
+    def post_json(self, path: str, document: object, token: str, timeout: float = 10) -> Any:
+        """POST a JSON document to the node's RPC with `token`; its JSON answer."""
+        try:
+            return self.client.post_json(path, document, token=token, timeout=timeout)
+        except RpcClientError as error:
+            raise NodeProcessError(f"{self.name} POST {path}: {error}") from None
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -149,7 +148,7 @@ class Run:
             for index in event.nodes:
                 try:
                     post_json(self.processes[index], "/v1/admin/link-delay", {"seconds": event.ms / 1000})
-                except OSError as error:
+                except (OSError, NodeProcessError) as error:
                     say(f"{self.elapsed:6.1f}s latency: {self.processes[index].name} did not answer: {error}")
         elif event.action in ("partition", "heal"):
             peer_ids = {i: p.info["peer_id"] for i, p in self.processes.items()}
@@ -162,7 +161,7 @@ class Run:
                     blocked = [peer_ids[j] for j in peer_ids if group_of.get(j, -1) != group_of.get(index, -2)]
                 try:
                     post_json(process, "/v1/admin/blocked-peers", {"peers": blocked})
-                except OSError as error:  # a node that is down misses the partition; it is reported
+                except (OSError, NodeProcessError) as error:  # a node that is down misses the partition; it is reported
                     say(f"{self.elapsed:6.1f}s {event.action}: {process.name} did not answer: {error}")
         self.timeline.append({
             "seconds": seconds, "action": event.action,
@@ -239,11 +238,7 @@ def free_port() -> int:
 
 def post_json(process: NodeProcess, path: str, document: object) -> Any:
     token = (process.datadir / "admin_token").read_text().strip()  # the admin endpoints' own token
-    request = urllib.request.Request(process.rpc + path, data=json.dumps(document).encode(), method="POST")
-    request.add_header("Authorization", f"Bearer {token}")
-    request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
+    return process.post_json(path, document, token)
 
 
 def in_parallel(function: Callable[[T], U], items: list[T], workers: int | None = None) -> list[U]:
