@@ -29,7 +29,7 @@ from chain.keystore import (
     read_plaintext_seed,
     write_keystore,
 )
-from chain.store import ChainDB, CorruptStore
+from chain.store import ChainDB, CorruptStore, StorageError
 from consensus.genesis import Genesis, GenesisError
 from consensus.proposals import propose_best_training_block
 from consensus.rules import Chain, genesis_block, genesis_state
@@ -918,7 +918,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, GenesisError, ChunkError, WeightsError, CorruptStore, ValueError) as error:
         print(f"potchain: error: {error}", file=sys.stderr)
         return 2
-    except NodeFailure as error:
+    except (NodeFailure, StorageError, OSError) as error:  # a disk that failed: its reason, not a traceback
         print(f"potchain: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

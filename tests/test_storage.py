@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import random
+import re
 import signal
 import stat
 import subprocess
@@ -30,8 +31,9 @@ from consensus.decisions import propose_decided_block
 from genesis import DEVNET
 from p2p.decided_node import DecidedNode
 from p2p.replay import replay_decided_chain
+from sim.processes import NodeProcess
 from tests.chain_builders import Scenario, certificate, decide_next
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_potchain
 
 # --- a small disk --------------------------------------------------------------------
 
@@ -248,3 +250,45 @@ def test_a_full_disk_under_the_decided_node_leaves_memory_and_disk_in_step(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     as_root(check_full_disk_under_the_decided_node, tmp_path, request.node.nodeid)
+
+
+# --- a full disk under `potchain node` ------------------------------------------------------
+
+NODE_FLAGS = ["--rpc-port", "0", "--threads", "1", "--steps", "4", "--mine", "--miner-key", "devnet:miner-0",
+              *[flag for index in range(4) for flag in ("--validator-key", f"devnet:validator-{index}")]]  # fmt: skip
+"""One node with the four devnet validators and a miner: it decides heights with updates alone."""
+
+
+def check_full_disk_under_a_node_process(tmp_path: Path) -> None:
+    datadir = tmp_path / "node"
+    process = NodeProcess("node", datadir, NODE_FLAGS)
+    with small_disk(datadir / "chain", "16m") as disk:  # the database alone: the log stays readable
+        try:
+            process.start()
+            process.wait_started()
+            filler = fill(disk, 350_000)  # room for about one more height with an update
+            assert process.process is not None
+            code = process.process.wait(timeout=400)
+        finally:
+            process.stop()
+        log = process.log_path.read_text()
+        decided = [int(height) for height in re.findall(r'msg="decided height (\d+) ', log)]
+        assert code == 1, log[-3000:]
+        assert f"potchain: error: stopped at height {decided[-1]}: " in log
+        assert f"{disk}: writing height {decided[-1] + 1}: IO error: " in log and "No space left on device" in log
+
+        filler.unlink()  # space freed: the store opens at the last height the node logged, and replays
+        node = DecidedNode(DEVNET, datadir)
+        try:
+            assert node.head().block.header.height == decided[-1], "memory and disk parted"
+        finally:
+            node.close()
+        replayed = run_potchain("replay", "--datadir", str(datadir))
+        assert replayed.returncode == 0, replayed.stderr
+        assert replayed.json()["decided_blocks"] == decided[-1]
+
+
+def test_a_full_disk_stops_a_node_process_with_its_reason_and_the_store_replays(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    as_root(check_full_disk_under_a_node_process, tmp_path, request.node.nodeid)
