@@ -25,9 +25,12 @@ from pathlib import Path
 
 import pytest
 
+from chain.blocks import Block
 from chain.files import PUBLIC_MODE, SECRET_MODE, leftover_pattern, remove_leftovers, write_atomically
+from chain.state import State
 from chain.store import StorageError
 from consensus.decisions import propose_decided_block
+from consensus.proposals import propose_training_block
 from genesis import DEVNET
 from p2p.decided_node import DecidedNode
 from p2p.replay import replay_decided_chain
@@ -130,6 +133,7 @@ def test_leftovers_of_killed_writes_are_removed_and_nothing_else(tmp_path: Path)
 WRITER = """
 import sys
 from pathlib import Path
+from chain.blocks import Block
 from chain.files import PUBLIC_MODE, write_atomically
 path, size = Path(sys.argv[1]), int(sys.argv[2])
 print("ready", flush=True)
@@ -183,6 +187,13 @@ def test_a_write_to_a_full_disk_fails_naming_the_file_and_leaves_it_as_it_was(
 # --- a full disk under the decided node --------------------------------------------------
 
 
+def quick_training_block(scenario: Scenario, parent: Block, state: State) -> Block:
+    """A valid training block of 3 optimizer steps (the devnet's difficulty needs no more)."""
+    values = scenario.trained_values(parent, state, steps=3)
+    timestamp = parent.header.timestamp + 10
+    return propose_training_block(scenario.chain, parent, state, scenario.miner, values, timestamp, 3)
+
+
 def check_full_disk_under_the_decided_node(tmp_path: Path) -> None:
     scenario = Scenario.create(tmp_path / "builder")
     keys = scenario.validators
@@ -194,7 +205,7 @@ def check_full_disk_under_the_decided_node(tmp_path: Path) -> None:
                 failure, height = None, 0
                 while failure is None and height < 4:
                     head = node.head()
-                    training = scenario.valid_training_block(head.block, head.state)
+                    training = quick_training_block(scenario, head.block, head.state)
                     assert node.on_training_block(training)
                     stored = node.db.dump()
                     try:
@@ -246,6 +257,7 @@ def check_full_disk_under_the_decided_node(tmp_path: Path) -> None:
         scenario.node.close()
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_the_decided_node_leaves_memory_and_disk_in_step(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -288,6 +300,7 @@ def check_full_disk_under_a_node_process(tmp_path: Path) -> None:
         assert replayed.json()["decided_blocks"] == decided[-1]
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_a_node_process_with_its_reason_and_the_store_replays(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
