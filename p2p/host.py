@@ -40,6 +40,7 @@ from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 
@@ -110,10 +111,23 @@ def load_or_create_node_key(path: Path) -> KeyPair:
     return create_new_key_pair(seed)
 
 
-def make_host(key_pair: KeyPair) -> IHost:
-    """A TCP host with Noise and Yamux (the defaults), identify and ping."""
+def make_host(key_pair: KeyPair, max_peers: int = 64) -> IHost:
+    """A TCP host with Noise and Yamux (the defaults), identify and ping.
+
+    Connections: at most `max_peers` before py-libp2p prunes (the node drops the
+    lowest-scored itself, p2p/voting_node.py), and twice that in all. py-libp2p's
+    auto-connector is off (no low watermark): it re-dialed every address in the
+    peer store, banned and departed peers included, hundreds at a time, and a
+    node full of such dials did not stop within a minute of SIGTERM; the node
+    dials its bootstrap peers itself."""
     configure_libp2p()
-    return new_host(key_pair=key_pair)
+    limits = ConnectionConfig(
+        max_connections=2 * max_peers,
+        high_watermark=max_peers,
+        low_watermark=0,
+        min_connections=0,
+    )
+    return new_host(key_pair=key_pair, connection_config=limits)
 
 
 def make_pubsub(host: IHost) -> tuple[Pubsub, GossipSub]:

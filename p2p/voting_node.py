@@ -56,6 +56,7 @@ from chain.blocks import MAX_TRAINING_PER_HEIGHT, Block, DecidedBody, Kind, Trai
 from chain.crypto import PrivateKey
 from chain.encoding import DecodeError, Fields, pack, unpack
 from chain.state import State
+from chain.store import StorageError
 from chain.votes import MAX_COMMIT_OBJECTS, Commit, Proposal, Vote, decode_commit
 from consensus.proposals import propose_best_training_block
 from consensus.rules import InvalidBlock, StaleBlock, UnknownParent, compute_assigned_slice, compute_training_seed
@@ -305,7 +306,7 @@ class VotingNode:
         return None
 
     async def run(self, on_started: Callable[[VotingNode], Awaitable[None] | None] | None = None) -> None:
-        host = make_host(load_or_create_node_key(self.node.datadir / "node_key"))
+        host = make_host(load_or_create_node_key(self.node.datadir / "node_key"), self.config.max_peers)
         pubsub, router = make_pubsub(host)
         self.host, self.pubsub = host, pubsub
         self.trio_token = trio.lowlevel.current_trio_token()
@@ -747,6 +748,8 @@ class VotingNode:
                 log.info("synced decided height %d from %s", block.header.height, peer)
         except (DecodeError, InvalidBlock) as error:
             self._reject(str(peer), "decided blocks", str(error), PENALTY_INVALID)
+        except StorageError as error:  # the disk failed: the store refuses every later write
+            self.fail(f"importing a decided height failed: {error}")
         except Exception as error:
             log.info("sync from %s failed: %s", peer, error)
         finally:

@@ -8,6 +8,8 @@ what it serves) and sends exactly what an attacker on the wire could:
   bodies it never serves;
 - `announce_invalid`: training blocks that cost a full evaluation to find
   false (the slice perturbed, the claimed loss off by one), served on request;
+  `announce_unevaluated` the same without evaluating anything itself (a
+  claimed gain with the true loss before: the verifier still evaluates);
 - `serve_bomb`: its status claims a far higher head, and its `decided`
   answer is a decode bomb (nested empty arrays);
 - `flood_sync`: sync requests as fast as the streams open;
@@ -15,7 +17,9 @@ what it serves) and sends exactly what an attacker on the wire could:
 - `send_oversized_frame`: a sync request frame announcing more than the limit.
 
 Each returns or records what it did, so a test can say how many messages it
-took the victim to ban it.
+took the victim to ban it. Fresh identities are cheap: a `HostilePeer` made
+with `source` (another hostile peer's node that follows the chain) neither
+syncs nor keeps a chain of its own, and forges on the source's head.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ import numpy as np
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
+from libp2p.pubsub.pb import rpc_pb2
 
 from chain.blocks import Block, Header, Kind, TrainingBody, body_hash, sign_block
 from chain.crypto import PrivateKey
 from chain.encoding import pack
 from consensus.proposals import propose_training_block
-from consensus.rules import compute_assigned_slice, compute_training_seed
+from consensus.rules import compute_assigned_slice, compute_training_seed, compute_validation_seed
 from p2p.decided_node import DecidedNode
 from p2p.voting_node import VotingNode, VotingNodeConfig
 from p2p.wire import (
@@ -77,13 +82,50 @@ def forge_costly_block(node: DecidedNode, key: PrivateKey, seed: int) -> Block:
     return sign_block(key, chain.domain, header, body)
 
 
+def forge_unevaluated_block(node: DecidedNode, key: PrivateKey, seed: int) -> Block:
+    """A training block on the node's head with a randomly perturbed slice, the true loss before
+    (the parent's, evaluated once per head and cached) and a claimed gain twice the difficulty:
+    the forger evaluates nothing per block, a verifier evaluates the perturbed model."""
+    with node.lock:
+        head = node.head()
+        parent, state, chain = head.block, head.state, node.chain
+        slice_id = compute_assigned_slice(parent.header, key.public_key, node.genesis.partition.slices)
+        values = chain.layout.extract(chain.weights(state), slice_id).astype(np.int32)
+        before = chain.loss(state, "validation", compute_validation_seed(parent.hash))
+    noise = np.random.default_rng(seed).integers(-3, 4, size=values.shape)
+    content = np.clip(values + noise, -32768, 32767).astype("<i2").tobytes()
+    body = TrainingBody(
+        slice_id=slice_id,
+        weights=content,
+        loss_before=before,
+        loss_after=before - 2 * max(1, state.difficulty),
+        steps=1,
+        data_seed=compute_training_seed(parent.hash, key.public_key),
+    )
+    header = Header(
+        chain_id=node.genesis.chain_id,
+        height=parent.header.height + 1,
+        parent=parent.hash,
+        kind=Kind.TRAINING,
+        timestamp=max(int(time.time()), parent.header.timestamp + 1),
+        proposer=key.public_key,
+        state_root=state.root,
+        body_hash=body_hash(body),
+    )
+    return sign_block(key, chain.domain, header, body)
+
+
 class HostilePeer(VotingNode):
     """See the module docstring. Run it like any node (`run`), bootstrapped to its victims."""
 
-    def __init__(self, node: DecidedNode, config: VotingNodeConfig, key: PrivateKey) -> None:
+    def __init__(
+        self, node: DecidedNode, config: VotingNodeConfig, key: PrivateKey, source: DecidedNode | None = None
+    ) -> None:
         super().__init__(node, config)
         self.key = key
         """The miner key its forged blocks are signed with."""
+        self.source = source or node
+        """The node whose decided head it forges on (its own, unless it is a fresh identity)."""
         self.served: dict[bytes, Block] = {}
         """Forged blocks it serves when asked."""
         self.bomb: bytes | None = None
@@ -102,6 +144,23 @@ class HostilePeer(VotingNode):
             return self.served[request.arguments[0]].encode()
         return super()._answer(request)
 
+    async def _sync_loop(self) -> None:
+        if self.source is self.node:
+            await super()._sync_loop()
+
+    async def _validate_voting_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
+        if self.source is self.node:
+            return await super()._validate_voting_message(forwarder, message)
+        return self._is_own(forwarder)  # a fresh identity follows nothing: it spends no work on the chain
+
+    async def _validate_block_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
+        if self.source is self.node:
+            return await super()._validate_block_message(forwarder, message)
+        return self._is_own(forwarder)
+
+    def _is_own(self, forwarder: ID) -> bool:
+        return self.host is not None and forwarder == self.host.get_id()
+
     def _unserved_block(self, parent: Block) -> Block:
         slice_id = compute_assigned_slice(parent.header, self.key.public_key, self.node.genesis.partition.slices)
         body = TrainingBody(
@@ -119,20 +178,20 @@ class HostilePeer(VotingNode):
             kind=Kind.TRAINING,
             timestamp=max(int(time.time()), parent.header.timestamp + 1),
             proposer=self.key.public_key,
-            state_root=self.node.decided.head.state.root,
+            state_root=self.source.decided.head.state.root,
             body_hash=body_hash(body),
         )
         return sign_block(self.key, self.node.chain.domain, header, body)
 
     async def announce_withheld(self) -> Block:
         """Announce a training block on our head that we never serve."""
-        block = self._unserved_block(self.node.decided.head.block)
+        block = self._unserved_block(self.source.decided.head.block)
         await self._publish(block_topic(self.chain_id), Announcement.of(block).encode())
         return block
 
     async def forge_invalid(self, seed: int) -> Block:
         """A training block on our head that costs a full evaluation to refute (not yet announced)."""
-        return await trio.to_thread.run_sync(forge_costly_block, self.node, self.key, seed)
+        return await trio.to_thread.run_sync(forge_costly_block, self.source, self.key, seed)
 
     async def announce_forged(self, block: Block) -> None:
         """Announce a forged block, and serve it when asked."""
@@ -142,6 +201,12 @@ class HostilePeer(VotingNode):
     async def announce_invalid(self, seed: int) -> Block:
         """Forge, announce and serve a training block that costs a full evaluation to refute."""
         block = await self.forge_invalid(seed)
+        await self.announce_forged(block)
+        return block
+
+    async def announce_unevaluated(self, seed: int) -> Block:
+        """Announce (and serve) a false training block forged without an evaluation of our own."""
+        block = await trio.to_thread.run_sync(forge_unevaluated_block, self.source, self.key, seed)
         await self.announce_forged(block)
         return block
 
