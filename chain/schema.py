@@ -33,3 +33,14 @@ def canonical_key(height: int) -> bytes:
 def commit_key(block_hash: bytes) -> bytes:
     """A decided block's commit certificate, by the block's hash."""
     return b"k:" + block_hash
+
+
+PENDING_PREFIX = b"p:"
+"""Blocks a key of this node signed for at the height being decided (see `pending_key`)."""
+
+
+def pending_key(height: int, block_hash: bytes) -> bytes:
+    """A block a key of this node signed a proposal or vote for at `height`, not decided (yet):
+    the candidate and the training blocks it names. Neither decided nor canonical (`b:` holds
+    those); 8-byte big-endian height first, so a decision deletes its height's and lower ones."""
+    return PENDING_PREFIX + height.to_bytes(8, "big") + block_hash

@@ -4,7 +4,11 @@ Every public write is one atomic, synced write batch: a decision stores the
 decided block, its state record, new slice contents, the training blocks it
 names, its commit certificate, the height index, the head and the finalized
 block together, or nothing at all (a decided block is final: nothing ever
-leaves the canonical chain).
+leaves the canonical chain); it also deletes the pending blocks of its
+height and below. Pending blocks (`keep_pending`) are the candidates a
+validator key of the node signed a proposal or vote for, with the training
+blocks they name, kept so that a validator locked on one still holds it
+after a restart; they are never decided or canonical blocks.
 Opening checks the store's format, its genesis, and that the head and the
 finalized block, their states and their slices are all present and decode;
 a store that fails these checks raises `CorruptStore`, never starts silently.
@@ -123,6 +127,23 @@ class ChainDB:
             raise DecodeError(f"state of {block_hash.hex()}: a slice does not match its hash")
         return state
 
+    def pending_block(self, height: int, block_hash: bytes) -> Block | None:
+        """A block kept pending at `height` (`keep_pending`), if there is one."""
+        data = self.db.get(schema.pending_key(height, block_hash))
+        return None if data is None else decode_block(data)
+
+    def has_pending(self, height: int, block_hash: bytes) -> bool:
+        """Whether a block is kept pending at `height` (without reading it: a training block is large)."""
+        return self._has(schema.pending_key(height, block_hash))
+
+    def pending_keys(self) -> list[tuple[int, bytes]]:
+        """(height, block hash) of every pending block, in key order."""
+        prefix = len(schema.PENDING_PREFIX)
+        return [
+            (int.from_bytes(key[prefix : prefix + 8], "big"), key[prefix + 8 :])
+            for key in self.db.iterator(prefix=schema.PENDING_PREFIX, include_value=False)
+        ]
+
     def slice_content(self, slice_hash: bytes) -> bytes | None:
         return self.db.get(schema.slice_key(slice_hash))  # type: ignore[no-any-return]
 
@@ -144,6 +165,10 @@ class ChainDB:
     def dump(self) -> list[tuple[bytes, bytes]]:
         """Every key and value, in key order (for tests and diagnostics)."""
         return list(self.db.iterator())
+
+    def _has(self, key: bytes) -> bool:
+        with self.db.iterator(start=key, include_value=False) as keys:
+            return next(keys, None) == key
 
     def _get(self, key: bytes) -> bytes:
         value = self.db.get(key)
@@ -188,8 +213,27 @@ class ChainDB:
             batch.put(schema.canonical_key(block.header.height), block.hash)
             batch.put(schema.META_HEAD, block.hash)
             batch.put(schema.META_FINALIZED, block.hash)
+            stop = schema.pending_key(block.header.height + 1, b"")
+            for key in self.db.iterator(start=schema.PENDING_PREFIX, stop=stop, include_value=False):
+                batch.delete(key)
 
         self._write(f"writing height {block.header.height}", fill)
+
+    def keep_pending(self, height: int, blocks: tuple[Block, ...]) -> None:
+        """Keep blocks pending at `height` (a candidate a validator key of the node signs for,
+        with the training blocks it names), each one not already kept, in one atomic batch;
+        the decision of `height` deletes them. Raises StorageError if the write fails."""
+        if height < 1:
+            raise ValueError(f"pending height: got {height}, want at least 1")
+        new = [block for block in blocks if not self.has_pending(height, block.hash)]
+        if not new:
+            return
+
+        def fill(batch: plyvel.WriteBatch) -> None:
+            for block in new:
+                batch.put(schema.pending_key(height, block.hash), block.encode())
+
+        self._write(f"keeping {len(new)} pending block(s) at height {height}", fill)
 
 
 def describe_error(error: plyvel.Error) -> str:

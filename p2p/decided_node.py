@@ -7,7 +7,10 @@ with its certificate and the training blocks it names. A decided block is
 final, so a restart needs no re-validation: the head, its state, its
 certificate and the validator set that voted on it are read back, and the
 node resumes deciding the next height. Training blocks on the head and
-checked candidates live in memory only (a restarted node keeps new ones as they arrive).
+checked candidates live in memory only (a restarted node keeps new ones as they arrive),
+except the candidates a validator key of the node signs for (`keep_signed`): those, with
+the training blocks they name, are written before the signature exists, so that a
+validator locked on a block still holds it after a restart (docs/spec.md, section 15).
 
 A write that fails (a full disk) raises `chain.store.StorageError` and leaves
 memory as the disk is: `import_decided` validates on a copy of the decided
@@ -194,6 +197,24 @@ class DecidedNode:
                     self.decided.head, self.decided.head_validators = stored, stored_validators
                 raise
 
+    def keep_signed(self, block_hash: bytes) -> None:
+        """A validator key of this node is about to sign a proposal or vote for a block of the
+        height being decided: keep the block, and the training blocks it names, pending on
+        disk (one synced batch; nothing if already kept), so that after a restart a key locked
+        on it still holds it. A block held nowhere (a message signed before a restart,
+        re-sent, or a valid value re-proposed that the quorum which prevoted it holds) has
+        nothing to keep. Raises StorageError if the write fails: the key must not sign."""
+        with self.lock:
+            height = self.decided.height
+            candidate = self.decided.candidate_blocks.get(block_hash)
+            if candidate is None or self.db.has_pending(height, block_hash):
+                return
+            block, training = candidate
+            named: tuple[Block, ...] = ()
+            if isinstance(block.body, DecidedBody):
+                named = tuple(training[verdict.training_block] for verdict in block.body.training)
+            self.db.keep_pending(height, (*named, block))
+
     def _write(self, decision: Decision, validators: ValidatorSet | None) -> None:
         """Store a decision (raises StorageError, changing nothing, if the write fails)."""
         if decision.commit is None:
@@ -223,14 +244,17 @@ class DecidedNode:
             return self.db.commit(block_hash)
 
     def block_by_hash(self, block_hash: bytes) -> Block | None:
-        """A stored block (decided or named training block), a kept training block, or a checked candidate."""
+        """A stored block (decided or named training block), a kept training block, a checked
+        candidate, or a block kept pending at the height being decided (`keep_signed`)."""
         with self.lock:
             if block_hash in self.decided.training:
                 return self.decided.training[block_hash]
             candidate = self.decided.candidate_blocks.get(block_hash)
             if candidate is not None:
                 return candidate[0]
-            return self.db.block(block_hash) if self.db.has_block(block_hash) else None
+            if self.db.has_block(block_hash):
+                return self.db.block(block_hash)
+            return self.db.pending_block(self.decided.height, block_hash)
 
     def is_canonical(self, block: Block) -> bool:
         """Decided (or named by a decided block), as opposed to kept or proposed only."""

@@ -70,7 +70,11 @@ class LocalVoting:
         """Voting with every key in `keys` on `node`'s decided chain, its signer record in the node's datadir."""
         record = SignerRecord.open(node.datadir / "signer")
         voting = NodeVoting(
-            node.decided, {key.public_key: key for key in keys}, record, node.genesis.consensus.timeouts
+            node.decided,
+            {key.public_key: key for key in keys},
+            record,
+            node.genesis.consensus.timeouts,
+            node.keep_signed,
         )
         return cls(node, voting)
 

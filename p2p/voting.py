@@ -8,7 +8,9 @@ certificate (signature, sender's stake) before any machine sees it, and
 turns the machines' actions into effects the transport carries out:
 
 - `Send`: a message to gossip, signed only after the key's signer state was
-  saved to disk (p2p/signer.py), so a restart never signs a conflicting one;
+  saved to disk (p2p/signer.py), so a restart never signs a conflicting one,
+  and, for a proposal or vote for a block, after the block was kept on disk
+  (`keep_signed`), so a restart never loses the block a key is locked on;
 - `SetTimer`: call `on_timeout` later;
 - `CheckCandidate`: fetch a proposed block (and the training blocks it names)
   and check it with `DecidedChain.on_candidate`, then call `on_block_checked`;
@@ -105,6 +107,10 @@ class NodeVoting:
     """The node's validator keys by public key."""
     record: SignerRecord
     timeouts: TimeoutParameters
+    keep_signed: Callable[[bytes], None]
+    """Called with a block's hash before a key of ours signs a proposal or vote for it: keeps the
+    block and the training blocks it names on disk (`DecidedNode.keep_signed`), so that after a
+    restart a key locked on it still holds it. If it raises (StorageError), nothing is signed."""
     machines: dict[bytes | None, HeightVoting] = field(default_factory=dict)
     """The machines of the height being decided: one per staked key of ours (None: a follower)."""
     waiting: list[Proposal | Vote | Commit] = field(default_factory=list)
@@ -283,6 +289,8 @@ class NodeVoting:
         return effects
 
     def _sign(self, key: bytes, machine: HeightVoting, message: Proposal | Vote) -> Proposal | Vote:
+        if message.block_hash is not None:
+            self.keep_signed(message.block_hash)
         self.record.save_before_signing(key, machine.signer_state(), message)
         domain = self.decided.chain.domain
         signed: Proposal | Vote

@@ -214,6 +214,7 @@ class VotingNode:
             {key.public_key: key for key in config.validator_keys},
             SignerRecord.open(node.datadir / "signer"),
             self.timeouts,
+            node.keep_signed,
         )
         self.host: IHost | None = None
         self.pubsub: Pubsub | None = None
@@ -418,14 +419,19 @@ class VotingNode:
         """Call into the node's voting (or the chain) holding the node's lock, in a worker
         thread: the lock may be held for whole evaluations (a candidate's check, a training
         block's), and the trio thread, which runs libp2p, must never wait on it. One call at a
-        time, in the order asked (the limiter is fair)."""
+        time, in the order asked (the limiter is fair). A failed write of a block a key was to
+        sign for (StorageError: nothing was signed) stops the node."""
 
         def locked() -> T:
             with self.node.lock:
                 self.voting.on_tick(int(time.time()))
                 return function(*arguments)
 
-        return await trio.to_thread.run_sync(locked, limiter=self._voting_limiter)
+        try:
+            return await trio.to_thread.run_sync(locked, limiter=self._voting_limiter)
+        except StorageError as error:  # the store refuses every later write: voting on would lose locks
+            self.fail(f"keeping a block to sign for failed: {error}")
+            raise
 
     async def _check_once(self, block_hash: bytes) -> None:
         """Check a candidate; a later `CheckCandidate` for it checks again only if this one failed."""

@@ -123,13 +123,19 @@ class Network:
         return block
 
 
+def keep_nothing(block_hash: bytes) -> None:
+    """These nodes' candidates live in memory only: a restarted one fetches them from the
+    others (`Network.fetch`); tests/test_locked_block.py keeps them on disk."""
+
+
 def make_member(scenario: Scenario, directory: Path, key: PrivateKey) -> Member:
     genesis, state = scenario.genesis()
     decided = DecidedChain.from_genesis(scenario.chain, genesis, state)
     decided.on_tick(genesis.header.timestamp + 10**6)
     directory.mkdir(parents=True, exist_ok=True)
     db = ChainDB(directory / "chain", bytes.fromhex(scenario.node.genesis.hash), genesis, state)
-    voting = NodeVoting(decided, {key.public_key: key}, SignerRecord.open(directory / "signer"), TIMEOUTS)
+    record = SignerRecord.open(directory / "signer")
+    voting = NodeVoting(decided, {key.public_key: key}, record, TIMEOUTS, keep_nothing)
     return Member(directory.name, voting, db, directory, key)
 
 
@@ -191,7 +197,7 @@ def test_a_node_restarted_in_the_middle_of_a_height_resumes_without_conflicts(ne
     decided.on_tick(genesis.header.timestamp + 10**6)
     for block in old.voting.decided.training.values():
         decided.on_training_block(block)
-    old.voting = NodeVoting(decided, {old.key.public_key: old.key}, record, TIMEOUTS)
+    old.voting = NodeVoting(decided, {old.key.public_key: old.key}, record, TIMEOUTS, keep_nothing)
     network.carry_out(0, old.voting.start(genesis.header.timestamp))
     for message in old.sent:
         check_signable(saved, message)
@@ -280,7 +286,8 @@ def test_one_node_holding_every_key_decides_with_signed_certificates(tmp_path: P
     scenario = Scenario.create(tmp_path / "builder")
     member = make_member(scenario, tmp_path / "node", scenario.validators[0])
     keys = {key.public_key: key for key in scenario.validators}
-    member.voting = NodeVoting(member.voting.decided, keys, SignerRecord.open(tmp_path / "node" / "all"), TIMEOUTS)
+    record = SignerRecord.open(tmp_path / "node" / "all")
+    member.voting = NodeVoting(member.voting.decided, keys, record, TIMEOUTS, keep_nothing)
     network = Network(scenario, [member])
     try:
         network.mine()
