@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from chain import schema
 from chain.blocks import Block, DecidedBody
 from chain.store import StorageError
 from consensus.decisions import propose_decided_block
@@ -21,7 +22,7 @@ from consensus.proposals import propose_training_block
 from genesis import DEVNET
 from node import validator_keys
 from p2p.decided_node import DecidedNode
-from p2p.localnet import LocalVoting
+from p2p.localnet import LocalVoting, Stalled
 from p2p.signer import SignerRecord
 from p2p.voting import BuildBlock
 from p2p.voting_node import VotingNode, VotingNodeConfig
@@ -76,6 +77,7 @@ def test_pending_blocks_are_found_after_reopening_pruned_by_the_decision_and_nev
         node.db.failure = "keeping 2 pending block(s) at height 1: IO error: No space left on device"
         node.keep_signed(candidate.hash)
         node.keep_signed(bytes(32))
+        node.db.keep_pending(1, (training_block, candidate))  # each block is written once
         with pytest.raises(StorageError, match="refused, an earlier write failed"):
             node.keep_signed(other.hash)
     finally:
@@ -110,13 +112,15 @@ def test_pending_blocks_are_found_after_reopening_pruned_by_the_decision_and_nev
         reopened.close()
 
 
+@pytest.mark.parametrize("pending_copy", ["kept", "lost"])
 def test_a_node_killed_before_storing_its_decision_restarts_locked_and_decides_the_same_block(
-    tmp_path: Path, training_block: Block, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, training_block: Block, monkeypatch: pytest.MonkeyPatch, pending_copy: str
 ) -> None:
-    """All four devnet validator keys in one node (localnet's voting): every key precommits the
-    height's block, the node dies as it writes the decision, and restarts from its store and its
-    signer record, every key locked on a block its memory lost. It fetches nothing (it has no
-    peers): it decides the block it locked on from the pending copy."""
+    """All four devnet validator keys in one node (localnet's voting): a quorum of keys precommits
+    the height's block, the node dies as it writes the decision, and restarts from its store and
+    its signer record, its keys locked on a block its memory lost. It fetches nothing (it has no
+    peers): it decides the block it locked on from the pending copy. Without that copy (as
+    before pending blocks were kept), the height never decides."""
     node = DecidedNode(DEVNET, tmp_path)
     keys = validator_keys(node.genesis)
     try:
@@ -137,13 +141,24 @@ def test_a_node_killed_before_storing_its_decision_restarts_locked_and_decides_t
     record = SignerRecord.open(tmp_path / "signer")
     locks = [state.locked_value if (state := record.load(key.public_key)) is not None else None for key in keys]
     assert locks.count(decided.hash) >= 3, locks  # a quorum (3 of 4) precommitted it: the height decided
+    kinds = {type(m).__name__ for key in keys if (state := record.load(key.public_key)) for m in state.sent}
+    signed_for = {m.block_hash for key in keys if (state := record.load(key.public_key)) for m in state.sent}
+    assert kinds == {"Proposal", "Vote"} and signed_for == {decided.hash}
 
     restarted = DecidedNode(DEVNET, tmp_path)
     try:
         assert restarted.head().block.header.height == 0 and not restarted.decided.candidate_blocks
+        assert sorted(restarted.db.pending_keys()) == sorted([(1, decided.hash), (1, training_block.hash)])
+        if pending_copy == "lost":
+            for height, block_hash in restarted.db.pending_keys():
+                restarted.db.db.delete(schema.pending_key(height, block_hash), sync=True)
         local = LocalVoting.open(restarted, keys)
         local.start()
-        decision = local.decide_height()  # raises Stalled without the pending copy
+        if pending_copy == "lost":
+            with pytest.raises(Stalled, match="height 1: not decided after 64 timeouts"):
+                local.decide_height()
+            return
+        decision = local.decide_height()
         assert decision.block == decided and decision.training_blocks == (training_block,)
         assert restarted.db.head() == decided.hash and restarted.db.pending_keys() == []
         assert isinstance(decided.body, DecidedBody) and decided.body.training[0].training_block == training_block.hash
