@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from chain.blocks import Block, DecidedBody, Kind
+from chain.blocks import Block, DecidedBody, Kind, TrainingBody
 from chain.encoding import DecodeError
 from chain.state import Account, State
 from chain.store import ChainDB, CorruptStore, StorageError
@@ -52,6 +53,13 @@ from training.data import load_split, seed_from_int
 from training.evaluate import default_backend
 from training.tables import LOSS_BITS
 from training.weights import CanonicalWeights
+
+MAX_RECENT_TRAINING_BYTES = 128 << 20
+"""Bytes of lately kept training blocks served after they leave the head."""
+
+
+def _weights_bytes(block: Block) -> int:
+    return len(block.body.weights) if isinstance(block.body, TrainingBody) else 0
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,10 @@ class DecidedNode:
         self.received_at: dict[bytes, float] = {}
         """Wall-clock time (Unix seconds) each block was first kept or stored here (since the start)."""
         self._losses: dict[bytes, tuple[float, float]] = {}
+        self._recent_training: OrderedDict[bytes, Block] = OrderedDict()
+        """Training blocks kept lately, served for a while after a decision clears them from the
+        head (an announcer must serve what it announced, even to a peer a height behind)."""
+        self._recent_training_bytes = 0
         first_state = genesis_state(self.genesis)
         self.genesis_block = genesis_block(self.genesis, first_state)
         self.db = ChainDB(datadir / "chain", bytes.fromhex(self.genesis.hash), self.genesis_block, first_state)
@@ -150,7 +162,16 @@ class DecidedNode:
             kept = self.decided.on_training_block(block)
             if kept:
                 self.received_at.setdefault(block.hash, time.time())
+                self._remember_training(block)
             return kept
+
+    def _remember_training(self, block: Block) -> None:
+        size = _weights_bytes(block)
+        self._recent_training[block.hash] = block
+        self._recent_training_bytes += size
+        while self._recent_training_bytes > MAX_RECENT_TRAINING_BYTES and len(self._recent_training) > 1:
+            _, oldest = self._recent_training.popitem(last=False)
+            self._recent_training_bytes -= _weights_bytes(oldest)
 
     def check_candidate(self, block: Block, training_blocks: Mapping[bytes, Block]) -> State:
         """Check a block proposed for the next height (raises InvalidBlock)."""
@@ -252,6 +273,8 @@ class DecidedNode:
             candidate = self.decided.candidate_blocks.get(block_hash)
             if candidate is not None:
                 return candidate[0]
+            if block_hash in self._recent_training:
+                return self._recent_training[block_hash]
             if self.db.has_block(block_hash):
                 return self.db.block(block_hash)
             return self.db.pending_block(self.decided.height, block_hash)

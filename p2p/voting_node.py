@@ -92,6 +92,9 @@ log = logging.getLogger("potchain.node")
 T = TypeVar("T")
 
 SYNC_INTERVAL = 2.0
+SHUTDOWN_GRACE_SECONDS = 5.0
+"""How long py-libp2p may take to close its connections once the node stops (dials to
+departed peers it starts while closing otherwise ran on for minutes)."""
 STATUS_TIMEOUT = 5.0
 """Seconds a peer has to answer a status request."""
 RESEND_INTERVAL = 3.0
@@ -221,6 +224,7 @@ class VotingNode:
         self.listen_addresses: list[str] = []
         self._tasks: trio.Nursery | None = None
         self._stop: trio.CancelScope | None = None
+        self._shutdown: trio.CancelScope | None = None
         self._checking: set[bytes] = set()
         self._voting_limiter = trio.CapacityLimiter(1)
         self._serving_limiter = trio.CapacityLimiter(MAX_SERVING)
@@ -251,9 +255,12 @@ class VotingNode:
         return str(self.host.get_id())
 
     def stop(self) -> None:
-        """Cancel the node's tasks (from the trio thread)."""
+        """Cancel the node's tasks (from the trio thread); py-libp2p then has
+        SHUTDOWN_GRACE_SECONDS to close its connections and services."""
         if self._stop is not None:
             self._stop.cancel()
+        if self._shutdown is not None:
+            self._shutdown.deadline = min(self._shutdown.deadline, trio.current_time() + SHUTDOWN_GRACE_SECONDS)
 
     async def stop_on_signals(self) -> None:
         """Stop on the first SIGINT or SIGTERM; later ones are noted, not obeyed
@@ -311,9 +318,14 @@ class VotingNode:
         pubsub, router = make_pubsub(host)
         self.host, self.pubsub = host, pubsub
         self.trio_token = trio.lowlevel.current_trio_token()
-        async with trio.open_nursery() as outer:
+        self._shutdown = trio.CancelScope()
+        with self._shutdown:
             listen = [multiaddr.Multiaddr(self.config.listen)]
-            async with host.run(listen_addrs=listen), background_trio_service(pubsub), background_trio_service(router):
+            async with (
+                host.run(listen_addrs=listen),
+                background_trio_service(pubsub),
+                background_trio_service(router),
+            ):
                 await pubsub.wait_until_ready()
                 host.set_stream_handler(TProtocol(sync_protocol(self.chain_id)), self._serve_sync)
                 self.listen_addresses = [str(address) for address in host.get_addrs()]
@@ -340,7 +352,6 @@ class VotingNode:
                         result = on_started(self)
                         if result is not None:
                             await result
-            outer.cancel_scope.cancel()
         pubsub.seen_messages.stop()
 
     def fail(self, reason: str) -> None:
@@ -571,8 +582,8 @@ class VotingNode:
                 if block is not None:
                     break
                 if announcement.header.parent == self.node.head().block.hash:
-                    self._reject(str(announcer), "block announcement", "announced a block it did not serve",
-                                 PENALTY_WITHHELD)  # fmt: skip
+                    reason = f"announced block {block_hash.hex()[:16]} and did not serve it"
+                    self._reject(str(announcer), "block announcement", reason, PENALTY_WITHHELD)
             if block is None or block.header != announcement.header:
                 return
             async with self._verifying_limiter:

@@ -674,6 +674,8 @@ def outcome_for(action: dict[str, Any], nodes: list[dict[str, Any]], chain: list
             action["outcome"] = f"named by the decided block at height {entry['height']}"
     elif expect == "not served":
         action["outcome"] = "never served: named by no decided block"
+        if rejected_by:
+            action["outcome"] += f"; the announcer penalized by {len(rejected_by)} honest node(s)"
     elif rejected_by:
         action["outcome"] = f"rejected by {len(rejected_by)} honest node(s)"
     elif banned_by:

@@ -2,12 +2,13 @@
 
 On every decided head it announces a training block (correctly signed; its
 body, never evaluated, claims an arbitrary gain) and answers every request
-for it with "not found". A node keeps and relays a training block only
-after fetching and checking it, so the announcement goes no further than
-the withholder's own peers, costs them one failed request each (a block
-that is not served is not provably malicious: no penalty), and no proposer
-can name the block: a decided block travels with the training blocks it
-names, and validators check them.
+for it with "not found". A node announces a training block only after
+fetching and checking it, so the announcement goes no further than the
+withholder's own peers; each of them asks for the block once and charges
+the withholder 25 points for not serving it (an honest node serves what it
+announced), so it is banned at its fourth; and no proposer can name the
+block: a decided block travels with the training blocks it names, and
+validators check them.
 """
 
 from __future__ import annotations
