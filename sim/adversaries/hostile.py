@@ -52,6 +52,7 @@ from p2p.wire import (
     sync_protocol,
     write_frame,
 )
+from sim.adversaries.withholder import unserved_training_block
 
 
 def decode_bomb(size: int) -> bytes:
@@ -161,31 +162,9 @@ class HostilePeer(VotingNode):
     def _is_own(self, forwarder: ID) -> bool:
         return self.host is not None and forwarder == self.host.get_id()
 
-    def _unserved_block(self, parent: Block) -> Block:
-        slice_id = compute_assigned_slice(parent.header, self.key.public_key, self.node.genesis.partition.slices)
-        body = TrainingBody(
-            slice_id=slice_id,
-            weights=os.urandom(2 * self.node.chain.layout.slice_size(slice_id)),
-            loss_before=2_000_000_000,
-            loss_after=1_000_000_000,
-            steps=1,
-            data_seed=compute_training_seed(parent.hash, self.key.public_key),
-        )
-        header = Header(
-            chain_id=self.node.genesis.chain_id,
-            height=parent.header.height + 1,
-            parent=parent.hash,
-            kind=Kind.TRAINING,
-            timestamp=max(int(time.time()), parent.header.timestamp + 1),
-            proposer=self.key.public_key,
-            state_root=self.source.decided.head.state.root,
-            body_hash=body_hash(body),
-        )
-        return sign_block(self.key, self.node.chain.domain, header, body)
-
     async def announce_withheld(self) -> Block:
         """Announce a training block on our head that we never serve."""
-        block = self._unserved_block(self.source.decided.head.block)
+        block = unserved_training_block(self.source, self.key, self.source.decided.head.block)
         await self._publish(block_topic(self.chain_id), Announcement.of(block).encode())
         return block
 

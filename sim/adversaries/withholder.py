@@ -19,7 +19,9 @@ import time
 import trio
 
 from chain.blocks import Block, Header, Kind, TrainingBody, body_hash, sign_block
+from chain.crypto import PrivateKey
 from consensus.rules import compute_assigned_slice, compute_training_seed
+from p2p.decided_node import DecidedNode
 from sim.adversaries.base import Adversary
 
 
@@ -38,26 +40,31 @@ class Withholder(Adversary):
             await self.announce(block, serve=False)
 
     def _unserved_block(self, parent: Block) -> Block:
-        node = self.node
-        slice_id = compute_assigned_slice(parent.header, self.key.public_key, node.genesis.partition.slices)
-        head = node.decided.head  # no lock: see Adversary.head_block
-        state = head.state if head.block.hash == parent.hash else None
-        body = TrainingBody(
-            slice_id=slice_id,
-            weights=os.urandom(2 * node.chain.layout.slice_size(slice_id)),
-            loss_before=2_000_000_000,
-            loss_after=1_000_000_000,
-            steps=1,
-            data_seed=compute_training_seed(parent.hash, self.key.public_key),
-        )
-        header = Header(
-            chain_id=node.genesis.chain_id,
-            height=parent.header.height + 1,
-            parent=parent.hash,
-            kind=Kind.TRAINING,
-            timestamp=max(int(time.time()), parent.header.timestamp + 1),
-            proposer=self.key.public_key,
-            state_root=state.root if state is not None else bytes(32),
-            body_hash=body_hash(body),
-        )
-        return sign_block(self.key, node.chain.domain, header, body)
+        return unserved_training_block(self.node, self.key, parent)
+
+
+def unserved_training_block(node: DecidedNode, key: PrivateKey, parent: Block) -> Block:
+    """A correctly signed training block on `parent` whose body (random weights, an arbitrary
+    claimed gain) nobody evaluated: announced and never served."""
+    slice_id = compute_assigned_slice(parent.header, key.public_key, node.genesis.partition.slices)
+    head = node.decided.head  # no lock: see Adversary.head_block
+    state = head.state if head.block.hash == parent.hash else None
+    body = TrainingBody(
+        slice_id=slice_id,
+        weights=os.urandom(2 * node.chain.layout.slice_size(slice_id)),
+        loss_before=2_000_000_000,
+        loss_after=1_000_000_000,
+        steps=1,
+        data_seed=compute_training_seed(parent.hash, key.public_key),
+    )
+    header = Header(
+        chain_id=node.genesis.chain_id,
+        height=parent.header.height + 1,
+        parent=parent.hash,
+        kind=Kind.TRAINING,
+        timestamp=max(int(time.time()), parent.header.timestamp + 1),
+        proposer=key.public_key,
+        state_root=state.root if state is not None else bytes(32),
+        body_hash=body_hash(body),
+    )
+    return sign_block(key, node.chain.domain, header, body)
