@@ -255,14 +255,20 @@ class DecidedNode:
         return self.decided.head
 
     def block_at(self, height: int) -> Block | None:
-        """The decided block at a height (genesis at 0), if decided."""
-        with self.lock:
-            block_hash = self.db.canonical_hash(height) if height >= 0 else None
-            return None if block_hash is None else self.db.block(block_hash)
+        """The decided block at a height (genesis at 0), if decided. Without the lock, like
+        every read of decided data only: a decided block is final, LevelDB reads are safe
+        beside writes, and a decision's batch lands whole (the sync server reads this way
+        so that serving peers never holds up the voting)."""
+        block_hash = self.db.canonical_hash(height) if height >= 0 else None
+        return None if block_hash is None else self.db.block(block_hash)
+
+    def stored_block(self, block_hash: bytes) -> Block | None:
+        """A decided block, or a training block a decided block names (without the lock)."""
+        return self.db.block(block_hash) if self.db.has_block(block_hash) else None
 
     def commit_of(self, block_hash: bytes) -> Commit | None:
-        with self.lock:
-            return self.db.commit(block_hash)
+        """A decided block's commit certificate (without the lock)."""
+        return self.db.commit(block_hash)
 
     def block_by_hash(self, block_hash: bytes) -> Block | None:
         """A stored block (decided or named training block), a kept training block, a checked
@@ -290,9 +296,8 @@ class DecidedNode:
             return dict(get_validator_set(self.db.state(block.header.parent), self.genesis).stakes)
 
     def slice_content(self, slice_hash: bytes) -> bytes | None:
-        """A slice's content by its SHA-256 (any stored state's)."""
-        with self.lock:
-            return self.db.slice_content(slice_hash)
+        """A slice's content by its SHA-256 (any stored state's; without the lock)."""
+        return self.db.slice_content(slice_hash)
 
     def state_of(self, block_hash: bytes) -> State | None:
         """The state after a decided block."""

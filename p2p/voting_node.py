@@ -64,7 +64,7 @@ from consensus.voting import InvalidVote, Step, TimeoutParameters
 from genesis import chunk_directory
 from p2p.decided_node import DecidedNode
 from p2p.host import load_or_create_node_key, make_host, make_pubsub
-from p2p.peers import PENALTY_FLOOD, PENALTY_INVALID, PENALTY_MALFORMED, PENALTY_WITHHELD, PeerBook
+from p2p.peers import PENALTY_FLOOD, PENALTY_INVALID, PENALTY_MALFORMED, PENALTY_WITHHELD, PeerBook, TokenBucket
 from p2p.signer import SignerRecord
 from p2p.sync import REQUEST_TIMEOUT, send_request
 from p2p.voting import BuildBlock, CheckCandidate, Decided, Effect, NodeVoting, Send, SetTimer
@@ -122,8 +122,14 @@ MAX_PENDING_PER_PEER = 4
 """Announcements of one peer fetched or checked at the same time; more are dropped unread."""
 MAX_RECEIVING = 256
 """Announced training blocks being fetched or checked at the same time, from all peers."""
-MAX_SERVING = 4
+MAX_SERVING = 2
 """Sync requests answered at the same time, from all peers (each in a worker thread)."""
+GLOBAL_REQUEST_BURST, GLOBAL_REQUEST_RATE = 128.0, 32.0
+"""Bulk sync requests (BULK_METHODS) answered from all peers together: at once, then per
+second (fresh identities each get a peer's budget; this bounds them together). A request over
+it is answered busy at no cost to its sender; `status` and `block`, small and on the voting's
+path, are outside it."""
+BULK_METHODS = frozenset({"headers", "blocks", "decided", "slice", "chunk"})
 
 
 @dataclass(frozen=True)
@@ -228,6 +234,7 @@ class VotingNode:
         self._checking: set[bytes] = set()
         self._voting_limiter = trio.CapacityLimiter(1)
         self._serving_limiter = trio.CapacityLimiter(MAX_SERVING)
+        self._requests = TokenBucket(GLOBAL_REQUEST_BURST, GLOBAL_REQUEST_RATE)
         self._verifying_limiter = trio.CapacityLimiter(1)
         self._receiving: dict[bytes, list[ID]] = {}
         """Announced training blocks being fetched or checked: who announced each (first first)."""
@@ -658,6 +665,9 @@ class VotingNode:
                     self._reject(peer, "sync request", str(error), PENALTY_MALFORMED)
                     await write_response(stream, ERROR, str(error).encode())
                     return
+                if request.method in BULK_METHODS and not self._requests.take():
+                    await write_response(stream, ERROR, b"busy: the node is answering too many requests")
+                    return
                 if not self.peers.take_request(peer):
                     self._reject(peer, "sync request", "busy: over the peer's request budget", PENALTY_FLOOD)
                     await write_response(stream, ERROR, b"busy: over your request budget, ask again later")
@@ -713,7 +723,7 @@ class VotingNode:
                 commit = None if block is None else node.commit_of(block.hash)
                 if block is None or commit is None or not isinstance(block.body, DecidedBody):
                     break
-                named = [node.block_by_hash(v.training_block) for v in block.body.training]
+                named = [node.stored_block(v.training_block) for v in block.body.training]
                 encoded, certificate = block.encode(), commit.encode()
                 training = [b.encode() for b in named if b is not None]
                 entry_size = len(encoded) + len(certificate) + sum(map(len, training)) + ENTRY_OVERHEAD
