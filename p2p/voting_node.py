@@ -236,6 +236,10 @@ class VotingNode:
         self._serving_limiter = trio.CapacityLimiter(MAX_SERVING)
         self._requests = TokenBucket(GLOBAL_REQUEST_BURST, GLOBAL_REQUEST_RATE)
         self._verifying_limiter = trio.CapacityLimiter(1)
+        self._asking: set[ID] = set()
+        """Peers whose status is being asked."""
+        self._heads: dict[ID, tuple[float, int]] = {}
+        """Per connected peer: when (trio time) it last reported its status, and its head height."""
         self._receiving: dict[bytes, list[ID]] = {}
         """Announced training blocks being fetched or checked: who announced each (first first)."""
         self._pending: dict[str, int] = {}
@@ -634,20 +638,29 @@ class VotingNode:
         return block
 
     async def _fetch_any(self, block_hash: bytes) -> Block | None:
-        """Ask every connected peer at once; the first to serve the block wins and the
-        other requests are cancelled (one slow or withholding peer delays nothing)."""
-        found: list[Block] = []
+        """Ask every connected peer at once; the first to serve the block wins (one slow or
+        withholding peer delays nothing). The requests run as tasks of the node, and this
+        waits only for the first block or for every request to end: a request py-libp2p holds
+        past its timeout (a shielded reset of a dead connection) holds up nothing here."""
+        assert self._tasks is not None
+        peers = self.connected_peers()
+        sender, receiver = trio.open_memory_channel[Block | None](len(peers))
 
-        async def ask(peer: ID, cancel: trio.CancelScope) -> None:
-            block = await self._fetch(peer, block_hash)
-            if block is not None and not found:
-                found.append(block)
-                cancel.cancel()
+        async def ask(peer: ID) -> None:
+            block = None
+            try:
+                block = await self._fetch(peer, block_hash)
+            finally:
+                sender.send_nowait(block)
 
-        async with trio.open_nursery() as nursery:
-            for peer in self.connected_peers():
-                nursery.start_soon(ask, peer, nursery.cancel_scope)
-        return found[0] if found else None
+        for peer in peers:
+            self._tasks.start_soon(self._guarded, ask, peer)
+        with trio.move_on_after(REQUEST_TIMEOUT + 1):
+            for _ in peers:
+                block = await receiver.receive()
+                if block is not None:
+                    return block
+        return None
 
     async def _serve_sync(self, stream: INetStream) -> None:
         """Answer one sync request, within the peer's budgets (p2p/peers.py): requests and bytes
@@ -735,30 +748,40 @@ class VotingNode:
         return None
 
     async def _sync_loop(self) -> None:
-        """Every SYNC_INTERVAL: ask every peer's status at once (each within STATUS_TIMEOUT, so
-        slow peers delay nothing), then import from the peers ahead of us, highest head first."""
+        """Every SYNC_INTERVAL: ask every peer's status (each in a task of its own, within
+        STATUS_TIMEOUT; one still unanswered is not asked again), then import from the peers
+        whose recent status is ahead of us, highest head first. Nothing here waits on a peer
+        that does not answer: py-libp2p may hold a stream to a dead connection past any timeout
+        while it resets it (shielded), and the loop must not hang with it."""
+        assert self._tasks is not None
         while True:
-            heads: dict[ID, int] = {}
-
-            async def ask(peer: ID, heads: dict[ID, int]) -> None:
-                try:
-                    with trio.fail_after(STATUS_TIMEOUT):
-                        payload = await self.request(peer, Request("status"))
-                    status = StatusMessage.decode(payload or b"")
-                except Exception as error:
-                    log.debug("status from %s failed: %s", peer, error)
-                    return
-                if status.genesis_hash.hex() == self.node.genesis.hash:
-                    heads[peer] = status.head_height
-                    self.peers.get(str(peer)).head_height = status.head_height
-
-            async with trio.open_nursery() as nursery:
-                for peer in self.connected_peers():
-                    nursery.start_soon(ask, peer, heads)
-            for peer in sorted(heads, key=lambda p: -heads[p]):
-                if heads[peer] >= self.voting.height and not self.peers.is_banned(str(peer)):
-                    await self._sync_from(peer)
+            for peer in self.connected_peers():
+                if peer not in self._asking:
+                    self._asking.add(peer)
+                    self._tasks.start_soon(self._guarded, self._ask_status, peer)
             await trio.sleep(SYNC_INTERVAL)
+            connected = set(self.connected_peers())
+            recent = trio.current_time() - (SYNC_INTERVAL + STATUS_TIMEOUT)
+            self._heads = {peer: seen for peer, seen in self._heads.items() if peer in connected}
+            ahead = [
+                peer for peer, (when, height) in self._heads.items() if when >= recent and height >= self.voting.height
+            ]
+            for peer in sorted(ahead, key=lambda p: -self._heads[p][1]):
+                if not self.peers.is_banned(str(peer)) and self._heads[peer][1] >= self.voting.height:
+                    await self._sync_from(peer)
+
+    async def _ask_status(self, peer: ID) -> None:
+        try:
+            with trio.fail_after(STATUS_TIMEOUT):
+                payload = await self.request(peer, Request("status"))
+            status = StatusMessage.decode(payload or b"")
+            if status.genesis_hash.hex() == self.node.genesis.hash:
+                self._heads[peer] = (trio.current_time(), status.head_height)
+                self.peers.get(str(peer)).head_height = status.head_height
+        except Exception as error:
+            log.debug("status from %s failed: %s", peer, error)
+        finally:
+            self._asking.discard(peer)
 
     async def _sync_from(self, peer: ID) -> None:
         """Import a peer's decided blocks above our head, each with its certificate; then vote on."""
