@@ -169,7 +169,8 @@ class PeerBook:
         """Lower a peer's score; True when that bans it."""
         now = time.time() if now is None else now
         record = self.get(peer_id)
-        record.score_at_update, record.score_updated = self.score(peer_id, now) - points, now
+        if points:
+            record.score_at_update, record.score_updated = self.score(peer_id, now) - points, now
         record.penalties = [*record.penalties[-(MAX_PENALTIES_KEPT - 1) :], (now, points, reason)]
         if record.score_at_update <= BAN_SCORE and record.banned_until <= now:
             record.banned_until = now + BAN_SECONDS

@@ -537,7 +537,14 @@ class VotingNode:
         try:
             effects = await self._voting_call(self.voting.on_message, decoded)
         except InvalidVote as error:
-            self._reject(peer, "voting message", str(error), PENALTY_INVALID)
+            # Only the message's originator answers for it: a node relays messages of heights it
+            # has not reached unchecked (it cannot check them), so an honest node a height behind
+            # relays what its peers then find invalid (a proposer of the new validator set, say).
+            origin = ID(message.from_id)
+            if origin == forwarder:
+                self._reject(peer, "voting message", str(error), PENALTY_INVALID)
+            else:
+                self._reject(peer, "voting message", f"{error} (relayed from {origin}: no penalty)", 0)
             return False
         await self._carry_out(effects)
         return True
