@@ -541,13 +541,25 @@ class VotingNode:
             # has not reached unchecked (it cannot check them), so an honest node a height behind
             # relays what its peers then find invalid (a proposer of the new validator set, say).
             origin = ID(message.from_id)
-            if origin == forwarder:
-                self._reject(peer, "voting message", str(error), PENALTY_INVALID)
-            else:
+            if origin != forwarder:
                 self._reject(peer, "voting message", f"{error} (relayed from {origin}: no penalty)", 0)
+            elif self._is_staked_proposal(decoded):
+                # A staked validator's signed proposal for a round that is not its turn in our view:
+                # its view of the height may differ from ours (it just caught up); not worth a ban.
+                self._reject(peer, "voting message", f"{error} (a validator's own proposal: no penalty)", 0)
+            else:
+                self._reject(peer, "voting message", str(error), PENALTY_INVALID)
             return False
         await self._carry_out(effects)
         return True
+
+    def _is_staked_proposal(self, message: Proposal | Vote | Commit) -> bool:
+        """A proposal signed by the validator it names, one with stake at our head."""
+        if not isinstance(message, Proposal):
+            return False
+        stakes = self.node.head().state.accounts
+        account = stakes.get(message.proposer)
+        return account is not None and account.stake > 0 and message.is_signed_by_proposer(self.node.chain.domain)
 
     async def _validate_block_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
         """An announcement is read at once and never waits for its body: a new training block on
