@@ -34,7 +34,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.pubsub.pb import rpc_pb2
 
-from chain.blocks import Block, Header, Kind, TrainingBody, body_hash, sign_block
+from chain.blocks import Block, Header, TrainingBody, body_hash, sign_block
 from chain.crypto import PrivateKey
 from chain.encoding import pack
 from consensus.proposals import propose_training_block
@@ -52,7 +52,7 @@ from p2p.wire import (
     sync_protocol,
     write_frame,
 )
-from sim.adversaries.withholder import unserved_training_block
+from sim.adversaries.withholder import sign_training_block, unserved_training_block
 
 
 def decode_bomb(size: int) -> bytes:
@@ -103,17 +103,7 @@ def forge_unevaluated_block(node: DecidedNode, key: PrivateKey, seed: int) -> Bl
         steps=1,
         data_seed=compute_training_seed(parent.hash, key.public_key),
     )
-    header = Header(
-        chain_id=node.genesis.chain_id,
-        height=parent.header.height + 1,
-        parent=parent.hash,
-        kind=Kind.TRAINING,
-        timestamp=max(int(time.time()), parent.header.timestamp + 1),
-        proposer=key.public_key,
-        state_root=state.root,
-        body_hash=body_hash(body),
-    )
-    return sign_block(key, chain.domain, header, body)
+    return sign_training_block(node, key, parent, state.root, body)
 
 
 class HostilePeer(VotingNode):

@@ -57,6 +57,13 @@ def unserved_training_block(node: DecidedNode, key: PrivateKey, parent: Block) -
         steps=1,
         data_seed=compute_training_seed(parent.hash, key.public_key),
     )
+    return sign_training_block(node, key, parent, state.root if state is not None else bytes(32), body)
+
+
+def sign_training_block(
+    node: DecidedNode, key: PrivateKey, parent: Block, state_root: bytes, body: TrainingBody
+) -> Block:
+    """`body` as a training block by `key` on `parent`, its header filled in and signed."""
     header = Header(
         chain_id=node.genesis.chain_id,
         height=parent.header.height + 1,
@@ -64,7 +71,7 @@ def unserved_training_block(node: DecidedNode, key: PrivateKey, parent: Block) -
         kind=Kind.TRAINING,
         timestamp=max(int(time.time()), parent.header.timestamp + 1),
         proposer=key.public_key,
-        state_root=state.root if state is not None else bytes(32),
+        state_root=state_root,
         body_hash=body_hash(body),
     )
     return sign_block(key, node.chain.domain, header, body)
