@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from chain.heldout import MAX_SHARD_SEQUENCES
 from consensus.voting import TimeoutParameters
 from training.data import SPLITS, DatasetManifest, Document
 from training.evaluate import ProgramBoundsError, validate_program_bounds
@@ -146,6 +147,18 @@ class GenesisAccount:
     """Initial balance."""
     stake: int
     """Initial stake (validators have stake > 0)."""
+    heldout: HeldOutCommitment | None = None
+    """A validator's commitment to its private held-out shard (None: it tests no training block)."""
+
+
+@dataclass(frozen=True)
+class HeldOutCommitment:
+    """What a validator's held-out shard is bound to before anyone trains (docs/spec.md, section 17)."""
+
+    root: bytes
+    """Merkle root of the shard's sequence leaves (chain/heldout.py)."""
+    sequences: int
+    """How many sequences the shard holds."""
 
 
 @dataclass(frozen=True)
@@ -376,13 +389,22 @@ def parse_genesis(raw: bytes) -> Genesis:
     for index, item in enumerate(root.array("accounts")):
         fields = _Reader(item, f"accounts[{index}]")
         key = fields.string("public_key", _HEX64)
-        accounts.append(
-            GenesisAccount(
-                public_key=bytes.fromhex(key),
-                balance=fields.integer("balance", 0, 2**62),
-                stake=fields.integer("stake", 0, 2**62),
+        heldout = None
+        if "heldout" in item:
+            shard = fields.object("heldout")
+            heldout = HeldOutCommitment(
+                bytes.fromhex(shard.string("root", _HEX64)), shard.integer("sequences", 1, MAX_SHARD_SEQUENCES)
             )
+            shard.done()
+        account = GenesisAccount(
+            public_key=bytes.fromhex(key),
+            balance=fields.integer("balance", 0, 2**62),
+            stake=fields.integer("stake", 0, 2**62),
+            heldout=heldout,
         )
+        if heldout is not None and account.stake == 0:
+            raise GenesisError(f"accounts[{index}].heldout: only a validator (stake > 0) holds a held-out shard")
+        accounts.append(account)
         fields.done()
     if len({account.public_key for account in accounts}) != len(accounts):
         raise GenesisError("accounts: a public key appears twice")
