@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -152,3 +153,53 @@ def test_transfer_time_counts_the_largest_slice() -> None:
     # 2 bytes a weight at 1 MB/s; the largest slice is at least the mean one.
     assert transfer_ms(devnet.config, devnet.slices) >= 2 * devnet.config.parameter_count() // devnet.slices // 1000
     assert transfer_ms(testnet.config, testnet.slices) == 6392
+
+
+def test_shipped_validators_carry_heldout_commitments() -> None:
+    for path in (DEVNET, TESTNET):
+        genesis = load_genesis(path)
+        validators = [account for account in genesis.accounts if account.stake > 0]
+        assert len(validators) == 4
+        assert all(account.heldout is not None and account.heldout.sequences > 0 for account in validators)
+        roots = {account.heldout.root for account in validators if account.heldout is not None}
+        assert len(roots) == 4, path  # every validator its own shard
+
+
+def with_account(change: Callable[[list[dict[str, Any]]], None]) -> bytes:
+    """The devnet document with its accounts changed in place by `change`."""
+    root = document()
+    change(root["accounts"])
+    return json.dumps(root).encode()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda accounts: accounts.append(
+                {"public_key": "ab" * 32, "balance": 5, "stake": 0, "heldout": {"root": "cd" * 32, "sequences": 9}}
+            ),
+            r"accounts\[4\].heldout: only a validator \(stake > 0\) holds a held-out shard",
+        ),
+        (lambda accounts: accounts[1]["heldout"].update(root="AB" * 32), r"accounts\[1\].heldout.root: 'ABAB"),
+        (lambda accounts: accounts[1]["heldout"].update(root="ab" * 31), r"accounts\[1\].heldout.root: 'abab"),
+        (lambda accounts: accounts[2]["heldout"].update(sequences=0), r"accounts\[2\].heldout.sequences: 0 outside"),
+        (
+            lambda accounts: accounts[2]["heldout"].update(sequences=2**20 + 1),
+            r"accounts\[2\].heldout.sequences: 1048577 outside \[1, 1048576\]",
+        ),
+        (lambda accounts: accounts[0]["heldout"].update(salt=1), r"accounts\[0\].heldout: unknown field 'salt'"),
+        (lambda accounts: accounts[0]["heldout"].pop("root"), r"accounts\[0\].heldout.root: missing"),
+        (lambda accounts: accounts[3].update(heldout=[1]), r"accounts\[3\].heldout: expected an object"),
+    ],
+)
+def test_bad_heldout_commitments_are_named(change: Callable[[list[dict[str, Any]]], None], message: str) -> None:
+    with pytest.raises(GenesisError, match=message):
+        parse_genesis(with_account(change))
+
+
+def test_heldout_is_optional_and_part_of_the_hash() -> None:
+    original = parse_genesis(DEVNET.read_bytes())
+    without = parse_genesis(with_account(lambda accounts: accounts[0].pop("heldout")))
+    assert without.accounts[0].heldout is None and without.hash != original.hash
+    assert without.accounts[1:] == original.accounts[1:]
