@@ -20,6 +20,7 @@ import numpy as np
 from chain.blocks import TrainingBody, decode_block
 from chain.crypto import PrivateKey, devnet_key
 from chain.files import PUBLIC_MODE, SECRET_MODE, write_atomically
+from chain.heldout import Shard, ShardError, load_shard, save_shard, shard_from_text
 from chain.keystore import (
     DEVNET_CHAIN_PREFIX,
     Keystore,
@@ -149,11 +150,13 @@ def command_localnet(args: argparse.Namespace) -> dict[str, object]:
                 raise UserError(f"{args.datadir}: {error}") from None
             body, height = decision.block.body, decision.block.header.height
             assert isinstance(body, DecidedBody)
-            test_gain = sum(verdict.gain for verdict in body.training)
+            test_gain = sum(body.gains().values())
             if confirms_update(decision.block):
                 confirmed += 1
                 for named in decision.training_blocks:
                     assert isinstance(named.body, TrainingBody)
+                    if named.hash != body.applied:
+                        continue
                     miner.published(named.body.slice_id, np.frombuffer(named.body.weights, dtype="<i2"))
             elif body.training:
                 print(f"[localnet] update rejected out of sample (test gain {test_gain})", file=sys.stderr)
@@ -738,6 +741,7 @@ def command_genesis_new(args: argparse.Namespace) -> dict[str, object]:
         parse_validator,
         read_validators_file,
         refuse_name_keys,
+        refuse_public_shards,
         shipped_documents,
     )
 
@@ -758,6 +762,7 @@ def command_genesis_new(args: argparse.Namespace) -> dict[str, object]:
         if args.validators_file is not None:
             accounts += read_validators_file(args.validators_file)
         refuse_name_keys(accounts)
+        refuse_public_shards(accounts, shipped_documents())
         network = dataclasses.replace(NETWORKS[args.model], chain_id=args.chain_id)
         document = genesis_document(network, shipped_documents(), accounts, timestamp)
     except ValidatorsError as error:
@@ -785,6 +790,62 @@ def command_genesis_new(args: argparse.Namespace) -> dict[str, object]:
         "total_stake": sum(account.stake for account in written.accounts),
         "chunk_directory": str(chunk_directory(out, written)),
     }
+
+
+# --- a validator's held-out shard ---------------------------------------------------
+
+
+def heldout_summary(shard: Shard, genesis: Genesis) -> dict[str, object]:
+    """What `potchain heldout` prints: the commitment for the genesis validators file, the
+    bytes a judged height reveals, and how many of the validator's judged heights the shard lasts."""
+    per_test = genesis.evaluation.test_sequences
+    return {"root": shard.root.hex(), "sequences": shard.count, "bytes_per_test": per_test * shard.sequence_bytes,
+            "tests": shard.count // per_test}  # fmt: skip
+
+
+def command_heldout_new(args: argparse.Namespace) -> dict[str, object]:
+    """Cut a validator's private text into a held-out shard file (mode 0600)."""
+    genesis = load_genesis(args.genesis)
+    out: Path = args.out
+    if out.exists() and not args.force:
+        raise UserError(f"{out}: the file exists; not overwriting a held-out shard (--force replaces it)")
+    if not out.resolve().parent.is_dir():
+        raise UserError(f"{out}: no such directory {out.resolve().parent}")
+    parts = []
+    for path in args.text:
+        try:
+            parts.append(path.read_bytes())
+        except OSError as error:
+            raise UserError(f"{path}: cannot read the text ({error.strerror})") from None
+    text = b"".join(parts)
+    sequence_bytes = genesis.model.context + 1
+    per_test = genesis.evaluation.test_sequences
+    if len(text) < per_test * sequence_bytes:
+        raise UserError(
+            f"--text: got {len(text):,} bytes, want at least {per_test * sequence_bytes:,}: a test reveals "
+            f"{per_test} sequences of {sequence_bytes} bytes (the model's context + 1)"
+        )
+    try:
+        shard = shard_from_text(text, sequence_bytes)
+    except ShardError as error:
+        raise UserError(f"--text: {error}") from None
+    save_shard(shard, out)
+    return heldout_summary(shard, genesis)
+
+
+def command_heldout_show(args: argparse.Namespace) -> dict[str, object]:
+    """An existing shard file's commitment and how many tests it lasts."""
+    genesis = load_genesis(args.genesis)
+    try:
+        shard = load_shard(args.path)
+    except ShardError as error:
+        raise UserError(str(error)) from None
+    if shard.sequence_bytes != genesis.model.context + 1:
+        raise UserError(
+            f"{args.path}: sequences of {shard.sequence_bytes} bytes, want {genesis.model.context + 1} "
+            f"(the context + 1 of {args.genesis})"
+        )
+    return heldout_summary(shard, genesis)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -897,16 +958,33 @@ def build_parser() -> argparse.ArgumentParser:
     genesis_parser = commands.add_parser("genesis", help="make the genesis of a new network")
     genesis_commands = genesis_parser.add_subparsers(dest="genesis_command", required=True, metavar="GENESIS_COMMAND")
     genesis_new = genesis_commands.add_parser("new", help="a genesis from the validators' public keys")
-    genesis_new.add_argument("--validator", action="append", metavar="PUBKEY_HEX:STAKE",
-                             help="a validator's public key (potchain keys show) and stake (repeatable)")  # fmt: skip
+    genesis_new.add_argument("--validator", action="append", metavar="PUBKEY_HEX:STAKE[:HELDOUT_ROOT:SEQUENCES]",
+                             help="a validator's public key (potchain keys show), stake, and held-out commitment "
+                                  "(potchain heldout new) (repeatable)")  # fmt: skip
     genesis_new.add_argument("--validators-file", type=Path,
-                             help='JSON {"validators": [{"public_key": HEX, "stake": N}, ...]}')  # fmt: skip
+                             help='JSON {"validators": [{"public_key": HEX, "stake": N, '
+                                  '"heldout": {"root": HEX, "sequences": N}}, ...]} (heldout optional)')  # fmt: skip
     genesis_new.add_argument("--chain-id", required=True, help="the network's name, part of every signature")
     genesis_new.add_argument("--out", type=Path, required=True, help="the genesis file to write (must not exist)")
     genesis_new.add_argument("--model", choices=("devnet", "testnet"), default="testnet",
                              help="the shipped network whose model and timeouts to use (default testnet)")  # fmt: skip
     genesis_new.add_argument("--timestamp", type=int, help="genesis time, Unix seconds (default: now)")
     genesis_new.set_defaults(handler=command_genesis_new)
+
+    heldout = commands.add_parser("heldout", help="a validator's private held-out shard: make one, show its root")
+    heldout_commands = heldout.add_subparsers(dest="heldout_command", required=True, metavar="HELDOUT_COMMAND")
+    heldout_new = heldout_commands.add_parser("new", help="cut private text into a shard file; print its commitment")
+    heldout_new.add_argument("--genesis", type=Path, required=True,
+                             help="the network's genesis (its context + 1 is the sequence length)")  # fmt: skip
+    heldout_new.add_argument("--text", type=Path, action="append", required=True,
+                             help="a file of private text, never published (repeatable, concatenated)")  # fmt: skip
+    heldout_new.add_argument("--out", type=Path, required=True, help="the shard file to write (mode 0600)")
+    heldout_new.add_argument("--force", action="store_true", help="replace an existing --out")
+    heldout_new.set_defaults(handler=command_heldout_new)
+    heldout_show = heldout_commands.add_parser("show", help="a shard file's commitment and how many tests it lasts")
+    heldout_show.add_argument("path", type=Path, help="the shard file (potchain heldout new)")
+    heldout_show.add_argument("--genesis", type=Path, required=True, help="the network's genesis")
+    heldout_show.set_defaults(handler=command_heldout_show)
     return parser
 
 

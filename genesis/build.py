@@ -36,7 +36,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from chain.crypto import devnet_key
-from chain.heldout import MAX_SHARD_SEQUENCES, devnet_shards
+from chain.heldout import MAX_SHARD_SEQUENCES, ShardError, devnet_shards
 from consensus.genesis import compute_timeouts
 from training.data import DatasetManifest, Document, chunk_document, load_split
 from training.model import ModelConfig
@@ -327,6 +327,30 @@ def shipped_accounts(name: str, documents: list[dict[str, object]] | None = None
     if name == "devnet":
         return devnet_accounts(shipped_documents() if documents is None else documents)
     return read_validators_file(TESTNET_VALIDATORS)
+
+
+def refuse_public_shards(accounts: list[Account], documents: list[dict[str, object]]) -> None:
+    """Refuse a held-out commitment to a shard anyone can rebuild: one `chain.heldout.devnet_shards`
+    deals from the public test documents, at either shipped network's sequence length, to the
+    shipped networks' four validators or to as many as `accounts` holds (the devnet's commitments,
+    and the testnet's placeholders in genesis/testnet-validators.json)."""
+    public: dict[str, str] = {}
+    for name, network in NETWORKS.items():
+        for validators in sorted({DEVNET_VALIDATORS, len(accounts)}):
+            try:
+                commitments = devnet_commitments(network, documents, validators)
+            except ShardError:  # more validators than the test documents have sequences: no such shards
+                continue
+            for index, commitment in enumerate(commitments):
+                public[str(commitment["root"])] = f"{name}-style shard {index} of {validators}"
+    for account in accounts:
+        heldout = account.get("heldout")
+        if isinstance(heldout, dict) and str(heldout["root"]) in public:
+            raise ValidatorsError(
+                f"validator {account['public_key']}: heldout root {heldout['root']} commits to the INSECURE "
+                f"{public[str(heldout['root'])]} cut from the public test documents, which miners can train on; "
+                "want the root of the validator's own private shard (potchain heldout new)"
+            )
 
 
 def placeholder_validators(documents: list[dict[str, object]]) -> dict[str, object]:

@@ -28,11 +28,12 @@ from chain.keystore import (
     read_key_file,
     write_keystore,
 )
-from consensus.genesis import parse_genesis
+from consensus.genesis import HeldOutCommitment, parse_genesis
 from genesis import DEVNET, GENESIS_DIR, TESTNET, chunk_directory, load_genesis
 from genesis.build import (
     NETWORKS,
     TESTNET_VALIDATORS,
+    ValidatorsError,
     genesis_document,
     genesis_text,
     read_validators_file,
@@ -48,6 +49,13 @@ FAST = ScryptParameters(n=1 << 10, r=8, p=1)
 SEED = bytes(range(32))
 TESTNET_CHAIN = load_genesis(TESTNET).chain_id
 DEVNET_CHAIN = load_genesis(DEVNET).chain_id
+
+
+def devnet_commitment(index: int) -> str:
+    """The root the devnet's account `index` commits to (an INSECURE shard of public text)."""
+    heldout = load_genesis(DEVNET).accounts[index].heldout
+    assert heldout is not None
+    return heldout.root.hex()
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, object] | None, str]:
@@ -376,13 +384,16 @@ def test_genesis_new_builds_a_loadable_genesis_of_exactly_the_given_keys(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     keys = [PrivateKey(bytes([index]) * 32).public_key.hex() for index in range(1, 4)]
+    roots = [bytes([index]) * 32 for index in range(1, 3)]  # the validators' own shards' roots
     validators_file = tmp_path / "validators.json"
-    validators_file.write_text(json.dumps({"validators": [{"public_key": keys[2], "stake": 300}]}))
+    validators_file.write_text(json.dumps({"note": "two of ours", "validators": [
+        {"public_key": keys[2], "stake": 300, "heldout": {"root": roots[1].hex(), "sequences": 900}}]}))  # fmt: skip
     out = tmp_path / "net" / "genesis.json"
     out.parent.mkdir()
     code, made, stderr = run_main(capsys, "genesis", "new", "--chain-id", "acme-net-1", "--out", str(out),
                                   "--model", "devnet", "--timestamp", "1800000000",
-                                  "--validator", f"{keys[0]}:100", "--validator", f"{keys[1]}:200",
+                                  "--validator", f"{keys[0]}:100:{roots[0].hex()}:700",
+                                  "--validator", f"{keys[1]}:200",
                                   "--validators-file", str(validators_file))  # fmt: skip
     assert code == 0 and made is not None, stderr
     genesis = load_genesis(out)
@@ -390,6 +401,8 @@ def test_genesis_new_builds_a_loadable_genesis_of_exactly_the_given_keys(
     assert genesis.chain_id == "acme-net-1" and genesis.timestamp == 1800000000
     assert [(a.public_key.hex(), a.balance, a.stake) for a in genesis.accounts] == [
         (keys[0], 0, 100), (keys[1], 0, 200), (keys[2], 0, 300)]  # fmt: skip
+    assert [a.heldout for a in genesis.accounts] == [
+        HeldOutCommitment(roots[0], 700), None, HeldOutCommitment(roots[1], 900)]  # fmt: skip
     devnet = load_genesis(DEVNET)
     assert set(made) == {"genesis", "chain_id", "genesis_hash", "model", "timestamp", "validators", "total_stake",
                          "chunk_directory"}  # fmt: skip
@@ -427,6 +440,19 @@ def test_genesis_new_builds_a_loadable_genesis_of_exactly_the_given_keys(
             "the INSECURE devnet key devnet:validator-2",
         ),
         (["--validators-file", "absent.json"], "absent.json: cannot read the validators file"),
+        (["--validator", f"{'ab' * 32}:5:{'cd' * 32}"], "got 3 ':'-separated parts, want 2 or 4"),
+        (["--validator", f"{'ab' * 32}:5:{'CD' * 32}:9"], "heldout.root: got 'CDCD"),
+        (["--validator", f"{'ab' * 32}:5:{'cd' * 31}:9"], "want 64 lowercase hex characters (a Merkle root)"),
+        (["--validator", f"{'ab' * 32}:5:{'cd' * 32}:0"], "heldout.sequences: got 0, want an integer from 1"),
+        (["--validator", f"{'ab' * 32}:5:{'cd' * 32}:x"], "held-out sequences 'x' is not a decimal integer"),
+        (
+            ["--validator", f"{'ab' * 32}:5:{devnet_commitment(2)}:681"],
+            "commits to the INSECURE devnet-style shard 2 of 4 cut from the public test documents",
+        ),
+        (
+            ["--validators-file", str(TESTNET_VALIDATORS)],
+            "commits to the INSECURE testnet-style shard 0 of 4 cut from the public test documents",
+        ),
     ],
 )
 def test_genesis_new_refusals(
@@ -440,6 +466,38 @@ def test_genesis_new_refusals(
     assert not out.exists() and not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"validators": [], "comment": "x"}, "unknown field 'comment', want only validators and note"),
+        ({"validators": [], "note": 5}, "note: got 5, want a string"),
+        ({"validators": [{"public_key": "ab" * 32, "stake": 5, "bond": 1}]}, "want an object with public_key, stake"),
+        (
+            {"validators": [{"public_key": "ab" * 32, "stake": 5, "heldout": {"root": "cd" * 32}}]},
+            "validators[0].heldout: got {'root': 'cdcd",
+        ),
+        (
+            {"validators": [{"public_key": "ab" * 32, "stake": 5, "heldout": {"root": "cd" * 32, "sequences": 0}}]},
+            "validators[0].heldout.sequences: got 0, want an integer from 1 to 1048576",
+        ),
+        (
+            {"validators": [{"public_key": "ab" * 32, "stake": 5, "heldout": {"root": "cd" * 32, "sequences": True}}]},
+            "validators[0].heldout.sequences: got True",
+        ),
+        (
+            {"validators": [{"public_key": "ab" * 32, "stake": 5, "heldout": {"root": 7, "sequences": 3}}]},
+            "validators[0].heldout.root: got 7, want 64 lowercase hex characters",
+        ),
+    ],
+)
+def test_a_bad_validators_file_is_named(tmp_path: Path, document: dict[str, object], message: str) -> None:
+    path = tmp_path / "validators.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(ValidatorsError) as raised:
+        read_validators_file(path)
+    assert str(raised.value).startswith(f"{path}: ") and message in str(raised.value)
+
+
 def test_the_shipped_genesis_files_rebuild_from_their_public_keys() -> None:
     """`python -m genesis.build` writes these exact bytes: the testnet from genesis/testnet-validators.json."""
     for name, path in (("devnet", DEVNET), ("testnet", TESTNET)):
@@ -450,6 +508,12 @@ def test_the_shipped_genesis_files_rebuild_from_their_public_keys() -> None:
     assert [(a.public_key.hex(), a.stake) for a in testnet.accounts] == [
         (str(v["public_key"]), v["stake"]) for v in validators
     ]
+    assert [a.heldout for a in testnet.accounts] == [
+        HeldOutCommitment(bytes.fromhex(str(h["root"])), int(str(h["sequences"])))
+        for h in (v["heldout"] for v in validators)
+        if isinstance(h, dict)
+    ]
+    assert all(a.heldout is not None for a in testnet.accounts)
     refuse_name_keys(validators)  # none is a devnet name key
     devnet = load_genesis(DEVNET)
     assert [a.public_key for a in devnet.accounts] == [devnet_key(f"validator-{i}").public_key for i in range(4)]
