@@ -37,7 +37,13 @@ from chain.heldout import (
 )
 from consensus.genesis import Genesis, parse_genesis
 from genesis import DEVNET, TESTNET, chunk_directory, devnet_shard, load_genesis
-from genesis.build import PLACEHOLDER_NOTE, TESTNET_VALIDATORS
+from genesis.build import (
+    PLACEHOLDER_NOTE,
+    TESTNET_VALIDATORS,
+    genesis_text,
+    placeholder_validators,
+    shipped_documents,
+)
 from training.data import load_split
 
 
@@ -216,6 +222,8 @@ def test_devnet_shards_are_the_shipped_commitments(test_texts: dict[str, tuple[G
         assert account.heldout is not None and (shard.root, shard.count) == (account.heldout.root,
                                                                               account.heldout.sequences)  # fmt: skip
     assert devnet_shard(genesis, DEVNET, bytes(32)) is None  # not a validator
+    # Dealt in turn: sequence i of the test text to validator i mod 4.
+    assert expected[1].sequences[:2] == (text[129:258], text[5 * 129 : 6 * 129])
 
 
 def edited_devnet(change: Callable[[dict[str, Any]], object]) -> Genesis:
@@ -249,6 +257,7 @@ def test_the_testnet_commitments_are_public_placeholders(test_texts: dict[str, t
     assert [(a.heldout.root, a.heldout.sequences) for a in validators if a.heldout is not None] == [
         (shard.root, shard.count) for shard in placeholders
     ]
+    assert genesis_text(placeholder_validators(shipped_documents())) == TESTNET_VALIDATORS.read_text()
     note = json.loads(TESTNET_VALIDATORS.read_text())["note"]
     assert note == PLACEHOLDER_NOTE and "PLACEHOLDERS" in note and "INSECURE" in note
     assert devnet_shard(genesis, TESTNET, validators[0].public_key) is None  # not a development chain
@@ -261,6 +270,7 @@ def test_the_numbers_node_md_states(test_texts: dict[str, tuple[Genesis, bytes]]
     assert devnet.evaluation.test_sequences * (devnet.model.context + 1) == 4_128
     assert (testnet.evaluation.test_sequences, testnet.model.context + 1) == (64, 513)
     assert testnet.evaluation.test_sequences * (testnet.model.context + 1) == 32_832
+    assert 1_000 * testnet.evaluation.test_sequences * (testnet.model.context + 1) == 32_832_000  # 32.8 MB
     counts = [account.heldout.sequences for account in devnet.accounts if account.heldout is not None]
     assert counts == [682, 682, 681, 681]
     assert [count // devnet.evaluation.test_sequences for count in counts] == [21] * 4
