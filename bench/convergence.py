@@ -27,6 +27,7 @@ import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +35,14 @@ import torch
 
 from chain.blocks import Block, DecidedBody, TrainingBody
 from chain.crypto import PrivateKey, devnet_key
+from chain.heldout import Shard
 from chain.votes import Commit, Vote, VoteKind, sign_vote
 from consensus.decided_chain import DecidedChain, Decision
 from consensus.decisions import propose_decided_block
+from consensus.genesis import Genesis
 from consensus.proposals import propose_best_training_block
 from consensus.rules import Chain, compute_assigned_slice, compute_training_seed, genesis_block, genesis_state
-from genesis import DEVNET, chunk_directory, load_genesis
+from genesis import DEVNET, chunk_directory, devnet_shard, load_genesis
 from node import tune_memory_allocator, validator_keys
 from training.baseline import train_centralized
 from training.data import load_split, sample_batch, seed_from_int
@@ -63,9 +66,10 @@ def unigram_loss(train_text: bytes, batches: list[tuple[torch.Tensor, torch.Tens
 class TestLoss:
     """Canonical test loss (nats per byte) over fixed test batches."""
 
-    def __init__(self, chain: Chain, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, chain: Chain, batches: list[tuple[torch.Tensor, torch.Tensor]], genesis_path: Path) -> None:
         self.tables = chain.genesis.tables()
         self.batches = batches
+        self.genesis_path = genesis_path
 
     def __call__(self, weights: CanonicalWeights) -> float:
         evaluator = CanonicalEvaluator(weights, self.tables, make_backend(default_backend("cpu")))
@@ -73,7 +77,9 @@ class TestLoss:
         return sum(r.loss_total for r in results) / sum(r.tokens for r in results) / (1 << LOSS_BITS)
 
 
-def decide_height(decided: DecidedChain, validators: list[PrivateKey], training: Block | None) -> Decision:
+def decide_height(
+    decided: DecidedChain, validators: list[PrivateKey], training: Block | None, shards: Mapping[bytes, Shard]
+) -> Decision:
     """Decide the next height as the voting rounds would: the height's proposer (rotating with
     the height) proposes a decided block naming `training` (or none), and every validator's
     precommit, stamped a target interval after the block, forms its commit certificate (so
@@ -81,8 +87,9 @@ def decide_height(decided: DecidedChain, validators: list[PrivateKey], training:
     chain, head = decided.chain, decided.head
     proposer = validators[decided.height % len(validators)]
     block = propose_decided_block(
-        chain, head.block, head.state, proposer, training, head.commit, decided.head_validators, ()
-    )
+        chain, head.block, head.state, proposer, [] if training is None else [training], head.commit,
+        decided.head_validators, (), shards.get(proposer.public_key),
+    )  # fmt: skip
     when = block.header.timestamp + chain.genesis.consensus.target_interval_seconds
     height = block.header.height
     commit = Commit.of([
@@ -97,12 +104,13 @@ def is_confirmed(decision: Decision) -> bool:
     """Whether a decided height confirmed the training block it names (test gain > 0)."""
     body = decision.block.body
     assert isinstance(body, DecidedBody)
-    return any(verdict.gain > 0 for verdict in body.training)
+    return bool(body.applied)
 
 
 def run_chain(
     chain: Chain, train_text: bytes, steps: int, config: TrainingConfig, test_loss: TestLoss
 ) -> tuple[list[tuple[int, float]], float, dict[str, int]]:
+    shards = devnet_shards_of(chain.genesis, test_loss.genesis_path)
     """Mine until `steps` optimizer steps, one attempt per decided height; returns the curve,
     seconds, and block counts. An attempt whose gain misses the difficulty is not proposed
     (the miner keeps its training): that height is decided without an update."""
@@ -131,11 +139,11 @@ def run_chain(
         counts["heights"] += 1
         if body.loss_before - body.loss_after < parent.state.difficulty:
             counts["rejected"] += 1  # not worth proposing: the miner keeps training
-            decide_height(decided, validators, None)
+            decide_height(decided, validators, None, shards)
             continue
         decided.on_tick(timestamp)
         decided.on_training_block(training)
-        decision = decide_height(decided, validators, decided.get_best_training_block())
+        decision = decide_height(decided, validators, decided.get_best_training_block(), shards)
         if not is_confirmed(decision):
             counts["rejected_out_of_sample"] += 1
             continue
@@ -165,6 +173,12 @@ def loss_at(curve: list[tuple[int, float]], steps: float) -> float:
     return curve[-1][1] if steps > curve[-1][0] else curve[0][1]
 
 
+def devnet_shards_of(genesis: Genesis, genesis_path: Path) -> dict[bytes, Shard]:
+    """The devnet validators' INSECURE held-out shards (genesis.devnet_shard)."""
+    shards = {a.public_key: devnet_shard(genesis, genesis_path, a.public_key) for a in genesis.accounts}
+    return {address: shard for address, shard in shards.items() if shard is not None}
+
+
 def prepare(genesis_path: Path) -> tuple[Chain, bytes, TestLoss]:
     """The node's tuning, a fixed torch seed, the chain's rules and data, and the test-loss probe."""
     tune_memory_allocator()
@@ -176,7 +190,7 @@ def prepare(genesis_path: Path) -> tuple[Chain, bytes, TestLoss]:
     train_text = load_split(genesis.dataset, directory, "train")
     context = genesis.model.context
     batches = [sample_batch(chain.test_text, seed_from_int(900 + i), 32, context) for i in range(TEST_BATCHES)]
-    return chain, train_text, TestLoss(chain, batches)
+    return chain, train_text, TestLoss(chain, batches, genesis_path)
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from convergence import TestLoss, decide_height, is_confirmed, prepare, run_central, run_chain
+from convergence import TestLoss, decide_height, devnet_shards_of, is_confirmed, prepare, run_central, run_chain
 
 from chain.blocks import TrainingBody
 from chain.crypto import PrivateKey, devnet_key
@@ -53,6 +53,7 @@ def race(
     state = genesis_state(genesis)
     decided = DecidedChain.from_genesis(chain, genesis_block(genesis, state), state)
     validators = validator_keys(genesis)
+    shards = devnet_shards_of(genesis, test_loss.genesis_path)
     miners = [Miner(chain.weights(state), chain.layout, train_text, config) for _ in keys]
     by_key = {key.public_key: index for index, key in enumerate(keys)}
     computed = winning = 0
@@ -72,7 +73,7 @@ def race(
             if block.body.loss_before - block.body.loss_after >= parent.state.difficulty:
                 decided.on_training_block(block)
         training = decided.get_best_training_block()
-        decision = decide_height(decided, validators, training)
+        decision = decide_height(decided, validators, training, shards)
         if training is None:
             print(f"[race] height {height + 1}/{heights}: no miner met the difficulty", file=sys.stderr)
             continue

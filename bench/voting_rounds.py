@@ -84,11 +84,7 @@ def main() -> int:
     times = [decided_at[h] - decided_at[h - 1] for h in heights]
     blocks = [stores[0].block_at(h) for h in heights]
     commits = [stores[0].commit_of(b.hash) for b in blocks if b is not None]
-    confirmed = sum(
-        1
-        for b in blocks
-        if b is not None and isinstance(b.body, DecidedBody) and any(v.gain > 0 for v in b.body.training)
-    )
+    confirmed = sum(1 for b in blocks if b is not None and isinstance(b.body, DecidedBody) and b.body.applied)
     evaluations = [(s.chain.evaluations - e) / args.heights for s, e in zip(stores, evaluations_at_start, strict=True)]
     result = {
         "validators": args.validators,

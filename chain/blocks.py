@@ -17,6 +17,7 @@ from typing import Any
 
 from chain.crypto import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Domain, MessageType, PrivateKey, verify
 from chain.encoding import MAX_MESSAGE_BYTES, DecodeError, Fields, pack, unpack
+from chain.heldout import MAX_PROOF_HASHES, MAX_SHARD_SEQUENCES
 from chain.votes import Commit, Proposal, Vote
 from chain.vrf import PROOF_BYTES as VRF_PROOF_BYTES
 
@@ -147,44 +148,150 @@ class Reward:
         return cls(f.binary("address", PUBLIC_KEY_BYTES), f.integer("amount"))
 
 
-MAX_TRAINING_PER_HEIGHT = 1
-"""Training blocks a decided block may name (a list, so that several miners' work can count later)."""
+MAX_TRAINING_PER_HEIGHT = 4
+"""Training blocks a decided block may test (racing candidates; the best out of sample is applied)."""
+MAX_NAMED_WEIGHTS_BYTES = 40 << 20
+"""What MAX_TRAINING_PER_HEIGHT slices may weigh together: genesis keeps every slice within
+a quarter of it, so that a height and the training blocks it names fit one sync answer."""
 MAX_EVIDENCE = 64
 MAX_REWARDS = 1100
 """Payouts a decided block may carry."""
-MAX_BLOCK_OBJECTS = 1 << 14
-"""Objects a block's encoding may hold: a decided block at every array limit holds 8,765
+MAX_COMMITMENTS = 256
+"""Update commitments a decided block may carry."""
+MAX_REVEALED = 4096
+"""Held-out sequences one test may reveal (genesis's test_sequences is at most this)."""
+MAX_SEQUENCE_BYTES = 65537
+"""A revealed sequence's length at most: the largest context + 1."""
+MAX_PROOF_BYTES = 32 * MAX_PROOF_HASHES
+MAX_BLOCK_OBJECTS = 1 << 15
+"""Objects a block's encoding may hold: a decided block at every array limit holds 26,442
 (tests/test_encoding.py), a training block 18."""
+
+
+def compute_update_hash(miner: bytes, slice_id: int, weights: bytes) -> bytes:
+    """What a miner commits to before it reveals an update (docs/spec.md, section 17):
+    sha256(b"potchain/update" || miner || slice_id as 4 bytes big-endian || weights).
+    The miner's key is inside, so a copy under another key has another hash."""
+    return sha256(b"potchain/update" + miner + slice_id.to_bytes(4, "big") + weights)
+
+
+@dataclass(frozen=True)
+class UpdateCommitment:
+    """A miner's signed commitment to an update it will reveal on the decided block of `height`."""
+
+    height: int
+    """The height of the decided block that carries it; the update is revealed on that block."""
+    miner: bytes
+    """The miner's Ed25519 public key."""
+    update_hash: bytes
+    """`compute_update_hash(miner, slice_id, weights)` of the update."""
+    signature: bytes
+    """The miner's signature (message type 9) over sha256(encode([height, update_hash]))."""
+
+    def signed_payload(self) -> bytes:
+        return sha256(pack([self.height, self.update_hash]))
+
+    def fields(self) -> list[Any]:
+        return [self.height, self.miner, self.update_hash, self.signature]
+
+    def is_signed_by_miner(self, domain: Domain) -> bool:
+        return verify(self.miner, self.signature, domain, MessageType.UPDATE_COMMITMENT, self.signed_payload())
+
+    def encode(self) -> bytes:
+        return pack(self.fields())
+
+    @classmethod
+    def from_fields(cls, value: Any) -> UpdateCommitment:
+        f = Fields(value, "update commitment", ("height", "miner", "update_hash", "signature"))
+        return cls(
+            height=f.integer("height"),
+            miner=f.binary("miner", PUBLIC_KEY_BYTES),
+            update_hash=f.binary("update_hash", HASH_BYTES),
+            signature=f.binary("signature", SIGNATURE_BYTES),
+        )
+
+
+def sign_update_commitment(key: PrivateKey, domain: Domain, height: int, update_hash: bytes) -> UpdateCommitment:
+    """`key`'s commitment to an update it reveals on the decided block of `height`."""
+    unsigned = UpdateCommitment(height, key.public_key, update_hash, b"")
+    signature = key.sign(domain, MessageType.UPDATE_COMMITMENT, unsigned.signed_payload())
+    return UpdateCommitment(height, key.public_key, update_hash, signature)
+
+
+def decode_update_commitment(data: bytes) -> UpdateCommitment:
+    return UpdateCommitment.from_fields(unpack(data, "update commitment", 1024, 8))
+
+
+@dataclass(frozen=True)
+class RevealedSequence:
+    """One held-out sequence a test reveals, with its Merkle proof against the shard's commitment."""
+
+    index: int
+    """Its position in the shard."""
+    sequence: bytes
+    """Its bytes (context + 1)."""
+    proof: bytes
+    """The siblings on its Merkle path, lowest first, 32 bytes each (chain/heldout.py)."""
+
+    def fields(self) -> list[Any]:
+        return [self.index, self.sequence, self.proof]
+
+    @property
+    def siblings(self) -> tuple[bytes, ...]:
+        return tuple(self.proof[i : i + HASH_BYTES] for i in range(0, len(self.proof), HASH_BYTES))
+
+    @classmethod
+    def from_fields(cls, value: Any) -> RevealedSequence:
+        f = Fields(value, "revealed sequence", ("index", "sequence", "proof"))
+        return cls(
+            index=f.integer("index", 0, MAX_SHARD_SEQUENCES - 1),
+            sequence=f.binary("sequence", max_length=MAX_SEQUENCE_BYTES),
+            proof=f.binary("proof", max_length=MAX_PROOF_BYTES),
+        )
+
+
+@dataclass(frozen=True)
+class HeldOutTest:
+    """A decided block's out-of-sample test: held-out sequences of its proposer's shard,
+    picked by the proposer's ECVRF output, revealed with their proofs."""
+
+    vrf_proof: bytes
+    """The proposer's ECVRF proof (RFC 9381) over b"potchain/test" || parent; its output picks the sequences."""
+    loss_before: int
+    """Canonical loss total (Q.16) of the parent state's model on the revealed sequences."""
+    sequences: tuple[RevealedSequence, ...]
+    """The revealed sequences, in the order the output picks them."""
+
+    def fields(self) -> list[Any]:
+        return [self.vrf_proof, self.loss_before, [s.fields() for s in self.sequences]]
+
+    @classmethod
+    def from_fields(cls, value: Any) -> HeldOutTest:
+        f = Fields(value, "held-out test", ("vrf_proof", "loss_before", "sequences"))
+        return cls(
+            vrf_proof=f.binary("vrf_proof", VRF_PROOF_BYTES),
+            loss_before=f.integer("loss_before", 0, MAX_LOSS),
+            sequences=tuple(RevealedSequence.from_fields(s) for s in f.array("sequences", MAX_REVEALED)),
+        )
 
 
 @dataclass(frozen=True)
 class TrainingVerdict:
-    """A decided block's out-of-sample test of one training block."""
+    """A decided block's out-of-sample result for one training block."""
 
     training_block: bytes
     """Hash of the training block (built on the decided block's parent)."""
-    vrf_proof: bytes
-    """The decided block's proposer's ECVRF proof (RFC 9381) over
-    b"potchain/test" || parent || training_block; its output seeds the test batch."""
-    loss_before: int
-    """Canonical test loss total (Q.16) of the parent state's model on that batch."""
     loss_after: int
-    """The same with the training block's slice applied."""
-
-    @property
-    def gain(self) -> int:
-        return self.loss_before - self.loss_after
+    """Canonical loss total (Q.16) on the block's held-out test with the training block's slice applied."""
 
     def fields(self) -> list[Any]:
-        return [self.training_block, self.vrf_proof, self.loss_before, self.loss_after]
+        return [self.training_block, self.loss_after]
 
     @classmethod
     def from_fields(cls, value: Any) -> TrainingVerdict:
-        f = Fields(value, "training verdict", ("training_block", "vrf_proof", "loss_before", "loss_after"))
+        f = Fields(value, "training verdict", ("training_block", "loss_after"))
         return cls(
             training_block=f.binary("training_block", HASH_BYTES),
-            vrf_proof=f.binary("vrf_proof", VRF_PROOF_BYTES),
-            loss_before=f.integer("loss_before", 0, MAX_LOSS),
             loss_after=f.integer("loss_after", 0, MAX_LOSS),
         )
 
@@ -218,36 +325,67 @@ def _untagged(value: Any) -> Proposal | Vote:
 
 @dataclass(frozen=True)
 class DecidedBody:
-    """What one height decides: the training blocks it confirms or rejects (maybe none),
-    the previous height's commit certificate, evidence to slash, and the payout."""
+    """What one height decides: the training blocks it tests out of sample (maybe none) and
+    the held-out test they share, the update commitments of the next height's miners, the
+    previous height's commit certificate, evidence to slash, and the payout."""
 
     training: tuple[TrainingVerdict, ...]
-    """At most MAX_TRAINING_PER_HEIGHT training blocks on the parent, each with its test."""
+    """At most MAX_TRAINING_PER_HEIGHT training blocks on the parent, each with its test loss."""
+    test: HeldOutTest | None
+    """The held-out test of the named training blocks (None if it names none)."""
+    commitments: tuple[UpdateCommitment, ...]
+    """Miners' commitments to updates they reveal on this block (one per miner)."""
     last_commit: Commit | None
     """The parent's commit certificate (None at height 1: genesis needs none)."""
     evidence: tuple[EquivocationEvidence, ...] = ()
     """Equivocations to slash."""
     rewards: tuple[Reward, ...] = ()
     """The payout the rules assign (checked exactly)."""
+    applied: bytes = b""
+    """The training block whose update the block applies (the rules pick it; checked exactly), or empty."""
+
+    def gains(self) -> dict[bytes, int]:
+        """Each named training block's test gain (loss before minus after), by hash."""
+        if self.test is None:
+            return {}
+        return {v.training_block: self.test.loss_before - v.loss_after for v in self.training}
+
+    def gain_of(self, training_block: bytes) -> int | None:
+        """A named training block's test gain (None if not named)."""
+        return self.gains().get(training_block)
 
     def fields(self) -> list[Any]:
         return [
             [t.fields() for t in self.training],
+            [] if self.test is None else self.test.fields(),
+            [c.fields() for c in self.commitments],
             [] if self.last_commit is None else self.last_commit.fields(),
             [e.fields() for e in self.evidence],
             [r.fields() for r in self.rewards],
+            self.applied,
         ]
 
     @classmethod
     def from_fields(cls, value: Any) -> DecidedBody:
-        f = Fields(value, "decided body", ("training", "last_commit", "evidence", "rewards"))
+        names = ("training", "test", "commitments", "last_commit", "evidence", "rewards", "applied")
+        f = Fields(value, "decided body", names)
+        test = f.array("test", 3)
         commit = f.array("last_commit", 4)
         return cls(
             training=tuple(TrainingVerdict.from_fields(t) for t in f.array("training", MAX_TRAINING_PER_HEIGHT)),
+            test=HeldOutTest.from_fields(test) if test else None,
+            commitments=tuple(UpdateCommitment.from_fields(c) for c in f.array("commitments", MAX_COMMITMENTS)),
             last_commit=Commit.from_fields(commit) if commit else None,
             evidence=tuple(EquivocationEvidence.from_fields(e) for e in f.array("evidence", MAX_EVIDENCE)),
             rewards=tuple(Reward.from_fields(r) for r in f.array("rewards", MAX_REWARDS)),
+            applied=_applied(f.binary("applied", max_length=HASH_BYTES)),
         )
+
+
+def _applied(value: bytes) -> bytes:
+    if len(value) not in (0, HASH_BYTES):
+        raise DecodeError(f"decided body.applied: {len(value)} bytes, want 0 or {HASH_BYTES}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ class MessageType(IntEnum):
     PREVOTE = 6
     PRECOMMIT = 7
     DECIDED_BLOCK = 8
+    UPDATE_COMMITMENT = 9
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,18 @@ class Account:
 
 
 @dataclass(frozen=True)
+class HeldOut:
+    """A validator's held-out shard as the chain knows it: its commitment and what it revealed."""
+
+    root: bytes
+    """Merkle root of the shard's sequence leaves (chain/heldout.py), committed in genesis."""
+    sequences: int
+    """How many sequences the shard holds."""
+    revealed: bytes
+    """Bitmap of the sequences already revealed (bit i is bit i % 8 of byte i // 8): never used to test again."""
+
+
+@dataclass(frozen=True)
 class State:
     """Everything the rules read and write. Never mutated: transitions return a new State."""
 
@@ -57,6 +69,8 @@ class State:
     """Hash of the last training block a decided block named, confirmed or rejected (genesis hash at first)."""
     finalized_timestamp: int
     """The difficulty's retarget clock: when it last restarted (genesis timestamp at first)."""
+    heldout: Mapping[bytes, HeldOut] = field(default_factory=dict)
+    """Validators' held-out shards by public key (docs/spec.md, section 17)."""
     slice_hashes: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,11 +89,19 @@ class State:
         return merkle_root(leaves)
 
     @cached_property
+    def heldout_root(self) -> bytes:
+        leaves = [
+            hashlib.sha256(pack([address, shard.root, shard.sequences, shard.revealed])).digest()
+            for address, shard in sorted(self.heldout.items())
+        ]
+        return merkle_root(leaves)
+
+    @cached_property
     def root(self) -> bytes:
         scalars = hashlib.sha256(
             pack([self.difficulty, self.finalized_height, self.finalized_hash, self.finalized_timestamp])
         ).digest()
-        return merkle_root([self.weights_root, self.accounts_root, scalars])
+        return merkle_root([self.weights_root, self.accounts_root, scalars, self.heldout_root])
 
     @property
     def total_stake(self) -> int:
@@ -97,21 +119,35 @@ class State:
     def record(self) -> bytes:
         """The state without slice contents (they are stored by hash)."""
         accounts = [[address, a.balance, a.stake] for address, a in sorted(self.accounts.items())]
+        heldout = [[address, h.root, h.sequences, h.revealed] for address, h in sorted(self.heldout.items())]
         return pack([
             list(self.slice_hashes), accounts, self.difficulty, self.finalized_height,
-            self.finalized_hash, self.finalized_timestamp,
+            self.finalized_hash, self.finalized_timestamp, heldout,
         ])  # fmt: skip
 
 
-def decode_state_record(data: bytes) -> tuple[list[bytes], dict[bytes, Account], int, int, bytes, int]:
-    """(slice hashes, accounts, difficulty, finalized height, finalized hash, finalized timestamp)."""
-    names = ("slice_hashes", "accounts", "difficulty", "finalized_height", "finalized_hash", "finalized_timestamp")
+StateFields = tuple[list[bytes], dict[bytes, Account], int, int, bytes, int, dict[bytes, HeldOut]]
+
+
+def decode_state_record(data: bytes) -> StateFields:
+    """(slice hashes, accounts, difficulty, finalized height, finalized hash, finalized timestamp, held-out shards)."""
+    names = (
+        "slice_hashes", "accounts", "difficulty", "finalized_height", "finalized_hash", "finalized_timestamp",
+        "heldout",
+    )  # fmt: skip
     f = Fields(unpack(data, "state record"), "state record", names)
     hashes = [bytes(h) for h in f.array("slice_hashes")]
     accounts: dict[bytes, Account] = {}
     for item in f.array("accounts"):
         a = Fields(item, "account", ("address", "balance", "stake"))
         accounts[a.binary("address", 32)] = Account(a.integer("balance"), a.integer("stake"))
+    heldout: dict[bytes, HeldOut] = {}
+    for item in f.array("heldout"):
+        h = Fields(item, "held-out shard", ("address", "root", "sequences", "revealed"))
+        sequences = h.integer("sequences", 1, 1 << 20)
+        heldout[h.binary("address", 32)] = HeldOut(
+            h.binary("root", 32), sequences, h.binary("revealed", (sequences + 7) // 8)
+        )
     return (
         hashes,
         accounts,
@@ -119,9 +155,10 @@ def decode_state_record(data: bytes) -> tuple[list[bytes], dict[bytes, Account],
         f.integer("finalized_height"),
         f.binary("finalized_hash", 32),
         f.integer("finalized_timestamp"),
+        heldout,
     )
 
 
 def state_from_record(record: bytes, slice_contents: Mapping[bytes, bytes]) -> State:
-    hashes, accounts, difficulty, height, finalized, timestamp = decode_state_record(record)
-    return State(tuple(slice_contents[h] for h in hashes), accounts, difficulty, height, finalized, timestamp)
+    hashes, accounts, difficulty, height, finalized, timestamp, heldout = decode_state_record(record)
+    return State(tuple(slice_contents[h] for h in hashes), accounts, difficulty, height, finalized, timestamp, heldout)

@@ -118,11 +118,11 @@ class ChainDB:
         return decode_block(self._get(schema.block_key(block_hash)))
 
     def state(self, block_hash: bytes) -> State:
-        hashes, accounts, difficulty, height, finalized, timestamp = decode_state_record(
+        hashes, accounts, difficulty, height, finalized, timestamp, heldout = decode_state_record(
             self._get(schema.state_key(block_hash))
         )
         slices = tuple(self._get(schema.slice_key(h)) for h in hashes)
-        state = State(slices, accounts, difficulty, height, finalized, timestamp)
+        state = State(slices, accounts, difficulty, height, finalized, timestamp, heldout)
         if state.slice_hashes != tuple(hashes):
             raise DecodeError(f"state of {block_hash.hex()}: a slice does not match its hash")
         return state

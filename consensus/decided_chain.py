@@ -8,7 +8,8 @@ blocks built on it (the next proposal's inputs), and the candidate blocks
 for the next height that were checked (the voting's `CheckBlock`).
 
 Event handlers validate first and change nothing unless the input is valid
-(`InvalidBlock` names the rule): `on_training_block`, `on_candidate` (check a
+(`InvalidBlock` names the rule): `on_training_block`, `on_commitment` (a
+miner's commitment to an update it reveals on the next decided block), `on_candidate` (check a
 proposed block; the result is kept, so each candidate costs its evaluations
 once) and `on_decided` (a block with its commit certificate: the head
 advances). Pure and synchronous: the node persists what they accept.
@@ -19,10 +20,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from chain.blocks import Block, DecidedBody, Kind, TrainingBody
+from chain.blocks import (
+    MAX_COMMITMENTS,
+    MAX_TRAINING_PER_HEIGHT,
+    Block,
+    DecidedBody,
+    Kind,
+    TrainingBody,
+    UpdateCommitment,
+)
 from chain.state import State
 from chain.votes import Commit
-from consensus.decisions import apply_decided_block, get_validator_set
+from consensus.decisions import apply_decided_block, get_validator_set, is_committed
 from consensus.rules import Chain, InvalidBlock, StaleBlock, UnknownParent, apply_training_block
 from consensus.voting import InvalidVote, ValidatorSet, validate_commit
 
@@ -64,6 +73,8 @@ class DecidedChain:
     """Candidate blocks for the next height that were checked: their state, or None if invalid."""
     candidate_blocks: dict[bytes, tuple[Block, dict[bytes, Block]]] = field(default_factory=dict)
     """The valid candidates themselves, with the training blocks they name."""
+    commitments: dict[bytes, UpdateCommitment] = field(default_factory=dict)
+    """Miners' commitments for the next decided block, by miner (the first of each, at most MAX_COMMITMENTS)."""
 
     @classmethod
     def from_genesis(cls, chain: Chain, genesis: Block, state: State) -> DecidedChain:
@@ -81,15 +92,20 @@ class DecidedChain:
         return get_validator_set(self.head.state, self.chain.genesis)
 
     def get_best_training_block(self) -> Block | None:
-        """The training block a proposer names: the largest claimed validation gain, then the
-        first kept (a miner re-signing variants of its block cannot displace the one every
-        validator already holds)."""
-        if not self.training:
-            return None
-        return min(self.training.values(), key=self._rank)
+        """The first of `get_training_candidates` (None if there is none)."""
+        candidates = self.get_training_candidates()
+        return candidates[0] if candidates else None
 
-    def _rank(self, block: Block) -> tuple[int, int]:
-        return (rank_training_block(block), list(self.training).index(block.hash))
+    def get_training_candidates(self) -> list[Block]:
+        """The training blocks a proposer tests (at most MAX_TRAINING_PER_HEIGHT): those whose
+        update was committed in the head first, then the largest claimed validation gain,
+        then the first kept (a miner re-signing variants of its block cannot displace the
+        one every validator already holds)."""
+        return sorted(self.training.values(), key=self._rank)[:MAX_TRAINING_PER_HEIGHT]
+
+    def _rank(self, block: Block) -> tuple[bool, int, int]:
+        committed = is_committed(self.head.block, block)
+        return (not committed, rank_training_block(block), list(self.training).index(block.hash))
 
     # --- events -----------------------------------------------------------------
 
@@ -113,6 +129,21 @@ class DecidedChain:
         if len(self.training) > MAX_PENDING_TRAINING:
             worst = max(self.training.values(), key=self._rank)
             del self.training[worst.hash]
+        return True
+
+    def on_commitment(self, commitment: UpdateCommitment) -> bool:
+        """Keep a miner's commitment for the next decided block; False if it holds one of
+        that miner's already or is full. Raises StaleBlock (for a decided height),
+        UnknownParent (for a later one) or InvalidBlock (not signed by its miner)."""
+        if commitment.height < self.height:
+            raise StaleBlock(f"commitment: for height {commitment.height}, deciding {self.height}")
+        if commitment.height > self.height:
+            raise UnknownParent(f"commitment: for height {commitment.height}, deciding {self.height}")
+        if not commitment.is_signed_by_miner(self.chain.domain):
+            raise InvalidBlock("commitment: not signed by its miner")
+        if commitment.miner in self.commitments or len(self.commitments) >= MAX_COMMITMENTS:
+            return False
+        self.commitments[commitment.miner] = commitment
         return True
 
     def on_candidate(self, block: Block, training_blocks: Mapping[bytes, Block]) -> State:
@@ -157,6 +188,7 @@ class DecidedChain:
         self.training.clear()
         self.candidates.clear()
         self.candidate_blocks.clear()
+        self.commitments.clear()
         return self.head
 
     # --- internals ----------------------------------------------------------------

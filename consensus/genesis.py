@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from chain.heldout import MAX_SHARD_SEQUENCES
+from chain.blocks import MAX_NAMED_WEIGHTS_BYTES, MAX_TRAINING_PER_HEIGHT
+from chain.heldout import MAX_PROOF_HASHES, MAX_SHARD_SEQUENCES
 from consensus.voting import TimeoutParameters
 from training.data import SPLITS, DatasetManifest, Document
 from training.evaluate import ProgramBoundsError, validate_program_bounds
@@ -26,6 +28,8 @@ from training.weights import WEIGHT_MAX, CanonicalWeights, Partition, TensorSpec
 FORMAT = 1
 EVALUATION_PROGRAM = "potchain-int-1"
 PARTITION_SCHEMES = ("random-mask",)
+MAX_REVEALED_BYTES = 8 << 20
+"""What one held-out test may reveal, with its proofs: half of a decided block's limit."""
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 TIMEOUT_MS_MAX = 3_600_000
@@ -323,6 +327,12 @@ def parse_genesis(raw: bytes) -> Genesis:
         slices=partition_fields.integer("slices", 1, 1024), seed=partition_fields.integer("seed", 0, 2**63 - 1)
     )
     partition_fields.done()
+    largest_slice = sum(-(-math.prod(shape) // partition.slices) for shape in config.tensor_shapes().values())
+    if MAX_TRAINING_PER_HEIGHT * 2 * largest_slice > MAX_NAMED_WEIGHTS_BYTES:
+        raise GenesisError(
+            f"partition.slices: a slice of {2 * largest_slice} bytes; {MAX_TRAINING_PER_HEIGHT} of them must fit "
+            f"{MAX_NAMED_WEIGHTS_BYTES} bytes (more slices make them smaller)"
+        )
 
     dataset_fields = root.object("dataset")
     dataset_name = dataset_fields.string("name")
@@ -365,6 +375,12 @@ def parse_genesis(raw: bytes) -> Genesis:
         test_sequences=evaluation_fields.integer("test_sequences", 1, 4096),
     )
     evaluation_fields.done()
+    revealed_bytes = evaluation.test_sequences * (config.context + 1 + 32 * MAX_PROOF_HASHES + 16)
+    if revealed_bytes > MAX_REVEALED_BYTES:
+        raise GenesisError(
+            f"evaluation.test_sequences: a held-out test would reveal up to {revealed_bytes} bytes, "
+            f"at most {MAX_REVEALED_BYTES} fit a decided block"
+        )
 
     consensus_fields = root.object("consensus")
     consensus = ConsensusParameters(

@@ -31,7 +31,7 @@ def propose_training_block(
     parent's model (an external miner that fetched the weights over the RPC)."""
     slice_id = compute_assigned_slice(parent.header, key.public_key, chain.genesis.partition.slices)
     content = values.astype("<i2").tobytes()
-    seed = compute_validation_seed(parent.hash)
+    seed = compute_validation_seed(parent.hash, key.public_key)
     before = chain.loss(state, "validation", seed)
     after = chain.loss(state.with_slice(slice_id, content), "validation", seed)
     body = TrainingBody(

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from chain.blocks import ZERO_HASH, Block, GenesisBody, Header, Kind, TrainingBody, body_hash
 from chain.crypto import Domain
-from chain.state import Account, State
+from chain.heldout import empty_bitmap
+from chain.state import Account, HeldOut, State
 from consensus.genesis import Genesis
-from training.data import sample_batch
+from training.data import batch_of_sequences, sample_batch
 from training.evaluate import CanonicalEvaluator, default_backend, make_backend
 from training.tables import Tables
 from training.weights import WEIGHT_MAX, CanonicalWeights, SliceLayout
@@ -96,12 +99,27 @@ class Chain:
         if key in self._losses:
             self._losses.move_to_end(key)
             return self._losses[key]
-        if self._tables is None:
-            self._tables = self.genesis.tables()
         text = self.validation_text if split == "validation" else self.test_text
         evaluation = self.genesis.evaluation
         sequences = evaluation.validation_sequences if split == "validation" else evaluation.test_sequences
         inputs, targets = sample_batch(text, seed, sequences, self.genesis.model.context)
+        return self._evaluate(state, key, inputs, targets)
+
+    def loss_on(self, state: State, sequences: Sequence[bytes]) -> int:
+        """Canonical loss total of the state's model on these sequences of context + 1 bytes
+        (a held-out test's revealed sequences)."""
+        key = (state.weights_root, "sequences", hashlib.sha256(b"".join(sequences)).digest())
+        if key in self._losses:
+            self._losses.move_to_end(key)
+            return self._losses[key]
+        inputs, targets = batch_of_sequences(sequences)
+        return self._evaluate(state, key, inputs, targets)
+
+    def _evaluate(
+        self, state: State, key: tuple[bytes, str, bytes], inputs: torch.Tensor, targets: torch.Tensor
+    ) -> int:
+        if self._tables is None:
+            self._tables = self.genesis.tables()
         evaluator = CanonicalEvaluator(self.weights(state), self._tables, make_backend(self.backend, self.device))
         total = evaluator.per_token_losses(inputs, targets).loss_total
         self.evaluations += 1
@@ -130,6 +148,11 @@ def genesis_state(genesis: Genesis) -> State:
         layout.extract(weights, slice_id).astype("<i2").tobytes() for slice_id in range(genesis.partition.slices)
     )
     accounts = {a.public_key: Account(a.balance, a.stake) for a in genesis.accounts}
+    heldout = {
+        a.public_key: HeldOut(a.heldout.root, a.heldout.sequences, empty_bitmap(a.heldout.sequences))
+        for a in genesis.accounts
+        if a.heldout is not None
+    }
     return State(
         slices=slices,
         accounts=accounts,
@@ -137,6 +160,7 @@ def genesis_state(genesis: Genesis) -> State:
         finalized_height=0,
         finalized_hash=bytes.fromhex(genesis.hash),
         finalized_timestamp=genesis.timestamp,
+        heldout=heldout,
     )
 
 
@@ -167,14 +191,21 @@ def compute_assigned_slice(parent: Header, proposer: bytes, slices: int) -> int:
     blocks behind a miner's local model; random assignment let slices go stale
     and cost accuracy (docs/benchmarks.md).
     """
+    return compute_next_slice(parent.height, proposer, slices)
+
+
+def compute_next_slice(parent_height: int, proposer: bytes, slices: int) -> int:
+    """The slice `proposer` is assigned on a parent at `parent_height` (known before that
+    parent exists: what a miner trains and commits to for it)."""
     offset = int.from_bytes(hashlib.sha256(b"potchain/slice" + proposer).digest()[:8], "big")
-    return (parent.height + offset) % slices
+    return (parent_height + offset) % slices
 
 
-def compute_validation_seed(parent_hash: bytes) -> bytes:
-    """sha256(b"potchain/validation" || parent): the validation batch of every
-    training block on this parent."""
-    return hashlib.sha256(b"potchain/validation" + parent_hash).digest()
+def compute_validation_seed(parent_hash: bytes, proposer: bytes) -> bytes:
+    """sha256(b"potchain/validation" || parent || proposer): the validation batch of a
+    training block by `proposer` on this parent. A miner that committed its update in
+    the parent (section 17) fixed the update before the parent, and so this batch, existed."""
+    return hashlib.sha256(b"potchain/validation" + parent_hash + proposer).digest()
 
 
 def compute_training_seed(parent_hash: bytes, proposer: bytes) -> bytes:
@@ -230,7 +261,7 @@ def apply_training_block(state: State, parent: Block, block: Block, chain: Chain
         raise InvalidBlock(f"slice_id: got {body.slice_id}, want {assigned}")
     decode_slice(body.weights, chain.layout.slice_size(body.slice_id))
 
-    seed = compute_validation_seed(parent.hash)
+    seed = compute_validation_seed(parent.hash, header.proposer)
     before = chain.loss(state, "validation", seed)
     if body.loss_before != before:
         raise InvalidBlock(f"loss_before: got {body.loss_before}, want {before}")

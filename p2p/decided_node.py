@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from chain.blocks import Block, DecidedBody, Kind, TrainingBody
+from chain.blocks import Block, DecidedBody, Kind, TrainingBody, UpdateCommitment
 from chain.encoding import DecodeError
 from chain.state import Account, State
 from chain.store import ChainDB, CorruptStore, StorageError
@@ -42,6 +42,7 @@ from consensus.decisions import get_validator_set
 from consensus.rules import (
     Chain,
     compute_assigned_slice,
+    compute_next_slice,
     compute_training_seed,
     compute_validation_seed,
     genesis_block,
@@ -82,6 +83,11 @@ class WorkAssignment:
     """Seed the miner's training batches come from (informative)."""
     min_timestamp: int
     """The block's timestamp must be at least this (the parent's + 1)."""
+    commitment_height: int
+    """The height of the next decided block: a commitment for it names an update the miner
+    reveals on that block (docs/spec.md, section 17)."""
+    commitment_slice_id: int
+    """The slice that update is for: the one the miner's key is assigned on that block."""
 
 
 def mean_loss(chain: Chain, state: State, split: str) -> float:
@@ -172,6 +178,11 @@ class DecidedNode:
         while self._recent_training_bytes > MAX_RECENT_TRAINING_BYTES and len(self._recent_training) > 1:
             _, oldest = self._recent_training.popitem(last=False)
             self._recent_training_bytes -= _weights_bytes(oldest)
+
+    def on_commitment(self, commitment: UpdateCommitment) -> bool:
+        """Keep a miner's update commitment for the next decided block (`DecidedChain.on_commitment`)."""
+        with self.lock:
+            return self.decided.on_commitment(commitment)
 
     def check_candidate(self, block: Block, training_blocks: Mapping[bytes, Block]) -> State:
         """Check a block proposed for the next height (raises InvalidBlock)."""
@@ -346,7 +357,9 @@ class DecidedNode:
                 state_root=state.root,
                 slice_id=compute_assigned_slice(parent.header, miner, self.genesis.partition.slices),
                 difficulty=state.difficulty,
-                validation_seed=compute_validation_seed(parent.hash),
+                validation_seed=compute_validation_seed(parent.hash, miner),
                 training_seed=compute_training_seed(parent.hash, miner),
                 min_timestamp=parent.header.timestamp + 1,
+                commitment_height=parent.header.height + 1,
+                commitment_slice_id=compute_next_slice(parent.header.height + 1, miner, self.genesis.partition.slices),
             )

@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 
 from chain.blocks import Block, DecidedBody, TrainingBody
 from chain.crypto import PrivateKey
+from chain.heldout import Shard
 from chain.store import ChainDB
 from consensus.decided_chain import Decision
 from consensus.proposals import propose_best_training_block
 from consensus.rules import InvalidBlock, compute_assigned_slice, compute_training_seed
+from genesis import devnet_shard
 from p2p.decided_node import DecidedNode
 from p2p.signer import SignerRecord
 from p2p.voting import BuildBlock, CheckCandidate, Decided, Effect, NodeVoting, Send, SetTimer
@@ -75,6 +77,7 @@ class LocalVoting:
             record,
             node.genesis.consensus.timeouts,
             node.keep_signed,
+            shards=devnet_shards_of(node, keys),
         )
         return cls(node, voting)
 
@@ -158,6 +161,12 @@ class LocalVoting:
         raise Stalled(f"height {height}: nothing left to do and no timer set")
 
 
+def devnet_shards_of(node: DecidedNode, keys: list[PrivateKey]) -> dict[bytes, Shard]:
+    """The INSECURE devnet held-out shards of these devnet validator keys (genesis.devnet_shard)."""
+    shards = {key.public_key: devnet_shard(node.genesis, node.genesis_path, key.public_key) for key in keys}
+    return {address: shard for address, shard in shards.items() if shard is not None}
+
+
 def mine_training_block(node: DecidedNode, miner: Miner, key: PrivateKey, attempts: int) -> tuple[Block | None, int]:
     """Train on the decided head until a training block's validation gain meets the
     difficulty, at most `attempts` times. Returns the block (None if no attempt
@@ -180,8 +189,8 @@ def mine_training_block(node: DecidedNode, miner: Miner, key: PrivateKey, attemp
 
 
 def confirms_update(block: Block) -> bool:
-    """A decided block whose verdict confirms a training block's update (test gain > 0)."""
-    return isinstance(block.body, DecidedBody) and any(verdict.gain > 0 for verdict in block.body.training)
+    """A decided block that applies a training block's update (the best positive held-out gain)."""
+    return isinstance(block.body, DecidedBody) and bool(block.body.applied)
 
 
 def count_confirmed_updates(db: ChainDB) -> int:

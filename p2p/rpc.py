@@ -39,6 +39,7 @@ from chain.blocks import (
     Block,
     DecidedBody,
     EquivocationEvidence,
+    HeldOutTest,
     Kind,
     TrainingBody,
     TrainingVerdict,
@@ -215,22 +216,37 @@ def training_body_view(body: TrainingBody) -> JSON:
 
 def decided_body_view(body: DecidedBody) -> JSON:
     return {
-        "training": [verdict_view(verdict) for verdict in body.training],
-        "confirmed": any(verdict.gain > 0 for verdict in body.training),
+        "training": [verdict_view(verdict, body) for verdict in body.training],
+        "confirmed": bool(body.applied),
+        "applied": body.applied.hex() or None,
+        "test": test_view(body.test),
+        "commitments": [
+            {"height": c.height, "miner": c.miner.hex(), "update_hash": c.update_hash.hex()} for c in body.commitments
+        ],
         "last_commit": commit_view(body.last_commit, None) if body.last_commit is not None else None,
         "evidence": [evidence_view(evidence) for evidence in body.evidence],
         "rewards": [{"address": r.address.hex(), "amount": r.amount} for r in body.rewards],
     }
 
 
-def verdict_view(verdict: TrainingVerdict) -> JSON:
+def verdict_view(verdict: TrainingVerdict, body: DecidedBody) -> JSON:
+    loss_before = body.test.loss_before if body.test is not None else verdict.loss_after
     return {
         "training_block": verdict.training_block.hex(),
-        "loss_before": verdict.loss_before,
+        "loss_before": loss_before,
         "loss_after": verdict.loss_after,
-        "gain": verdict.gain,
-        "confirmed": verdict.gain > 0,
-        "vrf_proof": verdict.vrf_proof.hex(),
+        "gain": loss_before - verdict.loss_after,
+        "confirmed": verdict.training_block == body.applied,
+    }
+
+
+def test_view(test: HeldOutTest | None) -> JSON | None:
+    if test is None:
+        return None
+    return {
+        "vrf_proof": test.vrf_proof.hex(),
+        "loss_before": test.loss_before,
+        "sequences": [{"index": s.index, "sequence": s.sequence.hex()} for s in test.sequences],
     }
 
 

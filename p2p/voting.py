@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 from chain.blocks import Block, EquivocationEvidence
 from chain.crypto import PrivateKey
+from chain.heldout import Shard
 from chain.votes import Commit, Proposal, Vote, VoteKind, sign_proposal, sign_vote
 from consensus.decided_chain import DecidedChain, Decision
 from consensus.decisions import compute_block_time, propose_decided_block
@@ -123,6 +124,9 @@ class NodeVoting:
     """Our signed precommits at this height by (validator, round): the machines keep
     our messages unsigned, and a commit certificate needs the signatures."""
     time: int = 0
+    shards: dict[bytes, Shard] = field(default_factory=dict)
+    """Our validator keys' private held-out shards by public key: a proposal tests training
+    blocks only with its key's shard (docs/spec.md, section 17)."""
 
     @property
     def height(self) -> int:
@@ -206,20 +210,21 @@ class NodeVoting:
     # --- building ---------------------------------------------------------------
 
     def build_block(self, validator: bytes) -> Block:
-        """The block key `validator` proposes: the best training block on the head
-        (or none), the head's commit and the evidence held; checked as a candidate."""
+        """The block key `validator` proposes: the training blocks on the head it tests on
+        its held-out shard (none without one), the commitments, the head's commit and the
+        evidence held; checked as a candidate."""
         head = self.decided.head
-        training = self.decided.get_best_training_block()
+        shard = self.shards.get(validator)
+        training = self.decided.get_training_candidates() if shard is not None else []
         state = head.state
         stakes = state.accounts
         evidence = tuple(e for offender, e in sorted(self.evidence.items()) if stakes.get(offender) and
                          stakes[offender].stake > 0)  # fmt: skip
         block = propose_decided_block(
             self.decided.chain, head.block, state, self.keys[validator], training, head.commit,
-            self.decided.head_validators, evidence,
+            self.decided.head_validators, evidence, shard, list(self.decided.commitments.values()),
         )  # fmt: skip
-        named = {training.hash: training} if training is not None else {}
-        self.decided.on_candidate(block, named)
+        self.decided.on_candidate(block, {b.hash: b for b in training})
         return block
 
     # --- internals ----------------------------------------------------------------

@@ -52,16 +52,26 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
-from chain.blocks import MAX_TRAINING_PER_HEIGHT, Block, DecidedBody, Kind, TrainingBody, decode_block
+from chain.blocks import (
+    MAX_TRAINING_PER_HEIGHT,
+    Block,
+    DecidedBody,
+    Kind,
+    TrainingBody,
+    UpdateCommitment,
+    decode_block,
+    decode_update_commitment,
+)
 from chain.crypto import PrivateKey
 from chain.encoding import DecodeError, Fields, pack, unpack
+from chain.heldout import Shard
 from chain.state import State
 from chain.store import StorageError
 from chain.votes import MAX_COMMIT_OBJECTS, Commit, Proposal, Vote, decode_commit
 from consensus.proposals import propose_best_training_block
 from consensus.rules import InvalidBlock, StaleBlock, UnknownParent, compute_assigned_slice, compute_training_seed
 from consensus.voting import InvalidVote, Step, TimeoutParameters
-from genesis import chunk_directory
+from genesis import chunk_directory, devnet_shard
 from p2p.decided_node import DecidedNode
 from p2p.host import load_or_create_node_key, make_host, make_pubsub
 from p2p.peers import PENALTY_FLOOD, PENALTY_INVALID, PENALTY_MALFORMED, PENALTY_WITHHELD, PeerBook, TokenBucket
@@ -167,6 +177,11 @@ def decode_decided_entries(payload: bytes) -> list[tuple[Block, Commit, dict[byt
     return entries
 
 
+def commitments_topic(chain_id: str) -> str:
+    """Miners' update commitments (docs/spec.md, section 17)."""
+    return f"/potchain/{chain_id}/commitments/1"
+
+
 def votes_topic(chain_id: str) -> str:
     return f"/potchain/{chain_id}/votes/1"
 
@@ -193,6 +208,10 @@ class VotingNodeConfig:
     listen: str = "/ip4/127.0.0.1/tcp/0"
     bootstrap: list[str] = field(default_factory=list)
     validator_keys: list[PrivateKey] = field(default_factory=list)
+    heldout_shards: dict[bytes, Shard] = field(default_factory=dict)
+    """The validator keys' private held-out shards by public key: a proposal tests training blocks
+    only with its key's shard (docs/spec.md, section 17). A key without one here, on a development
+    network, uses its INSECURE devnet shard (`genesis.devnet_shard`), if genesis commits it to one."""
     timeouts: TimeoutParameters | None = None
     """The voting timeouts; None: genesis's (`consensus.timeout_*_ms`, sized from the model's evaluation cost)."""
     miner_key: PrivateKey | None = None
@@ -207,6 +226,17 @@ class VotingNodeConfig:
     height decides without an update, but miners get time to offer one, and the chain does
     not race through empty heights). The first round's propose timeout is this much longer,
     so that validators wait for such a proposal. None: the propose timeout."""
+
+
+def validator_shards(node: DecidedNode, config: VotingNodeConfig) -> dict[bytes, Shard]:
+    """Each validator key's held-out shard: the configured one, or its devnet shard on a development network."""
+    shards = dict(config.heldout_shards)
+    for key in config.validator_keys:
+        if key.public_key not in shards:
+            shard = devnet_shard(node.genesis, node.genesis_path, key.public_key)
+            if shard is not None:
+                shards[key.public_key] = shard
+    return shards
 
 
 class VotingNode:
@@ -224,6 +254,7 @@ class VotingNode:
             SignerRecord.open(node.datadir / "signer"),
             self.timeouts,
             node.keep_signed,
+            shards=validator_shards(node, config),
         )
         self.host: IHost | None = None
         self.pubsub: Pubsub | None = None
@@ -345,6 +376,7 @@ class VotingNode:
                     topics: list[tuple[str, Callable[[ID, rpc_pb2.Message], Awaitable[bool]]]] = [
                         (block_topic(self.chain_id), self._validate_block_message),
                         (votes_topic(self.chain_id), self._validate_voting_message),
+                        (commitments_topic(self.chain_id), self._validate_commitment_message),
                     ]
                     for topic, validator in topics:
                         pubsub.set_topic_validator(topic, validator, True)
@@ -522,6 +554,35 @@ class VotingNode:
         if kept:
             await self._publish(block_topic(self.chain_id), Announcement.of(block).encode())
         return not kept
+
+    async def publish_commitment(self, commitment: UpdateCommitment) -> bool:
+        """Keep a miner's commitment (ours, say) for the next decided block and gossip it;
+        False if one of that miner's was kept already. Raises StaleBlock, UnknownParent or
+        InvalidBlock (`DecidedChain.on_commitment`)."""
+        kept = await trio.to_thread.run_sync(self.node.on_commitment, commitment)
+        await self._publish(commitments_topic(self.chain_id), commitment.encode())
+        return kept
+
+    async def _validate_commitment_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
+        """A miner's commitment: kept and relayed if it is for the height being decided and
+        signed by its miner, the first of that miner's; one for another height is dropped (not a
+        fault: the sender may be a height ahead or behind)."""
+        if (verdict := self._screen(forwarder)) is not None:
+            return verdict
+        peer = str(forwarder)
+        try:
+            commitment = decode_update_commitment(message.data)
+        except DecodeError as error:
+            self._reject(peer, "update commitment", str(error), PENALTY_MALFORMED)
+            return False
+        try:
+            return await trio.to_thread.run_sync(self.node.on_commitment, commitment)
+        except (StaleBlock, UnknownParent):
+            return False
+        except InvalidBlock as error:
+            points = PENALTY_INVALID if ID(message.from_id) == forwarder else 0
+            self._reject(peer, "update commitment", str(error), points)
+            return False
 
     async def _validate_voting_message(self, forwarder: ID, message: rpc_pb2.Message) -> bool:
         if (verdict := self._screen(forwarder)) is not None:
@@ -841,10 +902,10 @@ class VotingNode:
             head = node.head()
             parent, state = head.block, head.state
             if parent.hash != last_head:
-                for verdict in parent.body.training if isinstance(parent.body, DecidedBody) else ():
-                    ours = mined.get(verdict.training_block)
-                    if ours is not None and verdict.gain > 0 and isinstance(ours.body, TrainingBody):
-                        miner.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
+                applied = parent.body.applied if isinstance(parent.body, DecidedBody) else b""
+                ours = mined.get(applied)
+                if ours is not None and isinstance(ours.body, TrainingBody):
+                    miner.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
                 mined = {h: b for h, b in mined.items() if b.header.parent == parent.hash}
                 last_head, attempts = parent.hash, 0
             if any(b.header.parent == parent.hash for b in mined.values()):

@@ -37,13 +37,14 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from chain.blocks import Block, TrainingBody
 from chain.crypto import devnet_key
+from chain.heldout import Shard
 from chain.votes import Commit, Proposal, Vote, VoteKind, sign_vote
 from consensus.decided_chain import DecidedChain
 from consensus.decisions import propose_decided_block
@@ -110,8 +111,11 @@ class Height:
     """The validators' stakes at this height."""
 
 
-def make_chain(chain: Chain, train_text: bytes, config: ModelConfig, say: Callable[[str], None]) -> list[Height]:
-    """Decide `rounds` heights through the real rules, timing each step."""
+def make_chain(
+    chain: Chain, train_text: bytes, config: ModelConfig, say: Callable[[str], None], shards: Mapping[bytes, Shard]
+) -> list[Height]:
+    """Decide `rounds` heights through the real rules, timing each step (validators test
+    on their held-out `shards`)."""
     genesis = chain.genesis
     state = genesis_state(genesis)
     decided = DecidedChain.from_genesis(chain, genesis_block(genesis, state), state)
@@ -145,8 +149,9 @@ def make_chain(chain: Chain, train_text: bytes, config: ModelConfig, say: Callab
         proposer = validators[compute_proposer_order(validator_set, decided.height)[0]]
         started = time.perf_counter()
         block = propose_decided_block(
-            chain, parent, head.state, proposer, training, head.commit, decided.head_validators, ()
-        )
+            chain, parent, head.state, proposer, [training], head.commit, decided.head_validators, (),
+            shards.get(proposer.public_key),
+        )  # fmt: skip
         build = time.perf_counter() - started
         # A fresh node checks the training block as gossip brings it, then the proposal.
         checker = DecidedChain(fresh, head, decided.head_validators)
@@ -455,7 +460,11 @@ def run_model(genesis: Genesis, genesis_path: Path, config: ModelConfig, out: Pa
     directory = chunk_directory(genesis_path, genesis)
     chain = Chain(genesis, load_split(genesis.dataset, directory, "validation"),
                   load_split(genesis.dataset, directory, "test"))  # fmt: skip
-    heights = make_chain(chain, load_split(genesis.dataset, directory, "train"), config, say)
+    from genesis import devnet_shard
+
+    shards = {a.public_key: devnet_shard(genesis, genesis_path, a.public_key) for a in genesis.accounts}
+    kept = {address: shard for address, shard in shards.items() if shard is not None}
+    heights = make_chain(chain, load_split(genesis.dataset, directory, "train"), config, say, kept)
     measured = time.perf_counter() - started
     result = simulate(heights, config, say)
     result["real_rules_seconds"] = round(measured, 1)

@@ -12,6 +12,7 @@ with a certificate signed by `keys`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,14 @@ from chain import schema
 from chain.blocks import Block, Header, TrainingBody, body_hash, sha256, sign_block
 from chain.crypto import PrivateKey, devnet_key
 from chain.encoding import pack
+from chain.heldout import Shard
 from chain.state import State
 from chain.store import ChainDB
 from chain.votes import Commit, Vote, VoteKind, sign_vote
 from consensus.decisions import propose_decided_block
 from consensus.proposals import propose_training_block
 from consensus.rules import Chain, compute_assigned_slice, genesis_block, genesis_state
-from genesis import DEVNET, chunk_directory, load_genesis
+from genesis import DEVNET, chunk_directory, devnet_shard, load_genesis
 from node import validator_keys
 from p2p.decided_node import DecidedNode
 from training.data import load_split
@@ -111,13 +113,27 @@ def certificate(node: DecidedNode, block: Block, keys: list[PrivateKey]) -> Comm
     ])  # fmt: skip
 
 
-def decide_next(node: DecidedNode, proposer: PrivateKey, keys: list[PrivateKey], training: Block | None) -> Block:
-    """Propose the next height's block by `proposer` naming `training` (or none), and
-    import it with a certificate from `keys`."""
+@functools.cache
+def devnet_test_shard(validator: bytes) -> Shard | None:
+    """The devnet validator's INSECURE held-out shard (genesis.devnet_shard), built once per test run."""
+    return devnet_shard(load_genesis(DEVNET), DEVNET, validator)
+
+
+def decide_next(
+    node: DecidedNode,
+    proposer: PrivateKey,
+    keys: list[PrivateKey],
+    training: Block | None,
+    shard: Shard | None = None,
+) -> Block:
+    """Propose the next height's block by `proposer` testing `training` (or none) on its
+    held-out shard (by default its devnet shard), and import it with a certificate from `keys`."""
+    shard = shard or devnet_test_shard(proposer.public_key)
     head = node.head()
     block = propose_decided_block(
-        node.chain, head.block, head.state, proposer, training, head.commit, node.decided.head_validators, ()
-    )
+        node.chain, head.block, head.state, proposer, [] if training is None else [training], head.commit,
+        node.decided.head_validators, (), shard,
+    )  # fmt: skip
     named = {training.hash: training} if training is not None else {}
     node.import_decided(block, certificate(node, block, keys), named)
     return block

@@ -17,7 +17,7 @@ from chain.votes import Commit, Vote, VoteKind, sign_vote
 from consensus.decided_chain import DecidedChain
 from consensus.decisions import propose_decided_block
 from consensus.rules import InvalidBlock, StaleBlock, UnknownParent
-from tests.chain_builders import Scenario, rebuild
+from tests.chain_builders import Scenario, devnet_test_shard, rebuild
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,18 @@ def test_heights_are_decided_one_by_one_and_never_replaced(scenario: Scenario) -
     assert decided.on_training_block(training) and not decided.on_training_block(training)
     assert decided.get_best_training_block() == training
     proposers = scenario.validators
-    first = propose_decided_block(scenario.chain, genesis, state, proposers[0], training, None, None, ())
-    sibling = propose_decided_block(scenario.chain, genesis, state, proposers[1], None, None, None, ())
+    first = propose_decided_block(
+        scenario.chain,
+        genesis,
+        state,
+        proposers[0],
+        [training],
+        None,
+        None,
+        (),
+        devnet_test_shard(proposers[0].public_key),
+    )
+    sibling = propose_decided_block(scenario.chain, genesis, state, proposers[1], [], None, None, ())
     known = {training.hash: training}
     decided.on_candidate(first, known)
     decided.on_candidate(sibling, {})  # both valid candidates for height 1
@@ -82,7 +92,7 @@ def test_heights_are_decided_one_by_one_and_never_replaced(scenario: Scenario) -
     commit = decision.commit
     assert commit is not None
     second = propose_decided_block(
-        scenario.chain, first, decision.state, proposers[2], None, commit, decided.head_validators, ()
+        scenario.chain, first, decision.state, proposers[2], [], commit, decided.head_validators, ()
     )
     decided.on_decided(second, certificate(scenario, second, proposers[1:]), {})
     assert decided.height == 3 and decided.head.state.weights_root == decision.state.weights_root
@@ -104,7 +114,7 @@ def test_invalid_input_changes_nothing_and_an_invalid_candidate_is_checked_once(
         decided.on_training_block(future)
     assert snapshot(decided) == before
 
-    bad = propose_decided_block(scenario.chain, genesis, state, scenario.validators[0], None, None, None, ())
+    bad = propose_decided_block(scenario.chain, genesis, state, scenario.validators[0], [], None, None, ())
     bad = dataclasses.replace(bad, signature=bytes(64))
     with pytest.raises(InvalidBlock, match="signature"):
         decided.on_candidate(bad, {})
@@ -118,7 +128,10 @@ def test_a_decision_is_stored_in_one_batch_and_reads_back(scenario: Scenario, tm
     decided = fresh_chain(scenario)
     genesis, state = decided.head.block, decided.head.state
     training = scenario.valid_training_block(genesis, state)
-    block = propose_decided_block(scenario.chain, genesis, state, scenario.validators[0], training, None, None, ())
+    block = propose_decided_block(
+        scenario.chain, genesis, state, scenario.validators[0], [training], None, None, (),
+        devnet_test_shard(scenario.validators[0].public_key),
+    )  # fmt: skip
     decision = decided.on_decided(block, certificate(scenario, block, scenario.validators), {training.hash: training})
     assert decision.commit is not None
     genesis_hash = bytes.fromhex(scenario.node.genesis.hash)

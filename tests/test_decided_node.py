@@ -29,7 +29,7 @@ def test_decisions_survive_a_restart_and_the_chain_goes_on(tmp_path: Path) -> No
     before = node.db.dump()
     with pytest.raises(InvalidBlock, match="stake"):
         head = node.head()
-        bad = propose_decided_block(node.chain, head.block, head.state, keys[2], None, head.commit,
+        bad = propose_decided_block(node.chain, head.block, head.state, keys[2], [], head.commit,
                                     node.decided.head_validators, ())  # fmt: skip
         node.import_decided(bad, certificate(node, bad, keys[:1]))
     assert node.db.dump() == before

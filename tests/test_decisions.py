@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from chain import vrf
-from chain.blocks import Block, DecidedBody, EquivocationEvidence, TrainingVerdict, decode_block
+from chain.blocks import Block, DecidedBody, EquivocationEvidence, Reward, decode_block
 from chain.crypto import PrivateKey
 from chain.state import State
 from chain.votes import Commit, Vote, VoteKind, sign_vote
@@ -25,7 +25,7 @@ from consensus.decisions import (
 )
 from consensus.rules import InvalidBlock
 from consensus.voting import ValidatorSet
-from tests.chain_builders import Scenario, rebuild
+from tests.chain_builders import Scenario, devnet_test_shard, rebuild
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,9 @@ def decided(scenario: Scenario) -> Decided:
     genesis, state = scenario.genesis()
     training = scenario.valid_training_block(genesis, state)
     proposer = scenario.validators[0]
-    first = propose_decided_block(scenario.chain, genesis, state, proposer, training, None, None, ())
+    first = propose_decided_block(
+        scenario.chain, genesis, state, proposer, [training], None, None, (), devnet_test_shard(proposer.public_key)
+    )
     first_state = apply_decided_block(state, genesis, first, {training.hash: training}, None, scenario.chain)
     now = first.header.timestamp
     commit = precommits(scenario, first, scenario.validators[:3], [now + 5, now + 7, now + 9])
@@ -75,20 +77,21 @@ def decided(scenario: Scenario) -> Decided:
 def test_a_decided_block_with_a_training_block_applies_its_verdict(scenario: Scenario, decided: Decided) -> None:
     body = decided.first.body
     assert isinstance(body, DecidedBody) and len(body.training) == 1 and body.last_commit is None
-    verdict = body.training[0]
-    updated = verdict.gain > 0
+    updated = body.gains()[decided.training.hash] > 0
     assert (decided.first_state.weights_root != decided.genesis_state.weights_root) == updated
+    assert body.applied == (decided.training.hash if updated else b"")
     assert decided.first_state.finalized_height == 1 and decided.first_state.finalized_hash == decided.training.hash
     assert decode_block(decided.first.encode()) == decided.first
-    # The miner is paid for a confirmed update; no commit after genesis, so no signer is.
-    assert [r.address for r in body.rewards] == ([decided.training.header.proposer] if updated else [])
+    # An update nobody committed to earns nothing (a commitment needs a decided block, and
+    # genesis carries none); no commit after genesis, so no signer is paid either.
+    assert body.rewards == ()
 
 
 def test_a_height_without_an_update_is_decided_and_pays_the_commit_signers(
     scenario: Scenario, decided: Decided
 ) -> None:
     second = propose_decided_block(
-        scenario.chain, decided.first, decided.first_state, scenario.validators[1], None, decided.commit,
+        scenario.chain, decided.first, decided.first_state, scenario.validators[1], [], decided.commit,
         decided.validators, (),
     )  # fmt: skip
     state = apply_decided_block(decided.first_state, decided.first, second, {}, decided.validators, scenario.chain)
@@ -107,12 +110,11 @@ def test_the_proposer_cannot_choose_the_test_seed(scenario: Scenario, decided: D
     of each validator differs: the proposer can only publish its own unique ECVRF output."""
     body = decided.first.body
     assert isinstance(body, DecidedBody)
-    alpha = compute_test_input(decided.genesis.hash, decided.training.hash)
+    assert body.test is not None
+    alpha = compute_test_input(decided.genesis.hash)
     other = scenario.validators[1].prove_vrf(alpha)
-    assert compute_test_seed(vrf.proof_to_hash(other)) != compute_test_seed(
-        vrf.proof_to_hash(body.training[0].vrf_proof)
-    )
-    forged = dataclasses.replace(body, training=(dataclasses.replace(body.training[0], vrf_proof=other),))
+    assert compute_test_seed(vrf.proof_to_hash(other)) != compute_test_seed(vrf.proof_to_hash(body.test.vrf_proof))
+    forged = dataclasses.replace(body, test=dataclasses.replace(body.test, vrf_proof=other))
     block = rebuild_decided(scenario, decided.first, forged)
     with pytest.raises(InvalidBlock, match="vrf_proof is not the proposer's proof"):
         apply_decided_block(
@@ -132,7 +134,9 @@ def rebuild_decided(scenario: Scenario, block: Block, body: DecidedBody, **heade
         ("loss_before", "loss_before"),
         ("loss_after", "loss_after"),
         ("unknown_training", "unknown training block"),
-        ("two_training", "at most 1"),
+        ("named_twice", "named twice"),
+        ("no_test", "without a held-out test"),
+        ("applied", "applied: got none"),
         ("rewards", "rewards"),
         ("commit_after_genesis", "carries none"),
     ],
@@ -141,17 +145,24 @@ def test_each_rule_of_height_one(scenario: Scenario, decided: Decided, change: s
     body = decided.first.body
     assert isinstance(body, DecidedBody)
     verdict = body.training[0]
+    assert body.test is not None
     training_blocks = {decided.training.hash: decided.training}
-    if change in ("loss_before", "loss_after"):
-        value = getattr(verdict, change) + 1
-        body = dataclasses.replace(body, training=(dataclasses.replace(verdict, **{change: value}),))
+    if change == "loss_before":
+        body = dataclasses.replace(body, test=dataclasses.replace(body.test, loss_before=body.test.loss_before + 1))
+    elif change == "loss_after":
+        body = dataclasses.replace(body, training=(dataclasses.replace(verdict, loss_after=verdict.loss_after + 1),))
     elif change == "unknown_training":
         training_blocks = {}
-    elif change == "two_training":
-        other = TrainingVerdict(bytes(32), verdict.vrf_proof, 0, 0)
-        body = dataclasses.replace(body, training=(verdict, other))
-    elif change == "rewards":
-        body = dataclasses.replace(body, rewards=())
+    elif change == "named_twice":
+        body = dataclasses.replace(body, training=(verdict, verdict))
+    elif change == "no_test":
+        body = dataclasses.replace(body, test=None)
+    elif change == "applied":
+        assert body.applied, "the fixture's update is applied"
+        body = dataclasses.replace(body, applied=b"")
+    elif change == "rewards":  # pays the miner of an update it did not commit to
+        miner_share = scenario.node.genesis.consensus.block_reward * 70 // 100
+        body = dataclasses.replace(body, rewards=(Reward(decided.training.header.proposer, miner_share),))
     elif change == "commit_after_genesis":
         body = dataclasses.replace(body, last_commit=decided.commit)
     block = rebuild_decided(scenario, decided.first, body)
@@ -168,7 +179,7 @@ def test_each_rule_of_height_one(scenario: Scenario, decided: Decided, change: s
 ])  # fmt: skip
 def test_each_rule_of_a_later_height(scenario: Scenario, decided: Decided, change: str, reason: str) -> None:
     second = propose_decided_block(
-        scenario.chain, decided.first, decided.first_state, scenario.validators[1], None, decided.commit,
+        scenario.chain, decided.first, decided.first_state, scenario.validators[1], [], decided.commit,
         decided.validators, (),
     )  # fmt: skip
     body = second.body
@@ -199,7 +210,7 @@ def test_equivocation_evidence_slashes_once(scenario: Scenario, decided: Decided
     ]
     evidence = EquivocationEvidence(votes[0], votes[1])
     second = propose_decided_block(
-        scenario.chain, decided.first, decided.first_state, scenario.validators[1], None, decided.commit,
+        scenario.chain, decided.first, decided.first_state, scenario.validators[1], [], decided.commit,
         decided.validators, (evidence,),
     )  # fmt: skip
     state = apply_decided_block(decided.first_state, decided.first, second, {}, decided.validators, scenario.chain)

@@ -15,7 +15,10 @@ from hypothesis import strategies as st
 
 from chain.blocks import (
     MAX_BLOCK_OBJECTS,
+    MAX_COMMITMENTS,
     MAX_EVIDENCE,
+    MAX_NAMED_WEIGHTS_BYTES,
+    MAX_REVEALED,
     MAX_REWARDS,
     MAX_TRAINING_PER_HEIGHT,
     MAX_WEIGHTS_BYTES,
@@ -23,8 +26,11 @@ from chain.blocks import (
     DecidedBody,
     EquivocationEvidence,
     Header,
+    HeldOutTest,
+    RevealedSequence,
     Reward,
     TrainingVerdict,
+    UpdateCommitment,
     decode_block,
 )
 from chain.crypto import Domain, devnet_key
@@ -73,7 +79,7 @@ from p2p.wire import (
     Request,
     StatusMessage,
 )
-from tests.chain_builders import Scenario, certificate
+from tests.chain_builders import Scenario, certificate, devnet_test_shard
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +90,9 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, byte
     genesis, state = scenario.genesis()
     keys, chain = scenario.validators, scenario.chain
     training = scenario.valid_training_block(genesis, state)
-    first = propose_decided_block(chain, genesis, state, keys[0], training, None, None, ())
+    first = propose_decided_block(
+        chain, genesis, state, keys[0], [training], None, None, (), devnet_test_shard(keys[0].public_key)
+    )
     first_state = apply_decided_block(state, genesis, first, {training.hash: training}, None, chain)
     commit = certificate(scenario.node, first, keys[:3])
     votes = [
@@ -93,7 +101,7 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, byte
     ]
     evidence = (EquivocationEvidence(votes[0], votes[1]),)
     validators = get_validator_set(state, scenario.node.genesis)
-    second = propose_decided_block(chain, first, first_state, keys[1], None, commit, validators, evidence)
+    second = propose_decided_block(chain, first, first_state, keys[1], [], commit, validators, evidence)
     yield {
         "genesis": genesis.encode(),
         "training": training.encode(),
@@ -188,7 +196,7 @@ def test_mutated_encodings_raise_only_decode_errors(
 
 
 def test_state_record_fields(samples: dict[str, bytes]) -> None:
-    hashes, accounts, difficulty, height, _, _ = decode_state_record(samples["state"])
+    hashes, accounts, difficulty, height, _, _, _ = decode_state_record(samples["state"])
     assert len(hashes) == 4 and len(accounts) == 4 and height == 0 and difficulty == 1
 
 
@@ -252,11 +260,16 @@ def largest_decided_body() -> DecidedBody:
     """A decided body at every array limit (field values need not be valid, only well-typed)."""
     vote = Vote(VoteKind.PREVOTE, 2, 0, bytes(32), 1, bytes(32), bytes(64))
     commit = Commit(2, 0, bytes(32), tuple((i.to_bytes(32, "big"), 1, bytes(64)) for i in range(MAX_COMMIT_SIGNATURES)))
+    test = HeldOutTest(bytes(PROOF_BYTES), 1, (RevealedSequence(0, b"a", bytes(32)),) * MAX_REVEALED)
+    commitment = UpdateCommitment(2, bytes(32), bytes(32), bytes(64))
     return DecidedBody(
-        (TrainingVerdict(bytes(32), bytes(PROOF_BYTES), 1, 0),) * MAX_TRAINING_PER_HEIGHT,
+        (TrainingVerdict(bytes(32), 0),) * MAX_TRAINING_PER_HEIGHT,
+        test,
+        (commitment,) * MAX_COMMITMENTS,
         commit,
         (EquivocationEvidence(vote, vote),) * MAX_EVIDENCE,
         (Reward(bytes(32), 1),) * MAX_REWARDS,
+        bytes(32),
     )
 
 
@@ -264,7 +277,7 @@ def test_the_largest_objects_fit_their_budgets(samples: dict[str, bytes]) -> Non
     decided = decode_block(samples["decided_with_commit"])
     body = largest_decided_body()
     largest = Block(decided.header, body, decided.signature).encode()
-    assert scan(largest) == 8765 <= MAX_BLOCK_OBJECTS
+    assert scan(largest) == 26_442 <= MAX_BLOCK_OBJECTS
     assert decode_block(largest).body == body
     assert body.last_commit is not None
     commit = body.last_commit.encode()
@@ -281,14 +294,14 @@ def test_the_largest_objects_fit_their_budgets(samples: dict[str, bytes]) -> Non
     )
     # A state record at its array limits (4096 slices, 4096 accounts) is within the default budget.
     accounts = [[i.to_bytes(32, "big"), 1, 1] for i in range(MAX_ARRAY_LENGTH)]
-    record = pack([[bytes(32)] * MAX_ARRAY_LENGTH, accounts, 1, 0, bytes(32), 0])
-    assert scan(record) == 20_487 <= MAX_OBJECTS and len(decode_state_record(record)[1]) == MAX_ARRAY_LENGTH
+    record = pack([[bytes(32)] * MAX_ARRAY_LENGTH, accounts, 1, 0, bytes(32), 0, []])
+    assert scan(record) == 20_488 <= MAX_OBJECTS and len(decode_state_record(record)[1]) == MAX_ARRAY_LENGTH
 
 
 def test_the_budgets_are_the_documented_ones_and_fit_the_small_messages() -> None:
     """docs/spec.md, section 6, names each budget."""
     budgets = (MAX_BLOCK_OBJECTS, MAX_COMMIT_OBJECTS, MAX_DECIDED_OBJECTS, MAX_VOTING_MESSAGE_OBJECTS)
-    assert budgets == (16_384, 4_101, 161, 4_103)
+    assert budgets == (32_768, 4_101, 257, 4_103)
     assert (MAX_MESSAGE_OBJECTS, MAX_ANNOUNCEMENT_OBJECTS, MAX_SMALL_OBJECTS, MAX_OBJECTS) == (16, 16, 8, 65_536)
     key = devnet_key("validator-0")
     domain = Domain("potchain-devnet-1", bytes(32))
@@ -306,7 +319,9 @@ def test_a_decided_answer_of_32_heights_decodes_within_its_budget(samples: dict[
     entries = unpack(answer, "decided", MAX_RESPONSE_BYTES, MAX_DECIDED_OBJECTS)
     assert [decode_block(e[0]).hash for e in entries] == [decode_block(samples["decided_with_commit"]).hash] * 32
     # One more training block in one entry is over the budget.
-    over = pack([entry] * (MAX_BLOCKS_PER_REQUEST - 1) + [[*entry[:2], [samples["training"]] * 2]])
+    over = pack(
+        [entry] * (MAX_BLOCKS_PER_REQUEST - 1) + [[*entry[:2], [samples["training"]] * (MAX_TRAINING_PER_HEIGHT + 1)]]
+    )
     with pytest.raises(DecodeError, match=f"decided: more than {MAX_DECIDED_OBJECTS} objects"):
         unpack(over, "decided", MAX_RESPONSE_BYTES, MAX_DECIDED_OBJECTS)
 
@@ -317,7 +332,9 @@ def test_the_wire_limits_are_consistent(samples: dict[str, bytes]) -> None:
     largest = pack([training.header.fields(), [0, bytes(MAX_WEIGHTS_BYTES), 0, 0, 0, bytes(32)], bytes(64)])
     assert len(largest) <= MAX_MESSAGE_BYTES and scan(largest) <= MAX_BLOCK_OBJECTS
     # A decided answer always holds one height at its largest: its block, certificate and training blocks.
-    one_height = MAX_MESSAGE_BYTES + (1 << 20) + MAX_TRAINING_PER_HEIGHT * MAX_MESSAGE_BYTES + ENTRY_OVERHEAD
+    one_height = (
+        MAX_MESSAGE_BYTES + (1 << 20) + MAX_NAMED_WEIGHTS_BYTES + MAX_TRAINING_PER_HEIGHT * 4096 + ENTRY_OVERHEAD
+    )
     assert one_height <= MAX_DECIDED_RESPONSE_BYTES < MAX_RESPONSE_BYTES
     assert MAX_GOSSIP_BYTES <= 1 << 20  # a voting message is smaller than the largest commit a decoder takes
 

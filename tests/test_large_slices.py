@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from chain.blocks import Block, DecidedBody, TrainingBody
 from chain.crypto import devnet_key
+from chain.heldout import Shard, devnet_shards
 from chain.state import State
 from consensus.proposals import propose_training_block
 from consensus.rules import InvalidBlock
@@ -59,9 +61,19 @@ def write_large_slice_genesis(directory: Path) -> Path:
     }  # fmt: skip
     document["partition"] = {"scheme": "random-mask", "slices": 1, "seed": 2}
     document["evaluation"].update(validation_sequences=4, test_sequences=4)
+    for account, shard in zip(document["accounts"], large_slice_shards(document), strict=True):
+        account["heldout"] = {"root": shard.root.hex(), "sequences": shard.count}
     path = directory / "large-slices.json"
     path.write_text(json.dumps(document))
     return path
+
+
+def large_slice_shards(document: dict[str, Any]) -> list[Shard]:
+    """The validators' held-out shards for this model's context (cut from the public test
+    documents, as the devnet's are)."""
+    genesis = load_genesis(DEVNET)
+    text = load_split(genesis.dataset, chunk_directory(DEVNET, genesis), "test")
+    return devnet_shards(text, document["model"]["context"] + 1, len(document["accounts"]))
 
 
 def mine(miner: Miner, node: DecidedNode, parent: Block, state: State) -> Block:
@@ -95,15 +107,17 @@ def test_a_node_joining_a_network_of_testnet_size_slices_catches_up(tmp_path: Pa
         genesis = source.genesis
         train_text = load_split(genesis.dataset, chunk_directory(path, genesis), "train")
         keys = validator_keys(genesis)
+        shards = dict(zip((k.public_key for k in keys), large_slice_shards(json.loads(path.read_text())), strict=True))
         miner = Miner(source.chain.weights(source.head().state), source.chain.layout, train_text, TRAINING)
         training_bytes, gains = [], []
         for height in range(1, HEIGHTS + 1):
             head = source.head()
             training = mine(miner, source, head.block, head.state)
             training_bytes.append(len(training.encode()))
-            decided = decide_next(source, keys[height % len(keys)], keys[:3], training)
+            proposer = keys[height % len(keys)]
+            decided = decide_next(source, proposer, keys[:3], training, shards[proposer.public_key])
             assert isinstance(decided.body, DecidedBody) and decided.body.training[0].training_block == training.hash
-            gains.append(decided.body.training[0].gain)
+            gains.append(decided.body.gains()[training.hash])
         assert any(gain > 0 for gain in gains), gains  # an update confirmed out of sample changed the model
         top = source.head().block
         assert top.header.height == HEIGHTS

@@ -26,7 +26,7 @@ from p2p.localnet import LocalVoting, Stalled
 from p2p.signer import SignerRecord
 from p2p.voting import BuildBlock
 from p2p.voting_node import VotingNode, VotingNodeConfig
-from tests.chain_builders import Scenario, decide_next
+from tests.chain_builders import Scenario, decide_next, devnet_test_shard
 
 
 class Killed(Exception):
@@ -52,8 +52,9 @@ def checked_candidate(node: DecidedNode, proposer: int, training: Block) -> Bloc
     head = node.head()
     key = validator_keys(node.genesis)[proposer]
     block = propose_decided_block(
-        node.chain, head.block, head.state, key, training, head.commit, node.decided.head_validators, ()
-    )
+        node.chain, head.block, head.state, key, [training], head.commit, node.decided.head_validators, (),
+        devnet_test_shard(key.public_key),
+    )  # fmt: skip
     node.check_candidate(block, {training.hash: training})
     return block
 

@@ -19,6 +19,7 @@ import pytest
 
 from chain.blocks import Block, DecidedBody
 from chain.crypto import PrivateKey, devnet_key
+from chain.heldout import Shard
 from chain.store import ChainDB
 from chain.votes import Commit, Proposal, Vote, sign_vote
 from consensus.decided_chain import DecidedChain
@@ -26,7 +27,7 @@ from consensus.rules import StaleBlock
 from consensus.voting import TimeoutParameters
 from p2p.signer import SignerRecord, check_signable
 from p2p.voting import BuildBlock, CheckCandidate, Decided, Effect, NodeVoting, Send, SetTimer
-from tests.chain_builders import Scenario
+from tests.chain_builders import Scenario, devnet_test_shard
 
 TIMEOUTS = TimeoutParameters(3000, 1000, 1000, 500)
 
@@ -123,6 +124,12 @@ class Network:
         return block
 
 
+def shards_of(keys: list[PrivateKey]) -> dict[bytes, Shard]:
+    """The devnet held-out shards of these validator keys."""
+    shards = {key.public_key: devnet_test_shard(key.public_key) for key in keys}
+    return {address: shard for address, shard in shards.items() if shard is not None}
+
+
 def keep_nothing(block_hash: bytes) -> None:
     """These nodes' candidates live in memory only: a restarted one fetches them from the
     others (`Network.fetch`); tests/test_locked_block.py keeps them on disk."""
@@ -135,7 +142,7 @@ def make_member(scenario: Scenario, directory: Path, key: PrivateKey) -> Member:
     directory.mkdir(parents=True, exist_ok=True)
     db = ChainDB(directory / "chain", bytes.fromhex(scenario.node.genesis.hash), genesis, state)
     record = SignerRecord.open(directory / "signer")
-    voting = NodeVoting(decided, {key.public_key: key}, record, TIMEOUTS, keep_nothing)
+    voting = NodeVoting(decided, {key.public_key: key}, record, TIMEOUTS, keep_nothing, shards=shards_of([key]))
     return Member(directory.name, voting, db, directory, key)
 
 
@@ -197,7 +204,9 @@ def test_a_node_restarted_in_the_middle_of_a_height_resumes_without_conflicts(ne
     decided.on_tick(genesis.header.timestamp + 10**6)
     for block in old.voting.decided.training.values():
         decided.on_training_block(block)
-    old.voting = NodeVoting(decided, {old.key.public_key: old.key}, record, TIMEOUTS, keep_nothing)
+    old.voting = NodeVoting(
+        decided, {old.key.public_key: old.key}, record, TIMEOUTS, keep_nothing, shards=shards_of([old.key])
+    )
     network.carry_out(0, old.voting.start(genesis.header.timestamp))
     for message in old.sent:
         check_signable(saved, message)
@@ -287,7 +296,9 @@ def test_one_node_holding_every_key_decides_with_signed_certificates(tmp_path: P
     member = make_member(scenario, tmp_path / "node", scenario.validators[0])
     keys = {key.public_key: key for key in scenario.validators}
     record = SignerRecord.open(tmp_path / "node" / "all")
-    member.voting = NodeVoting(member.voting.decided, keys, record, TIMEOUTS, keep_nothing)
+    member.voting = NodeVoting(
+        member.voting.decided, keys, record, TIMEOUTS, keep_nothing, shards=shards_of(list(keys.values()))
+    )
     network = Network(scenario, [member])
     try:
         network.mine()

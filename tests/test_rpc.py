@@ -329,24 +329,32 @@ def test_blocks_by_height_hash_and_head(net: Net) -> None:
     assert (commit["signing_stake"], commit["total_stake"]) == (3_000_000, 4_000_000)
     assert 3 * commit["signing_stake"] >= 2 * commit["total_stake"]
     (verdict,) = decided.training
+    assert decided.test is not None
+    gain = decided.test.loss_before - verdict.loss_after
     assert first["body"] == {
         "training": [
             {
                 "training_block": net.training.hash.hex(),
-                "loss_before": verdict.loss_before,
+                "loss_before": decided.test.loss_before,
                 "loss_after": verdict.loss_after,
-                "gain": verdict.gain,
+                "gain": gain,
                 "confirmed": True,
-                "vrf_proof": verdict.vrf_proof.hex(),
             }
         ],
         "confirmed": True,
+        "applied": net.training.hash.hex(),
+        "test": {
+            "vrf_proof": decided.test.vrf_proof.hex(),
+            "loss_before": decided.test.loss_before,
+            "sequences": [{"index": s.index, "sequence": s.sequence.hex()} for s in decided.test.sequences],
+        },
+        "commitments": [],
         "last_commit": None,  # genesis has no certificate
         "evidence": [],
         "rewards": [{"address": r.address.hex(), "amount": r.amount} for r in decided.rewards],
     }
-    assert verdict.gain > 0
-    assert [r["address"] for r in first["body"]["rewards"]] == [net.scenario.miner.public_key.hex()]
+    assert gain > 0
+    assert first["body"]["rewards"] == []  # the update was not committed to: its miner earns nothing
 
     # Height 2: no training block; it carries height 1's certificate and pays its signers.
     by_hash = net.rpc.json(f"/v1/blocks/{net.second.hash.hex()}", "Block")

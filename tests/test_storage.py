@@ -35,7 +35,7 @@ from genesis import DEVNET
 from p2p.decided_node import DecidedNode
 from p2p.replay import replay_decided_chain
 from sim.processes import NodeProcess
-from tests.chain_builders import Scenario, certificate, decide_next
+from tests.chain_builders import Scenario, certificate, decide_next, devnet_test_shard
 from tests.conftest import ROOT, run_potchain
 
 # --- a small disk --------------------------------------------------------------------
@@ -229,8 +229,9 @@ def check_full_disk_under_the_decided_node(tmp_path: Path) -> None:
                 with pytest.raises(StorageError, match=r"refused, an earlier write failed \(writing height"):
                     decide_next(node, keys[height % 4], keys, training)
                 block = propose_decided_block(
-                    node.chain, head.block, head.state, keys[0], training, head.commit, node.decided.head_validators, ()
-                )
+                    node.chain, head.block, head.state, keys[0], [training], head.commit,
+                    node.decided.head_validators, (), devnet_test_shard(keys[0].public_key),
+                )  # fmt: skip
                 decision = node.decided.on_decided(block, certificate(node, block, keys), {training.hash: training})
                 with pytest.raises(StorageError, match="refused"):
                     node.store(decision)

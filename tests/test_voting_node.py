@@ -27,7 +27,7 @@ def included(store: DecidedNode, published: list[bytes]) -> bool:
     named = {
         verdict.training_block
         for h in range(1, height + 1)
-        for verdict in getattr(store.block_at(h), "body", DecidedBody((), None)).training
+        for verdict in getattr(store.block_at(h), "body", DecidedBody((), None, (), None)).training
     }
     return bool(named & set(published))
 
@@ -155,8 +155,7 @@ def test_a_miner_s_updates_are_confirmed_out_of_sample_and_the_test_loss_falls(t
         return sum(
             1
             for height in range(1, store.head().block.header.height + 1)
-            for verdict in getattr(store.block_at(height), "body", DecidedBody((), None)).training
-            if verdict.gain > 0
+            if getattr(store.block_at(height), "body", DecidedBody((), None, (), None)).applied
         )
 
     async def main() -> None:

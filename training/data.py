@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import lzma
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,14 @@ def sample_batch(text: bytes, seed: bytes, sequences: int, length: int) -> tuple
     offsets = batch_offsets(seed, sequences, length + 1, len(text))
     data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
     windows = torch.stack([data[start : start + length + 1] for start in offsets]).to(torch.int64)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def batch_of_sequences(sequences: Sequence[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of shape (len(sequences), length) from sequences of length + 1 bytes
+    (a held-out test's revealed sequences)."""
+    windows = torch.frombuffer(bytearray(b"".join(sequences)), dtype=torch.uint8).to(torch.int64)
+    windows = windows.view(len(sequences), -1)  # (sequences, length + 1)
     return windows[:, :-1], windows[:, 1:]
 
 

@@ -110,7 +110,7 @@ class Equivocator(Adversary):
                 return None
             if isinstance(real.body, DecidedBody) and real.body.training:
                 return propose_decided_block(
-                    node.chain, head.block, head.state, key, None, head.commit, node.decided.head_validators,
+                    node.chain, head.block, head.state, key, [], head.commit, node.decided.head_validators,
                     real.body.evidence,
                 )  # fmt: skip
             header = dataclasses.replace(real.header, timestamp=real.header.timestamp + 1)
