@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from chain.blocks import Block, TrainingBody
+from chain.crypto import devnet_key
 from chain.state import State
-from consensus.rules import InvalidBlock, apply_training_block, compute_assigned_slice
+from consensus.rules import InvalidBlock, apply_training_block, compute_assigned_slice, compute_validation_seed
 from tests.chain_builders import Scenario
 
 
@@ -124,3 +125,22 @@ def test_a_valid_training_block_is_kept_in_memory_only(scenario: Scenario, train
     before = scenario.node.db.dump()
     assert scenario.node.on_training_block(training) and not scenario.node.on_training_block(training)
     assert training in scenario.node.training_blocks() and scenario.node.db.dump() == before
+
+
+def test_the_validation_batch_is_the_miners_own(
+    scenario: Scenario, genesis: tuple[Block, State], training: Block
+) -> None:
+    """The validation seed is sha256(b"potchain/validation" || parent || miner) (docs/spec.md,
+    section 17.2): two miners on one parent are checked on different batches, and losses
+    claimed on another miner's batch are refused."""
+    parent, state = genesis
+    assert isinstance(training.body, TrainingBody)
+    other = devnet_key("miner-1")
+    ours, theirs = (compute_validation_seed(parent.hash, key.public_key) for key in (scenario.miner, other))
+    assert ours != theirs and compute_validation_seed(training.hash, scenario.miner.public_key) != ours
+    assert scenario.chain.loss(state, "validation", ours) == training.body.loss_before
+    updated = state.with_slice(training.body.slice_id, training.body.weights)
+    before, after = (scenario.chain.loss(s, "validation", theirs) for s in (state, updated))
+    assert before != training.body.loss_before
+    block = scenario.build_training_block(*genesis, loss_before=before, loss_after=after)
+    assert_rejected(scenario, block, f"loss_before: got {before}, want {training.body.loss_before}")
