@@ -68,12 +68,13 @@ from chain.heldout import Shard
 from chain.state import State
 from chain.store import StorageError
 from chain.votes import MAX_COMMIT_OBJECTS, Commit, Proposal, Vote, decode_commit
-from consensus.proposals import propose_best_training_block
-from consensus.rules import InvalidBlock, StaleBlock, UnknownParent, compute_assigned_slice, compute_training_seed
+from consensus.decided_chain import Decision
+from consensus.rules import InvalidBlock, StaleBlock, UnknownParent, compute_next_slice, compute_training_seed
 from consensus.voting import InvalidVote, Step, TimeoutParameters
 from genesis import chunk_directory, devnet_shard
 from p2p.decided_node import DecidedNode
 from p2p.host import load_or_create_node_key, make_host, make_pubsub
+from p2p.mining import MiningProgress, PreparedUpdate, is_carried, prepare_update, reveal_update, validation_gain
 from p2p.peers import PENALTY_FLOOD, PENALTY_INVALID, PENALTY_MALFORMED, PENALTY_WITHHELD, PeerBook, TokenBucket
 from p2p.signer import SignerRecord
 from p2p.sync import REQUEST_TIMEOUT, send_request
@@ -112,6 +113,8 @@ FETCH_ATTEMPTS = 40
 FETCH_RETRY_SECONDS = 0.5
 """A candidate block is asked for again every half second, up to 20 s, while its height lasts."""
 """Seconds between re-sends of our latest voting messages."""
+COMMITMENT_RESEND_SECONDS = 3.0
+"""Seconds between re-sends of the miner's commitment while its height is undecided."""
 VOTE_MESSAGE_TYPES = {Vote: 1, Proposal: 2, Commit: 3}
 MAX_DECIDED_RESPONSE_BYTES = MAX_RESPONSE_BYTES - (1 << 20)
 """A `decided` answer holds as many heights as fit in this (always at least one): on the
@@ -890,56 +893,135 @@ class VotingNode:
             self.decisions = trio.Event()
 
     async def _mine_loop(self, key: PrivateKey) -> None:
-        """Train on the decided head and publish a training block that meets the difficulty;
-        when a decided block confirms one of ours, the miner keeps its local progress."""
+        """Mine by commit-reveal (docs/spec.md, section 17; p2p/mining.py). On each new decided
+        head D (height h): commit to the local model's update for the slice the key is assigned
+        on block h + 1 (if its validation gain against D meets the difficulty), reveal on D the
+        update D carries our commitment to, then train on D's weights for the next commitment.
+        Committing comes first: D's next proposer proposes as soon as it holds a training block,
+        and a commitment that reaches it later misses block h + 1. The commitment is gossiped
+        again every COMMITMENT_RESEND_SECONDS while height h + 1 is undecided. A decided block
+        that applies our revealed update makes the miner count that slice as the chain's."""
         node, genesis = self.node, self.node.genesis
         directory = chunk_directory(node.genesis_path, genesis)
         train_text = await trio.to_thread.run_sync(lambda: load_split(genesis.dataset, directory, "train"))
         miner = Miner(node.chain.weights(node.head().state), node.chain.layout, train_text, self.config.training)
-        mined: dict[bytes, Block] = {}
-        attempts, last_head = 0, b""
+        mining = MiningProgress()
         while True:
             head = node.head()
-            parent, state = head.block, head.state
-            if parent.hash != last_head:
-                applied = parent.body.applied if isinstance(parent.body, DecidedBody) else b""
-                ours = mined.get(applied)
-                if ours is not None and isinstance(ours.body, TrainingBody):
-                    miner.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
-                mined = {h: b for h, b in mined.items() if b.header.parent == parent.hash}
-                last_head, attempts = parent.hash, 0
-            if any(b.header.parent == parent.hash for b in mined.values()):
-                await trio.sleep(0.5)
+            if head.block.hash != mining.head:
+                self._mining_head_moved(miner, head.block, mining)
+                await self._commit_update(key, miner, mining)
+                await self._reveal_update(key, mining)
+            if mining.trained_on != head.block.hash:
+                await self._train(key, miner, head, mining)
+                await self._commit_update(key, miner, mining)
                 continue
-            slice_id = compute_assigned_slice(parent.header, key.public_key, genesis.partition.slices)
-            seed = compute_training_seed(parent.hash, key.public_key) + attempts.to_bytes(4, "big")
-            work = await trio.to_thread.run_sync(miner.work, node.chain.weights(state), slice_id, seed)
-            attempts += 1
-            values = work.values
-            head = node.head()
-            if head.block.hash != parent.hash:  # decided on while we trained: offer the work on the new head
-                parent, state = head.block, head.state
-                slice_id = compute_assigned_slice(parent.header, key.public_key, genesis.partition.slices)
-                values = await trio.to_thread.run_sync(miner.values, node.chain.weights(state), slice_id)
-            timestamp = max(int(time.time()), parent.header.timestamp + 1)
-            block = await trio.to_thread.run_sync(self._locked_propose, parent, state, key, values, timestamp,
-                                                  work.steps)  # fmt: skip
-            assert isinstance(block.body, TrainingBody)
-            gain = block.body.loss_before - block.body.loss_after
-            if node.head().block.hash != parent.hash or gain < state.difficulty:
-                continue  # decided on again, or too little gain: train on
-            try:
-                await self.publish_training_block(block)
-            except (StaleBlock, UnknownParent):
-                continue
-            mined[block.hash] = block
-            log.info("mined training block on height %d gain %d slice %d", parent.header.height, gain, slice_id)
+            await self._republish_commitment(mining)
+            await trio.sleep(0.5)
 
-    def _locked_propose(
-        self, parent: Block, state: State, key: PrivateKey, values: np.ndarray, timestamp: int, steps: int
+    def _mining_head_moved(self, miner: Miner, head: Block, mining: MiningProgress) -> None:
+        """A new decided head: record our update it applied, drop commitments it did not carry."""
+        mining.head, mining.attempts = head.hash, 0
+        height = head.header.height
+        body = head.body
+        applied = body.applied if isinstance(body, DecidedBody) else b""
+        ours = mining.revealed.pop(applied, None)
+        if ours is not None and isinstance(ours.body, TrainingBody):
+            miner.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
+            log.info("mining: height %d applied our update %s (slice %d, test gain %s)", height,
+                     applied.hex()[:16], ours.body.slice_id, body.gain_of(applied) if isinstance(body, DecidedBody)
+                     else None)  # fmt: skip
+        mining.revealed = {h: b for h, b in mining.revealed.items() if b.header.height > height}
+        for update in [u for u in mining.committed.values() if u.height <= height]:
+            if update.height == height and is_carried(head, update):
+                continue
+            del mining.committed[update.height]
+            if update.height == height:
+                log.info("mining: height %d decided without our commitment %s; dropped that update", height,
+                         update.update_hash.hex()[:16])  # fmt: skip
+
+    async def _commit_update(self, key: PrivateKey, miner: Miner, mining: MiningProgress) -> None:
+        """Commit to the local model's values for our slice on the next decided block, unless we
+        did already or their validation gain against the head falls short of the difficulty."""
+        head = self.node.head()
+        height = head.block.header.height + 1
+        if height in mining.committed:
+            return
+        update = await trio.to_thread.run_sync(self._locked_prepare, head.block, head.state, key, miner, mining.steps)
+        if update.expected_gain < head.state.difficulty:
+            log.debug("mining: gain %d below difficulty %d for height %d; training on", update.expected_gain,
+                      head.state.difficulty, height)  # fmt: skip
+            return
+        try:
+            await self.publish_commitment(update.commitment)
+        except (StaleBlock, UnknownParent):
+            return  # decided on meanwhile: the next head gets a commitment of its own
+        mining.committed[height] = update
+        mining.published_at = trio.current_time()
+        log.info("mining: committed update %s for height %d (slice %d, gain %d against height %d)",
+                 update.update_hash.hex()[:16], height, update.slice_id, update.expected_gain,
+                 head.block.header.height)  # fmt: skip
+
+    async def _reveal_update(self, key: PrivateKey, mining: MiningProgress) -> None:
+        """Reveal on the head the update it carries our commitment to, as a training block with
+        exactly the committed weights; one whose validation gain falls short is invalid: dropped."""
+        head = self.node.head()
+        update = mining.committed.get(head.block.header.height)
+        if update is None or not is_carried(head.block, update):
+            return
+        del mining.committed[update.height]
+        timestamp = max(int(time.time()), head.block.header.timestamp + 1)
+        block = await trio.to_thread.run_sync(self._locked_reveal, head.block, head.state, key, update, timestamp)
+        gain = validation_gain(block)
+        if gain < head.state.difficulty:
+            log.info("mining: revealed update %s on height %d gains %d, below difficulty %d: dropped",
+                     update.update_hash.hex()[:16], update.height, gain, head.state.difficulty)  # fmt: skip
+            return
+        try:
+            await self.publish_training_block(block)
+        except (StaleBlock, UnknownParent):
+            return
+        mining.revealed[block.hash] = block
+        log.info("mining: revealed training block %s on height %d (update %s, slice %d, gain %d)",
+                 block.hash.hex()[:16], update.height, update.update_hash.hex()[:16], update.slice_id,
+                 gain)  # fmt: skip
+
+    async def _train(self, key: PrivateKey, miner: Miner, head: Decision, mining: MiningProgress) -> None:
+        """Train once on a head's weights, for the slice of our next commitment."""
+        height = head.block.header.height + 1
+        slices = self.node.genesis.partition.slices
+        slice_id = compute_next_slice(height + (1 if height in mining.committed else 0), key.public_key, slices)
+        seed = compute_training_seed(head.block.hash, key.public_key) + mining.attempts.to_bytes(4, "big")
+        weights = self.node.chain.weights(head.state)
+        work = await trio.to_thread.run_sync(miner.work, weights, slice_id, seed)
+        mining.trained_on, mining.attempts, mining.steps = head.block.hash, mining.attempts + 1, work.steps
+
+    async def _republish_commitment(self, mining: MiningProgress) -> None:
+        """Gossip our commitment for the height being decided again (gossip may have missed a peer)."""
+        update = mining.committed.get(self.node.head().block.header.height + 1)
+        if update is None or trio.current_time() - mining.published_at < COMMITMENT_RESEND_SECONDS:
+            return
+        mining.published_at = trio.current_time()
+        try:
+            await self.publish_commitment(update.commitment)
+        except (StaleBlock, UnknownParent):
+            return  # decided meanwhile
+
+    def _locked_prepare(self, head: Block, state: State, key: PrivateKey, miner: Miner, steps: int) -> PreparedUpdate:
+        chain = self.node.chain
+        with self.node.lock:
+            weights = chain.weights(state)
+        miner.adopt(weights)
+        slice_id = compute_next_slice(head.header.height + 1, key.public_key, chain.genesis.partition.slices)
+        values = miner.values(weights, slice_id)
+        with self.node.lock:
+            return prepare_update(chain, head, state, key, values, steps)
+
+    def _locked_reveal(
+        self, parent: Block, state: State, key: PrivateKey, update: PreparedUpdate, timestamp: int
     ) -> Block:
         with self.node.lock:
-            return propose_best_training_block(self.node.chain, parent, state, key, values, timestamp, steps)
+            return reveal_update(self.node.chain, parent, state, key, update, timestamp)
 
     async def _resend_loop(self) -> None:
         """Gossip our latest messages again every few seconds: a peer that restarted, or

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import trio
 
-from chain.blocks import DecidedBody
+from chain.blocks import Block, DecidedBody, Reward, TrainingBody, compute_update_hash
 from chain.crypto import devnet_key
+from consensus.decisions import get_committed_updates, is_committed
 from consensus.rules import StaleBlock
 from consensus.voting import TimeoutParameters
 from genesis import DEVNET, chunk_directory, load_genesis
@@ -143,46 +144,67 @@ def test_a_whole_network_restarted_in_the_middle_of_a_height_resumes(tmp_path: P
         scenario.node.close()
 
 
-def test_a_miner_s_updates_are_confirmed_out_of_sample_and_the_test_loss_falls(tmp_path: Path) -> None:
-    """Four validators and a miner: decided blocks confirm the miner's updates on test
-    batches seeded by the proposers' ECVRF outputs, and the model's test loss falls."""
+def paid_updates(store: DecidedNode, miner: bytes) -> list[tuple[Block, Block, Block]]:
+    """(decided block h carrying the miner's commitment, the miner's training block revealed on it,
+    decided block h + 1 that applied it and paid the miner) for each such height."""
+    found = []
+    for height in range(2, store.head().block.header.height + 1):
+        carrier, judge = store.block_at(height - 1), store.block_at(height)
+        assert carrier is not None and judge is not None and isinstance(judge.body, DecidedBody)
+        applied = store.stored_block(judge.body.applied) if judge.body.applied else None
+        rewards = judge.body.rewards
+        if applied is not None and rewards and rewards[0].address == miner and miner in get_committed_updates(carrier):
+            found.append((carrier, applied, judge))
+    return found
+
+
+def test_a_miner_commits_reveals_and_is_paid_for_updates_confirmed_out_of_sample(tmp_path: Path) -> None:
+    """Four validators and a miner: the miner commits to each update while a height is being
+    decided, the decided block carries the commitment, the miner reveals the update on it, and
+    the next decided block applies it on held-out data and pays the miner first; the model's
+    test loss falls."""
     keys = Scenario.create(tmp_path / "builder").validators
     stores = [DecidedNode(DEVNET, tmp_path / f"node{i}") for i in range(4)]
     nodes: list[VotingNode] = []
     training = TrainingConfig(steps=10, batch_sequences=16, warmup_steps=1)
-
-    def confirmed(store: DecidedNode) -> int:
-        return sum(
-            1
-            for height in range(1, store.head().block.header.height + 1)
-            if getattr(store.block_at(height), "body", DecidedBody((), None, (), None)).applied
-        )
+    miner = devnet_key("miner-0")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             for index in range(4):
                 bootstrap = [f"{nodes[0].listen_addresses[0]}/p2p/{nodes[0].peer_id}"] if nodes else []
-                miner = devnet_key("miner-0") if index == 0 else None
-                config = VotingNodeConfig(bootstrap=bootstrap, validator_keys=[keys[index]], miner_key=miner,
-                                          training=training)  # fmt: skip
+                config = VotingNodeConfig(bootstrap=bootstrap, validator_keys=[keys[index]],
+                                          miner_key=miner if index == 0 else None, training=training)  # fmt: skip
                 node = VotingNode(stores[index], config)
                 ready = trio.Event()
                 nursery.start_soon(node.run, lambda _, ready=ready: ready.set())
                 await ready.wait()
                 nodes.append(node)
             with trio.fail_after(300):
-                while confirmed(stores[1]) < 2:
+                while len(paid_updates(stores[1], miner.public_key)) < 2:
                     await trio.sleep(0.5)
             for node in nodes:
                 node.stop()
 
     try:
         trio.run(main)
-        head = stores[1].head()
-        genesis_state = stores[1].db.state(stores[1].genesis_block.hash)
-        assert mean_loss(stores[1].chain, head.state, "test") < mean_loss(stores[1].chain, genesis_state, "test")
-        miner = devnet_key("miner-0").public_key
-        assert head.state.accounts[miner].balance > 0  # paid for confirmed updates
+        store = stores[1]
+        reward = store.genesis.consensus.block_reward * store.genesis.consensus.miner_share_percent // 100
+        for carrier, applied, judge in paid_updates(store, miner.public_key):
+            assert isinstance(carrier.body, DecidedBody) and isinstance(applied.body, TrainingBody)
+            (commitment,) = [c for c in carrier.body.commitments if c.miner == miner.public_key]
+            assert commitment.height == carrier.header.height
+            assert (applied.header.parent, applied.header.proposer) == (carrier.hash, miner.public_key)
+            assert commitment.update_hash == compute_update_hash(
+                miner.public_key, applied.body.slice_id, applied.body.weights
+            )
+            assert is_committed(carrier, applied)
+            assert isinstance(judge.body, DecidedBody) and judge.body.applied == applied.hash
+            assert judge.body.rewards[0] == Reward(miner.public_key, reward)
+        head = store.head()
+        genesis_state = store.db.state(store.genesis_block.hash)
+        assert mean_loss(store.chain, head.state, "test") < mean_loss(store.chain, genesis_state, "test")
+        assert head.state.accounts[miner.public_key].balance >= 2 * reward
     finally:
         for store in stores:
             store.close()

@@ -1,0 +1,150 @@
+"""A miner's commit-reveal steps (docs/spec.md, section 17), shared by the node's miner
+(`VotingNode._mine_loop`), the external miner (`potchain mine`) and `potchain localnet`.
+
+While height h + 1 is being decided on head D (height h), a miner fixes an update for
+the slice its key is assigned on the block of height h + 1 (`compute_next_slice(h + 1)`),
+signs a commitment to it for height h + 1 and gossips it (`prepare_update`); the proposer
+of that block carries it. Once block h + 1 is decided and carries the commitment, the
+miner reveals the update as a training block on it, with exactly the committed weights
+(`reveal_update`): the validation batch of that block is seeded by its parent and miner,
+and the parent did not exist when the update was fixed. The next decided block tests it
+on held-out data; a committed update it applies pays its miner.
+
+The update's values are chosen before committing, as `propose_best_training_block` does:
+the first of 1, 1/2 and 1/4 of the move from the chain's slice toward the miner's values
+whose validation gain against D's state meets the difficulty, else the largest gain. D's
+state and batch stand in for block h + 1's, which do not exist yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from chain.blocks import Block, TrainingBody, UpdateCommitment, compute_update_hash, sign_update_commitment
+from chain.crypto import PrivateKey
+from chain.state import State
+from consensus.decisions import get_committed_updates
+from consensus.proposals import propose_training_block
+from consensus.rules import Chain, compute_assigned_slice, compute_next_slice, compute_validation_seed
+
+FRACTIONS = (1.0, 0.5, 0.25)
+"""The moves toward the miner's values tried before committing (as `propose_best_training_block`)."""
+
+
+@dataclass(frozen=True)
+class PreparedUpdate:
+    """An update a miner committed to (or is about to), kept until it is revealed."""
+
+    commitment: UpdateCommitment
+    """The signed commitment, for the decided block of `commitment.height`."""
+    slice_id: int
+    """The slice the update sets: the miner's on the block of `commitment.height`."""
+    weights: bytes
+    """The slice's committed values, int16 little-endian (what the commitment's hash covers)."""
+    steps: int
+    """Optimizer steps behind it (informative, carried by the training block)."""
+    expected_gain: int
+    """Its validation gain against the head it was prepared on (a stand-in for the reveal's)."""
+
+    @property
+    def height(self) -> int:
+        """The decided block that carries the commitment; the update is revealed on it."""
+        return self.commitment.height
+
+    @property
+    def update_hash(self) -> bytes:
+        return self.commitment.update_hash
+
+
+def choose_update_values(
+    chain: Chain, head: Block, state: State, key: PrivateKey, slice_id: int, values: np.ndarray
+) -> tuple[bytes, int]:
+    """The committed slice values and their validation gain against `head`'s state and the
+    batch seeded by `head` and `key`: the first fraction of the move toward `values` whose
+    gain meets the difficulty, else the one with the largest gain."""
+    seed = compute_validation_seed(head.hash, key.public_key)
+    current = chain.layout.extract(chain.weights(state), slice_id).astype(np.int64)
+    before = chain.loss(state, "validation", seed)
+    best: tuple[bytes, int] | None = None
+    for fraction in FRACTIONS:
+        moved = np.floor(current + fraction * (values.astype(np.int64) - current) + 0.5).astype("<i2").tobytes()
+        gain = before - chain.loss(state.with_slice(slice_id, moved), "validation", seed)
+        if best is None or gain > best[1]:
+            best = (moved, gain)
+        if gain >= state.difficulty:
+            return moved, gain
+    assert best is not None
+    return best
+
+
+def prepare_update(
+    chain: Chain, head: Block, state: State, key: PrivateKey, values: np.ndarray, steps: int
+) -> PreparedUpdate:
+    """`key`'s update for the decided block after `head` (state `state`), toward the slice
+    `values` of the miner's model for the slice assigned on that block, and its signed
+    commitment. The caller commits it only if `expected_gain` meets the difficulty."""
+    height = head.header.height + 1
+    slice_id = compute_next_slice(height, key.public_key, chain.genesis.partition.slices)
+    weights, gain = choose_update_values(chain, head, state, key, slice_id, values)
+    update_hash = compute_update_hash(key.public_key, slice_id, weights)
+    commitment = sign_update_commitment(key, chain.domain, height, update_hash)
+    return PreparedUpdate(commitment, slice_id, weights, steps, gain)
+
+
+def is_carried(parent: Block, update: PreparedUpdate) -> bool:
+    """Whether decided block `parent` carries the commitment to `update` (so revealing it on
+    `parent` makes a committed training block)."""
+    miner = update.commitment.miner
+    return parent.header.height == update.height and get_committed_updates(parent).get(miner) == update.update_hash
+
+
+def reveal_update(
+    chain: Chain,
+    parent: Block,
+    state: State,
+    key: PrivateKey,
+    update: PreparedUpdate,
+    timestamp: int,
+    state_root: bytes | None = None,
+) -> Block:
+    """The training block on `parent` (the decided block that carries the commitment) with
+    exactly the committed weights; the caller publishes it if its gain meets the difficulty.
+    `state_root` as in `propose_training_block` (an external miner holding only the model)."""
+    if parent.header.height != update.height:
+        raise ValueError(f"reveal: parent at height {parent.header.height}, want {update.height}")
+    assigned = compute_assigned_slice(parent.header, key.public_key, chain.genesis.partition.slices)
+    if assigned != update.slice_id:
+        raise ValueError(f"reveal: slice {update.slice_id}, want {assigned} (the parent assigns it)")
+    values = np.frombuffer(update.weights, dtype="<i2")
+    block = propose_training_block(chain, parent, state, key, values, timestamp, update.steps, state_root)
+    assert isinstance(block.body, TrainingBody) and block.body.weights == update.weights
+    return block
+
+
+def validation_gain(block: Block) -> int:
+    """A training block's claimed validation gain."""
+    body = block.body
+    assert isinstance(body, TrainingBody)
+    return body.loss_before - body.loss_after
+
+
+@dataclass
+class MiningProgress:
+    """Where a miner's commit-reveal pipeline stands (the node's mining loop)."""
+
+    head: bytes = b""
+    """The decided head the miner last acted on."""
+    trained_on: bytes = b""
+    """The decided head whose weights the miner last trained on."""
+    attempts: int = 0
+    """Training rounds on the current head (each draws other batches)."""
+    steps: int = 0
+    """Optimizer steps of the latest training round (carried by the next update)."""
+    committed: dict[int, PreparedUpdate] = field(default_factory=dict)
+    """Our committed updates not yet revealed, by the height of the decided block that carries each."""
+    revealed: dict[bytes, Block] = field(default_factory=dict)
+    """Our revealed training blocks not yet judged, by hash."""
+    published_at: float = 0.0
+    """When (trio time) the latest commitment was last gossiped."""
