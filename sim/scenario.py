@@ -42,6 +42,11 @@ ADVERSARIES = (
     "variant-spammer",
     "false-claims",
     "withholder",
+    "overfitter",
+    "public-data",
+    "copier",
+    "perturbing-copier",
+    "colluder",
 )
 
 

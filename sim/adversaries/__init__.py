@@ -11,14 +11,22 @@ from __future__ import annotations
 from p2p.decided_node import DecidedNode
 from p2p.voting_node import VotingNode, VotingNodeConfig
 from sim.adversaries.base import Adversary, forge_training_block
+from sim.adversaries.colluder import Colluder
+from sim.adversaries.copier import Copier, PerturbingCopier
 from sim.adversaries.equivocator import Equivocator
 from sim.adversaries.false_claims import FalseClaims
+from sim.adversaries.overfitter import Overfitter
+from sim.adversaries.public_data import PublicDataMiner
 from sim.adversaries.variant_spammer import VariantSpammer
 from sim.adversaries.withholder import Withholder
 
 ADVERSARY_CLASSES: dict[str, type[Adversary]] = {
-    cls.kind: cls for cls in (Equivocator, VariantSpammer, FalseClaims, Withholder)
-}
+    cls.kind: cls
+    for cls in (
+        Equivocator, VariantSpammer, FalseClaims, Withholder,
+        Overfitter, PublicDataMiner, Copier, PerturbingCopier, Colluder,
+    )
+}  # fmt: skip
 
 __all__ = ["ADVERSARY_CLASSES", "Adversary", "forge_training_block", "make_adversary"]
 

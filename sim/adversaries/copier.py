@@ -1,0 +1,189 @@
+"""Miners that copy other miners' revealed updates under their own keys.
+
+A copier holds several keys (`copier_keys`), enough that on every parent
+one of them is assigned each slice. When another miner's training block on
+our head arrives it
+
+1. signs the same weights under its key that the head assigns the block's
+   slice, evaluates the copy and publishes it (uncommitted: its update was
+   public only from the original's reveal on), and
+2. commits the copy for the next height under its key that the next block
+   assigns the same slice (`sign_update_commitment(height = head + 1)`),
+   and reveals it on that block if the block carries the commitment.
+
+The perturbing copier adds a small random perturbation first (a few percent
+of the weights moved by 1 to 3), so that its copy is not the same update.
+
+What the rules do with it (docs/spec.md, section 17.4): at the original's
+height the copy is uncommitted, ranks below the committed original and earns
+nothing; a height later it is judged against a state that already holds the
+original if that was applied. The runner reports `copier_rewards`: every
+reward paid to a copier key (target 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import trio
+
+from chain.blocks import Block, TrainingBody, compute_update_hash, sign_update_commitment
+from chain.crypto import PrivateKey, devnet_key
+from consensus.decisions import get_committed_updates, is_committed
+from consensus.proposals import propose_training_block
+from consensus.rules import InvalidBlock, StaleBlock, UnknownParent, compute_next_slice
+from p2p.decided_node import DecidedNode
+from p2p.voting_node import VotingNodeConfig
+from sim.adversaries.base import Adversary
+from sim.adversaries.committing import HEAD_POLL_SECONDS
+from training.weights import WEIGHT_MAX
+
+MAX_COPIER_KEYS = 256
+"""Keys tried for a set that covers every slice."""
+PERTURBED_FRACTION = 0.03
+"""The share of a copied slice's weights the perturbing copier moves."""
+MAX_PERTURBATION = 3
+"""It moves each of them by 1 to this many units, up or down."""
+
+
+def copier_keys(node_name: str, slices: int) -> list[PrivateKey]:
+    """devnet_key(f"copier-{node_name}-{i}") for i = 0, 1, ...: the first key of each slice
+    offset (`compute_next_slice(0, key)`), so that on every parent one key is assigned each slice."""
+    by_offset: dict[int, PrivateKey] = {}
+    for index in range(MAX_COPIER_KEYS):
+        key = devnet_key(f"copier-{node_name}-{index}")
+        by_offset.setdefault(compute_next_slice(0, key.public_key, slices), key)
+        if len(by_offset) == slices:
+            return [by_offset[offset] for offset in range(slices)]
+    raise ValueError(f"copier keys: {MAX_COPIER_KEYS} keys cover {len(by_offset)} of {slices} slices")
+
+
+def perturb(values: np.ndarray, seed: bytes) -> np.ndarray:
+    """`values` with PERTURBED_FRACTION of them (at least one) moved by 1..MAX_PERTURBATION up or down."""
+    generator = np.random.default_rng(int.from_bytes(hashlib.sha256(seed).digest()[:8], "big"))
+    count = max(1, int(values.size * PERTURBED_FRACTION))
+    positions = generator.choice(values.size, size=count, replace=False)
+    steps = generator.integers(1, MAX_PERTURBATION + 1, size=count) * generator.choice([-1, 1], size=count)
+    moved = values.astype(np.int64)
+    moved[positions] = np.clip(moved[positions] + steps, -WEIGHT_MAX, WEIGHT_MAX)
+    return moved.astype(np.int16)
+
+
+class Copier(Adversary):
+    kind = "copier"
+    perturbs = False
+    """Whether copies are perturbed (the perturbing copier)."""
+
+    def __init__(self, node: DecidedNode, config: VotingNodeConfig) -> None:
+        super().__init__(node, config)
+        self.keys = copier_keys(node.datadir.name, node.genesis.partition.slices)
+
+    async def run_behaviour(self) -> None:
+        ours = {key.public_key for key in self.keys}
+        copied: set[bytes] = set()  # the updates (sha256 of slice and weights) copied or made on the head:
+        # a perturbing copier does not copy its own perturbations back from another copier
+        pending: dict[bytes, tuple[PrivateKey, np.ndarray, str, int]] = {}  # committed copies for the next height
+        head_hash = b""
+        while True:
+            await trio.sleep(HEAD_POLL_SECONDS)
+            head = self.head_block()
+            if head.hash != head_hash:
+                head_hash, copied = head.hash, set()
+                for key, values, original_hash, height in pending.values():
+                    if height == head.header.height:
+                        await self._reveal(head, key, values, original_hash)
+                pending = {}
+            originals = [
+                block for block in list(self.node.decided.training.values())
+                if block.header.parent == head.hash and block.header.proposer not in ours
+            ]  # fmt: skip
+            for original in originals:
+                body = original.body
+                assert isinstance(body, TrainingBody)
+                update = hashlib.sha256(body.slice_id.to_bytes(4, "big") + body.weights).digest()
+                if update in copied:
+                    continue
+                copied.add(update)
+                values = np.frombuffer(body.weights, dtype="<i2").astype(np.int16)
+                if self.perturbs:
+                    values = perturb(values, original.hash)
+                    copied.add(
+                        hashlib.sha256(body.slice_id.to_bytes(4, "big") + values.astype("<i2").tobytes()).digest()
+                    )
+                await self._copy(head, original, values)
+                key = self._key_for(head.header.height + 1, body.slice_id)
+                if key.public_key not in pending and await self._commit(head, key, original, values):
+                    pending[key.public_key] = (key, values, original.hash.hex(), head.header.height + 1)
+
+    def _key_for(self, parent_height: int, slice_id: int) -> PrivateKey:
+        """Our key that a parent at `parent_height` assigns `slice_id`."""
+        slices = self.node.genesis.partition.slices
+        return next(k for k in self.keys if compute_next_slice(parent_height, k.public_key, slices) == slice_id)
+
+    async def _copy(self, parent: Block, original: Block, values: np.ndarray) -> None:
+        """Publish `values` on `parent` under our key assigned the original's slice (uncommitted)."""
+        assert isinstance(original.body, TrainingBody)
+        key = self._key_for(parent.header.height, original.body.slice_id)
+        copy, difficulty = await trio.to_thread.run_sync(self._propose, parent, key, values, original.body.steps)
+        if copy is None:
+            return
+        await self._publish_copy(parent, copy, difficulty, original.hash.hex(), "copied a training block")
+
+    async def _commit(self, head: Block, key: PrivateKey, original: Block, values: np.ndarray) -> bool:
+        """Commit the copy for the next height (carried by its decided block, revealed on it)."""
+        assert isinstance(original.body, TrainingBody)
+        height = head.header.height + 1
+        update_hash = compute_update_hash(key.public_key, original.body.slice_id, values.astype("<i2").tobytes())
+        commitment = sign_update_commitment(key, self.node.chain.domain, height, update_hash)
+        try:
+            await self.publish_commitment(commitment)
+        except (StaleBlock, UnknownParent):
+            return False
+        self.record("committed to a copy", height=height, original=original.hash.hex(), miner=key.public_key.hex(),
+                    perturbed=self.perturbs, update=True, invalid=False)  # fmt: skip
+        return True
+
+    async def _reveal(self, parent: Block, key: PrivateKey, values: np.ndarray, original: str) -> None:
+        """Reveal a committed copy on `parent`, if `parent` carries the commitment."""
+        slice_id = compute_next_slice(parent.header.height, key.public_key, self.node.genesis.partition.slices)
+        update_hash = compute_update_hash(key.public_key, slice_id, values.astype("<i2").tobytes())
+        if get_committed_updates(parent).get(key.public_key) != update_hash:
+            self.record("commitment to a copy not carried by the decided block", height=parent.header.height,
+                        original=original, miner=key.public_key.hex(), update=True, invalid=False)  # fmt: skip
+            return
+        copy, difficulty = await trio.to_thread.run_sync(self._propose, parent, key, values, 0)
+        if copy is not None:
+            await self._publish_copy(parent, copy, difficulty, original, "revealed a committed copy")
+
+    async def _publish_copy(self, parent: Block, copy: Block, difficulty: int, original: str, what: str) -> None:
+        assert isinstance(copy.body, TrainingBody)
+        gain = copy.body.loss_before - copy.body.loss_after
+        fields = {"original": original, "height": copy.header.height, "miner": copy.header.proposer.hex(),
+                  "validation_gain": gain, "committed": is_committed(parent, copy), "perturbed": self.perturbs,
+                  "update": True, "invalid": False}  # fmt: skip
+        if gain < difficulty:
+            self.record(f"{what}: below the difficulty, not published", difficulty=difficulty, **fields)
+            return
+        try:
+            await self.publish_training_block(copy)
+        except InvalidBlock as error:  # decided on meanwhile (stale), or the rules refuse it
+            self.record(f"{what}: refused ({error})", block=copy.hash.hex(), **fields)
+            return
+        self.record(what, block=copy.hash.hex(), **fields)
+
+    def _propose(self, parent: Block, key: PrivateKey, values: np.ndarray, steps: int) -> tuple[Block | None, int]:
+        """The copy as `key`'s training block on `parent` and the difficulty it must meet (None: the head moved)."""
+        with self.node.lock:
+            head = self.node.head()
+            if head.block.hash != parent.hash:
+                return None, 0
+            timestamp = max(int(time.time()), parent.header.timestamp + 1)
+            block = propose_training_block(self.node.chain, parent, head.state, key, values, timestamp, steps)
+            return block, head.state.difficulty
+
+
+class PerturbingCopier(Copier):
+    kind = "perturbing-copier"
+    perturbs = True
