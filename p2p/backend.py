@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chain.blocks import Block
+from chain.blocks import Block, UpdateCommitment
 from p2p.voting_node import VotingNode
 
 
@@ -35,6 +35,9 @@ class NetworkBackend:
 
     def submit_block(self, data: bytes) -> tuple[Block, bool]:
         return self.network.submit_training_block(data)
+
+    def submit_commitment(self, data: bytes) -> tuple[UpdateCommitment, bool]:
+        return self.network.submit_commitment(data)
 
     def node_info(self) -> dict[str, object]:
         network = self.network

@@ -28,6 +28,7 @@ from chain.state import State
 from consensus.decisions import get_committed_updates
 from consensus.proposals import propose_training_block
 from consensus.rules import Chain, compute_assigned_slice, compute_next_slice, compute_validation_seed
+from p2p.decided_node import DecidedNode
 
 FRACTIONS = (1.0, 0.5, 0.25)
 """The moves toward the miner's values tried before committing (as `propose_best_training_block`)."""
@@ -148,3 +149,9 @@ class MiningProgress:
     """Our revealed training blocks not yet judged, by hash."""
     published_at: float = 0.0
     """When (trio time) the latest commitment was last gossiped."""
+
+
+def held_commitment(node: DecidedNode, miner: bytes) -> UpdateCommitment | None:
+    """The commitment of `miner` the node holds for the block being decided, if any."""
+    with node.lock:
+        return node.decided.commitments.get(miner)

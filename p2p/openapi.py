@@ -19,9 +19,9 @@ _ERROR_DESCRIPTIONS = {
     403: "The mining token given to an admin endpoint",
     404: "Unknown object",
     408: "The request body did not arrive in time (the connection is closed)",
-    409: "Not possible on this node",
+    409: "Not possible on this node (now)",
     413: "Request body too large",
-    422: "Invalid block",
+    422: "Invalid block or commitment: it breaks a rule (the message names it)",
     503: "Busy: too many connections, requests or evaluations at once (see Retry-After)",
 }
 
@@ -131,13 +131,32 @@ def _block_schemas() -> dict[str, Schema]:
             },
         ),
         "DecidedBody": _object(
-            "What one height decided: the training blocks it tested (maybe none), the parent's certificate, "
-            "evidence and the payout. A height that names no training block is as final as one that does",
+            "What one height decided: the training blocks it tested on its proposer's held-out data (maybe "
+            "none), the update it applied, the miners' commitments for the next height, the parent's "
+            "certificate, evidence and the payout. A height that names no training block is as final as one "
+            "that does",
             {
                 "training": _array(
-                    _ref("Verdict"), "The training blocks on the parent this block tested (at most one; may be none)"
+                    _ref("Verdict"),
+                    "The training blocks on the parent this block tested, on one held-out test (at most 4; may "
+                    "be none)",
                 ),
-                "confirmed": _boolean("Some verdict's test gain is > 0: that slice update was applied to the model"),
+                "confirmed": _boolean("An update was applied to the model (applied is not null)"),
+                "applied": {
+                    "oneOf": [_hash("The applied training block"), {"type": "null"}],
+                    "description": "The training block whose update this block applied: among those with test "
+                    "gain > 0, committed before uncommitted, then the larger gain, then the smaller hash (null: "
+                    "none applied)",
+                },
+                "test": {
+                    "oneOf": [_ref("HeldOutTest"), {"type": "null"}],
+                    "description": "The held-out test of the named training blocks (null when it names none)",
+                },
+                "commitments": _array(
+                    _ref("Commitment"),
+                    "Miners' commitments to updates they reveal on this block (one per miner): a revealed update "
+                    "that matches its miner's is committed, and only a committed applied update pays its miner",
+                ),
                 "last_commit": {
                     "oneOf": [_ref("LastCommit"), {"type": "null"}],
                     "description": "The parent's commit certificate, whose signers this block pays "
@@ -146,22 +165,48 @@ def _block_schemas() -> dict[str, Schema]:
                 "evidence": _array(_ref("Evidence"), "Equivocations slashed (the offender's stake goes to 0)"),
                 "rewards": _array(
                     _ref("Reward"),
-                    "The payout: the miner of a confirmed update first, then the parent certificate's signers "
-                    "(in proportion to their stake) by address",
+                    "The payout: the miner of the applied update first if it committed to it in the parent, then "
+                    "the parent certificate's signers (in proportion to their stake) by address",
                 ),
             },
         ),
         "GenesisBody": _object("Genesis has no body", {}),
         "Verdict": _object(
-            "A decided block's out-of-sample test of a training block, on a test batch seeded by the "
-            "proposer's ECVRF output, which the proposer cannot choose",
+            "A decided block's out-of-sample test of a training block, on the block's held-out test",
             {
                 "training_block": _hash("The training block tested"),
-                "loss_before": _integer("Test loss total (Q.16) of the parent's model on the batch"),
+                "loss_before": _integer("Test loss total (Q.16) of the parent's model on the revealed sequences"),
                 "loss_after": _integer("The same with the training block's slice applied"),
                 "gain": _integer("loss_before - loss_after", minimum=None),
-                "confirmed": _boolean("gain > 0: the update was applied and its miner paid"),
-                "vrf_proof": _hex(80, "The proposer's ECVRF proof (RFC 9381) seeding the test batch"),
+                "confirmed": _boolean("This is the applied training block"),
+            },
+        ),
+        "HeldOutTest": _object(
+            "Held-out sequences of the proposer's private shard, picked among its unrevealed ones by the "
+            "proposer's ECVRF output (which it cannot choose), revealed with Merkle proofs",
+            {
+                "vrf_proof": _hex(80, "The proposer's ECVRF proof (RFC 9381) over potchain/test || parent"),
+                "loss_before": _integer("Loss total (Q.16) of the parent's model on the revealed sequences"),
+                "sequences": _array(_ref("RevealedSequence"), "The revealed sequences, in the order picked"),
+            },
+        ),
+        "RevealedSequence": _object(
+            "One revealed held-out sequence (public from then on, never used to test again)",
+            {
+                "index": _integer("Its position in the proposer's shard"),
+                "sequence": {
+                    "type": "string",
+                    "pattern": "^([0-9a-f]{2})*$",
+                    "description": "Its bytes (the model's context + 1), hex",
+                },
+            },
+        ),
+        "Commitment": _object(
+            "A miner's signed commitment to an update it reveals on the decided block of its height",
+            {
+                "height": _integer("The decided block that carries it (the update is revealed on it)", minimum=1),
+                "miner": _hex(32, "The miner's public key"),
+                "update_hash": _hash("sha256(potchain/update || miner || slice id (4 bytes) || the slice's values)"),
             },
         ),
         "Evidence": _object(
@@ -331,6 +376,14 @@ def _node_schemas() -> dict[str, Schema]:
                 "validation_seed": _hash("Seed of the validation batch of the proof"),
                 "training_seed": _hash("Seed of the miner's training batches (informative)"),
                 "min_timestamp": _integer("Smallest allowed block timestamp (the parent's + 1)"),
+                "commitment_height": _integer(
+                    "The decided block being decided (the head's + 1): a commitment for it names an update the "
+                    "miner reveals on that block once decided",
+                    minimum=1,
+                ),
+                "commitment_slice_id": _integer(
+                    "The slice that update sets: the one the miner's key is assigned on that block"
+                ),
                 "weights_url": {
                     "type": "string",
                     "description": "Where to fetch the parent's model (/v1/model/weights?height=<height - 1>)",
@@ -344,6 +397,16 @@ def _node_schemas() -> dict[str, Schema]:
                 "hash": _hash("Block hash"),
                 "height": _integer("Height"),
                 "known": _boolean("Already kept: nothing changed"),
+            },
+        ),
+        "CommitmentResult": _object(
+            "The update commitment, kept for the block being decided (and gossiped to peers) until that "
+            "height is decided",
+            {
+                "height": _integer("The height it is for", minimum=1),
+                "miner": _hex(32, "The miner's public key"),
+                "update_hash": _hash("The committed update's hash"),
+                "known": _boolean("Already kept: nothing changed (it is gossiped again)"),
             },
         ),
         "NodeInfo": _object(
@@ -479,6 +542,18 @@ def _paths(admin: bool) -> dict[str, Schema]:
         "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": _binary(1)}}},
         "responses": _responses(_json("SubmitResult", "Kept (or already kept)"), 400, 401, 408, 413, 422),
     }
+    commitment = {
+        "operationId": "submitCommitment",
+        "summary": "Keep a miner's encoded update commitment for the height being decided (and gossip it)",
+        "description": "The body is an UpdateCommitment's canonical encoding (msgpack [height, miner, update_hash, "
+        "signature]). Only a commitment for the height being decided (the head's + 1) is kept (409 for "
+        "another, saying which is being decided), one per miner (409 for a second, different one); one not "
+        "signed by its miner is a 422. Re-sending the kept one answers 200 and gossips it again",
+        "security": [{"bearer": []}],
+        "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": _binary(1)}}},
+        "responses": _responses(_json("CommitmentResult", "Already kept"), 400, 401, 408, 409, 413, 422)
+        | {"202": _json("CommitmentResult", "Kept")},
+    }
     paths: dict[str, Schema] = {
         "/health": {"get": _operation("health", "Readiness for load balancers", health)},
         "/v1/status": {
@@ -517,6 +592,7 @@ def _paths(admin: bool) -> dict[str, Schema]:
             "get": _operation("miningWork", "A miner's assignment", _responses(_json("Work", "OK"), 400), [miner])
         },
         "/v1/mining/submit": {"post": submit},
+        "/v1/mining/commitments": {"post": commitment},
         "/v1/node": {
             "get": _operation(
                 "node",

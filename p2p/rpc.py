@@ -43,15 +43,18 @@ from chain.blocks import (
     Kind,
     TrainingBody,
     TrainingVerdict,
+    UpdateCommitment,
     decode_block,
+    decode_update_commitment,
 )
 from chain.encoding import MAX_MESSAGE_BYTES, DecodeError
 from chain.files import SECRET_MODE, write_atomically
 from chain.state import Account, State
 from chain.votes import Commit, Proposal
 from consensus.decided_chain import Decision
-from consensus.rules import Chain, InvalidBlock
+from consensus.rules import Chain, InvalidBlock, StaleBlock, UnknownParent
 from p2p.decided_node import DecidedNode, WorkAssignment, mean_loss
+from p2p.mining import held_commitment
 from p2p.openapi import openapi_document
 from training.weights import encode_weights
 
@@ -100,6 +103,12 @@ class RpcBackend(Protocol):
         raises DecodeError or InvalidBlock."""
         ...
 
+    def submit_commitment(self, data: bytes) -> tuple[UpdateCommitment, bool]:
+        """Keep (and gossip) an encoded update commitment for the next decided block:
+        (commitment, kept now); raises DecodeError, StaleBlock or UnknownParent (for another
+        height than the one being decided), or InvalidBlock."""
+        ...
+
     def node_info(self) -> dict[str, object]:
         """The node itself: peer id, rejected messages, blocked peers."""
         ...
@@ -136,6 +145,10 @@ class LocalBackend:
         if block.header.kind != Kind.TRAINING:
             raise InvalidBlock(f"kind: only training blocks are submitted, not {block.header.kind.name.lower()}")
         return block, not self.node.on_training_block(block)
+
+    def submit_commitment(self, data: bytes) -> tuple[UpdateCommitment, bool]:
+        commitment = decode_update_commitment(data)
+        return commitment, self.node.on_commitment(commitment)
 
     def node_info(self) -> dict[str, object]:
         return {"peer_id": None, "addresses": [], "rejections": [], "blocked_peers": [], "link_delay_seconds": 0.0}
@@ -364,6 +377,11 @@ def work_view(work: WorkAssignment) -> JSON:
 
 def submit_view(block: Block, known: bool) -> JSON:
     return {"hash": block.hash.hex(), "height": block.header.height, "known": known}
+
+
+def commitment_view(commitment: UpdateCommitment, known: bool) -> JSON:
+    view = {"height": commitment.height, "miner": commitment.miner.hex(), "update_hash": commitment.update_hash.hex()}
+    return view | {"known": known}
 
 
 def _plain(value: object) -> object:
@@ -691,6 +709,7 @@ class RpcServer:
             web.get("/v1/peers", self.peers, allow_head=False),
             web.get("/v1/mining/work", self.work, allow_head=False),
             web.post("/v1/mining/submit", self.submit),
+            web.post("/v1/mining/commitments", self.commit),
             web.get("/v1/node", self.node_info, allow_head=False),
             web.get("/openapi.json", self.openapi, allow_head=False),
         ]
@@ -946,6 +965,32 @@ class RpcServer:
         except InvalidBlock as error:
             raise RpcError(422, str(error)) from None
         return web.json_response(submit_view(block, known))
+
+    async def commit(self, request: web.Request) -> web.Response:
+        """Keep a miner's update commitment for the decided block being decided (and gossip it):
+        202 kept, 200 already kept; 409 for another height, or when the node holds another
+        commitment of the miner (one per miner) or as many as a block carries."""
+        self._authorize(request)
+        data = await self._read_body(request)
+        if not data:
+            raise RpcError(400, "body: empty, want an encoded update commitment")
+        try:
+            commitment, kept = await self._call(self.backend.submit_commitment, data)
+        except DecodeError as error:
+            raise RpcError(400, str(error)) from None
+        except (StaleBlock, UnknownParent) as error:
+            raise RpcError(409, f"{error}: a commitment is for the height being decided") from None
+        except InvalidBlock as error:
+            raise RpcError(422, str(error)) from None
+        if kept:
+            return web.json_response(commitment_view(commitment, known=False), status=202)
+        held = await self._call(held_commitment, self.node, commitment.miner)
+        if held == commitment:
+            return web.json_response(commitment_view(commitment, known=True))
+        if held is not None:
+            raise RpcError(409, f"commitment: the node holds another of this miner's for height {held.height} "
+                                f"(update {held.update_hash.hex()}): one per miner")  # fmt: skip
+        raise RpcError(409, f"commitment: the node holds as many for height {commitment.height} as a block carries")
 
     async def _json_field(self, request: web.Request, name: str) -> Any:
         """One field of a JSON object body (None when the object lacks it); 400 if the body is not JSON."""

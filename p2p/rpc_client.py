@@ -105,6 +105,11 @@ class RpcClient:
         answer = self._request("POST", path, data, "application/octet-stream", token, timeout)
         return self._decode(path, answer)
 
+    def submit_commitment(self, encoded: bytes, token: str | None = None, timeout: float | None = None) -> Any:
+        """POST an encoded update commitment to /v1/mining/commitments; the JSON answer (202: kept,
+        200: already kept, and gossiped again). Another height than the one being decided is a 409."""
+        return self.post_bytes("/v1/mining/commitments", encoded, token, timeout)
+
     def post_json(self, path: str, document: object, token: str | None = None, timeout: float | None = None) -> Any:
         """POST a JSON document with the token (`token`, or the client's); the JSON answer."""
         answer = self._request("POST", path, json.dumps(document).encode(), "application/json", token, timeout)

@@ -74,7 +74,15 @@ from consensus.voting import InvalidVote, Step, TimeoutParameters
 from genesis import chunk_directory, devnet_shard
 from p2p.decided_node import DecidedNode
 from p2p.host import load_or_create_node_key, make_host, make_pubsub
-from p2p.mining import MiningProgress, PreparedUpdate, is_carried, prepare_update, reveal_update, validation_gain
+from p2p.mining import (
+    MiningProgress,
+    PreparedUpdate,
+    held_commitment,
+    is_carried,
+    prepare_update,
+    reveal_update,
+    validation_gain,
+)
 from p2p.peers import PENALTY_FLOOD, PENALTY_INVALID, PENALTY_MALFORMED, PENALTY_WITHHELD, PeerBook, TokenBucket
 from p2p.signer import SignerRecord
 from p2p.sync import REQUEST_TIMEOUT, send_request
@@ -557,6 +565,21 @@ class VotingNode:
         if kept:
             await self._publish(block_topic(self.chain_id), Announcement.of(block).encode())
         return not kept
+
+    def submit_commitment(self, data: bytes) -> tuple[UpdateCommitment, bool]:
+        """Keep and gossip a miner's commitment handed in over the RPC (from the RPC's thread);
+        (the commitment, whether it was kept now). Raises DecodeError, StaleBlock, UnknownParent
+        or InvalidBlock. One the node already holds is gossiped again (a miner re-sends it while
+        its height lasts); another of the same miner's is not gossiped."""
+        commitment = decode_update_commitment(data)
+        assert self.trio_token is not None
+        return commitment, trio.from_thread.run(self._submit_commitment, commitment, trio_token=self.trio_token)
+
+    async def _submit_commitment(self, commitment: UpdateCommitment) -> bool:
+        kept = await trio.to_thread.run_sync(self.node.on_commitment, commitment)
+        if kept or await trio.to_thread.run_sync(held_commitment, self.node, commitment.miner) == commitment:
+            await self._publish(commitments_topic(self.chain_id), commitment.encode())
+        return kept
 
     async def publish_commitment(self, commitment: UpdateCommitment) -> bool:
         """Keep a miner's commitment (ours, say) for the next decided block and gossip it;

@@ -4,6 +4,7 @@ their commit certificates, and served weights that reproduce the node's loss."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -23,8 +24,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load
 
-from chain.blocks import Block, DecidedBody, TrainingBody, decode_block
-from chain.crypto import PrivateKey
+from chain.blocks import Block, DecidedBody, TrainingBody, compute_update_hash, decode_block, sign_update_commitment
+from chain.crypto import PrivateKey, devnet_key
+from consensus.rules import compute_next_slice
 from genesis import DEVNET
 from p2p.decided_node import DecidedNode
 from p2p.rpc import (
@@ -508,8 +510,10 @@ def test_accounts(net: Net) -> None:
         "stake": state.stake_of(validator),
     }
     assert account["stake"] > 0 and account["balance"] > 0  # it signed height 1's certificate: height 2 paid it
+    # The miner's update was applied at height 1 but not committed to (genesis carries no commitments): unpaid.
     miner = net.scenario.miner.public_key
-    assert net.rpc.json(f"/v1/accounts/{miner.hex()}", "Account")["balance"] == state.accounts[miner].balance > 0
+    assert miner not in state.accounts
+    assert net.rpc.json(f"/v1/accounts/{miner.hex()}", "Account") == {"address": miner.hex(), "balance": 0, "stake": 0}
     unknown = "ef" * 32
     assert net.rpc.json(f"/v1/accounts/{unknown.upper()}", "Account") == {"address": unknown, "balance": 0, "stake": 0}
 
@@ -528,6 +532,10 @@ def test_mining_work(net: Net) -> None:
     assert work["validation_seed"] == expected.validation_seed.hex()
     assert work["training_seed"] == expected.training_seed.hex()
     assert work["min_timestamp"] == expected.min_timestamp == net.second.header.timestamp + 1
+    # A commitment now is for height 3, the block being decided, and names an update of the slice the
+    # miner is assigned on it (the one a training block on height 3 sets).
+    slices = net.node.genesis.partition.slices
+    assert (work["commitment_height"], work["commitment_slice_id"]) == (3, compute_next_slice(3, miner, slices))
     assert work["weights_url"] == "/v1/model/weights?height=2"
     assert net.rpc.get(work["weights_url"]).headers["Content-Disposition"].endswith('"potchain-2.safetensors"')
     assert net.next_training.header.parent == net.second.hash and net.next_training.header.height == work["height"]
@@ -609,6 +617,38 @@ def test_submit_then_known_and_pending(net: Net) -> None:
     ]
 
 
+def test_commitments_for_the_height_being_decided_are_kept(net: Net) -> None:
+    rpc, domain = net.rpc, net.node.chain.domain
+    miner = devnet_key("rpc-committer")
+    update_hash = compute_update_hash(miner.public_key, 1, b"\x01\x00" * 8)
+    commitment = sign_update_commitment(miner, domain, 3, update_hash)
+    path = "/v1/mining/commitments"
+    assert "missing" in rpc.error("POST", path, 401, commitment.encode())
+
+    kept = rpc.request("POST", path, commitment.encode(), token=rpc.token)
+    expected = {"height": 3, "miner": miner.public_key.hex(), "update_hash": update_hash.hex()}
+    assert (kept.status, kept.json()) == (202, expected | {"known": False})
+    conform(kept.json(), {"$ref": "#/components/schemas/CommitmentResult"}, OPENAPI)
+    assert net.node.decided.commitments[miner.public_key] == commitment
+    again = rpc.request("POST", path, commitment.encode(), token=rpc.token)
+    assert (again.status, again.json()) == (200, expected | {"known": True})
+    other = sign_update_commitment(miner, domain, 3, bytes(32))
+    assert "another of this miner's" in rpc.error("POST", path, 409, other.encode(), token=rpc.token)
+
+    # Heights 2 (decided) and 4 (not being decided yet) are refused; so are forgeries and garbage.
+    stranger = devnet_key("rpc-committer-2")
+    for height in (2, 4):
+        message = rpc.error("POST", path, 409, sign_update_commitment(stranger, domain, height, update_hash).encode(),
+                            token=rpc.token)  # fmt: skip
+        assert message == f"commitment: for height {height}, deciding 3: a commitment is for the height being decided"
+    forged = dataclasses.replace(sign_update_commitment(stranger, domain, 3, update_hash), miner=miner.public_key)
+    assert rpc.error("POST", path, 422, forged.encode(), token=rpc.token) == "commitment: not signed by its miner"
+    assert rpc.error("POST", path, 400, b"\x93garbage", token=rpc.token).startswith("update commitment")
+    assert rpc.error("POST", path, 400, b"", token=rpc.token) == "body: empty, want an encoded update commitment"
+    assert stranger.public_key not in net.node.decided.commitments
+    assert net.node.decided.commitments[miner.public_key] == commitment
+
+
 def test_submit_reaches_the_backend(net: Net) -> None:
     calls: list[bytes] = []
 
@@ -685,13 +725,13 @@ def test_openapi_lists_every_route(net: Net) -> None:
     document = net.rpc.json("/openapi.json")
     assert document["openapi"].startswith("3.1")
     served = served_and_documented(net.server, document)
-    assert len(served) == 13 and not any(path.startswith("/v1/admin/") for _, path in served)
+    assert len(served) == 14 and not any(path.startswith("/v1/admin/") for _, path in served)
     assert set(document["components"]["securitySchemes"]) == {"bearer"}
     admin = RpcServer(LocalBackend(net.node), token="t", admin_token="a")
     admin_rpc = Rpc(f"http://127.0.0.1:{admin.start()}", "t")
     try:
         with_admin = admin_rpc.json("/openapi.json")
-        assert len(served_and_documented(admin, with_admin)) == 15
+        assert len(served_and_documented(admin, with_admin)) == 16
         assert set(with_admin["components"]["securitySchemes"]) == {"bearer", "admin"}
         for path in ("/v1/admin/blocked-peers", "/v1/admin/link-delay"):
             assert with_admin["paths"][path]["post"]["security"] == [{"admin": []}]

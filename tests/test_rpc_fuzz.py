@@ -5,10 +5,11 @@ admin token. Every answer must be documented and match its schema, no
 request may get a 5xx, and no request the document calls valid may be
 refused (positive-data acceptance: only 2xx, 401, 403, 404 and 409).
 
-The one exception is the body of `POST /v1/mining/submit`: the document can
-say it is a non-empty octet string, not that it is a signed block that keeps
-every rule, so there a generated body is expected to be refused with 400
-(not a block) or 422 (breaks a rule); tests/test_rpc.py submits real blocks.
+The one exception is the body of `POST /v1/mining/submit` and
+`POST /v1/mining/commitments`: the document can say it is a non-empty octet
+string, not that it is a signed block or commitment that keeps every rule, so
+there a generated body is expected to be refused with 400 (not a block or
+commitment) or 422 (breaks a rule); tests/test_rpc.py submits real ones.
 
 Derandomized and bounded (a few examples per operation) to stay fast.
 """
@@ -108,8 +109,9 @@ def call_and_check(case: Case[Any], served: Served, token: str | None) -> None:
     headers = {} if token is None else {"Authorization": f"Bearer {served.tokens[token]}"}
     response = case.call(headers=headers, timeout=30)
     assert response.status_code < 500, (case.method, case.formatted_path, response.status_code, response.text[:300])
-    if case.operation.path == "/v1/mining/submit" and token == "mining" and response.status_code in (400, 422):
-        # A generated body is not a signed block that keeps every rule; an empty one is not valid at all.
+    binary = case.operation.path in ("/v1/mining/submit", "/v1/mining/commitments")
+    if binary and token == "mining" and response.status_code in (400, 422):
+        # A generated body is not a signed block or commitment that keeps every rule.
         assert case.body and response.json()["error"], (case.body, response.text)
         case.validate_response(response, excluded_checks=[_positive_data_acceptance()])
         return
@@ -151,6 +153,8 @@ def documented_operations(served: Served) -> set[str]:
     """`METHOD /path` of every operation the served document lists: admin ones included."""
     with urllib.request.urlopen(served.url + "/openapi.json", timeout=30) as response:
         document = json.loads(response.read())
-    assert {"/v1/admin/link-delay", "/v1/admin/blocked-peers", "/v1/mining/submit"} <= set(document["paths"])
+    assert {"/v1/admin/link-delay", "/v1/admin/blocked-peers", "/v1/mining/submit", "/v1/mining/commitments"} <= set(
+        document["paths"]
+    )
     assert set(document["components"]["securitySchemes"]) == {"bearer", "admin"}
     return {f"{method.upper()} {path}" for path, operations in document["paths"].items() for method in operations}
