@@ -56,6 +56,14 @@ def summarize(data: dict[str, Any], genesis_losses: tuple[float, float]) -> dict
         "decision_seconds": percentiles([seconds for _, seconds in decision_times(chain)]),
         "finality_lag_seconds": percentiles([lag for _, lag in finality_lags(chain)]),
         "seconds": data.get("seconds"),
+        # The out-of-sample check's adversaries (None: the run did not get as far as judging them).
+        "overfit_updates_decided": data.get("overfit_updates_decided"),
+        "copier_rewards": data.get("copier_rewards"),
+        "heldout_sequences_revealed": data.get("heldout_sequences_revealed"),
+        "heldout_loss_genesis": data.get("heldout_loss_genesis"),
+        "heldout_loss_finalized": data.get("heldout_loss_finalized"),
+        "honest_applied_share": data.get("honest_applied_share"),
+        "applied_by_kind": data.get("applied_by_kind"),
     }  # fmt: skip
 
 
@@ -277,6 +285,17 @@ def render_html(data: dict[str, Any], summary: dict[str, Any], images: list[str]
              n["test_loss"], n["connected_peers"], len(n["rejections"]), ", ".join(n.get("banned_peers", []))])
         for n in data.get("nodes", [])
     )  # fmt: skip
+    updates = "".join(
+        row([u["decided_at"], u["hash"][:16], u["node"], u["kind"], "yes" if u["committed"] else "no", u["test_gain"],
+             "yes" if u["applied"] else "no", u["paid"]])
+        for u in data.get("updates", [])
+    )  # fmt: skip
+    colluders = "".join(
+        row([c["node"], c["validator"][:16], f"{len(c['heights_proposed'])} of {c['heights']}",
+             f"{c['applied_at_own_heights']} of {c['named_at_own_heights']}",
+             f"{c['applied_elsewhere']} of {c['named_elsewhere']}"])
+        for c in data.get("colluders", [])
+    )  # fmt: skip
     figures = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in images)
     failure = data.get("failure")
     return f"""<!doctype html>
@@ -291,6 +310,33 @@ img{{max-width:100%}}.bad{{color:#b00}}</style></head><body>
 <h2>Adversarial actions</h2>
 <table>{row(["node", "adversary", "action", "block", "what the network did", "sender's scores"], "th")}
 {action_rows}</table>
+<h2>Updates judged out of sample</h2>
+<p>Every training block a decided block named, from an honest node's stored chain: whether its miner
+committed to it in the parent, its gain on the block's held-out sequences, whether it was applied
+(the committed one with the best positive gain, else the best uncommitted one) and what its miner was paid
+(only a committed update pays). The overfitter's updates applied where an honest candidate was also named:
+{summary.get("overfit_updates_decided")}; rewards paid to copier keys: {summary.get("copier_rewards")};
+loss on the {summary.get("heldout_sequences_revealed")} held-out sequences revealed so far: genesis model
+{summary.get("heldout_loss_genesis")}, finalized model {summary.get("heldout_loss_finalized")} nats per token.</p>
+<table>{row(["height", "training block", "node", "miner", "committed", "test gain", "applied", "paid"], "th")}
+{updates}</table>
+<h2>Colluders</h2>
+<p>A colluding validator's miner trains on that validator's held-out shard. Its updates can win only at the
+heights that validator proposes (its stake share of the proposals); they must still meet the difficulty on a
+validation batch seeded after they were committed, and at other proposers' heights they are tested on shards
+the miner never saw. The sequences it fitted are spent as its validator judges with them.</p>
+<table>{
+        row(
+            [
+                "node",
+                "validator",
+                "heights it proposed",
+                "applied of named at its heights",
+                "applied of named elsewhere",
+            ],
+            "th",
+        )
+    }{colluders}</table>
 <h2>Equivocators</h2>
 <table>{row(["node", "validator", "stake at the end", "evidence in the blocks at heights"], "th")}{equivocators}</table>
 <h2>Evidence in decided blocks</h2>

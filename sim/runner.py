@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from chain.blocks import DecidedBody
+from chain.crypto import devnet_key
+from chain.store import ChainDB, CorruptStore
+from consensus.decisions import is_committed
 from consensus.genesis import Genesis
+from consensus.rules import Chain, genesis_block, genesis_state
+from sim.adversaries.copier import copier_keys
 from sim.processes import NodeProcess, NodeProcessError
 from sim.scenario import Event, NodeSpec, Scenario
 
@@ -544,6 +550,18 @@ def run_scenario(scenario: Scenario, out: Path, genesis_path: Path, genesis: Gen
         "timeline_zero_seconds": round(run.clock_zero, 1),
     })  # fmt: skip
     if failure is None:
+        say(f"{run.elapsed:6.1f}s judging the updates on {data['reference_node']}'s stored chain")
+        try:
+            judged = judge_updates_in_store(out / data["reference_node"] / "chain", genesis, data["finalized_height"],
+                                            miner_roles(scenario, genesis), colluding_validators(scenario))  # fmt: skip
+        except (ValueError, CorruptStore, KeyError) as error:
+            failure = data["failure"] = f"judging the updates on {data['reference_node']}'s stored chain: {error}"
+            say(f"failed: {failure}")
+            return data
+        data.update(judged)
+        for action in data["adversarial_actions"]:
+            if action.get("update"):
+                action["outcome"] = update_outcome(action, judged["updates"], judged["update_heights"])
         steps = sum(t["body"].get("steps", 0) for b in data["chain"] for t in b["training_blocks"] if t["confirmed"])
         say(f"centralized baseline: {steps} steps")
         every = max(scenario.steps, -(-steps // BASELINE_POINTS))  # each point costs two report evaluations
@@ -553,8 +571,6 @@ def run_scenario(scenario: Scenario, out: Path, genesis_path: Path, genesis: Gen
 
 def collect(run: Run) -> dict[str, Any]:
     """Everything the report shows, read over the RPC from every node still running."""
-    from chain.crypto import devnet_key
-
     scenario = run.scenario
     statuses = {i: s for i, s in honest_statuses(run).items() if s is not None}
     if not statuses:
@@ -609,6 +625,7 @@ def collect(run: Run) -> dict[str, Any]:
     invalid_finalized = sum(1 for a in actions if a.get("invalid") and a.get("block") in decided)
     return {
         "finalized_height": common,
+        "reference_node": processes[reference].name,
         "head_heights": {processes[i].name: h for i, h in heads.items()},
         "conflicting_decisions": len(conflicts),
         "conflicting_heights": conflicts,
@@ -682,3 +699,180 @@ def outcome_for(action: dict[str, Any], nodes: list[dict[str, Any]], chain: list
         action["outcome"] = f"not relayed: the sender is banned by {len(banned_by)} honest node(s)"
     else:
         action["outcome"] = "not relayed and not in the chain"
+
+
+# --- the out-of-sample check's adversaries, judged on an honest node's stored chain ---------
+
+COPIER_KINDS = ("copier", "perturbing-copier")
+
+
+@dataclass(frozen=True)
+class MinerRole:
+    """Who mines with a key in a scenario."""
+
+    node: str
+    """The node that holds the key (node0, ...)."""
+    kind: str
+    """"honest", or the node's adversary kind."""
+
+
+def miner_roles(scenario: Scenario, genesis: Genesis) -> dict[bytes, MinerRole]:
+    """Every miner key of the scenario's nodes: an honest or adversarial node's in-process
+    miner (devnet:sim-SEED-miner-INDEX), an adversary's own key (devnet:adversary-NAME), a
+    copier's keys (`copier_keys`)."""
+    roles: dict[bytes, MinerRole] = {}
+    for spec in scenario.nodes:
+        role = MinerRole(spec.name, spec.adversary or "honest")
+        if spec.mine:
+            roles[devnet_key(f"sim-{scenario.seed}-miner-{spec.index}").public_key] = role
+        if spec.adversary and not spec.mine:
+            roles[devnet_key(f"adversary-{spec.name}").public_key] = role
+        if spec.adversary in COPIER_KINDS:
+            for key in copier_keys(spec.name, genesis.partition.slices):
+                roles[key.public_key] = role
+    return roles
+
+
+def colluding_validators(scenario: Scenario) -> dict[bytes, str]:
+    """The validator keys of colluder nodes (their shards are their miners'), by address: the node."""
+    return {
+        devnet_key(f"validator-{validator}").public_key: spec.name
+        for spec in scenario.nodes if spec.adversary == "colluder" for validator in spec.validators
+    }  # fmt: skip
+
+
+def judge_updates_in_store(path: Path, genesis: Genesis, up_to: int, roles: dict[bytes, MinerRole],
+                           colluders: dict[bytes, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """`judge_updates` on the chain database at `path` (a stopped node's DATADIR/chain)."""
+    state = genesis_state(genesis)
+    db = ChainDB(path, bytes.fromhex(genesis.hash), genesis_block(genesis, state), state)
+    try:
+        return judge_updates(db, Chain(genesis, validation_text=b"", test_text=b""), up_to, roles, colluders or {})
+    finally:
+        db.close()
+
+
+def judge_updates(db: ChainDB, chain: Chain, up_to: int, roles: dict[bytes, MinerRole],
+                  colluders: dict[bytes, str]) -> dict[str, Any]:  # fmt: skip
+    """Every training block the decided blocks 1..up_to name, as the stored chain judged it:
+    committed in its parent, its test gain, applied, the miner's pay; per height who proposed
+    and which were named; the rewards paid to copier keys; the finalized model's loss on every
+    held-out sequence revealed so far against the genesis model's (`Chain.loss_on`, one batch
+    of test_sequences per test); the honest miners' share of applied updates; and the
+    colluders' named and applied updates at their validators' heights and at others'."""
+    from training.tables import LOSS_BITS
+
+    genesis_hash = db.canonical_hash(0)
+    if genesis_hash is None:
+        raise ValueError("judge updates: the store holds no genesis block")
+    parent = db.block(genesis_hash)
+    first_state = db.state(genesis_hash)
+    updates: list[dict[str, Any]] = []
+    heights: list[dict[str, Any]] = []
+    paid_to: dict[bytes, int] = {}
+    tests: list[tuple[bytes, ...]] = []
+    for height in range(1, up_to + 1):
+        block_hash = db.canonical_hash(height)
+        if block_hash is None:
+            raise ValueError(f"judge updates: the store holds no decided block at height {height}, want {up_to}")
+        block = db.block(block_hash)
+        body = block.body
+        if not isinstance(body, DecidedBody):
+            raise ValueError(f"judge updates: the block at height {height} is not a decided block")
+        for reward in body.rewards:
+            paid_to[reward.address] = paid_to.get(reward.address, 0) + reward.amount
+        gains = body.gains()
+        named = []
+        for verdict in body.training:
+            training = db.block(verdict.training_block)
+            miner = training.header.proposer
+            role = roles.get(miner, MinerRole("", "unknown"))
+            committed = is_committed(parent, training)
+            applied = verdict.training_block == body.applied
+            paid = body.rewards[0].amount if applied and committed and body.rewards else 0
+            named.append({
+                "hash": training.hash.hex(), "decided_at": height, "miner": miner.hex(), "node": role.node,
+                "kind": role.kind, "committed": committed, "test_gain": gains[verdict.training_block],
+                "applied": applied, "paid": paid,
+            })  # fmt: skip
+        proposer = block.header.proposer
+        heights.append({"height": height, "proposer": proposer.hex(), "colluding_proposer": colluders.get(proposer),
+                        "named": [entry["hash"] for entry in named],
+                        "honest_named": any(entry["kind"] == "honest" for entry in named),
+                        "commitments": [commitment.miner.hex() for commitment in body.commitments],
+                        "applied": body.applied.hex() or None})  # fmt: skip
+        updates.extend(named)
+        if body.test is not None:
+            tests.append(tuple(revealed.sequence for revealed in body.test.sequences))
+        parent = block
+    final_state = db.state(parent.hash)
+    tokens = sum(len(sequences) for sequences in tests) * chain.genesis.model.context
+
+    def mean_loss(totals: list[int]) -> float | None:
+        return round(sum(totals) / tokens / (1 << LOSS_BITS), 5) if tokens else None
+
+    loss_genesis = mean_loss([chain.loss_on(first_state, sequences) for sequences in tests])
+    loss_finalized = mean_loss([chain.loss_on(final_state, sequences) for sequences in tests])
+    honest_at = {entry["height"] for entry in heights if entry["honest_named"]}
+    applied_updates = [entry for entry in updates if entry["applied"]]
+    copier_keys_used = {key for key, role in roles.items() if role.kind in COPIER_KINDS}
+    return {
+        "updates": updates,
+        "update_heights": heights,
+        "overfit_updates_decided": sum(
+            1 for entry in applied_updates if entry["kind"] == "overfitter" and entry["decided_at"] in honest_at
+        ),
+        "copier_rewards": sum(amount for address, amount in paid_to.items() if address in copier_keys_used),
+        "heldout_sequences_revealed": sum(len(sequences) for sequences in tests),
+        "heldout_loss_genesis": loss_genesis,
+        "heldout_loss_finalized": loss_finalized,
+        "honest_applied_share": round(
+            sum(1 for e in applied_updates if e["kind"] == "honest") / len(applied_updates), 4
+        )
+        if applied_updates
+        else None,
+        "applied_by_kind": {
+            kind: sum(1 for e in applied_updates if e["kind"] == kind)
+            for kind in sorted({e["kind"] for e in applied_updates})
+        },
+        "colluders": [colluder_summary(node, validator, heights, updates) for validator, node in colluders.items()],
+    }
+
+
+def colluder_summary(node: str, validator: bytes, heights: list[dict[str, Any]],
+                     updates: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """A colluder's updates at the heights its validator proposed (tested on the shard its miner
+    trained on) and at other proposers' heights (tested on shards it never saw)."""
+    own = {entry["height"] for entry in heights if entry["proposer"] == validator.hex()}
+    ours = [entry for entry in updates if entry["node"] == node and entry["kind"] == "colluder"]
+    at_own = [entry for entry in ours if entry["decided_at"] in own]
+    elsewhere = [entry for entry in ours if entry["decided_at"] not in own]
+    return {
+        "node": node, "validator": validator.hex(), "heights_proposed": sorted(own), "heights": len(heights),
+        "named_at_own_heights": len(at_own), "applied_at_own_heights": sum(1 for e in at_own if e["applied"]),
+        "named_elsewhere": len(elsewhere), "applied_elsewhere": sum(1 for e in elsewhere if e["applied"]),
+        "test_gains_at_own_heights": [e["test_gain"] for e in at_own],
+        "test_gains_elsewhere": [e["test_gain"] for e in elsewhere],
+    }  # fmt: skip
+
+
+def update_outcome(action: dict[str, Any], updates: list[dict[str, Any]], heights: list[dict[str, Any]]) -> str:
+    """What the decided chain did with one update an adversary committed to, revealed or copied."""
+    block = action.get("block")
+    if block is not None:
+        entry = next((e for e in updates if e["hash"] == block), None)
+        if entry is None:
+            return "named by no decided block"
+        committed = "committed" if entry["committed"] else "uncommitted"
+        verdict = f"named at height {entry['decided_at']} ({committed}, test gain {entry['test_gain']})"
+        if not entry["applied"]:
+            return f"{verdict}: not applied"
+        return f"{verdict}: applied, " + (f"paid {entry['paid']}" if entry["paid"] else "not paid")
+    decided = next((h for h in heights if h["height"] == action.get("height")), None)
+    if decided is None:
+        return f"height {action.get('height')} is past the finalized height"
+    carried = action.get("miner") in decided["commitments"]
+    where = f"the decided block at height {decided['height']}"
+    if action["action"].startswith("committed"):
+        return f"carried by {where}" if carried else f"not carried by {where}"
+    return f"not revealed; the commitment {'was' if carried else 'was not'} carried by {where}"

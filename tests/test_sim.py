@@ -92,7 +92,7 @@ def test_adversarial_scenario(tmp_path: Path) -> None:
     details = report["details"]
     assert {event["action"] for event in details["timeline"]} == {"latency", "partition", "heal", "restart-all"}
     restart = next(event for event in details["timeline"] if event["action"] == "restart-all")
-    assert restart["killed"] == 7 and restart["voting_height"] is not None
+    assert restart["killed"] == 11 and restart["voting_height"] is not None
     actions = details["adversarial_actions"]
     assert {action["adversary"] for action in actions} == set(ADVERSARIES)
     assert all(action["outcome"] for action in actions)
@@ -106,8 +106,17 @@ def test_adversarial_scenario(tmp_path: Path) -> None:
     assert equivocator["stake"] == 0 and equivocator["evidence_included_at"]
     assert {e["validator"] for e in details["evidence"]} == {equivocator["validator"]}
     assert sum(len(a["blocks"]) for a in actions if a["adversary"] == "variant-spammer") >= 3
+    # The out-of-sample check's adversaries: judged on an honest node's stored chain.
+    assert report["copier_rewards"] == 0
+    assert report["overfit_updates_decided"] == 0
+    assert report["heldout_sequences_revealed"] > 0
+    assert report["heldout_loss_finalized"] < report["heldout_loss_genesis"]
+    updates = [a for a in actions if a.get("update")]
+    assert {a["adversary"] for a in updates} >= {"overfitter", "public-data", "colluder"}
+    assert all(a["outcome"] for a in updates)
     html = (out / "report.html").read_text()
     assert all(kind in html for kind in ADVERSARIES)
+    assert "Updates judged out of sample" in html and "Colluders" in html
 
 
 def test_model_mode_reports_propagation_and_finality(tmp_path: Path) -> None:
@@ -126,3 +135,129 @@ def test_model_mode_reports_propagation_and_finality(tmp_path: Path) -> None:
     assert report["evaluations_per_height_per_node"] == 4
     assert report["finality_lag_seconds"]["median"] > report["propagation_seconds"]["median"]
     assert run_potchain("sim", "--mode", "model", "--nodes", "3", "--out", str(out)).returncode == 2
+
+
+# --- the out-of-sample check's adversaries: the report's fields, from a small stored chain ---------
+
+
+def test_copier_keys_cover_every_slice_and_a_perturbation_stays_small() -> None:
+    import numpy as np
+
+    from consensus.rules import compute_next_slice
+    from sim.adversaries.copier import MAX_PERTURBATION, PERTURBED_FRACTION, copier_keys, perturb
+
+    keys = copier_keys("node9", 4)
+    for height in range(6):
+        assert sorted(compute_next_slice(height, key.public_key, 4) for key in keys) == [0, 1, 2, 3]
+    values = np.arange(-500, 500, dtype=np.int16)
+    moved = perturb(values, b"block").astype(np.int64) - values
+    assert (moved != 0).sum() == int(values.size * PERTURBED_FRACTION)
+    assert np.abs(moved[moved != 0]).min() >= 1 and np.abs(moved).max() <= MAX_PERTURBATION
+    assert (perturb(values, b"block") == perturb(values, b"block")).all()
+
+
+def test_the_adversarial_scenario_keeps_equivocating_stake_below_a_third() -> None:
+    scenario = load_scenario(SCENARIOS / "adversarial.toml", 4)
+    kinds = {node.adversary for node in scenario.nodes}
+    assert {"overfitter", "public-data", "copier", "perturbing-copier", "colluder"} <= kinds
+    equivocating = [v for node in scenario.nodes if node.adversary == "equivocator" for v in node.validators]
+    assert 3 * len(equivocating) < 4
+    colluding = [v for node in scenario.nodes if node.adversary == "colluder" for v in node.validators]
+    assert colluding and not set(colluding) & set(equivocating)
+
+
+def test_updates_are_judged_from_the_stored_chain(tmp_path: Path) -> None:
+    """Height 1 carries an overfitter's commitment; height 2 names its reveal (committed), an honest
+    miner's block and a copier's copy of it (both uncommitted). The judgement reads what the chain did."""
+    import numpy as np
+
+    from chain.blocks import DecidedBody, compute_update_hash, sign_update_commitment
+    from chain.crypto import devnet_key
+    from consensus.decisions import propose_decided_block
+    from consensus.proposals import propose_training_block
+    from consensus.rules import compute_assigned_slice, compute_next_slice
+    from sim.adversaries.copier import copier_keys
+    from sim.runner import MinerRole, judge_updates_in_store, update_outcome
+    from tests.chain_builders import Scenario as ChainScenario
+    from tests.chain_builders import certificate, devnet_test_shard
+    from training.miner import Miner, TrainingConfig
+
+    built = ChainScenario.create(tmp_path / "node")
+    node, chain, validators = built.node, built.chain, built.validators
+    overfitter, honest = devnet_key("overfitter-test"), built.miner
+    slices = node.genesis.partition.slices
+    _, first_state = built.genesis()
+    config = TrainingConfig(steps=8, batch_sequences=16, warmup_steps=1)
+    weights = chain.weights(first_state)
+    slice_id = compute_next_slice(1, overfitter.public_key, slices)
+    values = Miner(weights, chain.layout, built.train_text, config).work(weights, slice_id, b"seed").values
+    update_hash = compute_update_hash(overfitter.public_key, slice_id, values.astype("<i2").tobytes())
+    commitment = sign_update_commitment(overfitter, chain.domain, 1, update_hash)
+
+    def decide(proposer_index: int, training: list[Any], commitments: list[Any]) -> Any:
+        head = node.head()
+        proposer = validators[proposer_index]
+        block = propose_decided_block(chain, head.block, head.state, proposer, training, head.commit,
+                                      node.decided.head_validators, (), devnet_test_shard(proposer.public_key),
+                                      commitments)  # fmt: skip
+        node.import_decided(block, certificate(node, block, validators), {t.hash: t for t in training})
+        return block
+
+    first = decide(0, [], [commitment])
+    state = node.head().state
+    revealed = propose_training_block(chain, first, state, overfitter, values, first.header.timestamp + 1, 8)
+    honest_block = built.valid_training_block(first, state, miner=honest)
+    copier = next(k for k in copier_keys("node9", slices)
+                  if compute_assigned_slice(first.header, k.public_key, slices) == honest_block.body.slice_id)  # type: ignore[union-attr]  # fmt: skip
+    honest_values = np.frombuffer(honest_block.body.weights, dtype="<i2")  # type: ignore[union-attr]
+    copy = propose_training_block(chain, first, state, copier, honest_values, first.header.timestamp + 1, 8)
+    second = decide(1, [revealed, honest_block, copy], [])
+    body = second.body
+    assert isinstance(body, DecidedBody) and body.test is not None
+    final_state = node.head().state
+    node.close()
+
+    roles = {overfitter.public_key: MinerRole("node7", "overfitter"), honest.public_key: MinerRole("node0", "honest"),
+             copier.public_key: MinerRole("node9", "copier")}  # fmt: skip
+    judged = judge_updates_in_store(tmp_path / "node" / "chain", node.genesis, 2, roles,
+                                    {validators[1].public_key: "node1"})  # fmt: skip
+    by_hash = {entry["hash"]: entry for entry in judged["updates"]}
+    assert set(by_hash) == {revealed.hash.hex(), honest_block.hash.hex(), copy.hash.hex()}
+    assert [by_hash[b.hash.hex()]["committed"] for b in (revealed, honest_block, copy)] == [True, False, False]
+    assert [by_hash[b.hash.hex()]["kind"] for b in (revealed, honest_block, copy)] == ["overfitter", "honest", "copier"]
+    assert all(entry["decided_at"] == 2 for entry in by_hash.values())
+    assert all(by_hash[v.training_block.hex()]["test_gain"] == body.gain_of(v.training_block) for v in body.training)
+    applied = [entry for entry in by_hash.values() if entry["applied"]]
+    assert [entry["hash"] for entry in applied] == ([body.applied.hex()] if body.applied else [])
+    miner_share = node.genesis.consensus.block_reward * node.genesis.consensus.miner_share_percent // 100
+    for entry in by_hash.values():
+        assert entry["paid"] == (miner_share if entry["applied"] and entry["committed"] else 0)
+    overfit_applied = body.applied == revealed.hash
+    assert judged["overfit_updates_decided"] == (1 if overfit_applied else 0)
+    assert judged["copier_rewards"] == 0
+    assert judged["honest_applied_share"] == (None if not body.applied else float(body.applied == honest_block.hash))
+    assert judged["update_heights"][0]["commitments"] == [overfitter.public_key.hex()]
+    assert [h["honest_named"] for h in judged["update_heights"]] == [False, True]
+    # The losses on every revealed sequence: the genesis model's and the finalized one's, on the same batch.
+    sequences = tuple(revealed_sequence.sequence for revealed_sequence in body.test.sequences)
+    tokens = len(sequences) * node.genesis.model.context * (1 << 16)
+    assert judged["heldout_sequences_revealed"] == len(sequences) == node.genesis.evaluation.test_sequences
+    assert judged["heldout_loss_genesis"] == round(chain.loss_on(first_state, sequences) / tokens, 5)
+    assert judged["heldout_loss_finalized"] == round(chain.loss_on(final_state, sequences) / tokens, 5)
+    if body.applied:
+        assert judged["heldout_loss_finalized"] < judged["heldout_loss_genesis"]
+    [colluder] = judged["colluders"]
+    assert colluder["heights_proposed"] == [2] and colluder["named_at_own_heights"] == 0
+    # Each adversarial action's outcome names what the chain did with it.
+    reveal = {"action": "revealed its committed update", "block": revealed.hash.hex(), "height": 2}
+    assert update_outcome(reveal, judged["updates"], judged["update_heights"]).startswith(
+        f"named at height 2 (committed, test gain {body.gain_of(revealed.hash)})"
+    )
+    carried = {"action": "committed to an update", "height": 1, "miner": overfitter.public_key.hex()}
+    assert update_outcome(carried, judged["updates"], judged["update_heights"]) == (
+        "carried by the decided block at height 1"
+    )
+    missed = {"action": "committed to a copy", "height": 2, "miner": copier.public_key.hex()}
+    assert update_outcome(missed, judged["updates"], judged["update_heights"]) == (
+        "not carried by the decided block at height 2"
+    )
