@@ -126,7 +126,8 @@ class CommittingMiner(Adversary):
         except (StaleBlock, UnknownParent):
             return False  # the height was decided meanwhile
         self.record("committed to an update", height=update.height, slice=update.slice_id,
-                    update_hash=update_hash.hex(), update=True, invalid=False)  # fmt: skip
+                    update_hash=update_hash.hex(), miner=self.key.public_key.hex(), update=True,
+                    invalid=False)  # fmt: skip
         return True
 
     async def _reveal(self, parent: Block, update: PreparedUpdate) -> Block | None:
@@ -135,7 +136,8 @@ class CommittingMiner(Adversary):
         update_hash = compute_update_hash(self.key.public_key, update.slice_id, update.weights)
         if get_committed_updates(parent).get(self.key.public_key) != update_hash:
             self.record("commitment not carried by the decided block", height=update.height,
-                        update_hash=update_hash.hex(), update=True, invalid=False)  # fmt: skip
+                        update_hash=update_hash.hex(), miner=self.key.public_key.hex(), update=True,
+                    invalid=False)  # fmt: skip
             return None
         block, difficulty = await trio.to_thread.run_sync(self._propose, parent, update)
         if block is None:
@@ -143,7 +145,8 @@ class CommittingMiner(Adversary):
         assert isinstance(block.body, TrainingBody)
         gain = block.body.loss_before - block.body.loss_after
         fields = {"height": block.header.height, "slice": update.slice_id, "validation_gain": gain,
-                  "committed": is_committed(parent, block), "update": True, "invalid": False}  # fmt: skip
+                  "committed": is_committed(parent, block), "miner": self.key.public_key.hex(), "update": True,
+                  "invalid": False}  # fmt: skip
         if gain < difficulty:
             self.record("committed update below the difficulty: not revealed", difficulty=difficulty, **fields)
             return None
