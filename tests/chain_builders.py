@@ -72,6 +72,13 @@ class Scenario:
         weights = self.chain.weights(state)
         return Miner(weights, self.chain.layout, self.train_text, config).work(weights, slice_id, parent.hash).values
 
+    def local_miner(self, state: State, steps: int = 4) -> Miner:
+        """A miner's local model, starting from `state`'s, that trains `steps` steps per `work`: one
+        model gives updates for every slice (`Miner.values`), fixed before the decided block they
+        are revealed on exists (what a miner commits to)."""
+        config = TrainingConfig(steps=steps, batch_sequences=16, warmup_steps=1)
+        return Miner(self.chain.weights(state), self.chain.layout, self.train_text, config)
+
     def valid_training_block(
         self, parent: Block, state: State, timestamp: int | None = None, miner: PrivateKey | None = None
     ) -> Block:

@@ -1,0 +1,548 @@
+"""Held-out tests, update commitments and copies (consensus/decisions.py): each rule of a decided
+block's out-of-sample test and of commit-then-reveal, broken one at a time on a valid block and
+refused with its reason.
+
+One small devnet chain, built once for the module:
+
+- height 1 (`first`, validator 1) names no training block; it carries the commitments of miner M
+  and miner M2 to the updates they reveal on it, and of miner L to an update L reveals a height
+  later (late);
+- on `first`: A (M's committed update), A2 (M2's, another slice), N (miner N's update, committed
+  nowhere: missing), B (copier C's copy of A's weights under its own key, C being assigned A's
+  slice) and B2 (C's copy with three weights moved by one, picked so that its test gain beats A's);
+- height 2 (`second`, validator 0) names A, B and B2 and applies A; it carries copier C2's
+  commitment to B2's weights (C2 is assigned A's slice on `second`);
+- on `second`: L's late reveal and C2's committed copy; height 3 (`third`, validator 0 again)
+  names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from chain.blocks import (
+    Block,
+    DecidedBody,
+    RevealedSequence,
+    Reward,
+    TrainingBody,
+    UpdateCommitment,
+    compute_update_hash,
+    sign_update_commitment,
+)
+from chain.crypto import PrivateKey, devnet_key
+from chain.heldout import Shard, count_revealed, empty_bitmap, is_revealed, select_indices, with_revealed
+from chain.state import State
+from chain.votes import Commit
+from consensus.decisions import (
+    apply_decided_block,
+    build_heldout_test,
+    compute_test_input,
+    get_validator_set,
+    is_committed,
+    propose_decided_block,
+)
+from consensus.proposals import propose_training_block
+from consensus.rules import Chain, InvalidBlock, apply_training_block, compute_next_slice
+from consensus.voting import ValidatorSet
+from tests.chain_builders import Scenario, certificate, devnet_test_shard, rebuild
+
+COPY_SEARCH_ATTEMPTS = 20
+"""Perturbations of A's weights tried for a copy whose test gain beats A's."""
+
+
+@dataclass(frozen=True)
+class Story:
+    """The module's chain: three decided heights and the training blocks between them."""
+
+    scenario: Scenario
+    """The devnet node, keys and training text."""
+    genesis: Block
+    """Height 0."""
+    genesis_state: State
+    """Its state."""
+    first: Block
+    """Height 1 by validator 1: no training block; M's, M2's and L's commitments."""
+    first_state: State
+    """The state after `first`: the genesis model, no sequence revealed."""
+    first_commit: Commit
+    """`first`'s commit certificate."""
+    first_voters: ValidatorSet
+    """The validators that voted on height 1."""
+    miner: PrivateKey
+    """M: commits in `first`, reveals A on it."""
+    second_miner: PrivateKey
+    """M2: commits in `first`, reveals A2 (another slice) on it."""
+    uncommitted_miner: PrivateKey
+    """N: reveals an update on `first` that it committed nowhere."""
+    late_miner: PrivateKey
+    """L: commits in `first`, reveals on `second` (a height late)."""
+    copier: PrivateKey
+    """C: assigned A's slice on `first`, publishes A's weights (B) and a perturbed copy (B2)."""
+    second_copier: PrivateKey
+    """C2: assigned A's slice on `second`, commits there to B2's weights and reveals them on it."""
+    committed: Block
+    """A: M's committed update on `first`."""
+    second_committed: Block
+    """A2: M2's committed update on `first`."""
+    uncommitted: Block
+    """N's update on `first` (no commitment)."""
+    copy: Block
+    """B: A's weights under C's key on `first`."""
+    perturbed_copy: Block
+    """B2: A's weights with three moved by one, under C's key on `first`."""
+    second: Block
+    """Height 2 by validator 0: names A, B and B2; carries C2's commitment."""
+    second_state: State
+    """The state after `second`: A applied, validator 0's test sequences revealed."""
+    second_commit: Commit
+    """`second`'s commit certificate."""
+    second_voters: ValidatorSet
+    """The validators that voted on height 2."""
+    late: Block
+    """L's update revealed on `second` (committed in `first`)."""
+    committed_copy: Block
+    """C2's copy of B2's weights on `second`, committed in `second`."""
+
+
+def commit_to(scenario: Scenario, key: PrivateKey, height: int, slice_id: int, values: np.ndarray) -> UpdateCommitment:
+    """`key`'s commitment, carried at `height`, to setting slice `slice_id` to `values`."""
+    update = compute_update_hash(key.public_key, slice_id, values.astype("<i2").tobytes())
+    return sign_update_commitment(key, scenario.chain.domain, height, update)
+
+
+def key_on_slice(prefix: str, parent_height: int, slice_id: int, slices: int) -> PrivateKey:
+    """The first devnet key `prefix-i` assigned slice `slice_id` on a parent at `parent_height`."""
+    for index in range(64):
+        key = devnet_key(f"{prefix}-{index}")
+        if compute_next_slice(parent_height, key.public_key, slices) == slice_id:
+            return key
+    raise AssertionError(f"no {prefix} key among 64 is assigned slice {slice_id} at height {parent_height}")
+
+
+def shard_of(key: PrivateKey) -> Shard:
+    """The devnet validator's held-out shard."""
+    shard = devnet_test_shard(key.public_key)
+    assert shard is not None
+    return shard
+
+
+def held_out_sequences(chain: Chain, parent: Block, state: State, proposer: PrivateKey) -> tuple[bytes, ...]:
+    """The sequences `proposer`'s test on `parent` reveals."""
+    test = build_heldout_test(chain, parent, state, proposer, shard_of(proposer))
+    assert test is not None
+    return tuple(revealed.sequence for revealed in test.sequences)
+
+
+def training_body(block: Block) -> TrainingBody:
+    assert isinstance(block.body, TrainingBody)
+    return block.body
+
+
+def decided_body(block: Block) -> DecidedBody:
+    assert isinstance(block.body, DecidedBody)
+    return block.body
+
+
+def by_hash(blocks: list[Block]) -> dict[bytes, Block]:
+    return {block.hash: block for block in blocks}
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
+    scenario = Scenario.create(tmp_path_factory.mktemp("heldout-rules"))
+    yield build_story(scenario)
+    scenario.node.close()
+
+
+def build_story(scenario: Scenario) -> Story:
+    """The module's chain on `scenario`'s devnet (see the module docstring)."""
+    chain = scenario.chain
+    slices = chain.genesis.partition.slices
+    genesis, genesis_state = scenario.genesis()
+    validators = scenario.validators
+    miner, second_miner, uncommitted_miner, late_miner = (devnet_key(f"miner-{i}") for i in range(4))
+    assigned = compute_next_slice(1, miner.public_key, slices)
+    assert compute_next_slice(1, second_miner.public_key, slices) != assigned
+    assert compute_next_slice(2, late_miner.public_key, slices) != assigned  # L's update survives A's
+    copier = key_on_slice("copier", 1, assigned, slices)
+    second_copier = key_on_slice("copier", 2, assigned, slices)
+    assert copier != second_copier
+
+    # Updates fixed before height 1 exists, from one local model trained on the genesis model
+    # (height 1 applies none): M's slice, M2's and L's from the same model, N's after more steps.
+    trainer = scenario.local_miner(genesis_state)
+    genesis_weights = chain.weights(genesis_state)
+    second_slice = compute_next_slice(1, second_miner.public_key, slices)
+    late_slice = compute_next_slice(2, late_miner.public_key, slices)
+    values = {miner.public_key: trainer.work(genesis_weights, assigned, b"train").values}
+    values[second_miner.public_key] = trainer.values(genesis_weights, second_slice)
+    late_values = trainer.values(genesis_weights, late_slice)
+    uncommitted_slice = compute_next_slice(1, uncommitted_miner.public_key, slices)
+    values[uncommitted_miner.public_key] = trainer.work(genesis_weights, uncommitted_slice, b"more").values
+    commitments = [
+        commit_to(scenario, miner, 1, assigned, values[miner.public_key]),
+        commit_to(scenario, second_miner, 1, second_slice, values[second_miner.public_key]),
+        commit_to(scenario, late_miner, 1, late_slice, late_values),
+    ]
+    first = propose_decided_block(
+        chain, genesis, genesis_state, validators[1], [], None, None, (), shard_of(validators[1]), commitments
+    )
+    first_state = apply_decided_block(genesis_state, genesis, first, {}, None, chain)
+    first_commit = certificate(scenario.node, first, validators[:3])
+    first_voters = get_validator_set(genesis_state, chain.genesis)
+
+    when = first.header.timestamp + 1
+
+    def reveal(key: PrivateKey, content: np.ndarray) -> Block:
+        return propose_training_block(chain, first, first_state, key, content, when, 8)
+
+    committed = reveal(miner, values[miner.public_key])
+    second_committed = reveal(second_miner, values[second_miner.public_key])
+    uncommitted = reveal(uncommitted_miner, values[uncommitted_miner.public_key])
+    copy = reveal(copier, values[miner.public_key])
+
+    # B2: three of A's weights moved by one each, until its loss on the next height's test
+    # sequences is below A's (a search only a copier that knew the private sequences could run).
+    sequences = held_out_sequences(chain, first, first_state, validators[0])
+    committed_loss = chain.loss_on(first_state.with_slice(assigned, training_body(committed).weights), sequences)
+    generator = np.random.default_rng(13)
+    perturbed_copy: Block | None = None
+    for _ in range(COPY_SEARCH_ATTEMPTS):
+        perturbed = values[miner.public_key].astype(np.int64)
+        positions = generator.choice(perturbed.size, 3, replace=False)
+        perturbed[positions] += generator.choice([-1, 1], 3)
+        content = perturbed.astype("<i2").tobytes()
+        if chain.loss_on(first_state.with_slice(assigned, content), sequences) < committed_loss:
+            perturbed_copy = reveal(copier, perturbed)
+            break
+    assert perturbed_copy is not None, f"no perturbation of A among {COPY_SEARCH_ATTEMPTS} beats its test gain"
+    perturbed_values = np.frombuffer(training_body(perturbed_copy).weights, dtype="<i2")
+
+    copier_commitment = commit_to(scenario, second_copier, 2, assigned, perturbed_values)
+    named = [committed, copy, perturbed_copy]
+    second = propose_decided_block(
+        chain, first, first_state, validators[0], named, first_commit, first_voters, (), shard_of(validators[0]),
+        [copier_commitment],
+    )  # fmt: skip
+    second_state = apply_decided_block(first_state, first, second, by_hash(named), first_voters, chain)
+    later = second.header.timestamp + 1
+    late = propose_training_block(chain, second, second_state, late_miner, late_values, later, 8)
+    committed_copy = propose_training_block(chain, second, second_state, second_copier, perturbed_values, later, 8)
+    return Story(
+        scenario, genesis, genesis_state, first, first_state, first_commit, first_voters,
+        miner, second_miner, uncommitted_miner, late_miner, copier, second_copier,
+        committed, second_committed, uncommitted, copy, perturbed_copy,
+        second, second_state, certificate(scenario.node, second, validators[:3]),
+        get_validator_set(first_state, chain.genesis), late, committed_copy,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Third:
+    """Height 3 by validator 0 on `second`: tests L's late reveal and C2's committed copy."""
+
+    block: Block
+    """The decided block."""
+    named: dict[bytes, Block]
+    """The training blocks it names, by hash."""
+    state: State
+    """The state after it."""
+    copy_refusal: str | None
+    """Why C2's committed copy is not a valid training block on `second` (None: it is valid, and named)."""
+
+
+@pytest.fixture(scope="module")
+def third(story: Story) -> Third:
+    chain = story.scenario.chain
+    candidates = [story.late]
+    try:
+        apply_training_block(story.second_state, story.second, story.committed_copy, chain)
+        copy_refusal = None
+        candidates.append(story.committed_copy)
+    except InvalidBlock as error:
+        copy_refusal = str(error)
+    proposer = story.scenario.validators[0]
+    block = propose_decided_block(
+        chain, story.second, story.second_state, proposer, candidates, story.second_commit, story.second_voters,
+        (), shard_of(proposer),
+    )  # fmt: skip
+    named = by_hash(candidates)
+    state = apply_decided_block(story.second_state, story.second, block, named, story.second_voters, chain)
+    return Third(block, named, state, copy_refusal)
+
+
+def resigned(story: Story, block: Block, body: DecidedBody, **header: object) -> Block:
+    """`block` with `body` (and header fields) changed, signed again by its proposer."""
+    signer = next(k for k in story.scenario.validators if k.public_key == block.header.proposer)
+    return rebuild(Block(block.header, body, block.signature), signer, story.scenario.chain.domain, **header)
+
+
+def decide_second(story: Story, named: list[Block], commitments: tuple[UpdateCommitment, ...] = ()) -> Block:
+    """A height-2 block by validator 0 (the one whose test `second` carries) naming `named`."""
+    proposer = story.scenario.validators[0]
+    return propose_decided_block(
+        story.scenario.chain, story.first, story.first_state, proposer, named, story.first_commit,
+        story.first_voters, (), shard_of(proposer), commitments,
+    )  # fmt: skip
+
+
+def apply_second(story: Story, block: Block, named: Mapping[bytes, Block], state: State | None = None) -> State:
+    """Check `block` as height 2 (on `state`, by default the state after `first`)."""
+    return apply_decided_block(
+        story.first_state if state is None else state, story.first, block, named, story.first_voters,
+        story.scenario.chain,
+    )  # fmt: skip
+
+
+def variant_tested_on(story: Story, state: State) -> tuple[Block, dict[bytes, Block]]:
+    """A height-2 block by validator 0 testing A, for a variant `state` of the state after `first`
+    (other held-out records): A is signed again for that state's root, so that the test is checked."""
+    valid = decide_second(story, [story.committed])
+    body = decided_body(valid)
+    moved = rebuild(story.committed, story.miner, story.scenario.chain.domain, state_root=state.root)
+    verdict = dataclasses.replace(body.training[0], training_block=moved.hash)
+    return resigned(story, valid, dataclasses.replace(body, training=(verdict,), applied=moved.hash)), {
+        moved.hash: moved
+    }
+
+
+def second_named(story: Story) -> dict[bytes, Block]:
+    return by_hash([story.committed, story.copy, story.perturbed_copy])
+
+
+def with_test(
+    body: DecidedBody, sequences: tuple[RevealedSequence, ...] | None = None, vrf_proof: bytes | None = None
+) -> DecidedBody:
+    """`body` with its test's sequences or ECVRF proof replaced."""
+    assert body.test is not None
+    test = body.test
+    if sequences is not None:
+        test = dataclasses.replace(test, sequences=sequences)
+    if vrf_proof is not None:
+        test = dataclasses.replace(test, vrf_proof=vrf_proof)
+    return dataclasses.replace(body, test=test)
+
+
+def with_sequence(body: DecidedBody, position: int, revealed: RevealedSequence) -> DecidedBody:
+    """`body` with its test's sequence at `position` replaced."""
+    assert body.test is not None
+    sequences = list(body.test.sequences)
+    sequences[position] = revealed
+    return with_test(body, tuple(sequences))
+
+
+def miner_share(story: Story) -> int:
+    consensus = story.scenario.chain.genesis.consensus
+    return consensus.block_reward * consensus.miner_share_percent // 100
+
+
+def paid(block: Block) -> set[bytes]:
+    return {reward.address for reward in decided_body(block).rewards}
+
+
+# --- The valid chain ---------------------------------------------------------------------
+
+
+def test_the_valid_chain(story: Story, third: Third) -> None:
+    """Every block the tests break is valid as built: height 2 applies A, pays M and marks
+    validator 0's revealed sequences; the commitments land where they were carried."""
+    chain = story.scenario.chain
+    body = decided_body(story.second)
+    assert apply_second(story, story.second, second_named(story)).root == story.second_state.root
+    assert body.applied == story.committed.hash
+    assert body.rewards[0] == Reward(story.miner.public_key, miner_share(story))
+    assert story.second_state.slices != story.first_state.slices
+    assert is_committed(story.first, story.committed) and is_committed(story.first, story.second_committed)
+    assert is_committed(story.second, story.committed_copy)
+    for block in (story.committed, story.second_committed, story.uncommitted, story.copy, story.perturbed_copy):
+        assert apply_training_block(story.first_state, story.first, block, chain) is story.first_state
+    assert apply_training_block(story.second_state, story.second, story.late, chain) is story.second_state
+    third_body = decided_body(third.block)
+    assert third_body.test is not None and third.state.finalized_height == 3
+
+
+# --- 1, 2: revealed sequences and their Merkle proofs ---------------------------------------
+
+
+@pytest.mark.parametrize("change", ["flipped_byte", "one_sibling_short", "one_sibling_more", "half_a_sibling"])
+def test_a_revealed_sequence_with_a_bad_merkle_proof_is_refused(story: Story, change: str) -> None:
+    body = decided_body(story.second)
+    assert body.test is not None
+    position = 5
+    revealed = body.test.sequences[position]
+    proof = revealed.proof
+    if change == "flipped_byte":
+        proof = proof[:40] + bytes([proof[40] ^ 1]) + proof[41:]
+    elif change == "one_sibling_short":
+        proof = proof[:-32]
+    elif change == "one_sibling_more":
+        proof = proof + bytes(32)
+    elif change == "half_a_sibling":
+        proof = proof[:-16]
+    forged = resigned(story, story.second, with_sequence(body, position, dataclasses.replace(revealed, proof=proof)))
+    reason = f"sequence {revealed.index}: its Merkle proof does not match the commitment"
+    with pytest.raises(InvalidBlock, match=reason):
+        apply_second(story, forged, second_named(story))
+    apply_second(story, story.second, second_named(story))
+
+
+@pytest.mark.parametrize("change", ["flipped_byte", "another_sequence", "short"])
+def test_a_revealed_sequence_whose_bytes_changed_is_refused(story: Story, change: str) -> None:
+    """A changed byte, or another sequence of the same shard (a true leaf, at another index), no
+    longer matches the proof; a sequence of the wrong length is refused before its proof."""
+    body = decided_body(story.second)
+    assert body.test is not None
+    position = 3
+    revealed = body.test.sequences[position]
+    sequence = revealed.sequence
+    reason = f"sequence {revealed.index}: its Merkle proof does not match the commitment"
+    if change == "flipped_byte":
+        sequence = sequence[:7] + bytes([sequence[7] ^ 0x20]) + sequence[8:]
+    elif change == "another_sequence":
+        sequence = body.test.sequences[position + 1].sequence
+    elif change == "short":
+        sequence = sequence[:-1]
+        reason = f"sequence {revealed.index} has {len(sequence)} bytes, want {len(revealed.sequence)}"
+    assert sequence != revealed.sequence
+    forged = resigned(
+        story, story.second, with_sequence(body, position, dataclasses.replace(revealed, sequence=sequence))
+    )
+    with pytest.raises(InvalidBlock, match=reason):
+        apply_second(story, forged, second_named(story))
+
+
+# --- 3: a revealed sequence never judges again ----------------------------------------------
+
+
+def test_a_revealed_sequence_is_never_revealed_again(story: Story, third: Third) -> None:
+    """After height 2 revealed validator 0's sequences, the state marks them; height 3 by the same
+    validator reveals others; a height-3 block that reveals one of them again is refused, and so
+    is height 2 itself checked against a state that already marks its sequences."""
+    proposer = story.scenario.validators[0].public_key
+    second_test = decided_body(story.second).test
+    third_test = decided_body(third.block).test
+    assert second_test is not None and third_test is not None
+    revealed = [sequence.index for sequence in second_test.sequences]
+    bitmap = story.second_state.heldout[proposer].revealed
+    assert count_revealed(story.first_state.heldout[proposer].revealed) == 0
+    assert count_revealed(bitmap) == len(revealed) == story.scenario.chain.genesis.evaluation.test_sequences
+    assert all(is_revealed(bitmap, index) for index in revealed)
+    assert (
+        story.second_state.heldout[story.scenario.validators[1].public_key]
+        == story.first_state.heldout[story.scenario.validators[1].public_key]
+    )
+    third_indices = [sequence.index for sequence in third_test.sequences]
+    assert not set(third_indices) & set(revealed)
+    assert count_revealed(third.state.heldout[proposer].revealed) == 2 * len(revealed)
+
+    # Height 3 reveals one of height 2's sequences again (its bytes and proof are true).
+    reused = resigned(story, third.block, with_sequence(decided_body(third.block), 0, second_test.sequences[0]))
+    with pytest.raises(InvalidBlock, match=r"test: sequences \[" + str(revealed[0]) + r", .*picked by the vrf output"):
+        apply_decided_block(
+            story.second_state, story.second, reused, third.named, story.second_voters, story.scenario.chain
+        )
+    # Height 2's test again, on a state where its sequences were already revealed.
+    record = story.first_state.heldout[proposer]
+    marked = dict(story.first_state.heldout)
+    marked[proposer] = dataclasses.replace(record, revealed=with_revealed(record.revealed, revealed))
+    block, named = variant_tested_on(story, dataclasses.replace(story.first_state, heldout=marked))
+    with pytest.raises(InvalidBlock, match="picked by the vrf output"):
+        apply_second(story, block, named, dataclasses.replace(story.first_state, heldout=marked))
+
+
+def test_select_indices_never_picks_a_revealed_sequence(story: Story) -> None:
+    """Over many seeds and bitmaps (height 2's, random ones, a nearly spent one): the picked
+    indices are distinct, unrevealed and as many as wanted; a shard with fewer left gives None."""
+    record = story.second_state.heldout[story.scenario.validators[0].public_key]
+    count, wanted = record.sequences, story.scenario.chain.genesis.evaluation.test_sequences
+    generator = np.random.default_rng(17)
+    bitmaps = [record.revealed]
+    for density in (0.1, 0.5, 0.9):
+        bitmaps.append(with_revealed(empty_bitmap(count), np.flatnonzero(generator.random(count) < density).tolist()))
+    left = generator.choice(count, wanted, replace=False).tolist()
+    bitmaps.append(with_revealed(empty_bitmap(count), sorted(set(range(count)) - set(left))))
+    for bitmap in bitmaps:
+        for seed in range(100):
+            picked = select_indices(seed.to_bytes(32, "big"), bitmap, count, wanted)
+            assert picked is not None and len(set(picked)) == wanted
+            assert not any(is_revealed(bitmap, index) for index in picked)
+    assert set(select_indices(bytes(32), bitmaps[-1], count, wanted) or ()) == set(left)
+    spent = with_revealed(bitmaps[-1], left[:1])
+    assert select_indices(bytes(32), spent, count, wanted) is None
+
+
+# --- 4: the sequences are the ones the proposer's randomness picks ---------------------------
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ("swapped", "picked by the vrf output"),
+        ("replaced", "picked by the vrf output"),
+        ("another_validator", "vrf_proof is not the proposer's proof for this parent"),
+        ("another_parent", "vrf_proof is not the proposer's proof for this parent"),
+    ],
+)
+def test_a_test_the_randomness_did_not_pick_is_refused(story: Story, change: str, reason: str) -> None:
+    """Sequences in another order, one true sequence of the shard in place of a picked one, another
+    validator's proof, or the proposer's own proof for another parent: each refused."""
+    body = decided_body(story.second)
+    assert body.test is not None
+    sequences = body.test.sequences
+    validators = story.scenario.validators
+    if change == "swapped":
+        forged = with_test(body, (sequences[1], sequences[0], *sequences[2:]))
+    elif change == "replaced":
+        shard = shard_of(validators[0])
+        picked = {sequence.index for sequence in sequences}
+        other = next(index for index in range(shard.count) if index not in picked)
+        true_one = RevealedSequence(other, shard.sequences[other], b"".join(shard.proof(other)))
+        forged = with_sequence(body, 4, true_one)
+    elif change == "another_validator":
+        forged = with_test(body, vrf_proof=validators[1].prove_vrf(compute_test_input(story.first.hash)))
+    else:
+        forged = with_test(body, vrf_proof=validators[0].prove_vrf(compute_test_input(story.genesis.hash)))
+    with pytest.raises(InvalidBlock, match=reason):
+        apply_second(story, resigned(story, story.second, forged), second_named(story))
+
+
+def test_a_proposer_without_a_shard_tests_nothing(story: Story) -> None:
+    """A proposer with no committed shard (its entry gone from the state), or a spent one, names no
+    training block: the builder names none, and a block that tests anyway is refused."""
+    chain = story.scenario.chain
+    proposer = story.scenario.validators[0]
+    record = story.first_state.heldout[proposer.public_key]
+    without = dict(story.first_state.heldout)
+    del without[proposer.public_key]
+    no_shard = dataclasses.replace(story.first_state, heldout=without)
+    spent = dict(story.first_state.heldout)
+    spent[proposer.public_key] = dataclasses.replace(
+        record, revealed=with_revealed(record.revealed, range(record.sequences - 31))
+    )  # 31 left, a test reveals 32
+    spent_shard = dataclasses.replace(story.first_state, heldout=spent)
+    block, named = variant_tested_on(story, no_shard)
+    with pytest.raises(InvalidBlock, match="the proposer committed no held-out shard"):
+        apply_second(story, block, named, no_shard)
+    block, named = variant_tested_on(story, spent_shard)
+    with pytest.raises(InvalidBlock, match="the proposer's shard has fewer than 32 unrevealed sequences"):
+        apply_second(story, block, named, spent_shard)
+    for state in (no_shard, spent_shard):
+        assert build_heldout_test(chain, story.first, state, proposer, shard_of(proposer)) is None
+        block = propose_decided_block(
+            chain, story.first, state, proposer, [story.committed], story.first_commit, story.first_voters, (),
+            shard_of(proposer),
+        )  # fmt: skip
+        body = decided_body(block)
+        assert body.training == () and body.test is None and body.applied == b""
+    # Without its shard file at hand, a validator with one names none either.
+    block = propose_decided_block(
+        chain, story.first, story.first_state, proposer, [story.committed], story.first_commit, story.first_voters,
+        (), None,
+    )  # fmt: skip
+    assert decided_body(block).training == ()
