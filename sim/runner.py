@@ -322,8 +322,10 @@ def drive(run: Run) -> None:
             while pending_events and pending_events[0].at <= clock:
                 run.apply(pending_events.pop(0))
                 floor = None
-            while waiting and waiting[0].join_at <= clock:
-                run.start_nodes([waiting.pop(0).index])
+            due = [spec.index for spec in waiting if spec.join_at <= clock]
+            if due:  # started together: each start waits for the node's RPC, and the timeline must not wait in turn
+                waiting = [spec for spec in waiting if spec.join_at > clock]
+                run.start_nodes(due)
         run.check_exits()
         statuses = honest_statuses(run)
         for index, status in statuses.items():
