@@ -32,8 +32,7 @@ from chain.keystore import (
 )
 from chain.store import ChainDB, CorruptStore, StorageError
 from consensus.genesis import Genesis, GenesisError
-from consensus.proposals import propose_best_training_block
-from consensus.rules import Chain, genesis_block, genesis_state
+from consensus.rules import Chain, compute_next_slice, genesis_block, genesis_state
 from genesis import DEVNET, chunk_directory, load_genesis
 from training.data import SPLITS, ChunkError, load_split, sample_batch, seed_from_int
 from training.evaluate import BACKENDS, CanonicalEvaluator, default_backend, make_backend
@@ -112,11 +111,14 @@ def validator_keys(genesis: Genesis) -> list[PrivateKey]:
 
 def command_localnet(args: argparse.Namespace) -> dict[str, object]:
     """An in-process network on the decided chain: the devnet validators' keys in one node's
-    voting and one CPU miner, until N decided heights have confirmed an update."""
+    voting and one CPU miner, until N decided heights have confirmed an update. The miner
+    commits to an update before each height is decided and reveals it on the decided block
+    that carries the commitment; the height after applies it and pays the miner."""
     from chain.blocks import DecidedBody
     from p2p.decided_node import DecidedNode
     from p2p.decided_node import mean_loss as report_loss
-    from p2p.localnet import LocalVoting, Stalled, confirms_update, count_confirmed_updates, mine_training_block
+    from p2p.localnet import LocalVoting, Stalled, commit_update, count_confirmed_updates, reveal_committed_update
+    from p2p.mining import PreparedUpdate
 
     if args.finalize < 1:
         raise UserError(f"--finalize must be at least 1, got {args.finalize}")
@@ -136,14 +138,19 @@ def command_localnet(args: argparse.Namespace) -> dict[str, object]:
         losses["test_loss_genesis"] = report_loss(chain, initial, "test")
         local = LocalVoting.open(node, validators)
         confirmed = count_confirmed_updates(node.db)
+        committed: PreparedUpdate | None = None
+        misses = 0
         while confirmed < args.finalize:
-            training, gain = mine_training_block(node, miner, miner_key, args.attempts)
-            if training is None:
+            revealed = reveal_committed_update(node, miner_key, committed) if committed is not None else None
+            if committed is not None and revealed is None:
+                print(f"[localnet] update {committed.update_hash.hex()[:16]} not revealed: not carried, or its "
+                      "validation gain fell short on the new head", file=sys.stderr)  # fmt: skip
+            committed, gain = commit_update(node, miner, miner_key, args.attempts)
+            if committed is None:
                 need = node.head().state.difficulty
                 raise UserError(f"the miner found no update with gain >= {need} in {args.attempts} attempts")
-            node.on_training_block(training)
             if not local.voting.machines:
-                local.start()  # after the first training block, so that the first proposer names it
+                local.start()  # after the first commitment, so that the first proposer carries it
             try:
                 decision = local.decide_height()
             except Stalled as error:
@@ -151,20 +158,23 @@ def command_localnet(args: argparse.Namespace) -> dict[str, object]:
             body, height = decision.block.body, decision.block.header.height
             assert isinstance(body, DecidedBody)
             test_gain = sum(body.gains().values())
-            if confirms_update(decision.block):
+            paid = [reward.amount for reward in body.rewards if reward.address == miner_key.public_key]
+            if revealed is not None and body.applied == revealed.hash:
                 confirmed += 1
-                for named in decision.training_blocks:
-                    assert isinstance(named.body, TrainingBody)
-                    if named.hash != body.applied:
-                        continue
-                    miner.published(named.body.slice_id, np.frombuffer(named.body.weights, dtype="<i2"))
+                misses = 0
+                assert isinstance(revealed.body, TrainingBody)
+                miner.published(revealed.body.slice_id, np.frombuffer(revealed.body.weights, dtype="<i2"))
             elif body.training:
+                misses += 1
                 print(f"[localnet] update rejected out of sample (test gain {test_gain})", file=sys.stderr)
             else:
+                misses += 1
                 print(f"[localnet] height {height} decided without an update", file=sys.stderr)
+            if misses > args.attempts:
+                raise UserError(f"{misses} heights in a row confirmed no update of the miner's")
             print(
                 f"[localnet] finalized {confirmed}/{args.finalize} height {height} "
-                f"gain {gain} test gain {test_gain} difficulty {decision.state.difficulty} "
+                f"gain {gain} test gain {test_gain} paid {sum(paid)} difficulty {decision.state.difficulty} "
                 f"val {report_loss(chain, decision.state, 'validation'):.4f} "
                 f"({time.perf_counter() - started:.1f} s)",
                 file=sys.stderr,
@@ -173,12 +183,15 @@ def command_localnet(args: argparse.Namespace) -> dict[str, object]:
         head = node.head()
         losses["validation_loss_head"] = report_loss(chain, head.state, "validation")
         losses["test_loss_head"] = report_loss(chain, head.state, "test")
+        account = head.state.accounts.get(miner_key.public_key)
         return {
             "finalized_height": head.block.header.height,
             "finalized_training_blocks": confirmed,
             "head_hash": head.block.hash.hex(),
             "head_height": head.block.header.height,
             "state_root": head.state.root.hex(),
+            "miner": miner_key.public_key.hex(),
+            "miner_balance": account.balance if account is not None else 0,
             **losses,
             "seconds": round(time.perf_counter() - started, 1),
         }
@@ -237,6 +250,7 @@ NODE_DEFAULTS: dict[str, object] = {
     "mine": False,
     "miner_key": None,
     "validator_key": [],
+    "heldout_file": [],
     "key_passphrase_file": None,
     "device": "cpu",
     "steps": TrainingConfig.steps,
@@ -311,6 +325,32 @@ def load_key(spec: str, chain_id: str, passphrase_file: Path | None = None, crea
         return found.unlock(read_passphrase(passphrase_file, "--key-passphrase-file", f"the passphrase of {path}"))
     except KeystoreError as error:
         raise UserError(str(error)) from None
+
+
+def load_heldout_shards(paths: Sequence[str], genesis: Genesis, validators: Sequence[PrivateKey]) -> dict[bytes, Shard]:
+    """Each held-out shard file, by the validator key whose genesis commitment it matches
+    (root and sequence count); UserError naming the file if it cannot be read, is not a
+    shard of this genesis's sequence length, or matches no --validator-key's commitment."""
+    commitments = {account.public_key: account.heldout for account in genesis.accounts if account.heldout}
+    shards: dict[bytes, Shard] = {}
+    for text in paths:
+        path = Path(text)
+        try:
+            shard = load_shard(path)
+        except ShardError as error:
+            raise UserError(str(error)) from None
+        want = genesis.model.context + 1
+        if shard.sequence_bytes != want:
+            raise UserError(f"{path}: sequences of {shard.sequence_bytes} bytes, want {want} (the model's context + 1)")
+        owners = [key.public_key for key in validators if (commitment := commitments.get(key.public_key)) is not None
+                  and (commitment.root, commitment.sequences) == (shard.root, shard.count)]  # fmt: skip
+        if not owners:
+            raise UserError(f"{path}: root {shard.root.hex()} of {shard.count} sequences is not the held-out "
+                            "commitment in genesis of any --validator-key")  # fmt: skip
+        if owners[0] in shards:
+            raise UserError(f"{path}: a second held-out shard for validator {owners[0].hex()}")
+        shards[owners[0]] = shard
+    return shards
 
 
 def node_settings(args: argparse.Namespace) -> dict[str, object]:
@@ -396,11 +436,14 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
         torch.set_num_threads(int(str(settings["threads"])))
     datadir: Path = args.datadir
     datadir.mkdir(parents=True, exist_ok=True)
-    chain_id = load_genesis(Path(str(settings["genesis"]))).chain_id
+    genesis = load_genesis(Path(str(settings["genesis"])))
+    chain_id = genesis.chain_id
     passphrase = settings["key_passphrase_file"]
     passphrase_file = None if passphrase is None else Path(str(passphrase))
     validators = [load_key(str(spec), chain_id, passphrase_file)
                   for spec in settings["validator_key"]]  # type: ignore[attr-defined]  # fmt: skip
+    heldout_files = [str(path) for path in settings["heldout_file"]]  # type: ignore[attr-defined]
+    shards = load_heldout_shards(heldout_files, genesis, validators)
     miner_key = None
     if settings["mine"]:
         miner_spec = str(settings["miner_key"] or datadir / "miner_key")
@@ -418,6 +461,7 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
         listen=str(settings["listen"]),
         bootstrap=[str(b) for b in settings["bootstrap"]],  # type: ignore[attr-defined]
         validator_keys=validators,
+        heldout_shards=shards,
         miner_key=miner_key,
         training=training,
     )
@@ -517,18 +561,22 @@ def command_devnet(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-SUBMIT_TRIES = 3
-"""How many heads `potchain mine` offers one piece of work on (the chain decides on while it trains)."""
+COMMITMENT_RESEND_SECONDS = 3.0
+"""How often `potchain mine` posts its commitment again while its height is undecided."""
 
 
 def command_mine(args: argparse.Namespace) -> dict[str, object]:
-    """An external miner: fetch work from a node's RPC, train on --device, submit blocks."""
+    """An external miner: commit-reveal over a node's RPC (p2p/mining.py), training on --device.
+    On each decided head D: commit to the local model's update for the slice the key is assigned
+    on the next block (POST /v1/mining/commitments), reveal on D the update D carries our
+    commitment to (POST /v1/mining/submit), then train on D's weights for the next commitment."""
     import tempfile
 
     import torch
 
-    from chain.blocks import Block
+    from chain.blocks import Block, DecidedBody
     from chain.state import State
+    from p2p.mining import PreparedUpdate, is_carried, prepare_update, reveal_update, validation_gain
     from p2p.rpc_client import RpcClient, RpcClientError
     from training.miner import Miner, resolve_device
     from training.weights import CanonicalWeights
@@ -556,82 +604,114 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
     if status["genesis_hash"] != genesis.hash:
         raise UserError(f"the node runs genesis {status['genesis_hash']}, this miner {genesis.hash}")
 
-    def fetch_work() -> tuple[dict[str, Any], CanonicalWeights, Block]:
-        """The node's assignment on its decided head, the head's weights and the head block."""
+    def say(message: str) -> None:
+        print(f"[mine] {message}", file=sys.stderr, flush=True)
+
+    def fetch_head() -> tuple[dict[str, Any], CanonicalWeights, Block, State]:
+        """The node's assignment on its decided head, the head's weights, block and model state."""
         work = client.get_json(f"/v1/mining/work?miner={key.public_key.hex()}")
         with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
             handle.write(client.get_bytes(work["weights_url"]))
             handle.flush()
             weights = load_weights(Path(handle.name), genesis.model, genesis.exponents)
-        parent = decode_block(client.get_bytes(f"/v1/blocks/{work['parent_hash']}?format=raw"))
-        return work, weights, parent
-
-    def propose(work: dict[str, Any], weights: CanonicalWeights, parent: Block, values: np.ndarray,
-                steps: int) -> Block:  # fmt: skip
+        head = decode_block(client.get_bytes(f"/v1/blocks/{work['parent_hash']}?format=raw"))
         slices = tuple(
             chain.layout.extract(weights, s).astype("<i2").tobytes() for s in range(genesis.partition.slices)
         )
-        model_state = State(slices, {}, int(work["difficulty"]), 0, bytes(32), 0)
+        return work, weights, head, State(slices, {}, int(work["difficulty"]), 0, bytes(32), 0)
+
+    def commit(work: dict[str, Any], weights: CanonicalWeights, head: Block, state: State) -> PreparedUpdate | None:
+        """Commit to the local model's values for our slice on the next block, if they gain enough."""
+        assert miner is not None
+        miner.adopt(weights)
+        values = miner.values(weights, int(work["commitment_slice_id"]))
+        update = prepare_update(chain, head, state, key, values, steps)
+        if update.expected_gain < state.difficulty:
+            say(f"height {update.height}: gain {update.expected_gain} below difficulty {state.difficulty}; training on")
+            return None
+        try:
+            client.submit_commitment(update.commitment.encode())
+        except RpcClientError as error:
+            if error.status is not None and error.status < 500 and error.status != 409:
+                raise UserError(str(error)) from None
+            say(f"commitment for height {update.height}: {error}")
+            return None
+        say(f"committed update {update.update_hash.hex()[:16]} for height {update.height} slice {update.slice_id} "
+            f"gain {update.expected_gain}")  # fmt: skip
+        return update
+
+    def reveal(work: dict[str, Any], head: Block, state: State, update: PreparedUpdate) -> Block | None:
+        """Reveal the update on the head that carries its commitment; the submitted block or None."""
         timestamp = max(int(time.time()), int(work["min_timestamp"]))
-        return propose_best_training_block(chain, parent, model_state, key, values, timestamp, steps,
-                                           state_root=bytes.fromhex(work["state_root"]))  # fmt: skip
+        block = reveal_update(chain, head, state, key, update, timestamp, bytes.fromhex(work["state_root"]))
+        gain = validation_gain(block)
+        if gain < state.difficulty:
+            say(f"revealed update {update.update_hash.hex()[:16]} gains {gain} on height {update.height}, below "
+                f"difficulty {state.difficulty}: dropped")  # fmt: skip
+            return None
+        try:
+            answer = client.post_bytes("/v1/mining/submit", block.encode())
+        except RpcClientError as error:
+            if error.status is not None and error.status < 500 and error.status != 422:
+                raise UserError(str(error)) from None
+            say(f"submit: {error}")  # stale, say: the head moved while we revealed
+            return None
+        say(f"revealed block {answer['height']} {answer['hash'][:16]} slice {update.slice_id} gain {gain}")
+        return block
 
     miner: Miner | None = None
-    accepted, attempts, proposed_on = 0, 0, b""
+    committed: dict[int, PreparedUpdate] = {}
+    revealed: dict[bytes, Block] = {}
+    accepted, applied, attempts, steps, last_head, posted = 0, 0, 0, 0, b"", 0.0
     started = time.perf_counter()
-    print(f"[mine] miner {key.public_key.hex()[:16]} on {args.device}, node {args.rpc}", file=sys.stderr, flush=True)
+    say(f"miner {key.public_key.hex()[:16]} on {args.device}, node {args.rpc}")
     while args.blocks is None or accepted < args.blocks:
         try:
-            work, weights, parent = fetch_work()
-        except RpcClientError as error:
-            print(f"[mine] {error}; retrying", file=sys.stderr, flush=True)
-            time.sleep(2.0)
-            continue
-        if parent.hash == proposed_on:
-            time.sleep(1.0)
-            continue
-        if miner is None:
-            miner = Miner(weights, chain.layout, train_text, TrainingConfig(steps=args.steps, device=args.device))
-            if args.state is not None and args.state.exists():
-                miner.load(args.state)
-        seed = bytes.fromhex(work["training_seed"]) + attempts.to_bytes(4, "big")
-        result = miner.work(weights, int(work["slice_id"]), seed)
-        attempts += 1
-        if args.state is not None:
-            write_atomically(args.state, miner.state_bytes(), SECRET_MODE)
-        values = result.values
-        for _ in range(SUBMIT_TRIES):
-            try:
-                latest = client.get_json(f"/v1/mining/work?miner={key.public_key.hex()}")
-                if latest["parent_hash"] != work["parent_hash"]:
-                    # The chain decided on while we trained: offer the work on the new head.
-                    work, weights, parent = fetch_work()
-                    values = miner.values(weights, int(work["slice_id"]))
-            except RpcClientError as error:
-                print(f"[mine] {error}; retrying", file=sys.stderr, flush=True)
+            work, weights, head, state = fetch_head()
+            if miner is None:
+                miner = Miner(weights, chain.layout, train_text, TrainingConfig(steps=args.steps, device=args.device))
+                if args.state is not None and args.state.exists():
+                    miner.load(args.state)
+            height = head.header.height
+            if head.hash == last_head:  # undecided: post the commitment again (gossip may have missed a peer)
+                if height + 1 in committed and time.monotonic() - posted >= COMMITMENT_RESEND_SECONDS:
+                    client.submit_commitment(committed[height + 1].commitment.encode())
+                    posted = time.monotonic()
+                time.sleep(1.0)
                 continue
-            block = propose(work, weights, parent, values, result.steps)
-            assert isinstance(block.body, TrainingBody)
-            gain = block.body.loss_before - block.body.loss_after
-            if gain < int(work["difficulty"]):
-                print(f"[mine] height {work['height']}: gain {gain} below difficulty {work['difficulty']}; "
-                      "training on", file=sys.stderr, flush=True)  # fmt: skip
-                break
-            try:
-                answer = client.post_bytes("/v1/mining/submit", block.encode())
-            except RpcClientError as error:
-                if error.status is not None and error.status < 500 and error.status != 422:
-                    raise UserError(str(error)) from None
-                print(f"[mine] submit: {error}", file=sys.stderr, flush=True)
-                continue  # stale, say: the head moved while we proposed
-            accepted += 1
-            proposed_on, attempts = bytes.fromhex(work["parent_hash"]), 0
-            miner.published(block.body.slice_id, np.frombuffer(block.body.weights, dtype="<i2"))
-            elapsed = time.perf_counter() - started
-            print(f"[mine] submitted block {answer['height']} {answer['hash'][:16]} slice {block.body.slice_id} "
-                  f"gain {gain} ({accepted} blocks, {elapsed:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
-            break
-    return {"submitted": accepted, "miner": key.public_key.hex(), "seconds": round(time.perf_counter() - started, 1)}
+            last_head, attempts = head.hash, 0
+            ours = revealed.pop(head.body.applied if isinstance(head.body, DecidedBody) else b"", None)
+            if ours is not None and isinstance(ours.body, TrainingBody):
+                applied += 1
+                miner.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
+                say(f"height {height} applied our block {ours.hash.hex()[:16]} ({applied} applied)")
+            carried = committed.pop(height, None)
+            if carried is not None and not is_carried(head, carried):
+                say(f"height {height} decided without our commitment {carried.update_hash.hex()[:16]}; dropped")
+                carried = None
+            committed = {h: u for h, u in committed.items() if h > height}
+            revealed = {h: b for h, b in revealed.items() if b.header.height > height}
+            if height + 1 not in committed and (update := commit(work, weights, head, state)) is not None:
+                committed[height + 1], posted = update, time.monotonic()
+            if carried is not None and (block := reveal(work, head, state, carried)) is not None:
+                revealed[block.hash] = block
+                accepted += 1
+            next_height = height + 1 if height + 1 not in committed else height + 2  # our next commitment's
+            slice_id = compute_next_slice(next_height, key.public_key, genesis.partition.slices)
+            seed = bytes.fromhex(work["training_seed"]) + attempts.to_bytes(4, "big")
+            steps = miner.work(weights, slice_id, seed).steps
+            attempts += 1
+            if args.state is not None:
+                write_atomically(args.state, miner.state_bytes(), SECRET_MODE)
+            if height + 1 not in committed:  # the head may have moved while we trained: commit on the latest
+                work, weights, head, state = fetch_head()
+                if (update := commit(work, weights, head, state)) is not None:
+                    committed[head.header.height + 1], posted = update, time.monotonic()
+        except RpcClientError as error:
+            say(f"{error}; retrying")
+            time.sleep(2.0)
+    return {"submitted": accepted, "applied": applied, "miner": key.public_key.hex(),
+            "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
 
 
 def command_sim_model(args: argparse.Namespace, genesis: Genesis) -> dict[str, object]:
@@ -888,6 +968,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_node.add_argument("--mine", action="store_true", default=None, help="mine in this process")
     run_node.add_argument("--miner-key", help="devnet:NAME or a key file (default DATADIR/miner_key)")
     run_node.add_argument("--validator-key", action="append", help="devnet:NAME or a key file (repeatable)")
+    run_node.add_argument("--heldout-file", action="append",
+                          help="a validator key's private held-out shard (potchain heldout new), checked against its "
+                               "commitment in genesis (repeatable)")  # fmt: skip
     run_node.add_argument("--key-passphrase-file", help="file holding the keystores' passphrase (default: ask)")
     run_node.add_argument("--device", choices=("cpu", "cuda"), help="the miner's device (default cpu)")
     run_node.add_argument("--steps", type=int, help="the miner's optimizer steps per attempt")

@@ -17,8 +17,10 @@ networked node (p2p/voting_node.py) does, without a network:
   other effect is pending (every message arrives at once, so waiting for a
   timer in real time would change nothing but the run's length).
 
-`mine_training_block` is the CPU miner's part: train on the decided head
-until a training block meets the difficulty.
+The CPU miner commits, then reveals (p2p/mining.py): `commit_update` trains on the
+decided head and puts its commitment for the next decided block into the node before
+that height is decided (its proposer carries it); once decided, `reveal_committed_update`
+reveals the update on it, for the height after to test, apply and pay.
 """
 
 from __future__ import annotations
@@ -29,15 +31,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from chain.blocks import Block, DecidedBody, TrainingBody
+from chain.blocks import Block, DecidedBody
 from chain.crypto import PrivateKey
 from chain.heldout import Shard
 from chain.store import ChainDB
 from consensus.decided_chain import Decision
-from consensus.proposals import propose_best_training_block
-from consensus.rules import InvalidBlock, compute_assigned_slice, compute_training_seed
+from consensus.rules import InvalidBlock, compute_next_slice, compute_training_seed
 from genesis import devnet_shard
 from p2p.decided_node import DecidedNode
+from p2p.mining import PreparedUpdate, is_carried, prepare_update, reveal_update, validation_gain
 from p2p.signer import SignerRecord
 from p2p.voting import BuildBlock, CheckCandidate, Decided, Effect, NodeVoting, Send, SetTimer
 from training.miner import Miner
@@ -167,25 +169,39 @@ def devnet_shards_of(node: DecidedNode, keys: list[PrivateKey]) -> dict[bytes, S
     return {address: shard for address, shard in shards.items() if shard is not None}
 
 
-def mine_training_block(node: DecidedNode, miner: Miner, key: PrivateKey, attempts: int) -> tuple[Block | None, int]:
-    """Train on the decided head until a training block's validation gain meets the
-    difficulty, at most `attempts` times. Returns the block (None if no attempt
-    met it) and the gain of the last attempt."""
-    chain, genesis = node.chain, node.genesis
-    head = node.head()
-    parent, state = head.block, head.state
-    slice_id = compute_assigned_slice(parent.header, key.public_key, genesis.partition.slices)
-    seed = compute_training_seed(parent.hash, key.public_key)
+def commit_update(node: DecidedNode, miner: Miner, key: PrivateKey, attempts: int) -> tuple[PreparedUpdate | None, int]:
+    """Train on the decided head until the update for `key`'s slice on the next decided block
+    gains at least the difficulty against the head (at most `attempts` times), then keep its
+    signed commitment in the node, where the next block's proposer takes it (p2p/mining.py).
+    Returns the update (None if no attempt met the difficulty) and the last attempt's gain."""
+    chain, head = node.chain, node.head()
+    height = head.block.header.height + 1
+    slice_id = compute_next_slice(height, key.public_key, node.genesis.partition.slices)
+    seed = compute_training_seed(head.block.hash, key.public_key)
     gain = 0
     for attempt in range(attempts):
-        work = miner.work(chain.weights(state), slice_id, seed + attempt.to_bytes(4, "big"))
-        timestamp = max(int(time.time()), parent.header.timestamp + 1)
-        candidate = propose_best_training_block(chain, parent, state, key, work.values, timestamp, work.steps)
-        assert isinstance(candidate.body, TrainingBody)
-        gain = candidate.body.loss_before - candidate.body.loss_after
-        if gain >= state.difficulty:
-            return candidate, gain
+        work = miner.work(chain.weights(head.state), slice_id, seed + attempt.to_bytes(4, "big"))
+        update = prepare_update(chain, head.block, head.state, key, work.values, work.steps)
+        gain = update.expected_gain
+        if gain >= head.state.difficulty:
+            node.on_commitment(update.commitment)
+            return update, gain
     return None, gain
+
+
+def reveal_committed_update(node: DecidedNode, key: PrivateKey, update: PreparedUpdate) -> Block | None:
+    """Reveal `update` on the decided head if the head carries its commitment, and keep the
+    training block in the node; None if the head does not carry it or the block's validation
+    gain falls short of the difficulty (it would be invalid)."""
+    head = node.head()
+    if not is_carried(head.block, update):
+        return None
+    timestamp = max(int(time.time()), head.block.header.timestamp + 1)
+    block = reveal_update(node.chain, head.block, head.state, key, update, timestamp)
+    if validation_gain(block) < head.state.difficulty:
+        return None
+    node.on_training_block(block)
+    return block
 
 
 def confirms_update(block: Block) -> bool:

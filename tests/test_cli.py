@@ -19,9 +19,11 @@ from safetensors.numpy import save_file
 import node
 from chain import schema
 from chain.blocks import DecidedBody
+from chain.crypto import devnet_key
+from chain.heldout import save_shard, shard_from_text
 from chain.votes import decode_commit
 from consensus.genesis import Genesis
-from genesis import DEVNET, GENESIS_DIR
+from genesis import DEVNET, GENESIS_DIR, devnet_shard, load_genesis
 from p2p.decided_node import DecidedNode
 from p2p.localnet import LocalVoting
 from p2p.voting import BuildBlock
@@ -145,6 +147,41 @@ def test_a_validator_key_file_must_exist_and_an_unstaked_key_is_named(tmp_path: 
         process.wait(timeout=60)
 
 
+def test_a_heldout_file_must_read_and_match_a_validator_key_s_commitment(
+    devnet: Genesis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`potchain node --heldout-file`: a missing file, one that is not a shard, one of another
+    sequence length and one whose root is no --validator-key's commitment are refused, each
+    naming the file, before the node starts."""
+
+    def start(*extra: str) -> Completed:
+        arguments = ("node", "--datadir", str(tmp_path / "node"), "--validator-key", "devnet:validator-0", *extra)
+        return run_in_process(capsys, *arguments)
+
+    missing = tmp_path / "missing.shard"
+    assert_user_error(start("--heldout-file", str(missing)), f"{missing}: cannot read the held-out shard")
+    garbage = tmp_path / "garbage.shard"
+    garbage.write_bytes(b"not a shard")
+    assert_user_error(start("--heldout-file", str(garbage)), f"{garbage}: not a held-out shard file")
+    length = devnet.model.context + 1
+    short = tmp_path / "short.shard"
+    save_shard(shard_from_text(bytes(range(256)) * 4, length - 1), short)
+    assert_user_error(start("--heldout-file", str(short)), f"{short}: sequences of {length - 1} bytes, want {length}")
+    private = tmp_path / "private.shard"
+    shard = shard_from_text(b"text nobody has seen " * 100, length)
+    save_shard(shard, private)
+    assert_user_error(start("--heldout-file", str(private)), f"{private}: root {shard.root.hex()}",
+                      "not the held-out commitment in genesis of any --validator-key")  # fmt: skip
+    # Validator 1's own shard, given to a node holding only validator 0's key, is refused too.
+    other = devnet_shard(devnet, DEVNET, devnet_key("validator-1").public_key)
+    assert other is not None
+    save_shard(other, private)
+    assert_user_error(start("--heldout-file", str(private)), "any --validator-key")
+    assert node.load_heldout_shards([str(private)], devnet, [devnet_key("validator-1")]) == {
+        devnet_key("validator-1").public_key: other
+    }
+
+
 # --- localnet and replay on the decided chain ------------------------------------------
 
 
@@ -182,7 +219,18 @@ def test_localnet_decides_heights_goes_on_after_a_restart_and_replay_agrees(
     result = replayed.json()
     assert result["state_root"] == summary["state_root"] and result["head_hash"] == summary["head_hash"]
     assert result["decided_blocks"] == head_height
-    assert result["blocks"] == 2 * head_height  # every decided height names one training block
+    # The miner commits before a height is decided and reveals on the block that carries the
+    # commitment: the first height of each run carries a commitment and names no training block.
+    stored = DecidedNode(DEVNET, datadir)
+    try:
+        named = [stored.block_at(height).body.training for height in range(1, head_height + 1)]  # type: ignore[union-attr]
+    finally:
+        stored.close()
+    assert named[0] == () and result["blocks"] == head_height + sum(len(training) for training in named)
+    # Each confirmed update was committed to, so each paid the miner its share.
+    consensus = load_genesis(DEVNET).consensus
+    share = consensus.block_reward * consensus.miner_share_percent // 100
+    assert (first.json()["miner_balance"], summary["miner_balance"]) == (share, 2 * share)
 
 
 def run_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> Completed:
