@@ -576,7 +576,7 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
 
     from chain.blocks import Block, DecidedBody
     from chain.state import State
-    from p2p.mining import PreparedUpdate, is_carried, prepare_update, reveal_update, validation_gain
+    from p2p.mining import BackgroundTrainer, PreparedUpdate, is_carried, prepare_update, reveal_update, validation_gain
     from p2p.rpc_client import RpcClient, RpcClientError
     from training.miner import Miner, resolve_device
     from training.weights import CanonicalWeights
@@ -607,9 +607,8 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
     def say(message: str) -> None:
         print(f"[mine] {message}", file=sys.stderr, flush=True)
 
-    def fetch_head() -> tuple[dict[str, Any], CanonicalWeights, Block, State]:
-        """The node's assignment on its decided head, the head's weights, block and model state."""
-        work = client.get_json(f"/v1/mining/work?miner={key.public_key.hex()}")
+    def fetch_head(work: dict[str, Any]) -> tuple[CanonicalWeights, Block, State]:
+        """The weights, block and model state of the decided head a work assignment names."""
         with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
             handle.write(client.get_bytes(work["weights_url"]))
             handle.flush()
@@ -618,13 +617,14 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
         slices = tuple(
             chain.layout.extract(weights, s).astype("<i2").tobytes() for s in range(genesis.partition.slices)
         )
-        return work, weights, head, State(slices, {}, int(work["difficulty"]), 0, bytes(32), 0)
+        return weights, head, State(slices, {}, int(work["difficulty"]), 0, bytes(32), 0)
 
-    def commit(work: dict[str, Any], weights: CanonicalWeights, head: Block, state: State) -> PreparedUpdate | None:
-        """Commit to the local model's values for our slice on the next block, if they gain enough."""
-        assert miner is not None
-        miner.adopt(weights)
-        values = miner.values(weights, int(work["commitment_slice_id"]))
+    def commit(work: dict[str, Any], head: Block, state: State) -> PreparedUpdate | None:
+        """Commit to the latest snapshot's values for our slice on the next block, if they gain enough."""
+        _, snapshot, steps = trainer.latest()
+        if snapshot is None:
+            return None
+        values = snapshot[int(work["commitment_slice_id"])]
         update = prepare_update(chain, head, state, key, values, steps)
         if update.expected_gain < state.difficulty:
             say(f"height {update.height}: gain {update.expected_gain} below difficulty {state.difficulty}; training on")
@@ -659,57 +659,60 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
         say(f"revealed block {answer['height']} {answer['hash'][:16]} slice {update.slice_id} gain {gain}")
         return block
 
-    miner: Miner | None = None
+    def save_state(miner: Miner) -> None:
+        if args.state is not None:
+            write_atomically(args.state, miner.state_bytes(), SECRET_MODE)
+
+    say(f"miner {key.public_key.hex()[:16]} on {args.device}, node {args.rpc}")
+    started = time.perf_counter()
+    first: dict[str, Any] = client.get_json(f"/v1/mining/work?miner={key.public_key.hex()}")
+    miner = Miner(fetch_head(first)[0], chain.layout, train_text, TrainingConfig(steps=args.steps, device=args.device))
+    if args.state is not None and args.state.exists():
+        miner.load(args.state)
+    trainer = BackgroundTrainer(miner, save_state)
     committed: dict[int, PreparedUpdate] = {}
     revealed: dict[bytes, Block] = {}
-    accepted, applied, attempts, steps, last_head, posted = 0, 0, 0, 0, b"", 0.0
-    started = time.perf_counter()
-    say(f"miner {key.public_key.hex()[:16]} on {args.device}, node {args.rpc}")
-    while args.blocks is None or accepted < args.blocks:
-        try:
-            work, weights, head, state = fetch_head()
-            if miner is None:
-                miner = Miner(weights, chain.layout, train_text, TrainingConfig(steps=args.steps, device=args.device))
-                if args.state is not None and args.state.exists():
-                    miner.load(args.state)
-            height = head.header.height
-            if head.hash == last_head:  # undecided: post the commitment again (gossip may have missed a peer)
-                if height + 1 in committed and time.monotonic() - posted >= COMMITMENT_RESEND_SECONDS:
-                    client.submit_commitment(committed[height + 1].commitment.encode())
+    accepted, applied, last_head, tried_round, posted = 0, 0, b"", -1, 0.0
+    try:
+        while args.blocks is None or accepted < args.blocks:
+            try:
+                work = client.get_json(f"/v1/mining/work?miner={key.public_key.hex()}")
+                height = int(work["height"]) - 1
+                if bytes.fromhex(work["parent_hash"]) != last_head:
+                    weights, head, state = fetch_head(work)
+                    last_head, tried_round = head.hash, trainer.latest()[0]
+                    ours = revealed.pop(head.body.applied if isinstance(head.body, DecidedBody) else b"", None)
+                    if ours is not None and isinstance(ours.body, TrainingBody):
+                        applied += 1
+                        trainer.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
+                        say(f"height {height} applied our block {ours.hash.hex()[:16]} ({applied} applied)")
+                    carried = committed.pop(height, None)
+                    if carried is not None and not is_carried(head, carried):
+                        say(f"height {height} decided without our commitment {carried.update_hash.hex()[:16]}; dropped")
+                        carried = None
+                    committed = {h: u for h, u in committed.items() if h > height}
+                    revealed = {h: b for h, b in revealed.items() if b.header.height > height}
+                    if (update := commit(work, head, state)) is not None:
+                        committed[height + 1], posted = update, time.monotonic()
+                    if carried is not None and (block := reveal(work, head, state, carried)) is not None:
+                        revealed[block.hash] = block
+                        accepted += 1
+                    next_height = height + 1 if height + 1 not in committed else height + 2  # our next commitment's
+                    slice_id = compute_next_slice(next_height, key.public_key, genesis.partition.slices)
+                    trainer.train_on(head.hash, weights, slice_id, bytes.fromhex(work["training_seed"]))
+                elif height + 1 not in committed and trainer.latest()[0] != tried_round:  # a new snapshot: try it
+                    tried_round = trainer.latest()[0]
+                    if (update := commit(work, head, state)) is not None:
+                        committed[height + 1], posted = update, time.monotonic()
+                elif height + 1 in committed and time.monotonic() - posted >= COMMITMENT_RESEND_SECONDS:
+                    client.submit_commitment(committed[height + 1].commitment.encode())  # gossip may have missed a peer
                     posted = time.monotonic()
-                time.sleep(1.0)
-                continue
-            last_head, attempts = head.hash, 0
-            ours = revealed.pop(head.body.applied if isinstance(head.body, DecidedBody) else b"", None)
-            if ours is not None and isinstance(ours.body, TrainingBody):
-                applied += 1
-                miner.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
-                say(f"height {height} applied our block {ours.hash.hex()[:16]} ({applied} applied)")
-            carried = committed.pop(height, None)
-            if carried is not None and not is_carried(head, carried):
-                say(f"height {height} decided without our commitment {carried.update_hash.hex()[:16]}; dropped")
-                carried = None
-            committed = {h: u for h, u in committed.items() if h > height}
-            revealed = {h: b for h, b in revealed.items() if b.header.height > height}
-            if height + 1 not in committed and (update := commit(work, weights, head, state)) is not None:
-                committed[height + 1], posted = update, time.monotonic()
-            if carried is not None and (block := reveal(work, head, state, carried)) is not None:
-                revealed[block.hash] = block
-                accepted += 1
-            next_height = height + 1 if height + 1 not in committed else height + 2  # our next commitment's
-            slice_id = compute_next_slice(next_height, key.public_key, genesis.partition.slices)
-            seed = bytes.fromhex(work["training_seed"]) + attempts.to_bytes(4, "big")
-            steps = miner.work(weights, slice_id, seed).steps
-            attempts += 1
-            if args.state is not None:
-                write_atomically(args.state, miner.state_bytes(), SECRET_MODE)
-            if height + 1 not in committed:  # the head may have moved while we trained: commit on the latest
-                work, weights, head, state = fetch_head()
-                if (update := commit(work, weights, head, state)) is not None:
-                    committed[head.header.height + 1], posted = update, time.monotonic()
-        except RpcClientError as error:
-            say(f"{error}; retrying")
-            time.sleep(2.0)
+                time.sleep(0.5)
+            except RpcClientError as error:
+                say(f"{error}; retrying")
+                time.sleep(2.0)
+    finally:
+        trainer.stop()
     return {"submitted": accepted, "applied": applied, "miner": key.public_key.hex(),
             "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
 

@@ -18,6 +18,8 @@ state and batch stand in for block h + 1's, which do not exist yet.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +31,8 @@ from consensus.decisions import get_committed_updates
 from consensus.proposals import propose_training_block
 from consensus.rules import Chain, compute_assigned_slice, compute_next_slice, compute_validation_seed
 from p2p.decided_node import DecidedNode
+from training.miner import Miner
+from training.weights import CanonicalWeights
 
 FRACTIONS = (1.0, 0.5, 0.25)
 """The moves toward the miner's values tried before committing (as `propose_best_training_block`)."""
@@ -133,14 +137,18 @@ def validation_gain(block: Block) -> int:
 
 @dataclass
 class MiningProgress:
-    """Where a miner's commit-reveal pipeline stands (the node's mining loop)."""
+    """Where a miner's commit-reveal pipeline stands (the node's and the external miner's loops)."""
 
     head: bytes = b""
     """The decided head the miner last acted on."""
     trained_on: bytes = b""
     """The decided head whose weights the miner last trained on."""
-    attempts: int = 0
-    """Training rounds on the current head (each draws other batches)."""
+    snapshot: list[np.ndarray] | None = None
+    """The local model's values for every slice after the latest training round (None before one)."""
+    snapshot_round: int = 0
+    """Training rounds done (the snapshot's)."""
+    tried_round: int = -1
+    """The snapshot round the latest commitment attempt on the current head used."""
     steps: int = 0
     """Optimizer steps of the latest training round (carried by the next update)."""
     committed: dict[int, PreparedUpdate] = field(default_factory=dict)
@@ -155,3 +163,67 @@ def held_commitment(node: DecidedNode, miner: bytes) -> UpdateCommitment | None:
     """The commitment of `miner` the node holds for the block being decided, if any."""
     with node.lock:
         return node.decided.commitments.get(miner)
+
+
+class BackgroundTrainer:
+    """A miner trained in a thread of its own, one round per decided head it is given, each
+    round ending in a snapshot of its values: for a miner whose loop must act on each new head
+    at once (commit, reveal) while training takes longer than a height (`potchain mine`)."""
+
+    def __init__(self, miner: Miner, after_round: Callable[[Miner], None] | None = None) -> None:
+        self.miner = miner
+        self.after_round = after_round
+        """Called in the training thread after each round (to save the miner's state, say)."""
+        self._condition = threading.Condition()
+        self._target: tuple[bytes, CanonicalWeights, int, bytes] | None = None
+        self._snapshot: tuple[int, list[np.ndarray] | None, int] = (0, None, 0)
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
+        self._thread.start()
+
+    def train_on(self, head: bytes, weights: CanonicalWeights, slice_id: int, seed: bytes) -> None:
+        """Train the next round on a head's weights (a round in progress finishes first)."""
+        with self._condition:
+            self._target = (head, weights, slice_id, seed)
+            self._condition.notify()
+
+    def latest(self) -> tuple[int, list[np.ndarray] | None, int]:
+        """(rounds done, the latest snapshot or None, that round's optimizer steps); raises the
+        training thread's error if it failed."""
+        with self._condition:
+            if self._error is not None:
+                raise self._error
+            return self._snapshot
+
+    def published(self, slice_id: int, values: np.ndarray) -> None:
+        """The chain applied our values for a slice (`Miner.published`)."""
+        self.miner.published(slice_id, values)
+
+    def stop(self) -> None:
+        """Stop after the round in progress, and wait for it (a process must not exit while
+        its training thread runs torch)."""
+        with self._condition:
+            self._stopping = True
+            self._condition.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        trained = b""
+        try:
+            while True:
+                with self._condition:
+                    while not self._stopping and (self._target is None or self._target[0] == trained):
+                        self._condition.wait()
+                    if self._stopping or self._target is None:
+                        return
+                    trained, weights, slice_id, seed = self._target
+                work = self.miner.work(weights, slice_id, seed)
+                snapshot = self.miner.snapshot(weights)
+                if self.after_round is not None:
+                    self.after_round(self.miner)
+                with self._condition:
+                    self._snapshot = (self._snapshot[0] + 1, snapshot, work.steps)
+        except BaseException as error:
+            with self._condition:
+                self._error = error

@@ -68,7 +68,6 @@ from chain.heldout import Shard
 from chain.state import State
 from chain.store import StorageError
 from chain.votes import MAX_COMMIT_OBJECTS, Commit, Proposal, Vote, decode_commit
-from consensus.decided_chain import Decision
 from consensus.rules import InvalidBlock, StaleBlock, UnknownParent, compute_next_slice, compute_training_seed
 from consensus.voting import InvalidVote, Step, TimeoutParameters
 from genesis import chunk_directory, devnet_shard
@@ -916,44 +915,63 @@ class VotingNode:
             self.decisions = trio.Event()
 
     async def _mine_loop(self, key: PrivateKey) -> None:
-        """Mine by commit-reveal (docs/spec.md, section 17; p2p/mining.py). On each new decided
-        head D (height h): commit to the local model's update for the slice the key is assigned
-        on block h + 1 (if its validation gain against D meets the difficulty), reveal on D the
-        update D carries our commitment to, then train on D's weights for the next commitment.
-        Committing comes first: D's next proposer proposes as soon as it holds a training block,
-        and a commitment that reaches it later misses block h + 1. The commitment is gossiped
-        again every COMMITMENT_RESEND_SECONDS while height h + 1 is undecided. A decided block
-        that applies our revealed update makes the miner count that slice as the chain's."""
+        """Mine by commit-reveal (docs/spec.md, section 17; p2p/mining.py). A trainer task trains
+        the local model on the decided head's weights, round after round, each round ending in a
+        snapshot of its values. This loop acts on each new decided head D (height h) at once: it
+        commits to the snapshot's update for the slice the key is assigned on block h + 1 (if its
+        validation gain against D meets the difficulty; else it tries again on the next snapshot),
+        then reveals on D the update D carries our commitment to. Committing comes first: D's next
+        proposer proposes as soon as it holds a training block, and a commitment that reaches it
+        later misses block h + 1. The commitment is gossiped again every COMMITMENT_RESEND_SECONDS
+        while height h + 1 is undecided. A decided block that applies our revealed update makes
+        the miner count that slice as the chain's."""
         node, genesis = self.node, self.node.genesis
         directory = chunk_directory(node.genesis_path, genesis)
         train_text = await trio.to_thread.run_sync(lambda: load_split(genesis.dataset, directory, "train"))
         miner = Miner(node.chain.weights(node.head().state), node.chain.layout, train_text, self.config.training)
         mining = MiningProgress()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._train_loop, key, miner, mining)
+            while True:
+                head = node.head()
+                if head.block.hash != mining.head:
+                    self._mining_head_moved(miner, head.block, mining)
+                    await self._commit_update(key, mining)
+                    await self._reveal_update(key, mining)
+                elif mining.snapshot_round != mining.tried_round:
+                    await self._commit_update(key, mining)
+                await self._republish_commitment(mining)
+                await trio.sleep(0.2)
+
+    async def _train_loop(self, key: PrivateKey, miner: Miner, mining: MiningProgress) -> None:
+        """Train on the decided head's weights, one round per head, for the slice of our next
+        commitment; after each round, snapshot the local model's values for the mining loop."""
+        slices = self.node.genesis.partition.slices
         while True:
-            head = node.head()
-            if head.block.hash != mining.head:
-                self._mining_head_moved(miner, head.block, mining)
-                await self._commit_update(key, miner, mining)
-                await self._reveal_update(key, mining)
-            if mining.trained_on != head.block.hash:
-                await self._train(key, miner, head, mining)
-                await self._commit_update(key, miner, mining)
+            head = self.node.head()
+            if mining.trained_on == head.block.hash:
+                await trio.sleep(0.2)
                 continue
-            await self._republish_commitment(mining)
-            await trio.sleep(0.5)
+            height = head.block.header.height + 1
+            slice_id = compute_next_slice(height + (1 if height in mining.committed else 0), key.public_key, slices)
+            seed = compute_training_seed(head.block.hash, key.public_key)
+            weights = await trio.to_thread.run_sync(self.node.weights_of, head.state)
+            work = await trio.to_thread.run_sync(miner.work, weights, slice_id, seed)
+            mining.snapshot = await trio.to_thread.run_sync(miner.snapshot, weights)
+            mining.trained_on, mining.steps = head.block.hash, work.steps
+            mining.snapshot_round += 1
 
     def _mining_head_moved(self, miner: Miner, head: Block, mining: MiningProgress) -> None:
         """A new decided head: record our update it applied, drop commitments it did not carry."""
-        mining.head, mining.attempts = head.hash, 0
+        mining.head, mining.tried_round = head.hash, -1
         height = head.header.height
         body = head.body
         applied = body.applied if isinstance(body, DecidedBody) else b""
         ours = mining.revealed.pop(applied, None)
-        if ours is not None and isinstance(ours.body, TrainingBody):
+        if ours is not None and isinstance(ours.body, TrainingBody) and isinstance(body, DecidedBody):
             miner.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
-            log.info("mining: height %d applied our update %s (slice %d, test gain %s)", height,
-                     applied.hex()[:16], ours.body.slice_id, body.gain_of(applied) if isinstance(body, DecidedBody)
-                     else None)  # fmt: skip
+            log.info("mining: height %d applied our block %s (slice %d, test gain %s)", height, applied.hex()[:16],
+                     ours.body.slice_id, body.gain_of(applied))  # fmt: skip
         mining.revealed = {h: b for h, b in mining.revealed.items() if b.header.height > height}
         for update in [u for u in mining.committed.values() if u.height <= height]:
             if update.height == height and is_carried(head, update):
@@ -963,14 +981,17 @@ class VotingNode:
                 log.info("mining: height %d decided without our commitment %s; dropped that update", height,
                          update.update_hash.hex()[:16])  # fmt: skip
 
-    async def _commit_update(self, key: PrivateKey, miner: Miner, mining: MiningProgress) -> None:
-        """Commit to the local model's values for our slice on the next decided block, unless we
-        did already or their validation gain against the head falls short of the difficulty."""
+    async def _commit_update(self, key: PrivateKey, mining: MiningProgress) -> None:
+        """Commit to the latest snapshot's values for our slice on the next decided block, unless
+        we did already or their validation gain against the head falls short of the difficulty."""
         head = self.node.head()
         height = head.block.header.height + 1
-        if height in mining.committed:
+        mining.tried_round = mining.snapshot_round
+        if height in mining.committed or mining.snapshot is None:
             return
-        update = await trio.to_thread.run_sync(self._locked_prepare, head.block, head.state, key, miner, mining.steps)
+        slice_id = compute_next_slice(height, key.public_key, self.node.genesis.partition.slices)
+        values = mining.snapshot[slice_id]
+        update = await trio.to_thread.run_sync(self._locked_prepare, head.block, head.state, key, values, mining.steps)
         if update.expected_gain < head.state.difficulty:
             log.debug("mining: gain %d below difficulty %d for height %d; training on", update.expected_gain,
                       head.state.difficulty, height)  # fmt: skip
@@ -1009,16 +1030,6 @@ class VotingNode:
                  block.hash.hex()[:16], update.height, update.update_hash.hex()[:16], update.slice_id,
                  gain)  # fmt: skip
 
-    async def _train(self, key: PrivateKey, miner: Miner, head: Decision, mining: MiningProgress) -> None:
-        """Train once on a head's weights, for the slice of our next commitment."""
-        height = head.block.header.height + 1
-        slices = self.node.genesis.partition.slices
-        slice_id = compute_next_slice(height + (1 if height in mining.committed else 0), key.public_key, slices)
-        seed = compute_training_seed(head.block.hash, key.public_key) + mining.attempts.to_bytes(4, "big")
-        weights = self.node.chain.weights(head.state)
-        work = await trio.to_thread.run_sync(miner.work, weights, slice_id, seed)
-        mining.trained_on, mining.attempts, mining.steps = head.block.hash, mining.attempts + 1, work.steps
-
     async def _republish_commitment(self, mining: MiningProgress) -> None:
         """Gossip our commitment for the height being decided again (gossip may have missed a peer)."""
         update = mining.committed.get(self.node.head().block.header.height + 1)
@@ -1030,15 +1041,11 @@ class VotingNode:
         except (StaleBlock, UnknownParent):
             return  # decided meanwhile
 
-    def _locked_prepare(self, head: Block, state: State, key: PrivateKey, miner: Miner, steps: int) -> PreparedUpdate:
-        chain = self.node.chain
+    def _locked_prepare(
+        self, head: Block, state: State, key: PrivateKey, values: np.ndarray, steps: int
+    ) -> PreparedUpdate:
         with self.node.lock:
-            weights = chain.weights(state)
-        miner.adopt(weights)
-        slice_id = compute_next_slice(head.header.height + 1, key.public_key, chain.genesis.partition.slices)
-        values = miner.values(weights, slice_id)
-        with self.node.lock:
-            return prepare_update(chain, head, state, key, values, steps)
+            return prepare_update(self.node.chain, head, state, key, values, steps)
 
     def _locked_reveal(
         self, parent: Block, state: State, key: PrivateKey, update: PreparedUpdate, timestamp: int

@@ -41,6 +41,22 @@ def test_work_changes_only_the_slice_and_lowers_the_loss(
     assert after < before
 
 
+def test_a_snapshot_holds_the_local_model_s_values_for_every_slice(
+    devnet: Genesis, layout: SliceLayout, train_text: bytes
+) -> None:
+    """What a commit-reveal miner commits from while it trains on: every slice's values as
+    `values` gives them, the trained ones away from the chain's."""
+    start = devnet.initial_weights()
+    miner = Miner(start, layout, train_text, CONFIG)
+    assert all(np.array_equal(v, layout.extract(start, s)) for s, v in enumerate(miner.snapshot(start)))
+    miner.work(start, 1, b"seed")
+    snapshot = miner.snapshot(start)
+    assert len(snapshot) == devnet.partition.slices
+    for slice_id, values in enumerate(snapshot):
+        assert np.array_equal(values, miner.values(start, slice_id))
+        assert not np.array_equal(values, layout.extract(start, slice_id))  # the "model" scheme trains every slice
+
+
 def test_model_scheme_keeps_progress_and_adopts_the_chains_changes(
     devnet: Genesis, layout: SliceLayout, train_text: bytes
 ) -> None:

@@ -140,6 +140,13 @@ class Miner:
         quantized = chain.replace({name: quantize(state[name], chain.exponents[name]) for name in chain.tensors})
         return self.layout.extract(quantized, slice_id)
 
+    def snapshot(self, chain: CanonicalWeights) -> list[np.ndarray]:
+        """The local model's values for every slice, quantized like the chain's (no training):
+        what a commit-reveal miner commits from while it trains on (p2p/mining.py)."""
+        state = self.model.state_dict()
+        quantized = chain.replace({name: quantize(state[name], chain.exponents[name]) for name in chain.tensors})
+        return [self.layout.extract(quantized, slice_id) for slice_id in range(self.layout.partition.slices)]
+
     def published(self, slice_id: int, values: np.ndarray) -> None:
         """Record that the chain accepted these values for a slice (they may be a
         partial move toward the local model's): the local model keeps its own."""
