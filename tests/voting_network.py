@@ -151,8 +151,9 @@ def run_network(config: NetworkConfig) -> NetworkRun:
     invalid_blocks: set[bytes] = set()
     valid_blocks: set[bytes] = set()
     relayed: list[set[Proposal | Vote]] = [set() for _ in nodes]
-    received: list[list[Proposal | Vote]] = [[] for _ in nodes]
-    """Every message sent to each node: peers re-send them to a node that restarted."""
+    received: list[list[Proposal | Vote | Commit]] = [[] for _ in nodes]
+    """Every message and certificate sent to each node: peers re-send them to a node that
+    restarted (as gossip and sync do: a decided peer serves its certificate)."""
 
     def schedule(at: int, node: SimulatedNode, event: object) -> None:
         nonlocal sequence
@@ -189,6 +190,7 @@ def run_network(config: NetworkConfig) -> NetworkRun:
         """A decided node gives its certificate to every peer (as gossip and sync do)."""
         for node in nodes:
             if node is not sender:
+                received[nodes.index(node)].append(commit)
                 schedule(max(now, config.gst_ms) + rng.randint(0, config.delay_ms), node, commit)
 
     def new_block(maker: SimulatedNode, height: int, round: int, tag: str, valid: bool) -> bytes:
