@@ -94,17 +94,18 @@ def test_safety_and_liveness_over_an_asynchronous_network(config: NetworkConfig)
     check_run(config)
 
 
+RESTARTED_IN_THE_LAST_HEIGHT = NetworkConfig(
+    seed=1147, stakes=(3, 4, 3), faulty=(("invalid", 4),), heights=3, gst_ms=10_000, delay_ms=50,
+    drop_percent=40, duplicate_percent=17, check_ms=800, partition=False, slow_first_proposals_ms=0, restarts=4,
+)  # fmt: skip
+"""A validator restarted after its peers' certificates reached it (and before it had checked
+the block), in the last height: its peers decided and went quiet, so only their certificates,
+served again after the restart as sync does, let it decide."""
+
+
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(network_configs(restarts=True))
-@example(
-    # A validator restarted after its peers' certificates reached it (and before it had checked
-    # the block), in the last height: its peers decided and went quiet, so only their
-    # certificates, served again after the restart as sync does, let it decide.
-    NetworkConfig(
-        seed=1147, stakes=(3, 4, 3), faulty=(("invalid", 4),), heights=3, gst_ms=10_000, delay_ms=50,
-        drop_percent=40, duplicate_percent=17, check_ms=800, partition=False, slow_first_proposals_ms=0, restarts=4,
-    )  # fmt: skip
-)
+@example(RESTARTED_IN_THE_LAST_HEIGHT)
 def test_restarted_validators_never_sign_conflicting_messages(config: NetworkConfig) -> None:
     check_run(config)
 
