@@ -97,11 +97,16 @@ class DecidedChain:
         return candidates[0] if candidates else None
 
     def get_training_candidates(self) -> list[Block]:
-        """The training blocks a proposer tests (at most MAX_TRAINING_PER_HEIGHT): those whose
-        update was committed in the head first, then the largest claimed validation gain,
-        then the first kept (a miner re-signing variants of its block cannot displace the
-        one every validator already holds)."""
-        return sorted(self.training.values(), key=self._rank)[:MAX_TRAINING_PER_HEIGHT]
+        """The training blocks a proposer tests: those whose update was committed in the head
+        (at most MAX_TRAINING_PER_HEIGHT) or, when none was, the one uncommitted block with the
+        largest claimed validation gain. Ties go to the first kept (a miner re-signing variants
+        of its block cannot displace the one every validator already holds). An uncommitted
+        block is never paid and ranks below any committed one that gains (docs/spec.md,
+        section 17.3): testing it beside committed ones would cost every validator an
+        evaluation for an update that rarely counts (copies, mostly)."""
+        ranked = sorted(self.training.values(), key=self._rank)
+        committed = [block for block in ranked if is_committed(self.head.block, block)]
+        return committed[:MAX_TRAINING_PER_HEIGHT] if committed else ranked[:1]
 
     def _rank(self, block: Block) -> tuple[bool, int, int]:
         committed = is_committed(self.head.block, block)

@@ -39,6 +39,7 @@ from chain.crypto import PrivateKey, devnet_key
 from chain.heldout import Shard, count_revealed, empty_bitmap, is_revealed, select_indices, with_revealed
 from chain.state import State
 from chain.votes import Commit
+from consensus.decided_chain import DecidedChain, Decision
 from consensus.decisions import (
     apply_decided_block,
     build_heldout_test,
@@ -754,3 +755,21 @@ def test_of_two_committed_updates_the_larger_test_gain_is_applied(story: Story) 
         forged = resigned(story, block, dataclasses.replace(body, applied=other.hash, rewards=rewards))
         with pytest.raises(InvalidBlock, match=f"applied: got {other.hash.hex()}, want {best.hash.hex()}"):
             apply_second(story, forged, named)
+
+
+def test_an_honest_proposer_tests_the_committed_candidates_or_else_the_best_uncommitted_one(story: Story) -> None:
+    """`DecidedChain.get_training_candidates` (docs/spec.md, section 12): on the head that carries
+    M's and M2's commitments, the candidates are exactly their committed reveals, however many
+    uncommitted blocks (an uncommitted update, a copy, a perturbed copy) are kept beside them;
+    with no committed block kept, the one uncommitted block with the largest claimed validation gain."""
+    first = Decision(story.first, story.first_state, story.first_commit, ())
+    decided = DecidedChain(story.scenario.chain, first, story.first_voters)
+    decided.on_tick(story.first.header.timestamp + 60)
+    uncommitted = [story.uncommitted, story.copy, story.perturbed_copy]
+    for block in uncommitted:
+        decided.on_training_block(block)
+    best = max(uncommitted, key=lambda b: training_body(b).loss_before - training_body(b).loss_after)
+    assert decided.get_training_candidates() == [best]
+    decided.on_training_block(story.second_committed)
+    decided.on_training_block(story.committed)
+    assert set(decided.get_training_candidates()) == {story.committed, story.second_committed}
