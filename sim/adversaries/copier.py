@@ -1,8 +1,8 @@
 """Miners that copy other miners' revealed updates under their own keys.
 
 A copier holds several keys (`copier_keys`), enough that on every parent
-one of them is assigned each slice. When another miner's training block on
-our head arrives it
+one of them is assigned each slice. When another miner's committed training
+block on our head arrives (the first one at each height) it
 
 1. signs the same weights under its key that the head assigns the block's
    slice, evaluates the copy and publishes it (uncommitted: its update was
@@ -40,6 +40,10 @@ from sim.adversaries.base import Adversary
 from sim.adversaries.committing import HEAD_POLL_SECONDS
 from training.weights import WEIGHT_MAX
 
+MAX_COPIES_PER_HEIGHT = 1
+"""Committed originals copied per height: a copy is worth making of an update the head
+carries a commitment to (the one a proposer tests and pays); every copy costs each node
+two evaluations to check, and the scenario's small machine many more."""
 MAX_COPIER_KEYS = 256
 """Keys tried for a set that covers every slice."""
 PERTURBED_FRACTION = 0.03
@@ -86,11 +90,12 @@ class Copier(Adversary):
         # a perturbing copier does not copy its own perturbations back from another copier
         pending: dict[bytes, tuple[PrivateKey, np.ndarray, str, int]] = {}  # committed copies for the next height
         head_hash = b""
+        made = 0  # copies made on the head
         while True:
             await trio.sleep(HEAD_POLL_SECONDS)
             head = self.head_block()
             if head.hash != head_hash:
-                head_hash, copied = head.hash, set()
+                head_hash, copied, made = head.hash, set(), 0
                 for key, values, original_hash, height in pending.values():
                     if height == head.header.height:
                         await self._reveal(head, key, values, original_hash)
@@ -98,14 +103,18 @@ class Copier(Adversary):
             originals = [
                 block for block in list(self.node.decided.training.values())
                 if block.header.parent == head.hash and block.header.proposer not in ours
+                and is_committed(head, block)
             ]  # fmt: skip
             for original in originals:
+                if made >= MAX_COPIES_PER_HEIGHT:
+                    break
                 body = original.body
                 assert isinstance(body, TrainingBody)
                 update = hashlib.sha256(body.slice_id.to_bytes(4, "big") + body.weights).digest()
                 if update in copied:
                     continue
                 copied.add(update)
+                made += 1
                 values = np.frombuffer(body.weights, dtype="<i2").astype(np.int16)
                 if self.perturbs:
                     values = perturb(values, original.hash)
