@@ -134,6 +134,9 @@ MAX_VOTING_MESSAGE_OBJECTS = 2 + MAX_COMMIT_OBJECTS
 """Objects a voting message may hold: its array, its type and a commit certificate at most."""
 ENTRY_OVERHEAD = 64
 """Bytes of framing counted per `decided` entry (msgpack headers)."""
+CANDIDATE_GRACE_SECONDS = 1.0
+"""In a height's first round, how long a proposer that holds a training block waits for racing
+miners' blocks and for the commitments of the next height (within the proposal wait)."""
 MAX_REJECTIONS = 100
 """Rejected messages remembered for the RPC."""
 BODY_FETCH_TIMEOUT = 10.0
@@ -470,6 +473,8 @@ class VotingNode:
         deadline = trio.current_time() + (self._proposal_wait() if effect.round == 0 else 0.0)
         while not self.node.decided.training and trio.current_time() < deadline:
             await trio.sleep(0.1)
+        if self.node.decided.training:  # racing miners' blocks and the next height's commitments
+            await trio.sleep(max(0.0, min(CANDIDATE_GRACE_SECONDS, deadline - trio.current_time())))
         if effect.height != self.voting.height:
             return
         block = await self._voting_call(self.voting.build_block, effect.validator)
