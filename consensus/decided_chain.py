@@ -73,6 +73,8 @@ class DecidedChain:
     """Candidate blocks for the next height that were checked: their state, or None if invalid."""
     candidate_blocks: dict[bytes, tuple[Block, dict[bytes, Block]]] = field(default_factory=dict)
     """The valid candidates themselves, with the training blocks they name."""
+    committed: dict[bytes, bool] = field(default_factory=dict)
+    """Whether each kept training block's update is committed in the head (hashed once, on arrival)."""
     commitments: dict[bytes, UpdateCommitment] = field(default_factory=dict)
     """Miners' commitments for the next decided block, by miner (the first of each, at most MAX_COMMITMENTS)."""
 
@@ -105,11 +107,11 @@ class DecidedChain:
         section 17.3): testing it beside committed ones would cost every validator an
         evaluation for an update that rarely counts (copies, mostly)."""
         ranked = sorted(self.training.values(), key=self._rank)
-        committed = [block for block in ranked if is_committed(self.head.block, block)]
+        committed = [block for block in ranked if self.committed[block.hash]]
         return committed[:MAX_TRAINING_PER_HEIGHT] if committed else ranked[:1]
 
     def _rank(self, block: Block) -> tuple[bool, int, int]:
-        committed = is_committed(self.head.block, block)
+        committed = self.committed[block.hash]
         return (not committed, rank_training_block(block), list(self.training).index(block.hash))
 
     # --- events -----------------------------------------------------------------
@@ -131,9 +133,11 @@ class DecidedChain:
             raise UnknownParent(f"parent: unknown block {block.header.parent.hex()}")
         apply_training_block(self.head.state, self.head.block, block, self.chain)
         self.training[block.hash] = block
+        self.committed[block.hash] = is_committed(self.head.block, block)
         if len(self.training) > MAX_PENDING_TRAINING:
             worst = max(self.training.values(), key=self._rank)
             del self.training[worst.hash]
+            del self.committed[worst.hash]
         return True
 
     def on_commitment(self, commitment: UpdateCommitment) -> bool:
@@ -191,6 +195,7 @@ class DecidedChain:
         self.head = Decision(block, state, commit, named)
         self.head_validators = validators
         self.training.clear()
+        self.committed.clear()
         self.candidates.clear()
         self.candidate_blocks.clear()
         self.commitments.clear()
