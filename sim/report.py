@@ -58,6 +58,7 @@ def summarize(data: dict[str, Any], genesis_losses: tuple[float, float]) -> dict
         "seconds": data.get("seconds"),
         # The out-of-sample check's adversaries (None: the run did not get as far as judging them).
         "overfit_updates_decided": data.get("overfit_updates_decided"),
+        "overfitter_wins_by_heldout_gain": data.get("overfitter_wins_by_heldout_gain"),
         "copier_rewards": data.get("copier_rewards"),
         "heldout_sequences_revealed": data.get("heldout_sequences_revealed"),
         "heldout_loss_genesis": data.get("heldout_loss_genesis"),
@@ -314,8 +315,9 @@ img{{max-width:100%}}.bad{{color:#b00}}</style></head><body>
 <p>Every training block a decided block named, from an honest node's stored chain: whether its miner
 committed to it in the parent, its gain on the block's held-out sequences, whether it was applied
 (the committed one with the best positive gain, else the best uncommitted one) and what its miner was paid
-(only a committed update pays). The overfitter's updates applied where an honest candidate was also named:
-{summary.get("overfit_updates_decided")}; rewards paid to copier keys: {summary.get("copier_rewards")};
+(only a committed update pays). The overfitter's updates applied where an honest candidate named at the same
+height gained more out of sample: {summary.get("overfit_updates_decided")} (its wins by a larger held-out gain:
+{summary.get("overfitter_wins_by_heldout_gain")}); rewards paid to copier keys: {summary.get("copier_rewards")};
 loss on the {summary.get("heldout_sequences_revealed")} held-out sequences revealed so far: genesis model
 {summary.get("heldout_loss_genesis")}, finalized model {summary.get("heldout_loss_finalized")} nats per token.</p>
 <table>{row(["height", "training block", "node", "miner", "committed", "test gain", "applied", "paid"], "th")}

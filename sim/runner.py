@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from chain.blocks import DecidedBody
+from chain.blocks import Block, DecidedBody, TrainingBody
 from chain.crypto import devnet_key
 from chain.store import ChainDB, CorruptStore
 from consensus.decisions import is_committed
@@ -795,7 +795,7 @@ def judge_updates(db: ChainDB, chain: Chain, up_to: int, roles: dict[bytes, Mine
             named.append({
                 "hash": training.hash.hex(), "decided_at": height, "miner": miner.hex(), "node": role.node,
                 "kind": role.kind, "committed": committed, "test_gain": gains[verdict.training_block],
-                "applied": applied, "paid": paid,
+                "validation_gain": validation_gain(training), "applied": applied, "paid": paid,
             })  # fmt: skip
         proposer = block.header.proposer
         heights.append({"height": height, "proposer": proposer.hex(), "colluding_proposer": colluders.get(proposer),
@@ -815,15 +815,12 @@ def judge_updates(db: ChainDB, chain: Chain, up_to: int, roles: dict[bytes, Mine
 
     loss_genesis = mean_loss([chain.loss_on(first_state, sequences) for sequences in tests])
     loss_finalized = mean_loss([chain.loss_on(final_state, sequences) for sequences in tests])
-    honest_at = {entry["height"] for entry in heights if entry["honest_named"]}
     applied_updates = [entry for entry in updates if entry["applied"]]
     copier_keys_used = {key for key, role in roles.items() if role.kind in COPIER_KINDS}
     return {
         "updates": updates,
         "update_heights": heights,
-        "overfit_updates_decided": sum(
-            1 for entry in applied_updates if entry["kind"] == "overfitter" and entry["decided_at"] in honest_at
-        ),
+        **overfitter_summary(updates),
         "copier_rewards": sum(amount for address, amount in paid_to.items() if address in copier_keys_used),
         "heldout_sequences_revealed": sum(len(sequences) for sequences in tests),
         "heldout_loss_genesis": loss_genesis,
@@ -839,6 +836,49 @@ def judge_updates(db: ChainDB, chain: Chain, up_to: int, roles: dict[bytes, Mine
         },
         "colluders": [colluder_summary(node, validator, heights, updates) for validator, node in colluders.items()],
     }
+
+
+def validation_gain(training: Block) -> int:
+    """A training block's claimed (and checked) gain on its own validation batch."""
+    assert isinstance(training.body, TrainingBody)
+    return training.body.loss_before - training.body.loss_after
+
+
+def overfitter_summary(updates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The overfitter's updates against the honest ones named at the same heights.
+
+    `overfit_updates_decided` (target 0) counts the overfitter's updates applied at a height
+    where a committed honest candidate gained more out of sample: an update that fits the
+    validation split displacing one that generalizes better. (An uncommitted candidate ranks
+    below every committed one whoever trained it, section 17.3: a miner whose commitment
+    missed its block races for nothing, and a copy could not be told from it.) `overfitter_contests` lists every height
+    where both were named, with their validation and held-out gains, so a reader sees which
+    rule decided (the held-out gain) and what a validation-gain rule would have chosen; the
+    overfitter's wins by a larger held-out gain are counted apart
+    (`overfitter_wins_by_heldout_gain`): training on the validation split is training on
+    public text, and an update that gains more on sequences nobody trained on is the better one."""
+    named_at: dict[int, list[dict[str, Any]]] = {}
+    for entry in updates:
+        named_at.setdefault(entry["decided_at"], []).append(entry)
+    contests = []
+    displaced = wins = 0
+    for height, named in sorted(named_at.items()):
+        overfitting = [e for e in named if e["kind"] == "overfitter"]
+        honest = [e for e in named if e["kind"] == "honest"]
+        if not overfitting or not honest:
+            continue
+        best_honest = max((e["test_gain"] for e in honest if e["committed"]), default=None)
+        for entry in overfitting:
+            if entry["applied"]:
+                if best_honest is not None and best_honest > entry["test_gain"]:
+                    displaced += 1
+                else:
+                    wins += 1
+        keep = ("committed", "validation_gain", "test_gain", "applied")
+        contests.append({"height": height, "overfitter": [{k: e[k] for k in keep} for e in overfitting],
+                         "honest": [{k: e[k] for k in keep} for e in honest]})  # fmt: skip
+    return {"overfit_updates_decided": displaced, "overfitter_wins_by_heldout_gain": wins,
+            "overfitter_contests": contests}  # fmt: skip
 
 
 def colluder_summary(node: str, validator: bytes, heights: list[dict[str, Any]],
