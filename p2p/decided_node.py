@@ -50,6 +50,8 @@ from consensus.rules import (
 )
 from consensus.voting import ValidatorSet
 from genesis import chunk_directory, load_genesis
+from p2p.events import BLOCK, FINALIZED, HEAD, EventPublisher, block_data, finalized_data, head_data
+from p2p.metrics import MeteredChain, NodeMetrics
 from training.data import load_split, seed_from_int
 from training.evaluate import default_backend
 from training.tables import LOSS_BITS
@@ -109,14 +111,19 @@ class DecidedNode:
         directory = chunk_directory(genesis_path, self.genesis)
         self.chunk_directory = directory
         """Where the dataset's chunks are (served to peers by the sync protocol)."""
-        self.chain = Chain(
+        self.metrics = NodeMetrics()
+        """The node's Prometheus metrics (p2p/metrics.py), served at the RPC's /metrics."""
+        self.chain = MeteredChain(
             self.genesis,
             validation_text=load_split(self.genesis.dataset, directory, "validation"),
             test_text=load_split(self.genesis.dataset, directory, "test"),
             backend=backend or default_backend("cpu"),
         )
+        self.chain.on_evaluation = self.metrics.evaluation_seconds.observe
         self.lock = threading.RLock()
         """Held by every method; callers composing several calls hold it too."""
+        self.events = EventPublisher()
+        """Decided heads and blocks kept, for the RPC's event stream (the network node adds votes)."""
         self.received_at: dict[bytes, float] = {}
         """Wall-clock time (Unix seconds) each block was first kept or stored here (since the start)."""
         self._losses: dict[bytes, tuple[float, float]] = {}
@@ -138,6 +145,7 @@ class DecidedNode:
         self._stored: tuple[Decision, ValidatorSet | None] = (self.decided.head, self.decided.head_validators)
         """The decided head the store holds, and the validators who voted on it."""
         self.decided.on_tick(int(time.time()))
+        self.metrics.on_head(self.decided.head, self.genesis)
 
     def _load_head(self, first_state: State) -> DecidedChain:
         head = self.db.block(self.db.head())
@@ -169,6 +177,7 @@ class DecidedNode:
             if kept:
                 self.received_at.setdefault(block.hash, time.time())
                 self._remember_training(block)
+                self.events.publish(BLOCK, block_data(block))
             return kept
 
     def _remember_training(self, block: Block) -> None:
@@ -211,6 +220,8 @@ class DecidedNode:
             named = {training.hash: training for training in decision.training_blocks}
             advanced = decided.on_decided(block, commit, named)
             self._stored = (advanced, decided.head_validators)
+            self._announce(advanced)
+            self.metrics.on_decided(advanced, self.genesis, "sync")
             return advanced
 
     def store(self, decision: Decision) -> None:
@@ -228,6 +239,8 @@ class DecidedNode:
                 if self.decided.head is decision:
                     self.decided.head, self.decided.head_validators = stored, stored_validators
                 raise
+            self._announce(decision)
+            self.metrics.on_decided(decision, self.genesis, "voting")
 
     def keep_signed(self, block_hash: bytes) -> None:
         """A validator key of this node is about to sign a proposal or vote for a block of the
@@ -256,6 +269,13 @@ class DecidedNode:
         now = time.time()
         for block in (decision.block, *decision.training_blocks):
             self.received_at.setdefault(block.hash, now)
+
+    def _announce(self, decision: Decision) -> None:
+        """Publish a stored decision, once the node's head is it: its block, the new head, final."""
+        assert decision.commit is not None
+        self.events.publish(BLOCK, block_data(decision.block))
+        self.events.publish(HEAD, head_data(decision.block, decision.commit.round))
+        self.events.publish(FINALIZED, finalized_data(decision.block))
 
     # --- reads ------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ from consensus.rules import InvalidBlock, StaleBlock, UnknownParent, compute_nex
 from consensus.voting import InvalidVote, Step, TimeoutParameters
 from genesis import chunk_directory, devnet_shard
 from p2p.decided_node import DecidedNode
+from p2p.events import ATTESTATION, attestation_data
 from p2p.host import load_or_create_node_key, make_host, make_pubsub
 from p2p.mining import (
     MiningProgress,
@@ -139,6 +140,8 @@ CANDIDATE_GRACE_SECONDS = 1.0
 miners' blocks and for the commitments of the next height (within the proposal wait)."""
 MAX_REJECTIONS = 100
 """Rejected messages remembered for the RPC."""
+MAX_ATTESTED = 4096
+"""Proposals and votes remembered as published to the event stream (repeats are not published again)."""
 BODY_FETCH_TIMEOUT = 10.0
 """Seconds an announcer has to serve the training block it announced."""
 MAX_PENDING_PER_PEER = 4
@@ -299,6 +302,8 @@ class VotingNode:
         """True while importing decided blocks from a peer ahead of us."""
         self.rejections: list[Rejection] = []
         """The latest invalid messages refused (at most MAX_REJECTIONS)."""
+        self._attested: set[tuple[object, ...]] = set()
+        """Proposals and votes of the heights being decided already published as attestation events."""
         self.blocked: set[str] = set()
         """Peer ids this node refuses (set over the RPC to partition a test network)."""
         self.link_delay = 0.0
@@ -441,6 +446,7 @@ class VotingNode:
         for effect in effects:
             if isinstance(effect, Send):
                 await self._publish(votes_topic(self.chain_id), encode_voting_message(effect.message))
+                self._attest(effect.message)
             elif isinstance(effect, SetTimer):
                 self._tasks.start_soon(self._guarded, self._timer, effect)
             elif isinstance(effect, CheckCandidate):
@@ -623,7 +629,8 @@ class VotingNode:
         except (DecodeError, ValueError) as error:
             self._reject(peer, "voting message", str(error), PENALTY_MALFORMED)
             return False
-        if decoded.height < self.voting.height:
+        height = self.voting.height
+        if decoded.height < height:
             return False  # an earlier height: stale, not a fault
         try:
             effects = await self._voting_call(self.voting.on_message, decoded)
@@ -641,8 +648,28 @@ class VotingNode:
             else:
                 self._reject(peer, "voting message", str(error), PENALTY_INVALID)
             return False
+        if decoded.height == height:  # checked (a message of the next height waits unchecked)
+            self._attest(decoded)
         await self._carry_out(effects)
         return True
+
+    def _attest(self, message: Proposal | Vote | Commit) -> None:
+        """Publish a valid proposal or vote, signed here or received, as an attestation event (once:
+        messages are re-sent every few seconds). A commit certificate's precommits were published
+        as they came, or are summed up by the head event that follows."""
+        if isinstance(message, Commit):
+            return
+        data = attestation_data(message)
+        key = tuple(data.values())
+        if key in self._attested:
+            return
+        if len(self._attested) >= MAX_ATTESTED:
+            height = self.voting.height
+            self._attested = {seen for seen in self._attested if isinstance(seen[0], int) and seen[0] >= height}
+            if len(self._attested) >= MAX_ATTESTED:
+                self._attested.clear()
+        self._attested.add(key)
+        self.node.events.publish(ATTESTATION, data)
 
     def _is_staked_proposal(self, message: Proposal | Vote | Commit) -> bool:
         """A proposal signed by the validator it names, one with stake at our head."""
