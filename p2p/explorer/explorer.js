@@ -1,0 +1,497 @@
+// The potchain explorer: reads this node's RPC and follows its event stream.
+//
+// No framework and no build step. Every value from the node reaches the page
+// as text (textContent), never as markup. The page never polls: it loads
+// everything once, then reloads what changed when the event stream
+// (/v1/events) announces a new head.
+
+"use strict";
+
+const BLOCKS_SHOWN = 20;
+const LOSS_PAGE = 1000;
+const LOSS_TABLE_ROWS = 50;
+const RECONNECT_SECONDS = [1, 2, 5, 10];
+const SVG = "http://www.w3.org/2000/svg";
+
+const explorer = {
+  head: null, // {height, hash} of the newest head seen
+  headEvents: 0, // heads that arrived through the event stream
+  lossHeights: [], // /v1/history/loss entries, oldest first
+  lossFrom: 1, // the next height to ask /v1/history/loss for
+  newestBlockShown: -1,
+  pendingTraining: new Set(), // training blocks announced on the head since it changed
+  refreshing: null, // the refresh in progress (a Promise), if any
+  refreshAgain: false,
+  reconnects: 0,
+};
+
+// --- Reading the RPC ---------------------------------------------------------------
+
+class RpcError extends Error {
+  constructor(status, message, retryAfter) {
+    super(message);
+    this.status = status;
+    this.retryAfter = retryAfter;
+  }
+}
+
+async function rpc(path, options = {}) {
+  const response = await fetch(path, {
+    ...options,
+    headers: { Accept: "application/json", ...(options.headers || {}) },
+  });
+  let body = null;
+  try {
+    body = await response.json();
+  } catch {
+    body = null;
+  }
+  if (!response.ok) {
+    const message = body && typeof body.error === "string" ? body.error : `${response.status} ${response.statusText}`;
+    throw new RpcError(response.status, message, response.headers.get("Retry-After"));
+  }
+  return body;
+}
+
+// --- Small DOM helpers ---------------------------------------------------------------
+
+function byId(id) {
+  return document.getElementById(id);
+}
+
+function element(tag, options = {}, ...children) {
+  const node = document.createElement(tag);
+  if (options.className) node.className = options.className;
+  if (options.title) node.title = options.title;
+  if (options.href) node.href = options.href;
+  for (const [name, value] of Object.entries(options.data || {})) node.dataset[name] = String(value);
+  for (const child of children) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+function cell(content, className) {
+  return element("td", { className }, content);
+}
+
+function shortHex(hex) {
+  return hex ? `${hex.slice(0, 8)}…` : "";
+}
+
+function hashLink(hash) {
+  const code = element("code", { title: hash }, shortHex(hash));
+  return element("a", { href: `/v1/blocks/${hash}`, title: `${hash} (JSON)` }, code);
+}
+
+function key(hex) {
+  return element("code", { title: hex }, shortHex(hex));
+}
+
+function loss(value) {
+  return value === null || value === undefined ? "–" : value.toFixed(3);
+}
+
+function gain(value) {
+  if (value === null || value === undefined) return "–";
+  return `${value >= 0 ? "+" : "−"}${Math.abs(value).toFixed(4)}`;
+}
+
+function clock(seconds) {
+  return new Date(seconds * 1000).toLocaleTimeString([], { hour12: false });
+}
+
+function integer(value) {
+  return Number(value).toLocaleString("en-US");
+}
+
+function replaceRows(tbody, rows, emptyText, columns) {
+  if (rows.length === 0) {
+    const empty = element("td", { className: "note" }, emptyText);
+    empty.colSpan = columns;
+    rows = [element("tr", {}, empty)];
+  }
+  tbody.replaceChildren(...rows);
+}
+
+function showError(tbody, columns, what, error) {
+  replaceRows(tbody, [], "", columns);
+  const message = element("td", { className: "error" }, `${what}: ${error.message}`);
+  message.colSpan = columns;
+  tbody.replaceChildren(element("tr", {}, message));
+}
+
+// --- The header: head, finality, voting ------------------------------------------------
+
+function setHead(height, hash) {
+  if (explorer.head && explorer.head.height >= height) return;
+  explorer.head = { height, hash };
+  byId("head-height").textContent = integer(height);
+  const code = byId("head-hash");
+  code.textContent = shortHex(hash);
+  code.title = hash;
+  document.body.dataset.headHeight = String(height);
+}
+
+function renderStatus(status) {
+  byId("chain-id").textContent = status.chain_id;
+  setHead(status.head_height, status.head_hash);
+  const voting = status.voting;
+  byId("voting").textContent = `height ${integer(voting.height)}, round ${voting.round} (${voting.step})`;
+  byId("test-loss").textContent = `${loss(status.test_loss)} nats/byte`;
+  byId("test-loss").title = `validation ${loss(status.validation_loss)} nats/byte (report batches)`;
+  byId("peer-count").textContent = integer(status.peer_count);
+}
+
+function renderFinality(finality) {
+  const commit = finality.commit;
+  let text = `Height ${integer(finality.finalized_height)} is final`;
+  if (commit) {
+    const share = (100 * commit.signing_stake) / commit.total_stake;
+    text += ` (round ${commit.round}: ${commit.signatures.length} signatures, ${share.toFixed(0)}% of the stake)`;
+  }
+  const pending = finality.pending.length;
+  text += `. ${pending} training block${pending === 1 ? "" : "s"} waiting for height ${integer(finality.voting.height)}.`;
+  byId("finality").textContent = text;
+  explorer.signers = new Set(commit ? commit.signatures.map((signature) => signature.validator) : []);
+}
+
+// --- Validators and peers -----------------------------------------------------------------
+
+function renderValidators(answer) {
+  const signers = explorer.signers || new Set();
+  const rows = answer.validators.map((validator) => {
+    const meter = element("meter");
+    meter.min = 0;
+    meter.max = answer.total_stake;
+    meter.value = validator.stake;
+    const share = (100 * validator.stake) / answer.total_stake;
+    meter.title = `${share.toFixed(1)}% of ${integer(answer.total_stake)}`;
+    meter.textContent = `${share.toFixed(1)}%`;
+    const signed = signers.has(validator.address);
+    return element(
+      "tr",
+      {},
+      cell(key(validator.address)),
+      cell(integer(validator.stake), "number"),
+      cell(meter),
+      cell(signed ? "yes" : "no", signed ? "verdict-applied" : "verdict-none"),
+    );
+  });
+  replaceRows(byId("validators").tBodies[0], rows, "No validators.", 4);
+}
+
+function renderPeers(answer) {
+  const rows = answer.peers.map((peer) =>
+    element(
+      "tr",
+      {},
+      cell(element("code", { title: peer.peer_id }, peer.peer_id ? `${peer.peer_id.slice(0, 14)}…` : "?")),
+      cell(peer.connected === false ? "no" : "yes"),
+      cell(peer.head_height === null || peer.head_height === undefined ? "–" : integer(peer.head_height), "number"),
+      cell(peer.score === undefined ? "–" : String(peer.score), "number"),
+    ),
+  );
+  replaceRows(byId("peers").tBodies[0], rows, "No peers (a node without a network).", 4);
+}
+
+// --- Recent blocks ---------------------------------------------------------------------------
+
+function verdictOf(training) {
+  const who = `by ${shortHex(training.miner)}${training.committed ? "" : ", uncommitted"}`;
+  const gains = `test ${gain(training.test_gain)}, validation ${gain(training.validation_gain)}`;
+  const kind = training.applied ? "applied" : "rejected";
+  const label = training.applied ? "Applied" : "Rejected";
+  return element(
+    "span",
+    { className: `verdict verdict-${kind}`, title: `${training.hash} ${who}; gains in nats/byte` },
+    `${label} ${shortHex(training.hash)} (${gains})`,
+  );
+}
+
+function renderBlocks(answer) {
+  const previousNewest = explorer.newestBlockShown;
+  const rows = answer.blocks.map((block) => {
+    const verdicts =
+      block.training.length === 0
+        ? element("span", { className: "verdict verdict-none" }, "none")
+        : element("div", {}, ...block.training.map(verdictOf));
+    const row = element(
+      "tr",
+      { data: { height: block.height }, className: previousNewest >= 0 && block.height > previousNewest ? "new" : "" },
+      cell(integer(block.height), "number"),
+      cell(hashLink(block.hash)),
+      cell(clock(block.timestamp)),
+      cell(String(block.round), "number"),
+      cell(key(block.proposer)),
+      cell(verdicts),
+    );
+    return row;
+  });
+  if (answer.blocks.length > 0) explorer.newestBlockShown = answer.blocks[0].height;
+  replaceRows(byId("blocks").tBodies[0], rows, "No decided blocks yet.", 6);
+}
+
+// --- The loss chart ------------------------------------------------------------------------------
+
+async function loadLossHistory() {
+  for (let page = 0; page < 100; page += 1) {
+    const answer = await rpc(`/v1/history/loss?from=${explorer.lossFrom}&limit=${LOSS_PAGE}`);
+    for (const entry of answer.heights) {
+      explorer.lossHeights.push(entry);
+      explorer.lossFrom = entry.height + 1;
+    }
+    if (answer.next === null || answer.next === undefined) return;
+    explorer.lossFrom = answer.next;
+  }
+}
+
+function svg(tag, attributes = {}, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, String(value));
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function niceTicks(low, high, count) {
+  const span = high - low || 1;
+  const rough = span / count;
+  const power = 10 ** Math.floor(Math.log10(rough));
+  const step = [1, 2, 2.5, 5, 10].map((m) => m * power).find((s) => s >= rough) || rough;
+  const ticks = [];
+  for (let value = Math.ceil(low / step) * step; value <= high + step * 1e-9; value += step) ticks.push(value);
+  return { ticks, step };
+}
+
+function renderLossChart() {
+  const chart = byId("loss-chart");
+  const tested = explorer.lossHeights.filter(
+    (entry) => entry.test_loss_before !== null && entry.test_loss_after !== null,
+  );
+  const width = 640;
+  const height = 260;
+  const margin = { left: 52, right: 14, top: 12, bottom: 34 };
+  const title = chart.querySelector("title");
+  const desc = chart.querySelector("desc");
+  chart.replaceChildren(title, desc);
+  chart.dataset.points = String(tested.length);
+  if (tested.length === 0) {
+    desc.textContent = "No height has tested a training block yet.";
+    chart.append(svg("text", { x: width / 2, y: height / 2, "text-anchor": "middle", class: "empty" }, desc.textContent));
+    renderLossTable(tested);
+    return;
+  }
+  const heights = tested.map((entry) => entry.height);
+  const values = tested.flatMap((entry) => [entry.test_loss_before, entry.test_loss_after]);
+  let [x0, x1] = [Math.min(...heights), Math.max(...heights)];
+  if (x0 === x1) [x0, x1] = [x0 - 1, x1 + 1];
+  let [y0, y1] = [Math.min(...values), Math.max(...values)];
+  const pad = (y1 - y0) * 0.08 || 0.05;
+  [y0, y1] = [y0 - pad, y1 + pad];
+  const x = (value) => margin.left + ((value - x0) / (x1 - x0)) * (width - margin.left - margin.right);
+  const y = (value) => height - margin.bottom - ((value - y0) / (y1 - y0)) * (height - margin.top - margin.bottom);
+
+  const axes = svg("g", { class: "axis" });
+  const yTicks = niceTicks(y0, y1, 5);
+  for (const value of yTicks.ticks) {
+    axes.append(svg("line", { class: "grid", x1: margin.left, x2: width - margin.right, y1: y(value), y2: y(value) }));
+    const digits = yTicks.step < 0.01 ? 3 : 2;
+    axes.append(svg("text", { x: margin.left - 6, y: y(value) + 4, "text-anchor": "end" }, value.toFixed(digits)));
+  }
+  const xTicks = niceTicks(x0, x1, 8);
+  for (const value of xTicks.ticks.filter(Number.isInteger)) {
+    axes.append(svg("line", { x1: x(value), x2: x(value), y1: height - margin.bottom, y2: height - margin.bottom + 4 }));
+    axes.append(svg("text", { x: x(value), y: height - margin.bottom + 16, "text-anchor": "middle" }, String(value)));
+  }
+  axes.append(svg("line", { x1: margin.left, x2: width - margin.right, y1: height - margin.bottom, y2: height - margin.bottom }));
+  axes.append(svg("text", { x: (width + margin.left) / 2, y: height - 3, "text-anchor": "middle" }, "decided height"));
+  const yLabel = svg("text", { x: 12, y: (height - margin.bottom) / 2, "text-anchor": "middle" }, "nats / byte");
+  yLabel.setAttribute("transform", `rotate(-90 12 ${(height - margin.bottom) / 2})`);
+  axes.append(yLabel);
+  chart.append(axes);
+
+  // The model after each height: the applied candidate's loss, or the parent's if none was applied.
+  const modelAfter = tested.map((entry) => [entry.height, entry.applied ? entry.test_loss_after : entry.test_loss_before]);
+  const path = (points) => points.map(([h, v], i) => `${i ? "L" : "M"}${x(h).toFixed(1)},${y(v).toFixed(1)}`).join("");
+  chart.append(svg("path", { class: "series-before", d: path(tested.map((e) => [e.height, e.test_loss_before])) }));
+  chart.append(svg("path", { class: "series-after", d: path(modelAfter) }));
+
+  const points = svg("g", { class: "points" });
+  for (const entry of tested) {
+    const verdict = entry.applied ? "applied" : "rejected";
+    const label =
+      `Height ${entry.height}: before ${loss(entry.test_loss_before)}, ` +
+      `after ${loss(entry.test_loss_after)} (${verdict})`;
+    const before = svg("circle", { class: "point point-before", cx: x(entry.height), cy: y(entry.test_loss_before), r: 3 });
+    const after = svg("circle", {
+      class: `point point-${verdict}`,
+      cx: x(entry.height),
+      cy: y(entry.test_loss_after),
+      r: 4,
+      "data-height": entry.height,
+    });
+    before.append(svg("title", {}, label));
+    after.append(svg("title", {}, label));
+    points.append(before, after);
+  }
+  chart.append(points);
+  const applied = tested.filter((entry) => entry.applied).length;
+  const last = tested[tested.length - 1];
+  desc.textContent =
+    `${tested.length} tested heights from ${tested[0].height} to ${last.height}, ${applied} applied; ` +
+    `latest at height ${last.height}: ${loss(last.test_loss_before)} before, ${loss(last.test_loss_after)} after.`;
+  renderLossTable(tested);
+}
+
+function renderLossTable(tested) {
+  const rows = tested
+    .slice(-LOSS_TABLE_ROWS)
+    .reverse()
+    .map((entry) =>
+      element(
+        "tr",
+        {},
+        cell(integer(entry.height), "number"),
+        cell(loss(entry.test_loss_before), "number"),
+        cell(loss(entry.test_loss_after), "number"),
+        cell(entry.applied ? "applied" : "rejected", entry.applied ? "verdict-applied" : "verdict-rejected"),
+      ),
+    );
+  replaceRows(byId("loss-table").tBodies[0], rows, "No tested heights yet.", 4);
+}
+
+// --- Loading ------------------------------------------------------------------------------------
+
+async function refreshOnce() {
+  // Finality before validators: the validators table marks who signed the head.
+  const finality = rpc("/v1/finality").then(renderFinality);
+  const jobs = [
+    rpc("/v1/status").then(renderStatus),
+    finality.then(() => rpc("/v1/validators")).then(renderValidators),
+    rpc(`/v1/blocks?limit=${BLOCKS_SHOWN}`).then(renderBlocks),
+    loadLossHistory().then(renderLossChart),
+    rpc("/v1/peers").then(renderPeers),
+  ];
+  const failures = {
+    1: [byId("validators").tBodies[0], 4, "Validators"],
+    2: [byId("blocks").tBodies[0], 6, "Blocks"],
+    3: [byId("loss-table").tBodies[0], 4, "Loss history"],
+    4: [byId("peers").tBodies[0], 4, "Peers"],
+  };
+  const results = await Promise.allSettled(jobs);
+  results.forEach((result, index) => {
+    if (result.status === "fulfilled") return;
+    if (failures[index]) showError(...failures[index], result.reason);
+    else if (!(result.reason instanceof RpcError && result.reason.status === 503)) console.warn(result.reason);
+  });
+  document.body.dataset.loaded = "true";
+}
+
+// One refresh at a time; heads that arrive meanwhile ask for one more.
+function refresh() {
+  if (explorer.refreshing) {
+    explorer.refreshAgain = true;
+    return explorer.refreshing;
+  }
+  explorer.refreshing = refreshOnce().finally(() => {
+    explorer.refreshing = null;
+    if (explorer.refreshAgain) {
+      explorer.refreshAgain = false;
+      refresh();
+    }
+  });
+  return explorer.refreshing;
+}
+
+// --- The event stream ----------------------------------------------------------------------
+
+function setLive(state, text) {
+  const live = byId("live");
+  live.dataset.state = state;
+  live.textContent = text;
+}
+
+function connectEvents() {
+  const source = new EventSource("/v1/events?topics=head,block");
+  source.addEventListener("open", () => {
+    explorer.reconnects = 0;
+    if (explorer.headEvents === 0) setLive("live", "Live: waiting for the next head");
+  });
+  source.addEventListener("head", (event) => {
+    const head = JSON.parse(event.data);
+    explorer.headEvents += 1;
+    document.body.dataset.headEvents = String(explorer.headEvents);
+    explorer.pendingTraining.clear();
+    setHead(head.height, head.hash);
+    const verdict = head.applied ? "an update applied" : "no update applied";
+    setLive("live", `Live: height ${integer(head.height)} decided at ${clock(head.timestamp)}, ${verdict}`);
+    refresh();
+  });
+  source.addEventListener("block", (event) => {
+    const block = JSON.parse(event.data);
+    if (block.kind !== "training") return;
+    explorer.pendingTraining.add(block.hash);
+    const count = explorer.pendingTraining.size;
+    byId("live").title = `${count} training block${count === 1 ? "" : "s"} announced for the next height`;
+  });
+  source.addEventListener("error", () => {
+    if (source.readyState !== EventSource.CLOSED) {
+      setLive("connecting", "Reconnecting to the event stream…");
+      return;
+    }
+    // The browser gave up (the node refused the stream): try again later, a little slower each time.
+    source.close();
+    const wait = RECONNECT_SECONDS[Math.min(explorer.reconnects, RECONNECT_SECONDS.length - 1)];
+    explorer.reconnects += 1;
+    setLive("down", `Event stream unavailable; retrying in ${wait} s`);
+    setTimeout(() => {
+      connectEvents();
+      refresh();
+    }, wait * 1000);
+  });
+}
+
+// --- Sampling ------------------------------------------------------------------------------
+
+async function sample(event) {
+  event.preventDefault();
+  const button = byId("sample-button");
+  const info = byId("sample-info");
+  const output = byId("sample-output");
+  const request = {
+    prompt: byId("prompt").value,
+    tokens: Number(byId("sample-tokens").value),
+    temperature: Number(byId("sample-temperature").value),
+  };
+  const seed = byId("sample-seed").value.trim();
+  if (seed !== "") request.seed = Number(seed);
+  button.disabled = true;
+  info.className = "note";
+  info.textContent = "Sampling…";
+  try {
+    const answer = await rpc("/v1/model/sample", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(request),
+    });
+    const continuation = answer.text.startsWith(answer.prompt) ? answer.text.slice(answer.prompt.length) : answer.text;
+    output.replaceChildren(element("span", { className: "prompt" }, answer.prompt), continuation);
+    output.dataset.height = String(answer.height);
+    info.textContent =
+      `The model at height ${integer(answer.height)} (block ${shortHex(answer.hash)}), ` +
+      `${answer.tokens} bytes, seed ${answer.seed}.`;
+  } catch (error) {
+    info.className = "note error";
+    const retry = error.retryAfter ? ` Try again in ${error.retryAfter} s.` : "";
+    info.textContent = `Sampling failed: ${error.message}.${retry}`;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  byId("sample-form").addEventListener("submit", sample);
+  connectEvents();
+  refresh();
+});
