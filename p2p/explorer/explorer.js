@@ -17,6 +17,7 @@ const explorer = {
   head: null, // {height, hash} of the newest head seen
   headEvents: 0, // heads that arrived through the event stream
   lossHeights: [], // /v1/history/loss entries, oldest first
+  lossByHeight: new Map(), // the same by height
   lossFrom: 1, // the next height to ask /v1/history/loss for
   newestBlockShown: -1,
   pendingTraining: new Set(), // training blocks announced on the head since it changed
@@ -172,7 +173,7 @@ function renderValidators(answer) {
     const signed = signers.has(validator.address);
     return element(
       "tr",
-      {},
+      { data: { stake: validator.stake, signed } },
       cell(key(validator.address)),
       cell(integer(validator.stake), "number"),
       cell(meter),
@@ -198,15 +199,30 @@ function renderPeers(answer) {
 
 // --- Recent blocks ---------------------------------------------------------------------------
 
-function verdictOf(training) {
-  const who = `by ${shortHex(training.miner)}${training.committed ? "" : ", uncommitted"}`;
-  const gains = `test ${gain(training.test_gain)}, validation ${gain(training.validation_gain)}`;
+// The gains of a tested training block in nats per byte, from the loss history of its height
+// (/v1/blocks gives them as Q.16 loss totals, which depend on how many bytes were tested).
+function gainsOf(height, hash) {
+  const entry = explorer.lossByHeight.get(height);
+  const update = entry && [...entry.confirmed, ...entry.rejected].find((candidate) => candidate.hash === hash);
+  if (!update) return null;
+  return {
+    test: entry.test_loss_before - update.test_loss_after,
+    validation: update.validation_loss_before - update.validation_loss_after,
+  };
+}
+
+function verdictOf(height, training) {
+  const who = `miner ${shortHex(training.miner)}${training.committed ? "" : ", uncommitted"}`;
+  const gains = gainsOf(height, training.hash);
+  const shown = gains
+    ? `test ${gain(gains.test)}, validation ${gain(gains.validation)} nats/byte`
+    : `test ${training.test_gain ?? "–"}, validation ${training.validation_gain} (Q.16 totals)`;
   const kind = training.applied ? "applied" : "rejected";
   const label = training.applied ? "Applied" : "Rejected";
   return element(
     "span",
-    { className: `verdict verdict-${kind}`, title: `${training.hash} ${who}; gains in nats/byte` },
-    `${label} ${shortHex(training.hash)} (${gains})`,
+    { className: `verdict verdict-${kind}`, title: `training block ${training.hash}, ${who}` },
+    `${label} ${shortHex(training.hash)}: ${shown}`,
   );
 }
 
@@ -216,7 +232,7 @@ function renderBlocks(answer) {
     const verdicts =
       block.training.length === 0
         ? element("span", { className: "verdict verdict-none" }, "none")
-        : element("div", {}, ...block.training.map(verdictOf));
+        : element("div", {}, ...block.training.map((training) => verdictOf(block.height, training)));
     const row = element(
       "tr",
       { data: { height: block.height }, className: previousNewest >= 0 && block.height > previousNewest ? "new" : "" },
@@ -240,6 +256,7 @@ async function loadLossHistory() {
     const answer = await rpc(`/v1/history/loss?from=${explorer.lossFrom}&limit=${LOSS_PAGE}`);
     for (const entry of answer.heights) {
       explorer.lossHeights.push(entry);
+      explorer.lossByHeight.set(entry.height, entry);
       explorer.lossFrom = entry.height + 1;
     }
     if (answer.next === null || answer.next === undefined) return;
@@ -266,9 +283,7 @@ function niceTicks(low, high, count) {
 
 function renderLossChart() {
   const chart = byId("loss-chart");
-  const tested = explorer.lossHeights.filter(
-    (entry) => entry.test_loss_before !== null && entry.test_loss_after !== null,
-  );
+  const tested = explorer.lossHeights.filter((entry) => entry.test_loss_before !== null);
   const width = 640;
   const height = 260;
   const margin = { left: 52, right: 14, top: 12, bottom: 34 };
@@ -283,7 +298,11 @@ function renderLossChart() {
     return;
   }
   const heights = tested.map((entry) => entry.height);
-  const values = tested.flatMap((entry) => [entry.test_loss_before, entry.test_loss_after]);
+  const values = tested.flatMap((entry) => [
+    entry.test_loss_before,
+    entry.test_loss_after,
+    ...entry.rejected.map((update) => update.test_loss_after),
+  ]);
   let [x0, x1] = [Math.min(...heights), Math.max(...heights)];
   if (x0 === x1) [x0, x1] = [x0 - 1, x1 + 1];
   let [y0, y1] = [Math.min(...values), Math.max(...values)];
@@ -291,56 +310,54 @@ function renderLossChart() {
   [y0, y1] = [y0 - pad, y1 + pad];
   const x = (value) => margin.left + ((value - x0) / (x1 - x0)) * (width - margin.left - margin.right);
   const y = (value) => height - margin.bottom - ((value - y0) / (y1 - y0)) * (height - margin.top - margin.bottom);
+  const bottom = height - margin.bottom;
 
-  const axes = svg("g", { class: "axis" });
+  const axes = svg("g", { class: "axis", "aria-hidden": "true" });
   const yTicks = niceTicks(y0, y1, 5);
+  const digits = yTicks.step < 0.01 ? 3 : 2;
   for (const value of yTicks.ticks) {
     axes.append(svg("line", { class: "grid", x1: margin.left, x2: width - margin.right, y1: y(value), y2: y(value) }));
-    const digits = yTicks.step < 0.01 ? 3 : 2;
     axes.append(svg("text", { x: margin.left - 6, y: y(value) + 4, "text-anchor": "end" }, value.toFixed(digits)));
   }
-  const xTicks = niceTicks(x0, x1, 8);
-  for (const value of xTicks.ticks.filter(Number.isInteger)) {
-    axes.append(svg("line", { x1: x(value), x2: x(value), y1: height - margin.bottom, y2: height - margin.bottom + 4 }));
-    axes.append(svg("text", { x: x(value), y: height - margin.bottom + 16, "text-anchor": "middle" }, String(value)));
+  for (const value of niceTicks(x0, x1, 8).ticks.filter(Number.isInteger)) {
+    axes.append(svg("line", { x1: x(value), x2: x(value), y1: bottom, y2: bottom + 4 }));
+    axes.append(svg("text", { x: x(value), y: bottom + 16, "text-anchor": "middle" }, String(value)));
   }
-  axes.append(svg("line", { x1: margin.left, x2: width - margin.right, y1: height - margin.bottom, y2: height - margin.bottom }));
+  axes.append(svg("line", { x1: margin.left, x2: width - margin.right, y1: bottom, y2: bottom }));
   axes.append(svg("text", { x: (width + margin.left) / 2, y: height - 3, "text-anchor": "middle" }, "decided height"));
-  const yLabel = svg("text", { x: 12, y: (height - margin.bottom) / 2, "text-anchor": "middle" }, "nats / byte");
-  yLabel.setAttribute("transform", `rotate(-90 12 ${(height - margin.bottom) / 2})`);
-  axes.append(yLabel);
+  const middle = bottom / 2;
+  axes.append(svg("text", { x: 12, y: middle, "text-anchor": "middle", transform: `rotate(-90 12 ${middle})` }, "nats / byte"));
   chart.append(axes);
 
-  // The model after each height: the applied candidate's loss, or the parent's if none was applied.
-  const modelAfter = tested.map((entry) => [entry.height, entry.applied ? entry.test_loss_after : entry.test_loss_before]);
-  const path = (points) => points.map(([h, v], i) => `${i ? "L" : "M"}${x(h).toFixed(1)},${y(v).toFixed(1)}`).join("");
-  chart.append(svg("path", { class: "series-before", d: path(tested.map((e) => [e.height, e.test_loss_before])) }));
-  chart.append(svg("path", { class: "series-after", d: path(modelAfter) }));
+  // Lines: the parent's model before each height, and the model after it (unchanged when no update applied).
+  const path = (key) => tested.map((e, i) => `${i ? "L" : "M"}${x(e.height).toFixed(1)},${y(e[key]).toFixed(1)}`).join("");
+  chart.append(svg("path", { class: "series-before", d: path("test_loss_before") }));
+  chart.append(svg("path", { class: "series-after", d: path("test_loss_after") }));
 
   const points = svg("g", { class: "points" });
+  const point = (kind, entry, value, radius, label) => {
+    const circle = svg("circle", { class: `point point-${kind}`, cx: x(entry.height), cy: y(value), r: radius });
+    circle.dataset.height = String(entry.height);
+    circle.append(svg("title", {}, label));
+    points.append(circle);
+  };
   for (const entry of tested) {
-    const verdict = entry.applied ? "applied" : "rejected";
-    const label =
-      `Height ${entry.height}: before ${loss(entry.test_loss_before)}, ` +
-      `after ${loss(entry.test_loss_after)} (${verdict})`;
-    const before = svg("circle", { class: "point point-before", cx: x(entry.height), cy: y(entry.test_loss_before), r: 3 });
-    const after = svg("circle", {
-      class: `point point-${verdict}`,
-      cx: x(entry.height),
-      cy: y(entry.test_loss_after),
-      r: 4,
-      "data-height": entry.height,
-    });
-    before.append(svg("title", {}, label));
-    after.append(svg("title", {}, label));
-    points.append(before, after);
+    point("before", entry, entry.test_loss_before, 3, `Height ${entry.height}: before ${loss(entry.test_loss_before)}`);
+    if (entry.applied) {
+      point("applied", entry, entry.test_loss_after, 4.5, `Height ${entry.height}: applied, ${loss(entry.test_loss_after)}`);
+    }
+    for (const update of entry.rejected) {
+      const label = `Height ${entry.height}: rejected ${shortHex(update.hash)}, ${loss(update.test_loss_after)}`;
+      point("rejected", entry, update.test_loss_after, 4, label);
+    }
   }
   chart.append(points);
   const applied = tested.filter((entry) => entry.applied).length;
+  const first = tested[0];
   const last = tested[tested.length - 1];
   desc.textContent =
-    `${tested.length} tested heights from ${tested[0].height} to ${last.height}, ${applied} applied; ` +
-    `latest at height ${last.height}: ${loss(last.test_loss_before)} before, ${loss(last.test_loss_after)} after.`;
+    `${tested.length} tested heights from ${first.height} to ${last.height}, ${applied} with an update applied. ` +
+    `Height ${last.height}: ${loss(last.test_loss_before)} before, ${loss(last.test_loss_after)} after.`;
   renderLossTable(tested);
 }
 
@@ -355,7 +372,10 @@ function renderLossTable(tested) {
         cell(integer(entry.height), "number"),
         cell(loss(entry.test_loss_before), "number"),
         cell(loss(entry.test_loss_after), "number"),
-        cell(entry.applied ? "applied" : "rejected", entry.applied ? "verdict-applied" : "verdict-rejected"),
+        cell(
+          entry.applied ? "applied" : `${entry.rejected.length} rejected`,
+          entry.applied ? "verdict-applied" : "verdict-rejected",
+        ),
       ),
     );
   replaceRows(byId("loss-table").tBodies[0], rows, "No tested heights yet.", 4);
@@ -366,11 +386,12 @@ function renderLossTable(tested) {
 async function refreshOnce() {
   // Finality before validators: the validators table marks who signed the head.
   const finality = rpc("/v1/finality").then(renderFinality);
+  const losses = loadLossHistory();
   const jobs = [
     rpc("/v1/status").then(renderStatus),
     finality.then(() => rpc("/v1/validators")).then(renderValidators),
-    rpc(`/v1/blocks?limit=${BLOCKS_SHOWN}`).then(renderBlocks),
-    loadLossHistory().then(renderLossChart),
+    Promise.all([rpc(`/v1/blocks?limit=${BLOCKS_SHOWN}`), losses.catch(() => null)]).then(([blocks]) => renderBlocks(blocks)),
+    losses.then(renderLossChart),
     rpc("/v1/peers").then(renderPeers),
   ];
   const failures = {
@@ -416,8 +437,15 @@ function connectEvents() {
   const source = new EventSource("/v1/events?topics=head,block");
   source.addEventListener("open", () => {
     explorer.reconnects = 0;
-    if (explorer.headEvents === 0) setLive("live", "Live: waiting for the next head");
   });
+  // The stream's first event: the head when it started.
+  source.addEventListener("subscribed", (event) => {
+    const opening = JSON.parse(event.data);
+    if (explorer.head && opening.height > explorer.head.height) refresh();
+    if (explorer.headEvents === 0) setLive("live", `Live from height ${integer(opening.height)}: waiting for the next`);
+  });
+  // The stream dropped events this page was too slow to take: read everything again.
+  source.addEventListener("gap", () => refresh());
   source.addEventListener("head", (event) => {
     const head = JSON.parse(event.data);
     explorer.headEvents += 1;
@@ -454,33 +482,51 @@ function connectEvents() {
 
 // --- Sampling ------------------------------------------------------------------------------
 
+// Seeds go up to 2^63 - 1, past what a JavaScript number holds exactly: they travel as digits.
 async function sample(event) {
   event.preventDefault();
   const button = byId("sample-button");
   const info = byId("sample-info");
   const output = byId("sample-output");
-  const request = {
+  const request = JSON.stringify({
     prompt: byId("prompt").value,
     tokens: Number(byId("sample-tokens").value),
     temperature: Number(byId("sample-temperature").value),
-  };
+  });
   const seed = byId("sample-seed").value.trim();
-  if (seed !== "") request.seed = Number(seed);
+  if (seed !== "" && !/^[0-9]+$/.test(seed)) {
+    info.className = "note error";
+    info.textContent = "The seed is a whole number (0 or more), or empty for a random one.";
+    return;
+  }
+  const body = seed === "" ? request : `${request.slice(0, -1)},"seed":${seed.replace(/^0+(?=[0-9])/, "")}}`;
   button.disabled = true;
   info.className = "note";
   info.textContent = "Sampling…";
   try {
-    const answer = await rpc("/v1/model/sample", {
+    const response = await fetch("/v1/model/sample", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(request),
+      headers: { Accept: "application/json", "Content-Type": "application/json" },
+      body,
     });
-    const continuation = answer.text.startsWith(answer.prompt) ? answer.text.slice(answer.prompt.length) : answer.text;
-    output.replaceChildren(element("span", { className: "prompt" }, answer.prompt), continuation);
+    const raw = await response.text();
+    let answer = null;
+    try {
+      answer = JSON.parse(raw);
+    } catch {
+      answer = null;
+    }
+    if (!response.ok || answer === null) {
+      const message = answer && typeof answer.error === "string" ? answer.error : `${response.status} ${response.statusText}`;
+      throw new RpcError(response.status, message, response.headers.get("Retry-After"));
+    }
+    const seeds = [...raw.matchAll(/"seed":\s*([0-9]+)/g)];
+    const seedDigits = seeds.length > 0 ? seeds[seeds.length - 1][1] : String(answer.seed);
+    output.replaceChildren(element("span", { className: "prompt" }, answer.prompt), answer.text);
     output.dataset.height = String(answer.height);
     info.textContent =
-      `The model at height ${integer(answer.height)} (block ${shortHex(answer.hash)}), ` +
-      `${answer.tokens} bytes, seed ${answer.seed}.`;
+      `The model at height ${integer(answer.height)} (block ${shortHex(answer.hash)}): ` +
+      `${answer.tokens} bytes, seed ${seedDigits}.`;
   } catch (error) {
     info.className = "note error";
     const retry = error.retryAfter ? ` Try again in ${error.retryAfter} s.` : "";
