@@ -212,17 +212,20 @@ function gainsOf(height, hash) {
 }
 
 function verdictOf(height, training) {
-  const who = `miner ${shortHex(training.miner)}${training.committed ? "" : ", uncommitted"}`;
+  const who = `miner ${training.miner}${training.committed ? "" : " (uncommitted)"}`;
   const gains = gainsOf(height, training.hash);
   const shown = gains
-    ? `test ${gain(gains.test)}, validation ${gain(gains.validation)} nats/byte`
-    : `test ${training.test_gain ?? "–"}, validation ${training.validation_gain} (Q.16 totals)`;
+    ? `test ${gain(gains.test)} · validation ${gain(gains.validation)}`
+    : `test ${training.test_gain ?? "–"} · validation ${training.validation_gain} (Q.16 totals)`;
   const kind = training.applied ? "applied" : "rejected";
-  const label = training.applied ? "Applied" : "Rejected";
   return element(
-    "span",
+    "div",
     { className: `verdict verdict-${kind}`, title: `training block ${training.hash}, ${who}` },
-    `${label} ${shortHex(training.hash)}: ${shown}`,
+    element("strong", {}, training.applied ? "Applied" : "Rejected"),
+    " ",
+    element("code", {}, shortHex(training.hash)),
+    " ",
+    element("span", { className: "gains" }, shown),
   );
 }
 
@@ -231,8 +234,8 @@ function renderBlocks(answer) {
   const rows = answer.blocks.map((block) => {
     const verdicts =
       block.training.length === 0
-        ? element("span", { className: "verdict verdict-none" }, "none")
-        : element("div", {}, ...block.training.map((training) => verdictOf(block.height, training)));
+        ? element("span", { className: "verdict verdict-none" }, "none named")
+        : block.training.map((training) => verdictOf(block.height, training));
     const row = element(
       "tr",
       { data: { height: block.height }, className: previousNewest >= 0 && block.height > previousNewest ? "new" : "" },
@@ -241,7 +244,7 @@ function renderBlocks(answer) {
       cell(clock(block.timestamp)),
       cell(String(block.round), "number"),
       cell(key(block.proposer)),
-      cell(verdicts),
+      element("td", {}, ...[verdicts].flat()),
     );
     return row;
   });
