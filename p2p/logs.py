@@ -99,9 +99,14 @@ class JsonFormatter(logging.Formatter):
 
 
 class ConsoleHandler(logging.StreamHandler[TextIO]):
-    """A stream handler that writes above a tqdm bar on a terminal instead of through it."""
+    """A handler that writes to the process's stderr as it is when a record comes (not as it was
+    when the handler was made), above a tqdm bar on a terminal instead of through it."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
 
     def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
         if not _is_terminal(self.stream):
             super().emit(record)
             return
@@ -118,7 +123,7 @@ def configure_logging(level: str, style: str) -> None:
     libp2p's own records only from WARNING."""
     if style not in FORMATS:
         raise ValueError(f"log format: got {style!r}, want one of {', '.join(FORMATS)}")
-    handler = ConsoleHandler(sys.stderr)
+    handler = ConsoleHandler()
     handler.setFormatter(JsonFormatter() if style == "json" else TextFormatter())
     handler.addFilter(lambda record: record.levelno >= logging.WARNING or not record.name.startswith("libp2p"))
     root = logging.getLogger()
@@ -206,7 +211,7 @@ class Progress:
     def _log(self, finished: bool) -> None:
         rate, eta = self.rate, self.eta_seconds
         of = f"/{self.total}" if self.total is not None else ""
-        message = f"{self.job}: {self.done}{of} {self.unit}, {rate:.3g} {self.unit}/s"
+        message = f"{self.job}: {self.done}{of} {self.unit}, {_short(rate)} {self.unit}/s"
         if finished:
             message += f", done in {self.clock() - self.started:.1f} s"
         elif eta is not None:
@@ -218,4 +223,38 @@ class Progress:
 
 
 def _short(value: Any) -> Any:
-    return f"{value:.4g}" if isinstance(value, float) else value
+    """A float for people: whole above 1,000, else four significant digits."""
+    if not isinstance(value, float):
+        return value
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+CATCH_UP_HEIGHTS = 4
+"""A node this many heights or more behind its peers reports its sync's progress."""
+
+
+class CatchUp:
+    """The progress of a node importing many heights from its peers (sync): reported (a
+    `Progress` of job "sync") from the first height imported while at least `threshold`
+    heights behind the peer's head, until that head is reached."""
+
+    def __init__(self, threshold: int = CATCH_UP_HEIGHTS, **options: Any) -> None:
+        self.threshold = threshold
+        self.options = options
+        """Passed on to each `Progress` (logger, interval, terminal, clock)."""
+        self.progress: Progress | None = None
+        self.first = 0
+        """The first height of the catch-up being reported."""
+
+    def imported(self, height: int, target: int) -> None:
+        """Height `height` was imported; the peer's head is at `target`."""
+        target = max(target, height)
+        if self.progress is None:
+            if target - height < self.threshold:
+                return
+            self.first = height
+            self.progress = Progress("sync", "heights", total=target - height + 1, **self.options)
+        self.progress.advance(1, total=target - self.first + 1, height=height, target=target)
+        if height >= target:
+            self.progress.close()
+            self.progress = None

@@ -273,8 +273,18 @@ class NodeMetrics:
         self.gossip_bytes.labels(label, direction).inc(size)
 
     def on_rejection(self, what: str, points: int) -> None:
-        labels = rejection_labels(what, points)
-        self.rejections.labels(*labels).inc()
+        """A message refused (`what` it was, the penalty its sender paid): counted by bounded labels."""
+        self.rejections.labels(*rejection_labels(what, points)).inc()
+
+    def on_sync_served(self, method: str) -> None:
+        """A sync request answered (a method outside the protocol's is not counted: the label stays bounded)."""
+        if method in SYNC_METHODS:
+            self.sync_requests_served.labels(method).inc()
+
+    def on_sync_sent(self, method: str) -> None:
+        """A sync request sent to a peer."""
+        if method in SYNC_METHODS:
+            self.sync_requests_sent.labels(method).inc()
 
     # --- the miner ---------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ state and batch stand in for block h + 1's, which do not exist yet.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ from consensus.decisions import get_committed_updates
 from consensus.proposals import propose_training_block
 from consensus.rules import Chain, compute_assigned_slice, compute_next_slice, compute_validation_seed
 from p2p.decided_node import DecidedNode
-from training.miner import Miner
+from training.miner import Miner, Work
 from training.weights import CanonicalWeights
 
 FRACTIONS = (1.0, 0.5, 0.25)
@@ -135,6 +136,33 @@ def validation_gain(block: Block) -> int:
     return body.loss_before - body.loss_after
 
 
+@dataclass(frozen=True)
+class TrainingRound:
+    """One training round of a miner: what it cost and the loss it trained at (informative)."""
+
+    steps: int
+    """Optimizer steps."""
+    tokens: int
+    """Tokens trained on (steps x batch sequences x context)."""
+    seconds: float
+    """Wall-clock time the round took."""
+    loss: float
+    """Mean training loss over the round's steps, nats per token."""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def train_round(miner: Miner, weights: CanonicalWeights, slice_id: int, seed: bytes) -> tuple[Work, TrainingRound]:
+    """`miner.work` on a head's weights, timed: the work and what the round cost."""
+    started = time.perf_counter()
+    work = miner.work(weights, slice_id, seed)
+    seconds = time.perf_counter() - started
+    tokens = work.steps * miner.config.batch_sequences * miner.model.config.context
+    return work, TrainingRound(work.steps, tokens, seconds, work.training_loss)
+
+
 @dataclass
 class MiningProgress:
     """Where a miner's commit-reveal pipeline stands (the node's and the external miner's loops)."""
@@ -170,10 +198,17 @@ class BackgroundTrainer:
     round ending in a snapshot of its values: for a miner whose loop must act on each new head
     at once (commit, reveal) while training takes longer than a height (`potchain mine`)."""
 
-    def __init__(self, miner: Miner, after_round: Callable[[Miner], None] | None = None) -> None:
+    def __init__(
+        self,
+        miner: Miner,
+        after_round: Callable[[Miner], None] | None = None,
+        on_round: Callable[[TrainingRound], None] | None = None,
+    ) -> None:
         self.miner = miner
         self.after_round = after_round
         """Called in the training thread after each round (to save the miner's state, say)."""
+        self.on_round = on_round
+        """Called in the training thread with each round's cost and loss (to report progress)."""
         self._condition = threading.Condition()
         self._target: tuple[bytes, CanonicalWeights, int, bytes] | None = None
         self._snapshot: tuple[int, list[np.ndarray] | None, int] = (0, None, 0)
@@ -218,10 +253,12 @@ class BackgroundTrainer:
                     if self._stopping or self._target is None:
                         return
                     trained, weights, slice_id, seed = self._target
-                work = self.miner.work(weights, slice_id, seed)
+                work, finished = train_round(self.miner, weights, slice_id, seed)
                 snapshot = self.miner.snapshot(weights)
                 if self.after_round is not None:
                     self.after_round(self.miner)
+                if self.on_round is not None:
+                    self.on_round(finished)
                 with self._condition:
                     self._snapshot = (self._snapshot[0] + 1, snapshot, work.steps)
         except BaseException as error:

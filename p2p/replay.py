@@ -12,6 +12,7 @@ height: a decided store holds only blocks that passed these checks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from chain.blocks import Block, DecidedBody, Kind
@@ -37,8 +38,15 @@ class Replayed:
     """Training blocks they name, re-validated with them."""
 
 
-def replay_decided_chain(db: ChainDB, chain: Chain, genesis: Block, genesis_state: State) -> Replayed:
-    """Re-apply the canonical chain of `db` from `genesis` (see the module docstring)."""
+def replay_decided_chain(
+    db: ChainDB,
+    chain: Chain,
+    genesis: Block,
+    genesis_state: State,
+    on_block: Callable[[Block], None] | None = None,
+) -> Replayed:
+    """Re-apply the canonical chain of `db` from `genesis` (see the module docstring);
+    `on_block` is called with each decided block once it is re-applied (to report progress)."""
     parent, state = genesis, genesis_state
     previous_validators: ValidatorSet | None = None  # who voted on the parent's height (None: genesis)
     decided_blocks = training_blocks = 0
@@ -60,6 +68,8 @@ def replay_decided_chain(db: ChainDB, chain: Chain, genesis: Block, genesis_stat
             parent, previous_validators = block, validators
             decided_blocks += 1
             training_blocks += len(named)
+            if on_block is not None:
+                on_block(block)
     except (KeyError, DecodeError) as error:
         raise CorruptStore(f"the stored chain at height {height} does not read back: {error}") from None
     return Replayed(parent, state, decided_blocks, training_blocks)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -63,6 +64,8 @@ class Work:
     """The slice's new int16 values, in the slice's element order."""
     steps: int
     """Optimizer steps taken for this block."""
+    training_loss: float = math.nan
+    """The mean training loss over those steps (nats per token; NaN for none): informative."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -129,9 +132,9 @@ class Miner:
                 self._masks[slice_id] = slice_masks(self.layout, slice_id, self.device)
             masks = self._masks[slice_id]
         self.model.train()
-        for step in range(self.config.steps):
-            self._train_step(seed + step.to_bytes(4, "big"), masks)
-        return Work(slice_id, self.values(chain, slice_id), self.config.steps)
+        losses = [self._train_step(seed + step.to_bytes(4, "big"), masks) for step in range(self.config.steps)]
+        mean_loss = torch.stack(losses).mean().item() if losses else math.nan  # one device sync per round
+        return Work(slice_id, self.values(chain, slice_id), self.config.steps, mean_loss)
 
     def values(self, chain: CanonicalWeights, slice_id: int) -> np.ndarray:
         """The local model's values for a slice, quantized like the chain's (no training):
@@ -152,7 +155,8 @@ class Miner:
         partial move toward the local model's): the local model keeps its own."""
         self.known[slice_id] = self._hash(values)
 
-    def _train_step(self, seed: bytes, masks: dict[str, torch.Tensor] | None) -> None:
+    def _train_step(self, seed: bytes, masks: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """One optimizer step; returns its loss (detached, on the device: reading it would wait for it)."""
         config = self.config
         rate = config.learning_rate * min(1.0, (self.steps_done + 1) / max(1, config.warmup_steps))
         for group in self.optimizer.param_groups:
@@ -169,6 +173,7 @@ class Miner:
                 parameter.grad.mul_(masks[name])
         self.optimizer.step()
         self.steps_done += 1
+        return loss.detach().float()
 
     def state_bytes(self) -> bytes:
         """The miner's state as `load` reads it (a torch archive). The caller writes
