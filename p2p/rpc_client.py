@@ -17,11 +17,22 @@ first (at most `MAX_BACKOFF_SECONDS`). An answer with an error status, or a
 node that stays unreachable, raises `RpcClientError` with the HTTP status (None
 when there was no answer) and the server's reason (the `error` of its JSON
 body, or the body's text).
+
+`EventStream` reads a node's server-sent events (`GET /v1/events`) in a
+background thread and reconnects (resuming from the last event id) when the
+stream drops; `HeadWatch` wakes a waiter when any of several nodes decides a
+height. Their users wait on events and poll the node only while a stream is
+down.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import urllib3
@@ -38,6 +49,14 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 """Longest wait for a connection to open (a request's timeout, if shorter)."""
 MAX_REASON_CHARACTERS = 500
 """A server's reason is cut to this length in an error's message."""
+EVENT_READ_TIMEOUT_SECONDS = 45.0
+"""An event stream silent this long is dead (a node sends a keep-alive comment every 15 s)."""
+EVENT_RETRY_SECONDS = 1.0
+"""Wait before reconnecting a dropped event stream."""
+MAX_QUEUED_EVENTS = 4096
+"""Events an `EventStream` holds for its reader; past it the oldest are dropped."""
+
+log = logging.getLogger(__name__)
 
 
 class RpcClientError(Exception):
@@ -189,3 +208,204 @@ def error_reason(body: bytes) -> str:
     if len(text) > MAX_REASON_CHARACTERS:
         text = text[:MAX_REASON_CHARACTERS] + "..."
     return text or "(no reason given)"
+
+
+# --- Server-sent events ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerEvent:
+    """One event of a node's stream."""
+
+    id: int | None
+    """Its id (None if it had none)."""
+    topic: str
+    """head, finalized, block, attestation, gap or subscribed (docs/node.md)."""
+    data: Any
+    """Its JSON data."""
+
+
+def parse_event(block: str) -> ServerEvent | None:
+    """One event of a text/event-stream (its lines, without the blank line after); None for a
+    comment (a keep-alive) or an event without data."""
+    event_id: int | None = None
+    topic = "message"
+    data: list[str] = []
+    for line in block.splitlines():
+        if not line or line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "id" and value.isdigit():
+            event_id = int(value)
+        elif name == "event":
+            topic = value
+        elif name == "data":
+            data.append(value)
+    if not data:
+        return None
+    try:
+        decoded = json.loads("\n".join(data))
+    except ValueError:
+        decoded = "\n".join(data)
+    return ServerEvent(event_id, topic, decoded)
+
+
+class EventStream:
+    """A node's server-sent events of `topics`, read by a background thread (`start`, then
+    `wait` for events; `close`). A stream that drops, or that cannot be opened, is opened again
+    after `retry_seconds`, resuming from the last event id seen (the node sends what was missed,
+    or a gap event). `connected` says whether the stream is open now: while it is not, a waiter
+    polls the node. `wake`, if given, is set at every event (one event shared by several streams)."""
+
+    def __init__(
+        self,
+        url: str,
+        topics: Iterable[str] = ("head",),
+        *,
+        wake: threading.Event | None = None,
+        retry_seconds: float = EVENT_RETRY_SECONDS,
+        read_timeout: float = EVENT_READ_TIMEOUT_SECONDS,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"RPC url: got {url!r}, want http://HOST:PORT")
+        self.url = url.rstrip("/")
+        self.topics = tuple(topics)
+        if not self.topics:
+            raise ValueError("EventStream topics: got none, want at least one")
+        self.wake = wake
+        self.retry_seconds = retry_seconds
+        self.read_timeout = read_timeout
+        self.last_id: int | None = None
+        """The last event id received (sent as Last-Event-ID when reconnecting)."""
+        self.connected = False
+        """Whether the stream is open now."""
+        self._events: deque[ServerEvent] = deque(maxlen=MAX_QUEUED_EVENTS)
+        self._arrived = threading.Condition()
+        self._closed = threading.Event()
+        self._response: urllib3.BaseHTTPResponse | None = None
+        self._pool = urllib3.PoolManager(num_pools=1, maxsize=1)
+        self._thread = threading.Thread(target=self._run, name="rpc-events", daemon=True)
+
+    def start(self) -> EventStream:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop reading (from any thread; idempotent)."""
+        self._closed.set()
+        response = self._response
+        if response is not None:
+            try:
+                response.shutdown()  # unblocks the reading thread
+            except Exception as error:  # a connection closing meanwhile
+                log.debug("event stream shutdown: %s", error)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self._pool.clear()
+
+    def __enter__(self) -> EventStream:
+        return self.start()
+
+    def __exit__(self, *exception: object) -> None:
+        self.close()
+
+    def wait(self, timeout: float) -> list[ServerEvent]:
+        """The events received since the last call, oldest first, waiting up to `timeout`
+        seconds for the first; empty if none came."""
+        with self._arrived:
+            if not self._events:
+                self._arrived.wait(timeout)
+            events = list(self._events)
+            self._events.clear()
+            return events
+
+    def _run(self) -> None:
+        path = "/v1/events?topics=" + ",".join(self.topics)
+        while not self._closed.is_set():
+            headers = {"Accept": "text/event-stream"}
+            if self.last_id is not None:
+                headers["Last-Event-ID"] = str(self.last_id)
+            try:
+                response = self._pool.request(
+                    "GET", self.url + path, headers=headers, preload_content=False, retries=False, redirect=False,
+                    timeout=Timeout(connect=CONNECT_TIMEOUT_SECONDS, read=self.read_timeout),
+                )  # fmt: skip
+                self._response = response
+                try:
+                    if response.status != 200:
+                        log.info("event stream %s: HTTP %d: %s", self.url, response.status, error_reason(response.data))
+                    elif not self._closed.is_set():
+                        self._read(response)
+                finally:
+                    self.connected = False
+                    response.release_conn()
+            except Exception as error:  # refused, reset, timed out: reconnect
+                log.debug("event stream %s: %s", self.url, error)
+            self._closed.wait(self.retry_seconds)
+
+    def _read(self, response: urllib3.BaseHTTPResponse) -> None:
+        self.connected = True
+        pending = b""
+        while not self._closed.is_set():
+            chunk = response.read1(1 << 16)
+            if not chunk:
+                return  # the node closed the stream
+            pending = (pending + chunk).replace(b"\r\n", b"\n")
+            *blocks, pending = pending.split(b"\n\n")
+            events = [e for e in (parse_event(b.decode(errors="replace")) for b in blocks) if e is not None]
+            if events:
+                self._deliver(events)
+
+    def _deliver(self, events: list[ServerEvent]) -> None:
+        with self._arrived:
+            for event in events:
+                if event.id is not None:
+                    self.last_id = event.id
+                self._events.append(event)
+            self._arrived.notify_all()
+        if self.wake is not None:
+            self.wake.set()
+
+
+class HeadWatch:
+    """Wakes a waiter when any of several nodes decides a height (their `head` event streams),
+    for the devnet and the simulation: `watch` the nodes' RPC urls (streams open and close to
+    match; a restarted node has a new url), then `wait`."""
+
+    def __init__(self, topics: Iterable[str] = ("head",)) -> None:
+        self.topics = tuple(topics)
+        self._woken = threading.Event()
+        self._streams: dict[str, EventStream] = {}
+
+    def watch(self, urls: Iterable[str]) -> None:
+        """Keep a stream open to exactly these nodes."""
+        wanted = set(urls)
+        for url in set(self._streams) - wanted:
+            self._streams.pop(url).close()
+        for url in wanted - set(self._streams):
+            self._streams[url] = EventStream(url, self.topics, wake=self._woken).start()
+
+    @property
+    def connected(self) -> bool:
+        """Whether every watched node's stream is open (else its waiters poll)."""
+        return bool(self._streams) and all(stream.connected for stream in self._streams.values())
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for an event from any watched node; whether one came."""
+        woken = self._woken.wait(timeout)
+        self._woken.clear()
+        for stream in self._streams.values():
+            stream.wait(0)  # the events themselves are not kept
+        return woken
+
+    def close(self) -> None:
+        for stream in self._streams.values():
+            stream.close()
+        self._streams.clear()
+
+    def __enter__(self) -> HeadWatch:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self.close()

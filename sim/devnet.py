@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from p2p.rpc_client import HeadWatch
 from sim.processes import NodeProcess, NodeProcessError
+
+POLL_SECONDS = 0.5
+"""Seconds between looks at the nodes' status while an event stream is down."""
+EVENT_WAIT_SECONDS = 10.0
+"""With every node's event stream open, the status is read at each decided head, or after this long."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,14 @@ def collect(processes: list[NodeProcess]) -> dict[str, Any]:
 
 def wait_finalized(processes: list[NodeProcess], height: int, timeout: float) -> tuple[str, int]:
     """Wait until every node decided at least `height` and they all hold one block at their
-    lowest common head; (that block's hash, its height)."""
+    lowest common head; (that block's hash, its height). Woken by the nodes' head events; polls
+    while a stream is down."""
+    with HeadWatch() as heads:
+        heads.watch(p.rpc for p in processes)
+        return _wait_finalized(processes, height, timeout, heads)
+
+
+def _wait_finalized(processes: list[NodeProcess], height: int, timeout: float, heads: HeadWatch) -> tuple[str, int]:
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -161,7 +174,7 @@ def wait_finalized(processes: list[NodeProcess], height: int, timeout: float) ->
                     hashes = set()
                 if len(hashes) == 1:
                     return hashes.pop(), common
-        time.sleep(0.5)
+        heads.wait(EVENT_WAIT_SECONDS if heads.connected else POLL_SECONDS)
     raise NodeProcessError(f"the nodes did not agree on a decided block at height >= {height} in {timeout} s")
 
 

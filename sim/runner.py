@@ -31,6 +31,7 @@ from chain.store import ChainDB, CorruptStore
 from consensus.decisions import is_committed
 from consensus.genesis import Genesis
 from consensus.rules import Chain, genesis_block, genesis_state
+from p2p.rpc_client import HeadWatch
 from sim.adversaries.copier import copier_keys
 from sim.processes import NodeProcess, NodeProcessError
 from sim.scenario import Event, NodeSpec, Scenario
@@ -39,7 +40,8 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 POLL_SECONDS = 1.0
-"""Seconds between two looks at the honest nodes' status."""
+"""The longest wait between two looks at the honest nodes' status (the timeline's tick): a height
+decided is seen at once, the nodes' head events waking the waits."""
 BASELINE_POINTS = 6
 """Evaluations of the centralized baseline along its steps (besides step 0)."""
 MID_HEIGHT_SECONDS = 1.5
@@ -78,6 +80,8 @@ class Run:
     """Each honest node's rejections and banned peers (ids), read before this run killed it."""
     confirmed: list[bool] = field(default_factory=list)
     """Whether the decided block at height i + 1 confirmed an update (read once per height)."""
+    heads: HeadWatch = field(default_factory=HeadWatch)
+    """The running honest nodes' head event streams, which wake the waits (closed when the run ends)."""
 
     @property
     def elapsed(self) -> float:
@@ -209,7 +213,7 @@ class Run:
                 while time.monotonic() < until:
                     if self.sample(watch, self.processes[watch].get("/v1/status"))["head_height"] != first:
                         break
-                    time.sleep(0.1)
+                    self.heads.wait(1.0 if self.heads.connected else 0.1)  # polls while a stream is down
                 time.sleep(MID_HEIGHT_SECONDS)
                 status = self.sample(watch, self.processes[watch].get("/v1/status"))
             except NodeProcessError as error:
@@ -350,7 +354,8 @@ def drive(run: Run) -> None:
                     return
             except NodeProcessError as error:
                 say(f"{run.elapsed:6.1f}s {error}")
-        time.sleep(POLL_SECONDS)
+        run.heads.watch(run.processes[i].rpc for i in statuses if "rpc" in run.processes[i].info)
+        run.heads.wait(POLL_SECONDS)
     raise NodeProcessError(f"the honest nodes did not decide height {scenario.finalize} and agree"
                            + (f" with {scenario.updates} update(s) confirmed" if scenario.updates else "")
                            + f" within {scenario.timeout:.0f} s")  # fmt: skip
@@ -526,6 +531,7 @@ def run_scenario(scenario: Scenario, out: Path, genesis_path: Path, genesis: Gen
         failure = str(error)
         say(f"failed: {failure}")
     finally:
+        run.heads.close()
         codes = {}
         for process in run.processes.values():
             process.terminate()
