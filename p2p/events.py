@@ -27,6 +27,8 @@ Topics and their data (docs/node.md):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -34,6 +36,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from aiohttp import web
 
 from chain.blocks import Block, DecidedBody
 from chain.votes import Proposal, Vote, VoteKind
@@ -47,6 +51,12 @@ TOPICS = (HEAD, FINALIZED, BLOCK, ATTESTATION)
 GAP = "gap"
 """The event a stream sends in place of events its subscriber lost: `{"first", "last"}`, the range
 of event ids it missed (ids of other topics in that range were never meant for it)."""
+
+SUBSCRIBED = "subscribed"
+"""The event a stream opens with: `{"topics", "height", "hash"}`, its topics and the head when it
+subscribed; its id is the last event's before it, so a client that resumes from it misses nothing."""
+KEEP_ALIVE = b": keep-alive\n\n"
+"""The comment a stream sends when it has had nothing to send for a while."""
 
 MAX_SUBSCRIBERS = 32
 """Subscribers at once; one more is refused (the RPC answers 503)."""
@@ -186,6 +196,61 @@ class EventPublisher:
                 events.append(gap_event(*subscription.lost))
                 subscription.lost = None
             return events
+
+
+# --- The stream (on the RPC's asyncio loop) ----------------------------------------------
+
+
+async def stream_events(
+    request: web.Request,
+    publisher: EventPublisher,
+    topics: frozenset[str],
+    last_id: int | None,
+    head: Callable[[], Block],
+    keep_alive_seconds: float,
+    stopping: asyncio.Event,
+    streams: set[asyncio.Event],
+) -> web.StreamResponse:
+    """Serve one subscriber as text/event-stream until it goes away or the server stops: the
+    events it missed (with `last_id`), the `subscribed` event, then each event as it comes and a
+    keep-alive comment after `keep_alive_seconds` without one. Its wake-up event is in `streams`
+    while it runs: the server sets `stopping`, then each of them, when it stops. Raises TooManySubscribers before
+    anything is sent."""
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+
+    def notify() -> None:  # from the publishing thread
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the stream is gone
+            loop.call_soon_threadsafe(wake.set)
+
+    subscription, last = publisher.subscribe(topics, notify, last_id)
+    streams.add(wake)
+    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+    response = web.StreamResponse(headers=headers | {"X-Accel-Buffering": "no"})
+    try:
+        await response.prepare(request)
+        block = head()
+        opening = NodeEvent(last, SUBSCRIBED, {"topics": [t for t in TOPICS if t in topics],
+                                               "height": block.header.height, "hash": block.hash.hex()})  # fmt: skip
+        missed = publisher.take(subscription)
+        await response.write(b"".join(event.encode() for event in (*missed, opening)))
+        while not stopping.is_set():
+            wake.clear()
+            events = publisher.take(subscription)
+            if events:
+                await response.write(b"".join(event.encode() for event in events))
+                continue
+            try:
+                async with asyncio.timeout(keep_alive_seconds):
+                    await wake.wait()
+            except TimeoutError:
+                await response.write(KEEP_ALIVE)
+    except ConnectionError:  # the client went away
+        pass
+    finally:
+        streams.discard(wake)
+        publisher.unsubscribe(subscription)
+    return response
 
 
 # --- Event data ------------------------------------------------------------------------
