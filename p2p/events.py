@@ -54,7 +54,8 @@ of event ids it missed (ids of other topics in that range were never meant for i
 
 SUBSCRIBED = "subscribed"
 """The event a stream opens with: `{"topics", "height", "hash"}`, its topics and the head when it
-subscribed; its id is the last event's before it, so a client that resumes from it misses nothing."""
+subscribed; its id is the last event's before the subscription (the missed events a resumed stream
+sends after it have smaller ids)."""
 KEEP_ALIVE = b": keep-alive\n\n"
 """The comment a stream sends when it has had nothing to send for a while."""
 
@@ -212,7 +213,7 @@ async def stream_events(
     streams: set[asyncio.Event],
 ) -> web.StreamResponse:
     """Serve one subscriber as text/event-stream until it goes away or the server stops: the
-    events it missed (with `last_id`), the `subscribed` event, then each event as it comes and a
+    `subscribed` event, the events it missed (with `last_id`), then each event as it comes and a
     keep-alive comment after `keep_alive_seconds` without one. Its wake-up event is in `streams`
     while it runs: the server sets `stopping`, then each of them, when it stops. Raises TooManySubscribers before
     anything is sent."""
@@ -232,8 +233,7 @@ async def stream_events(
         block = head()
         opening = NodeEvent(last, SUBSCRIBED, {"topics": [t for t in TOPICS if t in topics],
                                                "height": block.header.height, "hash": block.hash.hex()})  # fmt: skip
-        missed = publisher.take(subscription)
-        await response.write(b"".join(event.encode() for event in (*missed, opening)))
+        await response.write(opening.encode())
         while not stopping.is_set():
             wake.clear()
             events = publisher.take(subscription)
