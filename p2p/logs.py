@@ -12,7 +12,7 @@ line per record on stderr:
 
 `Progress` reports a long job's rate and ETA (`potchain replay`, a node
 catching up many heights by sync, a miner's training rounds): a tqdm bar when
-stderr is a terminal, otherwise an INFO log line at the start, at most every
+stderr is a terminal (and the format is text), otherwise an INFO log line at the start, at most every
 `interval` seconds, and at the end, with the fields `job`, `done`, `total`,
 `unit`, `rate` (per second) and `eta_seconds`.
 """
@@ -131,14 +131,19 @@ def configure_logging(level: str, style: str) -> None:
     root.setLevel(level.upper())
 
 
+def _logs_json() -> bool:
+    """Whether the process logs JSON lines (then progress is JSON lines too, even on a terminal)."""
+    return any(isinstance(handler.formatter, JsonFormatter) for handler in logging.getLogger().handlers)
+
+
 def _is_terminal(stream: Any) -> bool:
     isatty = getattr(stream, "isatty", None)
     return bool(isatty is not None and isatty())
 
 
 class Progress:
-    """A long job's progress, rate and ETA: a tqdm bar when `terminal` (default: stderr is one),
-    otherwise INFO log lines on `logger` (at the first step, at most every `interval` seconds
+    """A long job's progress, rate and ETA: a tqdm bar when `terminal` (default: stderr is one and
+    the log format is text), otherwise INFO log lines on `logger` (at the first step, at most every `interval` seconds
     after, and at `close`). `total` None: an open-ended job (a miner's rounds), with no ETA."""
 
     def __init__(
@@ -164,7 +169,9 @@ class Progress:
         self.started = clock()
         self._logged_at: float | None = None
         self._bar: Any = None
-        if terminal if terminal is not None else _is_terminal(sys.stderr):
+        if terminal is None:
+            terminal = _is_terminal(sys.stderr) and not _logs_json()
+        if terminal:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=job, unit=f" {unit}", file=sys.stderr, dynamic_ncols=True)

@@ -74,6 +74,7 @@ from genesis import chunk_directory, devnet_shard
 from p2p.decided_node import DecidedNode
 from p2p.events import ATTESTATION, attestation_data
 from p2p.host import load_or_create_node_key, make_host, make_pubsub
+from p2p.logs import CatchUp, Progress
 from p2p.mining import (
     MiningProgress,
     PreparedUpdate,
@@ -81,9 +82,18 @@ from p2p.mining import (
     is_carried,
     prepare_update,
     reveal_update,
+    train_round,
     validation_gain,
 )
-from p2p.peers import PENALTY_FLOOD, PENALTY_INVALID, PENALTY_MALFORMED, PENALTY_WITHHELD, PeerBook, TokenBucket
+from p2p.peers import (
+    BAN_SECONDS,
+    PENALTY_FLOOD,
+    PENALTY_INVALID,
+    PENALTY_MALFORMED,
+    PENALTY_WITHHELD,
+    PeerBook,
+    TokenBucket,
+)
 from p2p.signer import SignerRecord
 from p2p.sync import REQUEST_TIMEOUT, send_request
 from p2p.voting import BuildBlock, CheckCandidate, Decided, Effect, NodeVoting, Send, SetTimer
@@ -300,6 +310,8 @@ class VotingNode:
         """True once the host listens and the voting started."""
         self.syncing = False
         """True while importing decided blocks from a peer ahead of us."""
+        self._catch_up = CatchUp()
+        """The progress (rate, ETA) of importing many heights from peers ahead."""
         self.rejections: list[Rejection] = []
         """The latest invalid messages refused (at most MAX_REJECTIONS)."""
         self._attested: set[tuple[object, ...]] = set()
@@ -346,13 +358,16 @@ class VotingNode:
     def _reject(self, peer_id: str, what: str, reason: str, points: int) -> None:
         self.rejections = [*self.rejections[-(MAX_REJECTIONS - 1) :], Rejection(time.time(), peer_id, what, reason)]
         banned = self.peers.penalize(peer_id, points, f"{what}: {reason}")
-        log.warning("rejected %s from %s: %s%s", what, peer_id, reason, " (banned)" if banned else "")
+        self.node.metrics.on_rejection(what, points)
+        fields = {"peer": peer_id, "what": what, "reason": reason, "points": points, "banned": banned}
+        log.warning("rejected %s from %s: %s%s", what, peer_id, reason, " (banned)" if banned else "", extra=fields)
         if banned:
             self._ban(peer_id)
 
     def _ban(self, peer_id: str) -> None:
         """Enforce a ban at once: gossip from the peer is dropped before it is read (py-libp2p's
         blacklist) and the connection closed; sync and dialing check the book."""
+        log.warning("peer %s banned for %.0f s", peer_id, BAN_SECONDS, extra={"peer": peer_id, "seconds": BAN_SECONDS})
         peer = ID.from_base58(peer_id)
         if self.pubsub is not None:
             self.pubsub.add_to_blacklist(peer)
@@ -462,8 +477,12 @@ class VotingNode:
                     height = effect.decision.block.header.height
                     self.fail(f"writing decided height {height} failed: {type(error).__name__}: {error}")
                     return
-                log.info("decided height %d %s", effect.decision.block.header.height,
-                         effect.decision.block.hash.hex()[:16])  # fmt: skip
+                decided = effect.decision.block
+                round_number = effect.decision.commit.round if effect.decision.commit is not None else 0
+                fields = {"height": decided.header.height, "hash": decided.hash.hex(), "round": round_number,
+                          "proposer": decided.header.proposer.hex()}  # fmt: skip
+                log.info("decided height %d %s in round %d", decided.header.height, decided.hash.hex()[:16],
+                         round_number, extra=fields)  # fmt: skip
                 self._checking.clear()
                 self.decisions.set()
                 self.decisions = trio.Event()
@@ -500,7 +519,10 @@ class VotingNode:
         def locked() -> T:
             with self.node.lock:
                 self.voting.on_tick(int(time.time()))
-                return function(*arguments)
+                result = function(*arguments)
+                furthest = max((machine.round for machine in self.voting.machines.values()), default=0)
+                self.node.metrics.on_voting(self.voting.height, furthest)
+                return result
 
         try:
             return await trio.to_thread.run_sync(locked, limiter=self._voting_limiter)
@@ -538,7 +560,9 @@ class VotingNode:
             await trio.to_thread.run_sync(self.node.check_candidate, block, training)
             valid = True
         except InvalidBlock as error:
-            log.info("candidate %s invalid: %s", block_hash.hex()[:16], error)
+            log.info("candidate %s invalid: %s", block_hash.hex()[:16], error,
+                     extra={"hash": block_hash.hex(), "height": height, "reason": str(error)})  # fmt: skip
+            self.node.metrics.rejections.labels("candidate", "invalid").inc()
             valid = False
         if height == self.voting.height:
             await self._carry_out(await self._voting_call(self.voting.on_block_checked, block_hash, valid))
@@ -555,6 +579,7 @@ class VotingNode:
         if self.link_delay:
             await trio.sleep(self.link_delay)
         await self.pubsub.publish(topic, data)
+        self.node.metrics.on_gossip(topic, "out", len(data))
 
     async def publish_training_block(self, block: Block) -> None:
         """Keep a training block (ours, say) and announce it."""
@@ -606,6 +631,7 @@ class VotingNode:
         if (verdict := self._screen(forwarder)) is not None:
             return verdict
         peer = str(forwarder)
+        self.node.metrics.on_gossip(commitments_topic(self.chain_id), "in", len(message.data))
         try:
             commitment = decode_update_commitment(message.data)
         except DecodeError as error:
@@ -624,6 +650,7 @@ class VotingNode:
         if (verdict := self._screen(forwarder)) is not None:
             return verdict
         peer = str(forwarder)
+        self.node.metrics.on_gossip(votes_topic(self.chain_id), "in", len(message.data))
         try:
             decoded = decode_voting_message(message.data)
         except (DecodeError, ValueError) as error:
@@ -687,6 +714,7 @@ class VotingNode:
         if (verdict := self._screen(forwarder)) is not None:
             return verdict
         peer = str(forwarder)
+        self.node.metrics.on_gossip(block_topic(self.chain_id), "in", len(message.data))
         try:
             announcement = Announcement.decode(message.data)
         except DecodeError as error:
@@ -746,6 +774,9 @@ class VotingNode:
                     return
             self.peers.on_valid_block(first)
             if kept:
+                log.info("kept training block %s from %s", block_hash.hex()[:16], first,
+                         extra={"hash": block_hash.hex(), "height": block.header.height, "peer": first,
+                                "proposer": block.header.proposer.hex()})  # fmt: skip
                 await self._publish(block_topic(self.chain_id), Announcement.of(block).encode())
         finally:
             del self._receiving[block_hash]
@@ -759,6 +790,7 @@ class VotingNode:
 
     async def request(self, peer: ID, request: Request) -> bytes | None:
         assert self.host is not None
+        self.node.metrics.on_sync_sent(request.method)
         return await send_request(self.host, self.chain_id, peer, request)
 
     async def _fetch(self, peer: ID, block_hash: bytes, timeout: float = REQUEST_TIMEOUT) -> Block | None:
@@ -831,6 +863,7 @@ class VotingNode:
                 if self.link_delay:
                     await trio.sleep(self.link_delay)
                 await write_response(stream, OK if payload is not None else NOT_FOUND, payload or b"")
+                self.node.metrics.on_sync_served(request.method)
         except Exception as error:
             log.debug("sync stream from %s failed: %s", peer, error)
         finally:
@@ -855,6 +888,8 @@ class VotingNode:
                 if decided is None:
                     break
                 items.append(decided.encode() if request.method == "blocks" else pack(decided.header.fields()))
+            if request.method == "blocks":
+                node.metrics.sync_blocks_served.inc(len(items))
             return pack(items)
         if request.method == "slice":
             return node.slice_content(request.arguments[0])
@@ -881,6 +916,7 @@ class VotingNode:
                     break  # the rest in the next request: a response stays under the wire's limit
                 entries.append([encoded, certificate, training])
                 size += entry_size
+            node.metrics.sync_blocks_served.inc(len(entries))
             return pack(entries)
         return None
 
@@ -932,7 +968,11 @@ class VotingNode:
                     break
                 await trio.to_thread.run_sync(self.node.import_decided, block, commit, training)
                 moved = True
-                log.info("synced decided height %d from %s", block.header.height, peer)
+                height, target = block.header.height, max(self._heads.get(peer, (0.0, 0))[1], block.header.height)
+                self.node.metrics.sync_blocks_fetched.inc()
+                fields = {"height": height, "hash": block.hash.hex(), "peer": str(peer), "target": target}
+                log.info("synced decided height %d from %s", height, peer, extra=fields)
+                self._catch_up.imported(height, target)
         except (DecodeError, InvalidBlock) as error:
             self._reject(str(peer), "decided blocks", str(error), PENALTY_INVALID)
         except StorageError as error:  # the disk failed: the store refuses every later write
@@ -979,6 +1019,7 @@ class VotingNode:
         """Train on the decided head's weights, one round per head, for the slice of our next
         commitment; after each round, snapshot the local model's values for the mining loop."""
         slices = self.node.genesis.partition.slices
+        mining_progress = Progress("mining", "rounds", logger=log, interval=0.0)  # a line per round (per head)
         while True:
             head = self.node.head()
             if mining.trained_on == head.block.hash:
@@ -988,7 +1029,9 @@ class VotingNode:
             slice_id = compute_next_slice(height + (1 if height in mining.committed else 0), key.public_key, slices)
             seed = compute_training_seed(head.block.hash, key.public_key)
             weights = await trio.to_thread.run_sync(self.node.weights_of, head.state)
-            work = await trio.to_thread.run_sync(miner.work, weights, slice_id, seed)
+            work, trained = await trio.to_thread.run_sync(train_round, miner, weights, slice_id, seed)
+            self.node.metrics.on_training_round(trained.tokens, trained.seconds, trained.loss)
+            mining_progress.advance(1, tokens_per_second=round(trained.tokens_per_second), loss=trained.loss)
             mining.snapshot = await trio.to_thread.run_sync(miner.snapshot, weights)
             mining.trained_on, mining.steps = head.block.hash, work.steps
             mining.snapshot_round += 1
@@ -1111,7 +1154,8 @@ class VotingNode:
                 protected = {address.rsplit("/p2p/", 1)[-1] for address in self.config.bootstrap}
                 droppable = sorted((n for n in connected if n not in protected), key=self.peers.score)
                 for name in droppable[:excess]:
-                    log.info("peer %s dropped: over the limit of %d peers", name, self.config.max_peers)
+                    log.info("peer %s dropped: over the limit of %d peers", name, self.config.max_peers,
+                             extra={"peer": name, "reason": "over the peer limit"})  # fmt: skip
                     await self._disconnect(connected.pop(name))
             for name, peer in connected.items():
                 if self.peers.is_banned(name) or name in self.blocked:
@@ -1123,11 +1167,12 @@ class VotingNode:
                     except Exception:
                         addresses = []
                     self.peers.on_connected(name, addresses)
-                    log.info("peer connected %s", name)
+                    log.info("peer connected %s", name, extra={"peer": name, "addresses": addresses})
             for name in known - set(connected):
                 self.peers.on_disconnected(name)
-                log.info("peer disconnected %s", name)
+                log.info("peer disconnected %s", name, extra={"peer": name})
             known = {name for name in connected if not self.peers.is_banned(name) and name not in self.blocked}
+            self.node.metrics.on_peers({name: self.peers.score(name) for name in known}, len(banned))
             for address in self.config.bootstrap:
                 await self._dial(address, connected)
             await trio.sleep(1.0)
