@@ -458,10 +458,14 @@ class VotingNode:
 
     async def _carry_out(self, effects: list[Effect]) -> None:
         assert self._tasks is not None
+        for effect in effects:  # the votes signed here, published before the decision they may make
+            if isinstance(effect, Send):
+                self._attest(effect.message)
+            elif isinstance(effect, Decided) and effect.decision.commit is not None:
+                self._attest(effect.decision.commit)  # it may carry a precommit signed here and not yet sent
         for effect in effects:
             if isinstance(effect, Send):
                 await self._publish(votes_topic(self.chain_id), encode_voting_message(effect.message))
-                self._attest(effect.message)
             elif isinstance(effect, SetTimer):
                 self._tasks.start_soon(self._guarded, self._timer, effect)
             elif isinstance(effect, CheckCandidate):
@@ -681,10 +685,11 @@ class VotingNode:
         return True
 
     def _attest(self, message: Proposal | Vote | Commit) -> None:
-        """Publish a valid proposal or vote, signed here or received, as an attestation event (once:
-        messages are re-sent every few seconds). A commit certificate's precommits were published
-        as they came, or are summed up by the head event that follows."""
+        """Publish a valid proposal or vote, signed here or received, as an attestation event; a
+        commit certificate as its precommits. Each once: messages are re-sent every few seconds."""
         if isinstance(message, Commit):
+            for precommit in message.precommits():
+                self._attest(precommit)
             return
         data = attestation_data(message)
         key = tuple(data.values())
