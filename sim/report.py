@@ -1,6 +1,7 @@
 """The simulation report: report.json (the numbers) and report.html (the plots and tables).
 
-Plots are PNG files made with matplotlib (Agg backend, no display):
+Plots are PNG files made with matplotlib (Agg backend, no display), also
+embedded in report.html (data: URIs), so the page stands alone when moved:
 loss.png (validation and test loss against height, next to the centralized
 baseline at the same optimizer steps), propagation.png (blocks' arrival
 delays), finality.png (decision times: the seconds each height took; every
@@ -11,6 +12,7 @@ rounds.png (the voting rounds each height took: its commit's round + 1).
 
 from __future__ import annotations
 
+import base64
 import html
 import itertools
 import json
@@ -252,17 +254,48 @@ def write_report(data: dict[str, Any], genesis_losses: tuple[float, float], out:
         "peers.png": lambda p: plot_peers(data, p),
         "rounds.png": lambda p: plot_rounds(data, p),
     }
+    images = {}
     for name, draw in plots.items():
         draw(out / name)
-    (out / "report.html").write_text(render_html(data, summary, list(plots)))
+        images[name] = (out / name).read_bytes()
+    (out / "report.html").write_text(render_html(data, summary, images))
     return report
 
 
-def render_html(data: dict[str, Any], summary: dict[str, Any], images: list[str]) -> str:
-    def row(cells: list[Any], tag: str = "td") -> str:
-        return "<tr>" + "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in cells) + "</tr>"
+def format_value(value: Any) -> str:
+    """A value as a person reads it: yes/no, numbers with their digits, lists and mappings
+    written out (not as Python reprs), an em dash for nothing."""
+    if value is None:
+        return "\u2014"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, dict):
+        return "; ".join(f"{key}: {format_value(item)}" for key, item in value.items()) or "\u2014"
+    if isinstance(value, list | tuple):
+        return ", ".join(format_value(item) for item in value) or "\u2014"
+    return str(value)
 
-    headline = "".join(row([key, value]) for key, value in summary.items())
+
+def format_label(key: str) -> str:
+    """A report.json key as a table label: `test_loss_head` -> "test loss head"."""
+    return key.replace("_", " ")
+
+
+def render_html(data: dict[str, Any], summary: dict[str, Any], images: dict[str, bytes]) -> str:
+    """report.html: the tables and the plots (`images`, PNG bytes by file name, embedded)."""
+
+    def row(cells: list[Any], tag: str = "td") -> str:
+        return "<tr>" + "".join(f"<{tag}>{html.escape(format_value(c))}</{tag}>" for c in cells) + "</tr>"
+
+    headline = "".join(
+        f'<tr><th scope="row" title="{html.escape(key)}">{html.escape(format_label(key))}</th>'
+        f"<td>{html.escape(format_value(value))}</td></tr>"
+        for key, value in summary.items()
+    )
     action_rows = "".join(
         row([a["node"], a["adversary"], a.get("action", ""), (a.get("block") or "")[:16], a.get("outcome", ""),
              a.get("sender_scores", "")])
@@ -297,7 +330,17 @@ def render_html(data: dict[str, Any], summary: dict[str, Any], images: list[str]
              f"{c['applied_elsewhere']} of {c['named_elsewhere']}"])
         for c in data.get("colluders", [])
     )  # fmt: skip
-    figures = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in images)
+    contests = "".join(
+        row([c["height"], e["kind"], e["committed"], e["validation_gain"], e["test_gain"], e["applied"]])
+        for c in data.get("overfitter_contests", [])
+        for side in ("overfitter", "rivals")
+        for e in c[side]
+    )
+    figures = "".join(
+        f'<figure><img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="{html.escape(name)}">'
+        f"<figcaption>{html.escape(name)}</figcaption></figure>"
+        for name, png in images.items()
+    )
     failure = data.get("failure")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>potchain simulation: {html.escape(str(data.get("scenario")))}</title>
@@ -315,13 +358,19 @@ img{{max-width:100%}}.bad{{color:#b00}}</style></head><body>
 <p>Every training block a decided block named, from an honest node's stored chain: whether its miner
 committed to it in the parent, its gain on the block's held-out sequences, whether it was applied
 (the committed one with the best positive gain, else the best uncommitted one) and what its miner was paid
-(only a committed update pays). The overfitter's updates applied where an honest candidate named at the same
-height gained more out of sample: {summary.get("overfit_updates_decided")} (its wins by a larger held-out gain:
+(only a committed update pays). The overfitter's updates applied where a committed update trained on the
+training split (the honest miner's or the variant spammer's) named at the same height gained more out of
+sample: {summary.get("overfit_updates_decided")} (its wins by a larger held-out gain:
 {summary.get("overfitter_wins_by_heldout_gain")}); rewards paid to copier keys: {summary.get("copier_rewards")};
 loss on the {summary.get("heldout_sequences_revealed")} held-out sequences revealed so far: genesis model
 {summary.get("heldout_loss_genesis")}, finalized model {summary.get("heldout_loss_finalized")} nats per token.</p>
 <table>{row(["height", "training block", "node", "miner", "committed", "test gain", "applied", "paid"], "th")}
 {updates}</table>
+<h3>The overfitter against the miners of the training split</h3>
+<p>Every height that named both: the validation gain (on each block's own validation batch, which only admits
+it) and the held-out gain (on the proposer's revealed sequences, which decides), in Q.16 loss units.</p>
+<table>{row(["height", "miner", "committed", "validation gain", "held-out gain", "applied"], "th")}
+{contests}</table>
 <h2>Colluders</h2>
 <p>A colluding validator's miner trains on that validator's held-out shard. Its updates can win only at the
 heights that validator proposes (its stake share of the proposals); they must still meet the difficulty on a

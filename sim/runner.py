@@ -850,19 +850,25 @@ def validation_gain(training: Block) -> int:
     return training.body.loss_before - training.body.loss_after
 
 
+TRAINING_SPLIT_KINDS = ("honest", "variant-spammer")
+"""The miners that train on the training split (the variant spammer's miner trains honestly
+and re-signs its blocks): the overfitter's rivals."""
+
+
 def overfitter_summary(updates: list[dict[str, Any]]) -> dict[str, Any]:
-    """The overfitter's updates against the honest ones named at the same heights.
+    """The overfitter's updates against the training-split miners' named at the same heights.
 
     `overfit_updates_decided` (target 0) counts the overfitter's updates applied at a height
-    where a committed honest candidate gained more out of sample: an update that fits the
-    validation split displacing one that generalizes better. (An uncommitted candidate ranks
-    below every committed one whoever trained it, section 17.3: a miner whose commitment
-    missed its block races for nothing, and a copy could not be told from it.) `overfitter_contests` lists every height
-    where both were named, with their validation and held-out gains, so a reader sees which
-    rule decided (the held-out gain) and what a validation-gain rule would have chosen; the
-    overfitter's wins by a larger held-out gain are counted apart
-    (`overfitter_wins_by_heldout_gain`): training on the validation split is training on
-    public text, and an update that gains more on sequences nobody trained on is the better one."""
+    where a committed candidate trained on the training split gained more out of sample: an
+    update that fits the validation split displacing one that generalizes better. (An
+    uncommitted candidate ranks below every committed one whoever trained it, section 17.3:
+    a miner whose commitment missed its block races for nothing, and a copy could not be
+    told from it.) `overfitter_contests` lists every height where both were named, with their
+    validation and held-out gains, so a reader sees which rule decided (the held-out gain)
+    and what a validation-gain rule would have chosen; the overfitter's wins by a larger
+    held-out gain are counted apart (`overfitter_wins_by_heldout_gain`): training on the
+    validation split is training on public text, and an update that gains more on sequences
+    nobody trained on is the better one."""
     named_at: dict[int, list[dict[str, Any]]] = {}
     for entry in updates:
         named_at.setdefault(entry["decided_at"], []).append(entry)
@@ -870,19 +876,19 @@ def overfitter_summary(updates: list[dict[str, Any]]) -> dict[str, Any]:
     displaced = wins = 0
     for height, named in sorted(named_at.items()):
         overfitting = [e for e in named if e["kind"] == "overfitter"]
-        honest = [e for e in named if e["kind"] == "honest"]
-        if not overfitting or not honest:
+        rivals = [e for e in named if e["kind"] in TRAINING_SPLIT_KINDS]
+        if not overfitting or not rivals:
             continue
-        best_honest = max((e["test_gain"] for e in honest if e["committed"]), default=None)
+        best_rival = max((e["test_gain"] for e in rivals if e["committed"]), default=None)
         for entry in overfitting:
             if entry["applied"]:
-                if best_honest is not None and best_honest > entry["test_gain"]:
+                if best_rival is not None and best_rival > entry["test_gain"]:
                     displaced += 1
                 else:
                     wins += 1
-        keep = ("committed", "validation_gain", "test_gain", "applied")
+        keep = ("kind", "committed", "validation_gain", "test_gain", "applied")
         contests.append({"height": height, "overfitter": [{k: e[k] for k in keep} for e in overfitting],
-                         "honest": [{k: e[k] for k in keep} for e in honest]})  # fmt: skip
+                         "rivals": [{k: e[k] for k in keep} for e in rivals]})  # fmt: skip
     return {"overfit_updates_decided": displaced, "overfitter_wins_by_heldout_gain": wins,
             "overfitter_contests": contests}  # fmt: skip
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sim.runner import TRAINING_SPLIT_KINDS
 from sim.scenario import ScenarioError, load_scenario
 from tests.conftest import ROOT, run_potchain
 
@@ -71,9 +73,13 @@ def test_honest_scenario(tmp_path: Path) -> None:
     check_decided_chain(report, 10)
     assert report["invalid_blocks_finalized"] == 0 and report["evidence_included"] == 0
     assert "seed 7" in completed.stderr
+    page = (out / "report.html").read_text()
     for image in IMAGES:
-        assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f'src="{image}"' in (out / "report.html").read_text()
+        png = (out / image).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in page  # stands alone when moved
+    assert page.count('src="') == len(IMAGES)
+    assert "{'" not in page and "['" not in page  # values written out for people, not Python reprs
 
 
 @pytest.mark.slow
@@ -129,7 +135,7 @@ def test_adversarial_scenario(tmp_path: Path) -> None:
     assert report["overfit_updates_decided"] == sum(
         1 for named in named_at.values() for u in named
         if u["kind"] == "overfitter" and u["applied"]
-        and any(v["kind"] == "honest" and v["committed"] and v["test_gain"] > u["test_gain"] for v in named)
+        and any(v["kind"] in TRAINING_SPLIT_KINDS and v["committed"] and v["test_gain"] > u["test_gain"] for v in named)
     )  # fmt: skip
     assert report["overfit_updates_decided"] == 0
     assert report["heldout_sequences_revealed"] > 0
@@ -265,9 +271,10 @@ def test_updates_are_judged_from_the_stored_chain(tmp_path: Path) -> None:
     assert isinstance(revealed.body, TrainingBody)
     validation_gain = revealed.body.loss_before - revealed.body.loss_after
     test_gain = body.gain_of(revealed.hash)
-    want = {"committed": True, "validation_gain": validation_gain, "test_gain": test_gain, "applied": overfit_applied}
+    want = {"kind": "overfitter", "committed": True, "validation_gain": validation_gain, "test_gain": test_gain,
+            "applied": overfit_applied}  # fmt: skip
     assert contest["overfitter"] == [want]
-    assert [h["test_gain"] for h in contest["honest"]] == [body.gain_of(honest_block.hash)]
+    assert [(r["kind"], r["test_gain"]) for r in contest["rivals"]] == [("honest", body.gain_of(honest_block.hash))]
     assert judged["copier_rewards"] == 0
     assert judged["honest_applied_share"] == (None if not body.applied else float(body.applied == honest_block.hash))
     assert judged["update_heights"][0]["commitments"] == [overfitter.public_key.hex()]
@@ -310,13 +317,25 @@ def test_overfitter_summary_counts_displaced_honest_updates() -> None:
         entry(1, "overfitter", 5, True), entry(1, "honest", 9, False),  # displaced a better honest update
         entry(2, "overfitter", 9, True), entry(2, "honest", 5, False),  # a win by a larger held-out gain
         entry(3, "overfitter", 5, True), entry(3, "honest", 9, False, committed=False),  # honest uncommitted
-        entry(4, "overfitter", 5, False), entry(4, "honest", 9, True),  # lost
+        entry(4, "overfitter", 5, False), entry(4, "variant-spammer", 9, True),  # lost to a training-split miner
         entry(5, "overfitter", 5, True),  # alone: no contest
     ]  # fmt: skip
     summary = overfitter_summary(updates)
     assert summary["overfit_updates_decided"] == 1
     assert summary["overfitter_wins_by_heldout_gain"] == 2
     assert [c["height"] for c in summary["overfitter_contests"]] == [1, 2, 3, 4]
-    assert summary["overfitter_contests"][0]["honest"] == [
-        {"committed": True, "validation_gain": 10, "test_gain": 9, "applied": False}
+    assert summary["overfitter_contests"][0]["rivals"] == [
+        {"kind": "honest", "committed": True, "validation_gain": 10, "test_gain": 9, "applied": False}
     ]
+
+
+def test_report_values_are_written_for_people() -> None:
+    from sim.report import format_value, render_html
+
+    assert format_value({"p50": 1.23456, "p90": None}) == "p50: 1.235; p90: \u2014"
+    assert format_value([1, 2000, True]) == "1, 2,000, yes"
+    assert format_value({}) == "\u2014"
+    page = render_html({"scenario": "x", "seed": 3}, {"applied_by_kind": {"honest": 2}, "rounds": [1, 2]},
+                       {"loss.png": b"\x89PNG"})  # fmt: skip
+    assert "honest: 2" in page and "1, 2" in page and "applied by kind" in page
+    assert 'src="data:image/png;base64,iVBORw=="' in page
