@@ -14,13 +14,16 @@ const RECONNECT_SECONDS = [1, 2, 5, 10];
 const SVG = "http://www.w3.org/2000/svg";
 
 const explorer = {
+  chainId: null, // from /v1/status, read until it answers
   head: null, // {height, hash} of the newest head seen
   headEvents: 0, // heads that arrived through the event stream
   lossHeights: [], // /v1/history/loss entries, oldest first
   lossByHeight: new Map(), // the same by height
   lossFrom: 1, // the next height to ask /v1/history/loss for
   newestBlockShown: -1,
-  pendingTraining: new Set(), // training blocks announced on the head since it changed
+  finalityText: "",
+  pending: { height: 0, blocks: new Set() }, // training blocks kept for the height being decided
+  signers: new Set(), // validators whose precommits certify the head
   refreshing: null, // the refresh in progress (a Promise), if any
   refreshAgain: false,
   reconnects: 0,
@@ -135,33 +138,40 @@ function setHead(height, hash) {
   document.body.dataset.headHeight = String(height);
 }
 
+// /v1/status is read once (it evaluates the model's report losses); the rest comes from cheap reads.
 function renderStatus(status) {
+  explorer.chainId = status.chain_id;
   byId("chain-id").textContent = status.chain_id;
   setHead(status.head_height, status.head_hash);
-  const voting = status.voting;
-  byId("voting").textContent = `height ${integer(voting.height)}, round ${voting.round} (${voting.step})`;
-  byId("test-loss").textContent = `${loss(status.test_loss)} nats/byte`;
-  byId("test-loss").title = `validation ${loss(status.validation_loss)} nats/byte (report batches)`;
-  byId("peer-count").textContent = integer(status.peer_count);
 }
 
 function renderFinality(finality) {
+  setHead(finality.finalized_height, finality.finalized_hash);
+  const voting = finality.voting;
+  byId("voting").textContent = `height ${integer(voting.height)}, round ${voting.round} (${voting.step})`;
   const commit = finality.commit;
   let text = `Height ${integer(finality.finalized_height)} is final`;
   if (commit) {
     const share = (100 * commit.signing_stake) / commit.total_stake;
     text += ` (round ${commit.round}: ${commit.signatures.length} signatures, ${share.toFixed(0)}% of the stake)`;
   }
-  const pending = finality.pending.length;
-  text += `. ${pending} training block${pending === 1 ? "" : "s"} waiting for height ${integer(finality.voting.height)}.`;
-  byId("finality").textContent = text;
+  explorer.finalityText = `${text}.`;
+  explorer.pending = { height: finality.voting.height, blocks: new Set(finality.pending.map((block) => block.hash)) };
   explorer.signers = new Set(commit ? commit.signatures.map((signature) => signature.validator) : []);
+  renderPending();
+}
+
+// The training blocks kept for the height being decided: from /v1/finality, then each `block` event.
+function renderPending() {
+  const { height, blocks } = explorer.pending;
+  const count = `${blocks.size} training block${blocks.size === 1 ? "" : "s"}`;
+  byId("finality").textContent = `${explorer.finalityText} ${count} waiting for height ${integer(height)}.`;
 }
 
 // --- Validators and peers -----------------------------------------------------------------
 
 function renderValidators(answer) {
-  const signers = explorer.signers || new Set();
+  const signers = explorer.signers;
   const rows = answer.validators.map((validator) => {
     const meter = element("meter");
     meter.min = 0;
@@ -195,6 +205,7 @@ function renderPeers(answer) {
     ),
   );
   replaceRows(byId("peers").tBodies[0], rows, "No peers (a node without a network).", 4);
+  byId("peer-count").textContent = integer(answer.peers.filter((peer) => peer.connected !== false).length);
 }
 
 // --- Recent blocks ---------------------------------------------------------------------------
@@ -322,7 +333,8 @@ function renderLossChart() {
     axes.append(svg("line", { class: "grid", x1: margin.left, x2: width - margin.right, y1: y(value), y2: y(value) }));
     axes.append(svg("text", { x: margin.left - 6, y: y(value) + 4, "text-anchor": "end" }, value.toFixed(digits)));
   }
-  for (const value of niceTicks(x0, x1, 8).ticks.filter(Number.isInteger)) {
+  const xStep = Math.max(1, Math.round(niceTicks(x0, x1, 8).step));
+  for (let value = Math.ceil(x0 / xStep) * xStep; value <= x1; value += xStep) {
     axes.append(svg("line", { x1: x(value), x2: x(value), y1: bottom, y2: bottom + 4 }));
     axes.append(svg("text", { x: x(value), y: bottom + 16, "text-anchor": "middle" }, String(value)));
   }
@@ -358,6 +370,8 @@ function renderLossChart() {
   const applied = tested.filter((entry) => entry.applied).length;
   const first = tested[0];
   const last = tested[tested.length - 1];
+  byId("test-loss").textContent = `${loss(last.test_loss_after)} nats/byte`;
+  byId("test-loss").title = `The model after height ${last.height}, on that height's held-out sequences`;
   desc.textContent =
     `${tested.length} tested heights from ${first.height} to ${last.height}, ${applied} with an update applied. ` +
     `Height ${last.height}: ${loss(last.test_loss_before)} before, ${loss(last.test_loss_after)} after.`;
@@ -391,7 +405,7 @@ async function refreshOnce() {
   const finality = rpc("/v1/finality").then(renderFinality);
   const losses = loadLossHistory();
   const jobs = [
-    rpc("/v1/status").then(renderStatus),
+    explorer.chainId ? Promise.resolve() : rpc("/v1/status").then(renderStatus),
     finality.then(() => rpc("/v1/validators")).then(renderValidators),
     Promise.all([rpc(`/v1/blocks?limit=${BLOCKS_SHOWN}`), losses.catch(() => null)]).then(([blocks]) => renderBlocks(blocks)),
     losses.then(renderLossChart),
@@ -413,16 +427,20 @@ async function refreshOnce() {
 }
 
 // One refresh at a time; heads that arrive meanwhile ask for one more.
+// body[data-refreshing] says whether one is under way (tests/test_explorer.py waits on it).
 function refresh() {
   if (explorer.refreshing) {
     explorer.refreshAgain = true;
     return explorer.refreshing;
   }
+  document.body.dataset.refreshing = "true";
   explorer.refreshing = refreshOnce().finally(() => {
     explorer.refreshing = null;
     if (explorer.refreshAgain) {
       explorer.refreshAgain = false;
       refresh();
+    } else {
+      document.body.dataset.refreshing = "false";
     }
   });
   return explorer.refreshing;
@@ -445,7 +463,7 @@ function connectEvents() {
   source.addEventListener("subscribed", (event) => {
     const opening = JSON.parse(event.data);
     if (explorer.head && opening.height > explorer.head.height) refresh();
-    if (explorer.headEvents === 0) setLive("live", `Live from height ${integer(opening.height)}: waiting for the next`);
+    if (explorer.headEvents === 0) setLive("live", `Live: waiting for height ${integer(opening.height + 1)}`);
   });
   // The stream dropped events this page was too slow to take: read everything again.
   source.addEventListener("gap", () => refresh());
@@ -453,18 +471,17 @@ function connectEvents() {
     const head = JSON.parse(event.data);
     explorer.headEvents += 1;
     document.body.dataset.headEvents = String(explorer.headEvents);
-    explorer.pendingTraining.clear();
+    document.body.dataset.lastHeadEvent = String(head.height);
     setHead(head.height, head.hash);
-    const verdict = head.applied ? "an update applied" : "no update applied";
-    setLive("live", `Live: height ${integer(head.height)} decided at ${clock(head.timestamp)}, ${verdict}`);
+    setLive("live", `Live: height ${integer(head.height)} at ${clock(Date.now() / 1000)}`);
+    byId("live").title = head.applied ? "It applied an update to the model" : "It applied no update";
     refresh();
   });
   source.addEventListener("block", (event) => {
     const block = JSON.parse(event.data);
-    if (block.kind !== "training") return;
-    explorer.pendingTraining.add(block.hash);
-    const count = explorer.pendingTraining.size;
-    byId("live").title = `${count} training block${count === 1 ? "" : "s"} announced for the next height`;
+    if (block.kind !== "training" || block.height !== explorer.pending.height) return;
+    explorer.pending.blocks.add(block.hash);
+    renderPending();
   });
   source.addEventListener("error", () => {
     if (source.readyState !== EventSource.CLOSED) {
