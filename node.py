@@ -34,9 +34,11 @@ from chain.store import ChainDB, CorruptStore, StorageError
 from consensus.genesis import Genesis, GenesisError
 from consensus.rules import Chain, compute_next_slice, genesis_block, genesis_state
 from genesis import DEVNET, chunk_directory, load_genesis
+from p2p.logs import FORMATS, Progress, configure_logging
 from training.data import SPLITS, ChunkError, load_split, sample_batch, seed_from_int
 from training.evaluate import BACKENDS, CanonicalEvaluator, default_backend, make_backend
 from training.miner import Miner, TrainingConfig
+from training.sample import DEFAULT_TEMPERATURE, MAX_NEW_TOKENS, MAX_TEMPERATURE
 from training.weights import WeightsError, load_weights
 
 
@@ -204,6 +206,7 @@ def command_replay(args: argparse.Namespace) -> dict[str, object]:
     block, the training blocks it names and its commit certificate (p2p/replay.py)."""
     from p2p.replay import replay_decided_chain
 
+    configure_logging(args.log_level, args.log_format)
     genesis = load_genesis(args.genesis)
     directory = chunk_directory(args.genesis, genesis)
     chain = Chain(
@@ -220,7 +223,10 @@ def command_replay(args: argparse.Namespace) -> dict[str, object]:
         head = db.head()
         stored_root = db.state(head).root
         started = time.perf_counter()
-        replayed = replay_decided_chain(db, chain, first, state)
+        progress = Progress("replay", "blocks", total=db.block(head).header.height)
+        replayed = replay_decided_chain(db, chain, first, state,
+                                        lambda block: progress.advance(1, height=block.header.height))  # fmt: skip
+        progress.close()
         seconds = time.perf_counter() - started
     finally:
         db.close()
@@ -379,36 +385,6 @@ def node_settings(args: argparse.Namespace) -> dict[str, object]:
         if value is not None and value != [] and value is not False:
             settings[key] = value
     return settings
-
-
-class LogfmtFormatter(logging.Formatter):
-    """One line per record: time, level, logger and message as key=value pairs."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage().replace('"', "'")
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        line = f'time={stamp} level={record.levelname.lower()} logger={record.name} msg="{message}"'
-        if record.exc_info:
-            line += ' error="' + self.formatException(record.exc_info).replace("\n", " | ") + '"'
-        return line
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": record.created, "level": record.levelname.lower(), "logger": record.name}
-        entry["message"] = record.getMessage()
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def configure_logging(level: str, style: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if style == "json" else LogfmtFormatter())
-    handler.addFilter(lambda record: record.levelno >= logging.WARNING or not record.name.startswith("libp2p"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def write_json_atomically(path: Path, value: object) -> None:
@@ -577,11 +553,12 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
     from chain.blocks import Block, DecidedBody
     from chain.state import State
     from p2p.mining import BackgroundTrainer, PreparedUpdate, is_carried, prepare_update, reveal_update, validation_gain
-    from p2p.rpc_client import RpcClient, RpcClientError
+    from p2p.rpc_client import EventStream, RpcClient, RpcClientError
     from training.miner import Miner, resolve_device
     from training.weights import CanonicalWeights
 
     resolve_device(args.device)
+    configure_logging("info", args.log_format)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     token = args.token
@@ -669,14 +646,19 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
     miner = Miner(fetch_head(first)[0], chain.layout, train_text, TrainingConfig(steps=args.steps, device=args.device))
     if args.state is not None and args.state.exists():
         miner.load(args.state)
-    trainer = BackgroundTrainer(miner, save_state)
+    rounds = Progress("mining", "rounds", interval=0.0)  # tokens/s and training loss, a line (or bar step) a round
+    trainer = BackgroundTrainer(miner, save_state, lambda trained: rounds.advance(
+        1, tokens_per_second=round(trained.tokens_per_second), loss=trained.loss))  # fmt: skip
     committed: dict[int, PreparedUpdate] = {}
     revealed: dict[bytes, Block] = {}
     accepted, applied, last_head, tried_round, posted = 0, 0, b"", -1, 0.0
+    heads = EventStream(args.rpc, ("head",)).start()  # the work is asked for again when a height is decided
+    work, fresh = first, True
     try:
         while args.blocks is None or accepted < args.blocks:
             try:
-                work = client.get_json(f"/v1/mining/work?miner={key.public_key.hex()}")
+                if fresh or not heads.connected:  # polled only while the event stream is down
+                    work = client.get_json(f"/v1/mining/work?miner={key.public_key.hex()}")
                 height = int(work["height"]) - 1
                 if bytes.fromhex(work["parent_hash"]) != last_head:
                     weights, head, state = fetch_head(work)
@@ -707,12 +689,15 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
                 elif height + 1 in committed and time.monotonic() - posted >= COMMITMENT_RESEND_SECONDS:
                     client.submit_commitment(committed[height + 1].commitment.encode())  # gossip may have missed a peer
                     posted = time.monotonic()
-                time.sleep(0.5)
+                fresh = bool(heads.wait(0.5))  # a head event, or the stream's first after (re)connecting
             except RpcClientError as error:
                 say(f"{error}; retrying")
                 time.sleep(2.0)
+                fresh = True
     finally:
+        heads.close()
         trainer.stop()
+        rounds.close()
     return {"submitted": accepted, "applied": applied, "miner": key.public_key.hex(),
             "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
 
@@ -931,6 +916,107 @@ def command_heldout_show(args: argparse.Namespace) -> dict[str, object]:
     return heldout_summary(shard, genesis)
 
 
+# --- looking at the model ------------------------------------------------------------
+
+
+def float_weights_at(args: argparse.Namespace) -> bytes:
+    """The float32 weights file (training/export.py) of the model after the decided block at
+    --height (default: the head): from a node's RPC (--rpc), or from the store in a data
+    directory no node runs on (--datadir, of the network --genesis)."""
+    from p2p.rpc_client import RpcClient, RpcClientError
+    from training.export import ModelOrigin, encode_float_weights
+    from training.weights import SliceLayout
+
+    if args.height is not None and args.height < 0:
+        raise UserError(f"--height: got {args.height}, want a decided height (0 or more)")
+    if args.rpc is not None:
+        query = "" if args.height is None else f"&height={args.height}"
+        try:
+            with RpcClient(args.rpc) as client:
+                return client.get_bytes(f"/v1/model/weights?format=float{query}")
+        except RpcClientError as error:
+            raise UserError(f"the node's RPC at {args.rpc}: {error}") from None
+    genesis = load_genesis(args.genesis)
+    if not (args.datadir / "chain").exists():
+        raise UserError(f"{args.datadir}: no chain database here")
+    first_state = genesis_state(genesis)
+    try:
+        db = ChainDB(args.datadir / "chain", bytes.fromhex(genesis.hash), genesis_block(genesis, first_state),
+                     first_state)  # fmt: skip
+    except CorruptStore as error:
+        if "lock" not in str(error).lower():
+            raise
+        raise UserError(f"{error} (a node running on it holds it: ask its RPC with --rpc)") from None
+    try:
+        head = db.block(db.head()).header.height
+        if args.height is not None and args.height > head:
+            raise UserError(f"--height {args.height}: not decided yet, the head is at height {head}")
+        block_hash = db.head() if args.height is None else db.canonical_hash(args.height)
+        if block_hash is None:
+            raise CorruptStore(f"{args.datadir}: no canonical block at height {args.height} below the head")
+        block, state = db.block(block_hash), db.state(block_hash)
+    finally:
+        db.close()
+    values = [np.frombuffer(content, dtype="<i2").astype(np.int16) for content in state.slices]
+    weights = SliceLayout(genesis.model, genesis.partition).assemble(genesis.exponents, values)
+    origin = ModelOrigin(genesis.chain_id, genesis.hash, block.header.height, block.hash.hex())
+    return encode_float_weights(weights, origin)
+
+
+def command_sample(args: argparse.Namespace) -> dict[str, object] | None:
+    """Text from the chain's model at a height: its weights dequantized to float32, sampled on
+    --device (training/sample.py). Prints the prompt and its continuation, or with --json the
+    object POST /v1/model/sample answers."""
+    from training.export import decode_float_weights
+    from training.miner import resolve_device
+    from training.model import GPT
+    from training.sample import MAX_SEED, SampleSettings, check_prompt, sample_bytes
+
+    device = resolve_device(args.device)
+    seed = secrets.randbelow(MAX_SEED + 1) if args.seed is None else args.seed
+    settings = SampleSettings(args.tokens, args.temperature, args.top_k, seed)
+    prompt = check_prompt(args.prompt)
+    exported = decode_float_weights(float_weights_at(args))
+    model = GPT(exported.config)
+    model.load_state_dict(dict(exported.tensors))
+    model.to(device).eval()
+    text = sample_bytes(model, prompt, settings).decode("utf-8", errors="replace")
+    origin = exported.origin
+    result: dict[str, object] = {"height": origin.height, "hash": origin.block_hash, "prompt": args.prompt,
+                                 "text": text, "tokens": settings.tokens, "seed": seed}  # fmt: skip
+    if args.json:
+        return result
+    print(f"[sample] height {origin.height} block {origin.block_hash[:16]} seed {seed}", file=sys.stderr)
+    print(args.prompt + text, flush=True)
+    return None
+
+
+def command_export(args: argparse.Namespace) -> dict[str, object]:
+    """The model at a height as a directory a PyTorch user loads (training/export.py):
+    model.safetensors (float32), config.json, README.md and hf/ (transformers' GPT-2)."""
+    from training.export import decode_float_weights, write_export
+
+    data = float_weights_at(args)
+    origin = decode_float_weights(data).origin
+    files = write_export(args.out, data)
+    return {
+        "out": str(args.out),
+        "chain_id": origin.chain_id,
+        "height": origin.height,
+        "hash": origin.block_hash,
+        "files": [str(path.relative_to(args.out)) for path in files],
+    }
+
+
+def add_model_source(parser: argparse.ArgumentParser) -> None:
+    """--rpc or --datadir (with --genesis), and --height: where `float_weights_at` reads a model."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--rpc", help="a node's RPC URL, e.g. http://127.0.0.1:8645")
+    source.add_argument("--datadir", type=Path, help="a data directory no node runs on (its chain database)")
+    parser.add_argument("--genesis", type=Path, default=DEVNET, help="with --datadir: the network's genesis")
+    parser.add_argument("--height", type=int, help="a decided height (default: the head)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="potchain", description="A proof-of-training blockchain full node.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -958,6 +1044,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay = commands.add_parser("replay", help="re-validate the stored decided chain from genesis (one JSON line)")
     replay.add_argument("--genesis", type=Path, default=DEVNET)
     replay.add_argument("--datadir", type=Path, required=True)
+    replay.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    replay.add_argument("--log-format", choices=FORMATS, default="text",
+                        help="progress and other log lines on stderr: text (key=value) or json")  # fmt: skip
     replay.set_defaults(handler=command_replay)
 
     run_node = commands.add_parser("node", help="run a full node on the network until SIGINT/SIGTERM")
@@ -979,7 +1068,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_node.add_argument("--steps", type=int, help="the miner's optimizer steps per attempt")
     run_node.add_argument("--threads", type=int, help="torch threads")
     run_node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    run_node.add_argument("--log-format", choices=("text", "json"))
+    run_node.add_argument("--log-format", choices=FORMATS, help="log lines: text (key=value, default) or json")
     run_node.add_argument("--admin-rpc", action="store_true", default=None,
                           help="simulations: serve /v1/admin/* with the token DATADIR/admin_token")  # fmt: skip
     run_node.add_argument("--adversary", help="SIMULATION ONLY (needs --admin-rpc): misbehave as this adversary")
@@ -997,6 +1086,8 @@ def build_parser() -> argparse.ArgumentParser:
     mine.add_argument("--threads", type=int, help="torch threads")
     mine.add_argument("--blocks", type=int, help="stop after submitting this many blocks (default: run)")
     mine.add_argument("--state", type=Path, help="keep the miner's model and optimizer state in this file")
+    mine.add_argument("--log-format", choices=FORMATS, default="text",
+                      help="progress lines (tokens/s, training loss) on stderr: text (key=value) or json")  # fmt: skip
     mine.set_defaults(handler=command_mine)
 
     sim = commands.add_parser("sim", help="run a network scenario on real node processes; write its report")
@@ -1071,6 +1162,25 @@ def build_parser() -> argparse.ArgumentParser:
     heldout_show.add_argument("path", type=Path, help="the shard file (potchain heldout new)")
     heldout_show.add_argument("--genesis", type=Path, required=True, help="the network's genesis")
     heldout_show.set_defaults(handler=command_heldout_show)
+
+    sample = commands.add_parser("sample", help="text from the chain's model at a height, sampled on --device")
+    add_model_source(sample)
+    sample.add_argument("--prompt", required=True, help="the text to continue (its UTF-8 bytes)")
+    sample.add_argument("--tokens", type=int, required=True, help=f"bytes to generate (1 to {MAX_NEW_TOKENS})")
+    sample.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                        help=f"softmax temperature, more than 0 and at most {MAX_TEMPERATURE} "
+                             f"(default {DEFAULT_TEMPERATURE})")  # fmt: skip
+    sample.add_argument("--top-k", type=int, help="sample among the k likeliest bytes only (default: all)")
+    sample.add_argument("--seed", type=int, help="the sampling seed (default: a random one, printed)")
+    sample.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    sample.add_argument("--json", action="store_true", help="print POST /v1/model/sample's JSON object instead")
+    sample.set_defaults(handler=command_sample)
+
+    export = commands.add_parser("export", help="the model at a height as float32 files for PyTorch and transformers")
+    add_model_source(export)
+    export.add_argument("--out", type=Path, required=True,
+                        help="directory for model.safetensors, config.json, README.md and hf/")  # fmt: skip
+    export.set_defaults(handler=command_export)
     return parser
 
 
@@ -1087,7 +1197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    print(json.dumps(result), flush=True)
+    if result is not None:
+        print(json.dumps(result), flush=True)
     return 0
 
 

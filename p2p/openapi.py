@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from training.sample import DEFAULT_TEMPERATURE, MAX_NEW_TOKENS, MAX_PROMPT_CHARACTERS, MAX_SEED, MAX_TEMPERATURE
+
 Schema = dict[str, Any]
 
 _REF = "#/components/schemas/"
@@ -22,6 +24,7 @@ _ERROR_DESCRIPTIONS = {
     409: "Not possible on this node (now)",
     413: "Request body too large",
     422: "Invalid block or commitment: it breaks a rule (the message names it)",
+    429: "Too many requests from this client address: rate-limited (see Retry-After)",
     503: "Busy: too many connections, requests or evaluations at once (see Retry-After)",
 }
 
@@ -359,6 +362,26 @@ def _node_schemas() -> dict[str, Schema]:
             "Balance and stake at the head (zeros for an unknown address)",
             {"address": _hex(32, "Public key"), "balance": _integer("Spendable units"), "stake": _integer("Staked")},
         ),
+        "Validators": _object(
+            "The validators who vote on the height being decided: every account with stake in the head's state",
+            {
+                "height": _integer("The height being decided (the head's + 1)", minimum=1),
+                "head_hash": _hash("The head whose state holds these stakes"),
+                "total_stake": _integer("All their stake"),
+                "quorum_stake": _integer(
+                    "The least stake whose precommits make a commit certificate (at least 2/3 of total_stake)"
+                ),
+                "validators": _array(_ref("Validator"), "Largest stake first, then by address"),
+            },
+        ),
+        "Validator": _object(
+            "One validator at the head",
+            {
+                "address": _hex(32, "Public key"),
+                "stake": _integer("Staked units (its voting weight)", minimum=1),
+                "balance": _integer("Spendable units"),
+            },
+        ),
         "Peers": {
             "type": "object",
             "properties": {"peers": _array({"type": "object"}, "Peer records (fields depend on the network)")},
@@ -523,11 +546,14 @@ def _paths(admin: bool) -> dict[str, Schema]:
         "503": _json("Health", "Starting up"),
     }
     weights = {
-        "description": "Canonical weights as safetensors (int16 tensors, exponents in the metadata)",
+        "description": "Canonical weights as safetensors (int16 tensors, exponents in the metadata); with "
+        "format=float, the same values as float32 tensors with the model's shape and chain origin in the metadata "
+        "(potchain export writes them as a directory)",
         "headers": {
             "Content-Disposition": {
                 "schema": {"type": "string"},
-                "description": "attachment; filename=potchain-<height>.safetensors",
+                "description": "attachment; filename=potchain-<height>.safetensors "
+                "(potchain-<height>-float32.safetensors with format=float)",
             }
         },
         "content": {"application/octet-stream": {"schema": _binary()}},
@@ -582,12 +608,21 @@ def _paths(admin: bool) -> dict[str, Schema]:
             )
         },
         "/v1/model/weights": {
-            "get": _operation("modelWeights", "The model's weights", _responses(weights, 400, 404), [height])
+            "get": _operation(
+                "modelWeights", "The model's weights", _responses(weights, 400, 404), [height, _weights_format()]
+            )
         },
         "/v1/accounts/{address}": {
             "get": _operation("account", "An account at the head", _responses(_json("Account", "OK"), 400), [address])
         },
         "/v1/peers": {"get": _operation("peers", "Connected peers", _responses(_json("Peers", "OK")))},
+        "/v1/validators": {
+            "get": _operation(
+                "validators",
+                "The validators of the height being decided and their stakes",
+                _responses(_json("Validators", "OK")),
+            )
+        },
         "/v1/mining/work": {
             "get": _operation("miningWork", "A miner's assignment", _responses(_json("Work", "OK"), 400), [miner])
         },
@@ -598,6 +633,19 @@ def _paths(admin: bool) -> dict[str, Schema]:
                 "node",
                 "This node: peer id, addresses, rejected messages, blocked peers, link delay",
                 _responses(_json("NodeInfo", "OK")),
+            )
+        },
+        "/metrics": {
+            "get": _operation(
+                "metrics",
+                "The node's Prometheus metrics (text exposition format; docs/node.md lists them)",
+                {
+                    "200": {
+                        "description": "Every metric of this node, in Prometheus's text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "503": _json("Error", _ERROR_DESCRIPTIONS[503]),
+                },
             )
         },
         "/openapi.json": {
@@ -614,6 +662,9 @@ def _paths(admin: bool) -> dict[str, Schema]:
             )
         },
     }
+    paths |= _explorer_paths()
+    paths |= _history_paths()
+    paths |= _model_paths()
     admin_paths = {
         "/v1/admin/link-delay": {
             "post": _admin_operation(
@@ -637,6 +688,346 @@ def _paths(admin: bool) -> dict[str, Schema]:
     return paths | admin_paths if admin else paths
 
 
+def _explorer_paths() -> dict[str, Schema]:
+    """The explorer: a web page over this RPC (p2p/explorer/), its script and style sheet."""
+    headers = {
+        "Content-Security-Policy": {
+            "schema": {"type": "string"},
+            "description": "default-src 'self': the page loads nothing from elsewhere",
+        }
+    }
+    page = {"description": "The page", "headers": headers, "content": {"text/html": {"schema": {"type": "string"}}}}
+    asset = {
+        "description": "explorer.js (text/javascript) or explorer.css (text/css)",
+        "headers": headers,
+        "content": {"text/javascript": {"schema": {"type": "string"}}, "text/css": {"schema": {"type": "string"}}},
+    }
+    file = _parameter(
+        "file", "path", {"type": "string", "enum": ["explorer.js", "explorer.css"]}, "The explorer's file"
+    )
+    redirect = {
+        "description": "Redirect to the explorer",
+        "headers": {"Location": {"schema": {"type": "string", "const": "/explorer"}, "description": "/explorer"}},
+    }
+    return {
+        "/": {"get": _operation("root", "Redirects to the explorer", _responses(redirect, ok_status="302"))},
+        "/explorer": {
+            "get": _operation(
+                "explorer",
+                "The explorer: head and finality, recent blocks and verdicts, validators, peers, the held-out "
+                "loss by height and samples of the model, live from /v1/events",
+                _responses(page),
+            )
+        },
+        "/explorer/{file}": {
+            "get": _operation("explorerFile", "The explorer's script or style sheet", _responses(asset, 404), [file])
+        },
+    }
+
+
+def _loss(description: str) -> Schema:
+    return {"type": ["number", "null"], "description": description + " (nats per token, informative)"}
+
+
+def _history_schemas() -> dict[str, Schema]:
+    """The event stream's events and the history pages (p2p/events.py, p2p/history.py)."""
+    topics = ["head", "finalized", "block", "attestation"]
+    events = ("Head", "Finalized", "Block", "Attestation", "Gap", "Subscribed")
+    return {
+        "ServerSentEvent": _object(
+            "One event of the stream (text/event-stream: id, event and data lines, then a blank line); "
+            "a comment line ': keep-alive' comes after 15 s without an event",
+            {
+                "id": {
+                    "type": "string",
+                    "pattern": "^[0-9]+$",
+                    "description": "The event id: larger than every earlier one, across restarts too (resume with "
+                    "the Last-Event-ID header)",
+                },
+                "event": {
+                    "type": "string",
+                    "enum": [*topics, "gap", "subscribed"],
+                    "description": "The topic; gap: events this subscriber lost (its queue was full, or they are "
+                    "no longer kept for a resume); subscribed: the first event of every stream",
+                },
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"oneOf": [_ref(f"{name}Event") for name in events]},
+                    "description": "The event's JSON data",
+                },
+            },
+        ),
+        "HeadEvent": _object(
+            "head: a height was decided",
+            {
+                "height": _integer("The decided height", minimum=1),
+                "hash": _hash("The decided block"),
+                "round": _integer("The round its commit certificate is from"),
+                "applied": {"oneOf": [_hash("The training block whose update it applied"), {"type": "null"}]},
+                "timestamp": _integer("The block's timestamp (Unix seconds)"),
+            },
+        ),
+        "FinalizedEvent": _object(
+            "finalized: a block is final (a decided block is, at once, by its commit certificate)",
+            {"height": _integer("Its height", minimum=1), "hash": _hash("The block")},
+        ),
+        "BlockEvent": _object(
+            "block: a decided block stored, or a valid training block kept on the head",
+            {
+                "hash": _hash("The block"),
+                "kind": {"type": "string", "enum": ["training", "decided"]},
+                "height": _integer("Its height", minimum=1),
+                "proposer": _hex(32, "Its miner (training) or proposer (decided)"),
+            },
+        ),
+        "AttestationEvent": _object(
+            "attestation: a valid proposal or vote of the height being decided, signed here or received",
+            {
+                "height": _integer("The height being decided", minimum=1),
+                "round": _integer("The round"),
+                "kind": {"type": "string", "enum": ["proposal", "prevote", "precommit"]},
+                "validator": _hex(32, "The signer"),
+                "block": {
+                    "oneOf": [_hash("The block proposed or voted for"), {"type": "null"}],
+                    "description": "null: a vote for nil",
+                },
+            },
+        ),
+        "GapEvent": _object(
+            "gap: the subscriber lost the events with ids first..last (some may be of topics it did not ask for)",
+            {"first": _integer("The first id lost"), "last": _integer("The last id lost")},
+        ),
+        "SubscribedEvent": _object(
+            "subscribed: the stream's first event; its id is the last event's before the subscription (the "
+            "missed events a resumed stream sends after it have smaller ids)",
+            {
+                "topics": _array({"type": "string", "enum": topics}, "The topics of this stream"),
+                "height": _integer("The head's height when it subscribed"),
+                "hash": _hash("The head then"),
+            },
+        ),
+        "BlockPage": _object(
+            "Decided blocks, newest first",
+            {
+                "blocks": _array(_ref("BlockSummary"), "At most limit, from height from down"),
+                "next": {
+                    "oneOf": [_integer("The from of the next (older) page", minimum=1), {"type": "null"}],
+                    "description": "null: this page reaches height 1 (or from was past the head)",
+                },
+            },
+        ),
+        "BlockSummary": _object(
+            "A decided block and its verdicts",
+            {
+                "height": _integer("Height", minimum=1),
+                "hash": _hash("Block hash"),
+                "timestamp": _integer("Unix seconds"),
+                "proposer": _hex(32, "The round's proposer"),
+                "round": _integer("The round its commit certificate is from"),
+                "applied": {"oneOf": [_hash("The training block whose update it applied"), {"type": "null"}]},
+                "training": _array(_ref("TrainingSummary"), "The training blocks it tested (maybe none)"),
+            },
+        ),
+        "TrainingSummary": _object(
+            "A training block a decided block tested",
+            {
+                "hash": _hash("The training block"),
+                "miner": _hex(32, "Its miner"),
+                "committed": _boolean("Its miner committed to the update in the parent (only then is it paid)"),
+                "validation_gain": _integer("Its proof's validation gain (Q.16 loss total)", minimum=None),
+                "test_gain": _integer("Its gain on the block's held-out test (Q.16 loss total)", minimum=None),
+                "applied": _boolean("The block applied its update"),
+            },
+        ),
+        "LossHistory": _object(
+            "Losses by decided height, oldest first, read from the stored blocks (never evaluated)",
+            {
+                "heights": _array(_ref("HeightLosses"), "At most limit, from height from up"),
+                "next": {
+                    "oneOf": [_integer("The from of the next page", minimum=1), {"type": "null"}],
+                    "description": "null: this page reaches the head (or from was past it)",
+                },
+            },
+        ),
+        "HeightLosses": _object(
+            "One decided height's losses (Q.16 totals shown as nats per token)",
+            {
+                "height": _integer("Height", minimum=1),
+                "hash": _hash("The decided block"),
+                "test_loss_before": _loss("The parent model on the held-out sequences it revealed (null: no test)"),
+                "test_loss_after": _loss(
+                    "The model after the block on the same sequences: with the applied update, else equal to "
+                    "test_loss_before (null: no test)"
+                ),
+                "applied": {"oneOf": [_hash("The training block whose update it applied"), {"type": "null"}]},
+                "validation_loss_before": _loss(
+                    "The applied update's proof: the parent model on its validation batch (null: none applied)"
+                ),
+                "validation_loss_after": _loss("The same with the update (null: none applied)"),
+                "confirmed": _array(_ref("UpdateLosses"), "The applied update (at most one)"),
+                "rejected": _array(_ref("UpdateLosses"), "The tested updates not applied"),
+            },
+        ),
+        "UpdateLosses": _object(
+            "A tested update's losses",
+            {
+                "hash": _hash("The training block"),
+                "miner": _hex(32, "Its miner"),
+                "slice_id": _integer("The slice it sets"),
+                "committed": _boolean("Its miner committed to it in the parent"),
+                "validation_loss_before": _loss("Its proof: the parent model on its validation batch"),
+                "validation_loss_after": _loss("Its proof: with the update"),
+                "test_loss_after": _loss("The block's held-out sequences with the update"),
+            },
+        ),
+    }
+
+
+def _history_paths() -> dict[str, Schema]:
+    """The event stream, and the pages of the decided chain's history."""
+    topics = _parameter(
+        "topics",
+        "query",
+        {"type": "string", "pattern": "^(head|finalized|block|attestation)(,(head|finalized|block|attestation))*$"},
+        "Comma-separated topics (default: all four); an unknown one is a 400",
+    )
+    last_event_id = _parameter(
+        "Last-Event-ID",
+        "header",
+        {"type": "string", "pattern": "^[0-9]{1,19}$"},
+        "Resume: the last event id seen; the stream starts with the recent events after it (or a gap)",
+    )
+    stream = {
+        "description": "The event stream: subscribed, the missed events (with Last-Event-ID), then each event "
+        "as it comes; it ends only when the client or the node goes",
+        "content": {"text/event-stream": {"schema": _ref("ServerSentEvent")}},
+    }
+
+    def page(default: int, most: int, start: str) -> list[Schema]:
+        return [
+            _parameter("from", "query", {"type": "integer", "minimum": 1},
+                       f"The decided height to start from (default: {start}); past the head: an empty page"),
+            _parameter("limit", "query", {"type": "integer", "minimum": 1, "maximum": most, "default": default},
+                       f"Heights in the page (1 to {most}, default {default})"),
+        ]  # fmt: skip
+
+    return {
+        "/v1/events": {
+            "get": _operation(
+                "events",
+                "Server-sent events: decided heads, finality, blocks and votes as they happen",
+                _responses(stream, 400),
+                [topics, last_event_id],
+            )
+        },
+        "/v1/blocks": {
+            "get": _operation(
+                "blocks",
+                "Decided blocks with their verdicts, newest first, a page at a time",
+                _responses(_json("BlockPage", "OK"), 400),
+                page(20, 100, "the head"),
+            )
+        },
+        "/v1/history/loss": {
+            "get": _operation(
+                "lossHistory",
+                "Test and validation losses by decided height, oldest first, from the stored blocks",
+                _responses(_json("LossHistory", "OK"), 400),
+                page(1000, 1000, "1"),
+            )
+        },
+    }
+
+
+def _weights_format() -> Schema:
+    return _parameter(
+        "format",
+        "query",
+        {"type": "string", "enum": ["canonical", "float"], "default": "canonical"},
+        "canonical: int16 tensors and exponents, as the chain holds them; float: float32 tensors",
+    )
+
+
+_SAMPLE_TOKENS: Schema = {"type": "integer", "minimum": 1, "maximum": MAX_NEW_TOKENS, "description": "Bytes"}
+_SAMPLE_SEED: Schema = {"type": "integer", "minimum": 0, "maximum": MAX_SEED}
+
+
+def _model_paths() -> dict[str, Schema]:
+    """Sampling text from the model (training/sample.py)."""
+    request = {
+        "type": "object",
+        "description": "What to sample: prompt and tokens are required",
+        "properties": {
+            "prompt": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_PROMPT_CHARACTERS,
+                "description": "The text to continue (its UTF-8 bytes; the model reads the last context's worth)",
+            },
+            "tokens": _SAMPLE_TOKENS | {"description": "Bytes to generate"},
+            "temperature": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "maximum": MAX_TEMPERATURE,
+                "default": DEFAULT_TEMPERATURE,
+                "description": "Softmax temperature: lower is more predictable",
+            },
+            "top_k": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": 256,
+                "description": "Sample among the k likeliest bytes only (default: among all)",
+            },
+            "seed": _SAMPLE_SEED | {"description": "Seed of the sampling generator (default: a random one)"},
+            "height": {"type": "integer", "minimum": 0, "description": "A decided height (default: the head)"},
+        },
+        "required": ["prompt", "tokens"],
+        "additionalProperties": False,
+    }
+    rate_limited = _json("Error", _ERROR_DESCRIPTIONS[429]) | {
+        "headers": {
+            "Retry-After": {
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                "description": "Seconds until this client may sample again",
+            }
+        }
+    }
+    sample = {
+        "operationId": "sampleModel",
+        "summary": "Text the model at a decided height continues a prompt with",
+        "description": "The canonical weights, dequantized to float32, sample byte by byte: softmax(logits / "
+        "temperature) among the top_k likeliest bytes, from a generator seeded with seed (the same request on "
+        "this node gives the same text). The prompt is read as UTF-8 and the generated bytes are decoded with "
+        "U+FFFD for bytes that do not decode. Each client address may sample a few times at once, then at a "
+        "steady rate (429 with Retry-After past that); samples share the node's evaluator (503 when it stays "
+        "taken)",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
+        "responses": _responses(_json("Sample", "The sampled text"), 400, 404, 408, 413) | {"429": rate_limited},
+    }
+    return {"/v1/model/sample": {"post": sample}}
+
+
+def _model_schemas() -> dict[str, Schema]:
+    return {
+        "Sample": _object(
+            "Text the model at a decided height continued a prompt with",
+            {
+                "height": _integer("The decided height whose model sampled"),
+                "hash": _hash("The decided block at that height"),
+                "prompt": {"type": "string", "description": "The prompt, as given"},
+                "text": {
+                    "type": "string",
+                    "description": "The continuation alone (the prompt not repeated): the generated bytes decoded "
+                    "as UTF-8, U+FFFD for bytes that do not decode",
+                },
+                "tokens": _SAMPLE_TOKENS | {"description": "Bytes generated"},
+                "seed": _SAMPLE_SEED | {"description": "The seed used (given, or drawn): the same text again with it"},
+            },
+        ),
+    }
+
+
 def openapi_document(admin: bool = False) -> Schema:
     """The OpenAPI 3.1 description of every endpoint a server serves (the admin ones only when on)."""
     schemes = {"bearer": {"type": "http", "scheme": "bearer", "description": "The mining token, DATADIR/rpc_token"}}
@@ -653,11 +1044,11 @@ def openapi_document(admin: bool = False) -> Schema:
             "one round), so the finalized block is the head. Errors are JSON {error}; a busy node answers 503 "
             "with Retry-After. Block submission needs Authorization: Bearer <datadir/rpc_token>; the admin "
             "endpoints (/v1/admin/*, served only by a node started with --admin-rpc) need Bearer "
-            "<datadir/admin_token>.",
+            "<datadir/admin_token>. /explorer is a web page over these reads.",
         },
         "paths": _paths(admin),
         "components": {
-            "schemas": {**_block_schemas(), **_node_schemas()},
+            "schemas": {**_block_schemas(), **_node_schemas(), **_history_schemas(), **_model_schemas()},
             "securitySchemes": schemes,
         },
     }

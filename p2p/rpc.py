@@ -1,5 +1,6 @@
 """The node's HTTP RPC: JSON reads of the chain, the model and mining work,
-and block submission, served by aiohttp.
+and block submission, served by aiohttp; and the explorer, a web page over
+these reads (p2p/explorer/, at /explorer).
 
 libp2p runs on trio in the main thread; the RPC runs its own asyncio loop in
 its own thread. Every call into the node (which may wait on its lock) goes to
@@ -21,19 +22,23 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from functools import partial
+from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from chain.blocks import (
     Block,
@@ -52,10 +57,16 @@ from chain.files import SECRET_MODE, write_atomically
 from chain.state import Account, State
 from chain.votes import Commit, Proposal
 from consensus.decided_chain import Decision
+from consensus.decisions import get_validator_set
 from consensus.rules import Chain, InvalidBlock, StaleBlock, UnknownParent
 from p2p.decided_node import DecidedNode, WorkAssignment, mean_loss
+from p2p.events import TOPICS, TooManySubscribers, stream_events
+from p2p.history import BLOCKS_PAGE_DEFAULT, BLOCKS_PAGE_MAX, LOSS_PAGE_DEFAULT, LOSS_PAGE_MAX, History
 from p2p.mining import held_commitment
 from p2p.openapi import openapi_document
+from training.export import ModelOrigin, encode_float_weights
+from training.model import GPT
+from training.sample import MAX_SEED, SampleError, SampleSettings, check_prompt, float_model, sample_bytes
 from training.weights import encode_weights
 
 log = logging.getLogger(__name__)
@@ -379,9 +390,35 @@ def submit_view(block: Block, known: bool) -> JSON:
     return {"hash": block.hash.hex(), "height": block.header.height, "known": known}
 
 
+def validators_view(node: DecidedNode) -> JSON:
+    """The validators who vote on the height being decided (every account with stake in the head's
+    state), largest stake first, and the stake a commit certificate needs."""
+    head = node.head()
+    validators = get_validator_set(head.state, node.genesis)
+    total = validators.total
+    ranked = sorted(validators.stakes.items(), key=lambda item: (-item[1], item[0]))
+    return {
+        "height": head.block.header.height + 1,
+        "head_hash": head.block.hash.hex(),
+        "total_stake": total,
+        "quorum_stake": -(-total * validators.quorum_numerator // validators.quorum_denominator),
+        "validators": [
+            {"address": address.hex(), "stake": stake, "balance": head.state.accounts[address].balance}
+            for address, stake in ranked
+        ],
+    }
+
+
 def commitment_view(commitment: UpdateCommitment, known: bool) -> JSON:
     view = {"height": commitment.height, "miner": commitment.miner.hex(), "update_hash": commitment.update_hash.hex()}
     return view | {"known": known}
+
+
+def metrics_text(backend: RpcBackend) -> bytes:
+    """The node's metrics in Prometheus's text format, `potchain_syncing` read now."""
+    metrics = backend.node.metrics
+    metrics.syncing.set(1 if backend.is_syncing() else 0)
+    return metrics.exposition()
 
 
 def _plain(value: object) -> object:
@@ -446,6 +483,8 @@ class ExpensiveReads:
         self._cache: OrderedDict[tuple[str, bytes], Any] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._compute_lock = threading.Lock()
+        self._model: tuple[bytes, GPT] | None = None
+        """The float model samples last ran on, by weights root."""
 
     def cached(self, what: str, block_hash: bytes) -> Any:
         """A cached answer (`losses` or `weights`) for a block, or None."""
@@ -481,6 +520,46 @@ class ExpensiveReads:
             data = encode_weights(self.chain.weights(state))
             self._keep("weights", block_hash, data)
             return data
+
+    def float_weights(self, block: Block, state: State) -> bytes:
+        """The float32 safetensors encoding of the model after a decided block (training/export.py).
+        Not cached: twice the canonical encoding's size, and rarely asked for."""
+        genesis = self.chain.genesis
+        origin = ModelOrigin(genesis.chain_id, genesis.hash, block.header.height, block.hash.hex())
+        with self._compute_lock:
+            return encode_float_weights(self.chain.weights(state), origin)
+
+    def sample(self, state: State, prompt: bytes, settings: SampleSettings) -> str:
+        """Text the model of `state` continues `prompt` with (bytes decoded with errors="replace"),
+        on the evaluator's device; the last float model used is kept."""
+        with self._compute_lock:
+            if self._model is None or self._model[0] != state.weights_root:
+                self._model = (state.weights_root, float_model(self.chain.weights(state), self.chain.device))
+            return sample_bytes(self._model[1], prompt, settings).decode("utf-8", errors="replace")
+
+
+# --- The explorer ----------------------------------------------------------------
+
+EXPLORER_FILES = {
+    "index.html": "text/html",
+    "explorer.js": "text/javascript",
+    "explorer.css": "text/css",
+}
+"""The explorer's files (p2p/explorer/, shipped as package data) and their content types."""
+EXPLORER_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
+    "object-src 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+"""Headers of every explorer file: the page loads only this node's own scripts, styles and data."""
+
+
+def load_explorer() -> dict[str, bytes]:
+    """The explorer's files by name, read once from the package."""
+    folder = resources.files("p2p").joinpath("explorer")
+    return {name: folder.joinpath(name).read_bytes() for name in EXPLORER_FILES}
 
 
 # --- Input parsing -----------------------------------------------------------------
@@ -530,12 +609,156 @@ def parse_height_query(request: web.Request) -> int | None:
     return None if text is None else parse_height(text, "height")
 
 
+def parse_topics(text: str | None) -> frozenset[str]:
+    """`?topics=a,b`: some of p2p.events.TOPICS (default: all)."""
+    if text is None:
+        return frozenset(TOPICS)
+    names = text.split(",")
+    for name in names:
+        if name not in TOPICS:
+            raise RpcError(400, f"topics: unknown topic {name!r}, want a comma-separated list of {', '.join(TOPICS)}")
+    return frozenset(names)
+
+
+def parse_last_event_id(text: str | None) -> int | None:
+    """The Last-Event-ID header of a client resuming a stream: an event id (decimal)."""
+    if text is None:
+        return None
+    if not _DECIMAL.fullmatch(text) or len(text) > 19:
+        raise RpcError(400, f"Last-Event-ID: {text[:40]!r} is not an event id (a decimal integer)")
+    return int(text)
+
+
+def parse_page(request: web.Request, default_limit: int, max_limit: int) -> tuple[int | None, int]:
+    """`?from=H&limit=N`: a decided height (1 or more; None if absent) and a page size (1 to `max_limit`)."""
+    text = request.query.get("from")
+    start = None if text is None else parse_height(text, "from")
+    if start == 0:
+        raise RpcError(400, "from: 0 is genesis, want a decided height (1 or more)")
+    text = request.query.get("limit")
+    limit = default_limit if text is None else parse_height(text, "limit")
+    if not 1 <= limit <= max_limit:
+        raise RpcError(400, f"limit: got {text}, want 1 to {max_limit}")
+    return start, limit
+
+
 def parse_raw_format(request: web.Request) -> bool:
     """`?format=raw` (True) or `json`, the default."""
     value = request.query.get("format", "json")
     if value not in ("json", "raw"):
         raise RpcError(400, f"format: {value!r}, want 'json' or 'raw'")
     return value == "raw"
+
+
+def parse_weights_format(request: web.Request) -> bool:
+    """`?format=float` (True: float32) or `canonical` (int16), the default."""
+    value = request.query.get("format", "canonical")
+    if value not in ("canonical", "float"):
+        raise RpcError(400, f"format: {value!r}, want 'canonical' or 'float'")
+    return value == "float"
+
+
+SAMPLE_FIELDS = ("prompt", "tokens", "temperature", "top_k", "seed", "height")
+"""The fields of a sample request's JSON body (prompt and tokens required)."""
+
+
+@dataclass(frozen=True)
+class SampleQuery:
+    """A checked `POST /v1/model/sample` body."""
+
+    prompt: str
+    """The prompt as given."""
+    encoded: bytes
+    """Its UTF-8 bytes: what the model reads."""
+    settings: SampleSettings
+    """Tokens, temperature, top-k and seed (a random seed when none was given)."""
+    height: int | None
+    """The decided height whose model samples (None: the head)."""
+
+
+def parse_sample_body(data: bytes) -> SampleQuery:
+    """A sample request's JSON body, every field checked (400 naming the field otherwise)."""
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        message = f"body: not UTF-8 ({error.reason} at byte {error.start}): the prompt must be text"
+        raise RpcError(400, message) from None
+    except ValueError:
+        raise RpcError(400, "body: not JSON") from None
+    if not isinstance(document, dict):
+        raise RpcError(400, 'body: want a JSON object {"prompt": text, "tokens": count, ...}')
+    unknown = sorted(set(document) - set(SAMPLE_FIELDS))
+    if unknown:
+        raise RpcError(400, f"body: unknown fields {unknown}, want some of {list(SAMPLE_FIELDS)}")
+    if "prompt" not in document:
+        raise RpcError(400, "prompt: missing, want the text to continue")
+    prompt = document["prompt"]
+    if not isinstance(prompt, str):
+        raise RpcError(400, f"prompt: got {_json_type(prompt)}, want a string")
+    tokens = _json_integer(document, "tokens")
+    if tokens is None:
+        raise RpcError(400, "tokens: missing, want the number of bytes to generate")
+    temperature = document.get("temperature", SampleSettings.temperature)
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        raise RpcError(400, f"temperature: got {_json_type(temperature)}, want a number")
+    seed = _json_integer(document, "seed")
+    try:
+        encoded = check_prompt(prompt)
+        settings = SampleSettings(
+            tokens=tokens,
+            temperature=float(temperature),
+            top_k=_json_integer(document, "top_k"),
+            seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed,
+        )
+    except SampleError as error:
+        raise RpcError(400, str(error)) from None
+    height = _json_integer(document, "height")
+    if height is not None and height < 0:
+        raise RpcError(400, f"height: got {height}, want a decided height (0 or more)")
+    return SampleQuery(prompt, encoded, settings, height)
+
+
+def _json_integer(document: dict[str, Any], name: str) -> int | None:
+    """An integer field (a number with no fraction, as JSON Schema counts integers), None if absent."""
+    value = document.get(name)
+    if value is None and name not in document:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RpcError(400, f"{name}: got {_json_type(value)}, want an integer")
+    return value
+
+
+def _json_type(value: object) -> str:
+    """A JSON value's type and the value, for an error message."""
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+    name = "null" if value is None else names.get(type(value), type(value).__name__)
+    shown = json.dumps(value)
+    return f"{name} {shown[:40]}{'...' if len(shown) > 40 else ''}"
+
+
+class RateLimiter:
+    """A token bucket per client address: `burst` requests at once, refilled at `per_second`
+    (used on the server's loop only). At most `clients` addresses are remembered, the least
+    recently seen forgotten first (a forgotten address starts again with a full bucket)."""
+
+    def __init__(self, burst: int, per_second: float, clients: int = 4096) -> None:
+        self.burst = burst
+        self.per_second = per_second
+        self.clients = clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        """Each address's tokens and when they were counted (monotonic seconds)."""
+
+    def take(self, address: str, now: float) -> float:
+        """Take a token for `address`: 0.0 if there was one, else the seconds until there is."""
+        tokens, counted = self._buckets.pop(address, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - counted) * self.per_second)
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / self.per_second
+        self._buckets[address] = (tokens - 1 if wait == 0.0 else tokens, now)
+        while len(self._buckets) > self.clients:
+            self._buckets.popitem(last=False)
+        return wait
 
 
 # --- The server ----------------------------------------------------------------------
@@ -567,14 +790,25 @@ class RpcLimits:
     """Largest request body; a larger one is answered 413."""
     cache_entries: int = 16
     """Evaluated losses and weights encodings kept by block hash (least recently used dropped)."""
+    sample_burst: int = 5
+    """Samples (POST /v1/model/sample) one client address may ask for at once; past that it is
+    answered 429 with Retry-After."""
+    samples_per_minute: float = 20.0
+    """How fast a client's allowance of samples refills."""
+    keep_alive_seconds: float = 15.0
+    """An event stream with nothing to send for this long sends a keep-alive comment."""
 
     def __post_init__(self) -> None:
         for name in ("max_connections", "max_in_flight", "max_body_bytes", "cache_entries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RpcLimits.{name}: got {getattr(self, name)}, want at least 1")
-        for name in ("idle_seconds", "body_seconds", "send_seconds", "evaluator_wait_seconds"):
+        for name in ("idle_seconds", "body_seconds", "send_seconds", "evaluator_wait_seconds", "keep_alive_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"RpcLimits.{name}: got {getattr(self, name)}, want more than 0")
+        if self.sample_burst < 1:
+            raise ValueError(f"RpcLimits.sample_burst: got {self.sample_burst}, want at least 1")
+        if not self.samples_per_minute > 0:
+            raise ValueError(f"RpcLimits.samples_per_minute: got {self.samples_per_minute}, want more than 0")
 
 
 @web.middleware
@@ -676,8 +910,14 @@ class RpcServer:
         self._token = token.encode()
         self._admin_token = admin_token.encode() if admin_token is not None else None
         self._openapi = openapi_document(admin=admin_token is not None)
+        self._explorer = load_explorer()
         self.reads = ExpensiveReads(self.node, self.limits.cache_entries)
+        self._samples = RateLimiter(self.limits.sample_burst, self.limits.samples_per_minute / 60)
         """The evaluations and weights encodings the RPC serves, cached by block hash."""
+        self.history = History(self.node)
+        """The decided chain's block summaries and losses by height, cached."""
+        self._streams: set[asyncio.Event] = set()
+        """The wake-up events of the event streams being served (set when the server stops)."""
         self.app = web.Application(middlewares=[self._admit, json_errors], client_max_size=self.limits.max_body_bytes)
         self.app.add_routes(self._routes())
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rpc-worker")
@@ -700,18 +940,27 @@ class RpcServer:
         routes = [
             web.get("/health", self.health, allow_head=False),
             web.get("/v1/status", self.status, allow_head=False),
+            web.get("/v1/events", self.events, allow_head=False),
+            web.get("/v1/blocks", self.blocks, allow_head=False),
+            web.get("/v1/history/loss", self.loss_history, allow_head=False),
             web.get("/v1/blocks/head", self.head_block, allow_head=False),
             web.get("/v1/blocks/{ref}", self.block, allow_head=False),
             web.get("/v1/finality", self.finality, allow_head=False),
             web.get("/v1/model", self.model, allow_head=False),
             web.get("/v1/model/weights", self.weights, allow_head=False),
+            web.post("/v1/model/sample", self.sample),
             web.get("/v1/accounts/{address}", self.account, allow_head=False),
             web.get("/v1/peers", self.peers, allow_head=False),
+            web.get("/v1/validators", self.validators, allow_head=False),
             web.get("/v1/mining/work", self.work, allow_head=False),
             web.post("/v1/mining/submit", self.submit),
             web.post("/v1/mining/commitments", self.commit),
             web.get("/v1/node", self.node_info, allow_head=False),
+            web.get("/metrics", self.metrics, allow_head=False),
             web.get("/openapi.json", self.openapi, allow_head=False),
+            web.get("/", self.root, allow_head=False),
+            web.get("/explorer", self.explorer_page, allow_head=False),
+            web.get("/explorer/{file}", self.explorer_file, allow_head=False),
         ]
         if self.admin:
             routes += [
@@ -797,6 +1046,8 @@ class RpcServer:
             self._ready.set()
             await self._stopping.wait()
         finally:
+            for wake in self._streams:  # the event streams see `_stopping` and end
+                wake.set()
             if watchdog is not None:
                 watchdog.cancel()
             if listener is not None:
@@ -835,6 +1086,8 @@ class RpcServer:
             return error_response(
                 404, f"not found: {request.method} {request.path}: the admin endpoints are off (--admin-rpc)"
             )
+        if request.path == "/v1/events":  # lasts as long as its client: bounded by the subscribers instead
+            return await handler(request)
         if self._in_flight >= self.limits.max_in_flight:
             message = f"busy: {self._in_flight} requests in flight, the most this node serves at once; retry later"
             return error_response(503, message, busy_headers())
@@ -855,6 +1108,12 @@ class RpcServer:
         found = self.reads.cached(what, block.hash)
         if found is not None:
             return found
+        compute = self.reads.losses if what == "losses" else self.reads.weights
+        return await self._on_evaluator(compute, block.hash, state)
+
+    async def _on_evaluator(self, compute: Callable[..., T], *args: Any) -> T:
+        """Run `compute` on the pool holding the evaluator (one model computation at a time;
+        a 503 if the evaluator stays taken for `evaluator_wait_seconds`)."""
         assert self._evaluator is not None
         try:
             async with asyncio.timeout(self.limits.evaluator_wait_seconds):
@@ -863,8 +1122,7 @@ class RpcServer:
             message = f"busy: the evaluator stayed taken for {self.limits.evaluator_wait_seconds} s; retry later"
             raise RpcError(503, message, busy_headers()) from None
         try:
-            compute = self.reads.losses if what == "losses" else self.reads.weights
-            return await self._call(compute, block.hash, state)
+            return await self._call(compute, *args)
         finally:
             self._evaluator.release()
 
@@ -924,6 +1182,27 @@ class RpcServer:
             return web.Response(body=await self._call(block.encode), content_type="application/octet-stream")
         return web.json_response(await self._call(block_view, self.node, block))
 
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events of the topics asked (p2p/events.py); 503 past the subscribers a node serves."""
+        topics = parse_topics(request.query.get("topics"))
+        last_id = parse_last_event_id(request.headers.get("Last-Event-ID"))
+        assert self._stopping is not None
+        try:
+            return await stream_events(request, self.node.events, topics, last_id, lambda: self.node.head().block,
+                                       self.limits.keep_alive_seconds, self._stopping, self._streams)  # fmt: skip
+        except TooManySubscribers as error:
+            raise RpcError(503, f"busy: {error}; retry later", busy_headers()) from None
+
+    async def blocks(self, request: web.Request) -> web.Response:
+        """Decided block summaries, newest first (p2p/history.py)."""
+        start, limit = parse_page(request, BLOCKS_PAGE_DEFAULT, BLOCKS_PAGE_MAX)
+        return web.json_response(await self._call(self.history.blocks, start, limit))
+
+    async def loss_history(self, request: web.Request) -> web.Response:
+        """Each decided height's test and validation losses, oldest first (p2p/history.py)."""
+        start, limit = parse_page(request, LOSS_PAGE_DEFAULT, LOSS_PAGE_MAX)
+        return web.json_response(await self._call(self.history.losses, 1 if start is None else start, limit))
+
     async def finality(self, request: web.Request) -> web.Response:
         return web.json_response(await self._call(finality_view, self.backend))
 
@@ -934,11 +1213,43 @@ class RpcServer:
         return web.json_response(await self._call(model_view, self.node, block, state, losses))
 
     async def weights(self, request: web.Request) -> web.Response:
-        block, state = await self._call(block_and_state, self.node, parse_height_query(request))
-        data = await self._expensive("weights", block, state)
-        disposition = f'attachment; filename="potchain-{block.header.height}.safetensors"'
+        height = parse_height_query(request)
+        as_float = parse_weights_format(request)
+        block, state = await self._call(block_and_state, self.node, height)
+        if as_float:
+            data = await self._on_evaluator(self.reads.float_weights, block, state)
+            name = f"potchain-{block.header.height}-float32.safetensors"
+        else:
+            data = await self._expensive("weights", block, state)
+            name = f"potchain-{block.header.height}.safetensors"
+        disposition = f'attachment; filename="{name}"'
         return web.Response(
             body=data, content_type="application/octet-stream", headers={"Content-Disposition": disposition}
+        )
+
+    async def sample(self, request: web.Request) -> web.Response:
+        """Text the model at a decided height continues a prompt with (rate-limited per client address)."""
+        query = parse_sample_body(await self._read_body(request))
+        wait = self._samples.take(request.remote or "", time.monotonic())
+        if wait > 0:
+            limits = self.limits
+            message = (
+                f"rate-limited: {limits.sample_burst} samples at once and {limits.samples_per_minute:g} a minute "
+                f"per client; retry in {math.ceil(wait)} s"
+            )
+            raise RpcError(429, message, {"Retry-After": str(math.ceil(wait))})
+        block, state = await self._call(block_and_state, self.node, query.height)
+        text = await self._on_evaluator(self.reads.sample, state, query.encoded, query.settings)
+        settings = query.settings
+        return web.json_response(
+            {
+                "height": block.header.height,
+                "hash": block.hash.hex(),
+                "prompt": query.prompt,
+                "text": text,
+                "tokens": settings.tokens,
+                "seed": settings.seed,
+            }
         )
 
     async def account(self, request: web.Request) -> web.Response:
@@ -948,6 +1259,9 @@ class RpcServer:
 
     async def peers(self, request: web.Request) -> web.Response:
         return web.json_response({"peers": await self._call(self.backend.peers)})
+
+    async def validators(self, request: web.Request) -> web.Response:
+        return web.json_response(validators_view(self.node))  # an immutable decided state: no lock
 
     async def work(self, request: web.Request) -> web.Response:
         miner = parse_hex32(request.query.get("miner"), "miner")
@@ -1021,5 +1335,28 @@ class RpcServer:
         await self._call(self.backend.set_link_delay, float(seconds))
         return web.json_response({"seconds": float(seconds)})
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        """The node's Prometheus metrics in the text format (p2p/metrics.py)."""
+        return web.Response(
+            body=await self._call(metrics_text, self.backend), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(self._openapi)
+
+    async def root(self, request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": "/explorer"})
+
+    async def explorer_page(self, request: web.Request) -> web.Response:
+        return self._explorer_response("index.html")
+
+    async def explorer_file(self, request: web.Request) -> web.Response:
+        name = request.match_info["file"]
+        if name == "index.html" or name not in EXPLORER_FILES:
+            raise RpcError(404, f"not found: the explorer has no file {name!r}")
+        return self._explorer_response(name)
+
+    def _explorer_response(self, name: str) -> web.Response:
+        return web.Response(
+            body=self._explorer[name], content_type=EXPLORER_FILES[name], charset="utf-8", headers=EXPLORER_HEADERS
+        )

@@ -32,7 +32,7 @@ from schemathesis.generation import GenerationMode
 
 from genesis import DEVNET
 from p2p.decided_node import DecidedNode
-from p2p.rpc import LocalBackend, RpcServer
+from p2p.rpc import LocalBackend, RpcLimits, RpcServer
 from tests.chain_builders import Scenario, decide_next
 
 EXAMPLES = 12
@@ -75,7 +75,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     assert node.on_training_block(training)
     decide_next(node, keys[0], keys[0:3], training)
     decide_next(node, keys[1], keys[1:4], None)
-    server = RpcServer(Networked(node), token="mining-token", admin_token="admin-token")
+    # Samples unlimited: a rate-limited valid request (429) would read as a refusal of valid data.
+    limits = RpcLimits(sample_burst=10_000)
+    server = RpcServer(Networked(node), token="mining-token", admin_token="admin-token", limits=limits)
     port = server.start()
     yield Served(f"http://127.0.0.1:{port}", {"mining": "mining-token", "admin": "admin-token"})
     server.stop()
@@ -84,13 +86,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 
 def config() -> SchemathesisConfig:
-    """Strict checks: no 5xx at all, and a valid request is refused only with 401/403/404/409."""
+    """Strict checks: no 5xx at all, and a valid request is refused only with 401/403/404/409.
+    An event stream (GET /v1/events) never ends: its first event (subscribed) is read and checked."""
     return SchemathesisConfig.from_dict(
         {
+            "max-stream-events": 1,
             "checks": {
                 "not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx"]},
                 "positive_data_acceptance": {"expected-statuses": ["2xx", "401", "403", "404", "409"]},
-            }
+            },
         }
     )
 
