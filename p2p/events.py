@@ -59,6 +59,9 @@ sends after it have smaller ids)."""
 KEEP_ALIVE = b": keep-alive\n\n"
 """The comment a stream sends when it has had nothing to send for a while."""
 
+CLOSED_CHECK_SECONDS = 0.25
+"""How often an idle stream looks whether its client has closed the connection."""
+
 MAX_SUBSCRIBERS = 32
 """Subscribers at once; one more is refused (the RPC answers 503)."""
 QUEUE_EVENTS = 256
@@ -234,17 +237,23 @@ async def stream_events(
         opening = NodeEvent(last, SUBSCRIBED, {"topics": [t for t in TOPICS if t in topics],
                                                "height": block.header.height, "hash": block.hash.hex()})  # fmt: skip
         await response.write(opening.encode())
+        sent = loop.time()
         while not stopping.is_set():
             wake.clear()
             events = publisher.take(subscription)
             if events:
                 await response.write(b"".join(event.encode() for event in events))
+                sent = loop.time()
                 continue
+            if request.transport is None or request.transport.is_closing():
+                break  # the client closed the connection: its subscription is free at once
             try:
-                async with asyncio.timeout(keep_alive_seconds):
+                async with asyncio.timeout(min(keep_alive_seconds, CLOSED_CHECK_SECONDS)):
                     await wake.wait()
             except TimeoutError:
-                await response.write(KEEP_ALIVE)
+                if loop.time() - sent >= keep_alive_seconds:
+                    await response.write(KEEP_ALIVE)
+                    sent = loop.time()
     except ConnectionError:  # the client went away
         pass
     finally:
