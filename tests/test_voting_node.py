@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from chain.blocks import Block, DecidedBody, Reward, TrainingBody, compute_update_hash
 from chain.crypto import devnet_key
@@ -243,5 +244,11 @@ def test_a_network_whose_miner_cannot_meet_the_difficulty_keeps_deciding_heights
             assert block is not None and isinstance(block.body, DecidedBody) and block.body.training == ()
             assert store.commit_of(block.hash) is not None
         assert store.training_blocks() == []  # the miner never met the difficulty, so it offered nothing
+        # It trained all along: its rounds, tokens, speed and training loss are in the node's metrics.
+        metrics = {sample.name: sample.value for family in text_string_to_metric_families(
+            store.metrics.exposition().decode()) for sample in family.samples}  # fmt: skip
+        rounds = metrics["potchain_miner_rounds_total"]
+        assert rounds >= 1 and metrics["potchain_miner_tokens_total"] == rounds * 4 * 8 * store.genesis.model.context
+        assert metrics["potchain_miner_tokens_per_second"] > 0 and 0 < metrics["potchain_miner_training_loss"] < 8
     finally:
         store.close()
