@@ -3,7 +3,8 @@ requests from `/openapi.json` for every operation and sends them to a real
 node's server (admin endpoints on), with no token, the mining token and the
 admin token. Every answer must be documented and match its schema, no
 request may get a 5xx, and no request the document calls valid may be
-refused (positive-data acceptance: only 2xx, 401, 403, 404 and 409).
+refused (positive-data acceptance: only 2xx, 401, 403, 404 and 409; and
+the 302 of GET /, which redirects to the explorer).
 
 The one exception is the body of `POST /v1/mining/submit` and
 `POST /v1/mining/commitments`: the document can say it is a non-empty octet
@@ -86,14 +87,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 
 def config() -> SchemathesisConfig:
-    """Strict checks: no 5xx at all, and a valid request is refused only with 401/403/404/409.
+    """Strict checks: no 5xx at all, and a valid request is refused only with 401/403/404/409
+    (a 302 is GET /, which redirects to the explorer).
     An event stream (GET /v1/events) never ends: its first event (subscribed) is read and checked."""
     return SchemathesisConfig.from_dict(
         {
             "max-stream-events": 1,
             "checks": {
                 "not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx"]},
-                "positive_data_acceptance": {"expected-statuses": ["2xx", "401", "403", "404", "409"]},
+                "positive_data_acceptance": {"expected-statuses": ["2xx", "302", "401", "403", "404", "409"]},
             },
         }
     )
