@@ -341,16 +341,26 @@ def render_html(data: dict[str, Any], summary: dict[str, Any], images: dict[str,
         f"<figcaption>{html.escape(name)}</figcaption></figure>"
         for name, png in images.items()
     )
+    samples = data.get("model_samples")
+    sample_section = (
+        f"<h2>The model's text</h2><p>The genesis model and the finalized one continue the same prompt with the same"
+        f" settings (temperature {samples['temperature']}, seed {samples['seed']}, {samples['tokens']} bytes):</p>"
+        f"<h3>Genesis</h3><pre>{html.escape(samples['prompt'] + samples['genesis'])}</pre>"
+        f"<h3>Finalized</h3><pre>{html.escape(samples['prompt'] + samples['finalized'])}</pre>"
+        if samples
+        else ""
+    )
     failure = data.get("failure")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>potchain simulation: {html.escape(str(data.get("scenario")))}</title>
 <style>body{{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}}
 table{{border-collapse:collapse;margin:1rem 0}}td,th{{border:1px solid #ccc;padding:.25rem .5rem;font-size:.9rem}}
-img{{max-width:100%}}.bad{{color:#b00}}</style></head><body>
+img{{max-width:100%}}.bad{{color:#b00}}pre{{white-space:pre-wrap;background:#f6f6f6;padding:.5rem}}</style></head><body>
 <h1>Scenario {html.escape(str(data.get("scenario")))} (seed {data.get("seed")})</h1>
 {f'<p class="bad">The run failed: {html.escape(failure)}</p>' if failure else ""}
 <h2>Outcome</h2><table>{headline}</table>
 <h2>Plots</h2>{figures}
+{sample_section}
 <h2>Adversarial actions</h2>
 <table>{row(["node", "adversary", "action", "block", "what the network did", "sender's scores"], "th")}
 {action_rows}</table>

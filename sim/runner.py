@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from chain.blocks import Block, DecidedBody, TrainingBody
 from chain.crypto import devnet_key
+from chain.state import State
 from chain.store import ChainDB, CorruptStore
 from consensus.decisions import is_committed
 from consensus.genesis import Genesis
@@ -819,6 +820,7 @@ def judge_updates(db: ChainDB, chain: Chain, up_to: int, roles: dict[bytes, Mine
     def mean_loss(totals: list[int]) -> float | None:
         return round(sum(totals) / tokens / (1 << LOSS_BITS), 5) if tokens else None
 
+    samples = model_samples(chain, first_state, final_state)
     loss_genesis = mean_loss([chain.loss_on(first_state, sequences) for sequences in tests])
     loss_finalized = mean_loss([chain.loss_on(final_state, sequences) for sequences in tests])
     applied_updates = [entry for entry in updates if entry["applied"]]
@@ -841,7 +843,25 @@ def judge_updates(db: ChainDB, chain: Chain, up_to: int, roles: dict[bytes, Mine
             for kind in sorted({e["kind"] for e in applied_updates})
         },
         "colluders": [colluder_summary(node, validator, heights, updates) for validator, node in colluders.items()],
+        "model_samples": samples,
     }
+
+
+SAMPLE_PROMPT = "ROMEO:\n"
+"""The prompt the report's model samples continue."""
+
+
+def model_samples(chain: Chain, genesis: State, finalized: State) -> dict[str, Any]:
+    """Text the genesis model and the finalized one continue SAMPLE_PROMPT with (the same
+    settings and seed: what training changed shows in the text)."""
+    from training.sample import SampleSettings, sample_text
+
+    settings = SampleSettings(tokens=200, temperature=0.8, top_k=None, seed=0)
+    return {
+        "prompt": SAMPLE_PROMPT, "tokens": settings.tokens, "temperature": settings.temperature, "seed": settings.seed,
+        "genesis": sample_text(chain.weights(genesis), SAMPLE_PROMPT, settings),
+        "finalized": sample_text(chain.weights(finalized), SAMPLE_PROMPT, settings),
+    }  # fmt: skip
 
 
 def validation_gain(training: Block) -> int:

@@ -145,6 +145,7 @@ def test_adversarial_scenario(tmp_path: Path) -> None:
     assert all(a["outcome"] for a in updates)
     html = (out / "report.html").read_text()
     assert all(kind in html for kind in ADVERSARIES)
+    assert "The model&#x27;s text" in html or "The model's text" in html
     assert "Updates judged out of sample" in html and "Colluders" in html
 
 
@@ -287,6 +288,16 @@ def test_updates_are_judged_from_the_stored_chain(tmp_path: Path) -> None:
     assert judged["heldout_loss_finalized"] == round(chain.loss_on(final_state, sequences) / tokens, 5)
     if body.applied:
         assert judged["heldout_loss_finalized"] < judged["heldout_loss_genesis"]
+    # The report's text samples: the genesis model's and the finalized one's, same prompt, settings and seed.
+    from sim.runner import SAMPLE_PROMPT
+    from training.sample import SampleSettings, sample_text
+
+    samples = judged["model_samples"]
+    settings = SampleSettings(samples["tokens"], samples["temperature"], None, samples["seed"])
+    assert samples["prompt"] == SAMPLE_PROMPT
+    assert samples["genesis"] == sample_text(chain.weights(first_state), SAMPLE_PROMPT, settings)
+    assert samples["finalized"] == sample_text(chain.weights(final_state), SAMPLE_PROMPT, settings)
+    assert (samples["genesis"] != samples["finalized"]) == (body.applied != b"")
     [colluder] = judged["colluders"]
     assert colluder["heights_proposed"] == [2] and colluder["named_at_own_heights"] == 0
     # Each adversarial action's outcome names what the chain did with it.
