@@ -26,7 +26,7 @@ from p2p.backend import NetworkBackend
 from p2p.decided_node import DecidedNode
 from p2p.events import ATTESTATION, TOPICS, EventPublisher, TooManySubscribers
 from p2p.rpc import LocalBackend, RpcLimits, RpcServer
-from p2p.rpc_client import EventStream, ServerEvent
+from p2p.rpc_client import EventStream, HeadWatch, ServerEvent
 from p2p.voting_node import VotingNode, VotingNodeConfig
 from tests.chain_builders import Scenario, decide_next
 from tests.test_rpc import conform
@@ -297,6 +297,30 @@ def test_the_client_reconnects_when_the_stream_drops(net: Net, tmp_path: Path) -
             again.stop()
     assert stream.last_id is not None and seen is not None and stream.last_id > seen
     assert [e.topic for e in events] == ["subscribed", "head"] and events[1].data["hash"] == block.hash.hex()
+
+
+def test_a_head_watch_wakes_on_any_node_s_decision_and_follows_the_urls_given(net: Net) -> None:
+    """The devnet's and the simulation's waits: streams to several nodes, woken by any head."""
+    other = RpcServer(LocalBackend(net.node), token="t")
+    urls = [net.url, f"http://127.0.0.1:{other.start()}"]
+    try:
+        with HeadWatch() as heads:
+            assert not heads.connected and not heads.wait(0.1)  # nothing watched: a waiter polls
+            heads.watch(urls)
+            deadline = time.monotonic() + 10
+            while not heads.connected:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            heads.wait(5)  # the streams' subscribed events
+            assert not heads.wait(0.2)
+            started = time.monotonic()
+            net.decide(with_training=False)
+            assert heads.wait(10) and time.monotonic() - started < 5
+            heads.watch(urls[:1])  # the other node went away (a restarted node has another url)
+            other.stop()
+            assert heads.connected
+    finally:
+        other.stop()
 
 
 def test_a_voting_node_streams_its_votes_before_the_height_they_decide(tmp_path: Path) -> None:
