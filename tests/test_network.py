@@ -7,6 +7,7 @@ reads their state over the RPC, like an operator would.
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from chain.crypto import devnet_key
 from chain.state import State
@@ -179,12 +181,19 @@ def test_an_external_miner_mines_through_the_rpc(tmp_path: Path) -> None:
         assert completed.returncode == 0, completed.stderr[-3000:]
         assert completed.json()["submitted"] == 2
         assert (tmp_path / "miner.pt").exists()
+        # A progress line per training round (stderr is no terminal): its speed and mean training loss.
+        rounds = re.findall(r"job=mining done=(\d+) .*tokens_per_second=(\d+) loss=([0-9.]+)", completed.stderr)
+        assert rounds and all(int(speed) > 0 and 0 < float(loss) < 8 for _, speed, loss in rounds), completed.stderr
         wait_finalized([node], 3, timeout=120)
         miner = completed.json()["miner"]
         assert node.get(f"/v1/accounts/{miner}")["balance"] > 0
         # The running node's RPC: health, its OpenAPI document, and weights that reproduce its loss.
         assert node.get("/health") == {"status": "synced"}
         assert "/v1/mining/submit" in node.get("/openapi.json")["paths"]
+        with urllib.request.urlopen(node.rpc + "/metrics") as response:  # Prometheus's text format
+            metrics = {sample.name: sample for family in text_string_to_metric_families(response.read().decode())
+                       for sample in family.samples}  # fmt: skip
+        assert metrics["potchain_head_height"].value >= 3 and metrics["potchain_evaluation_seconds_count"].value > 0
         status = node.get("/v1/status")
         weights_path = tmp_path / "head.safetensors"
         with urllib.request.urlopen(node.rpc + "/v1/model/weights") as response:
