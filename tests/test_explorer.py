@@ -200,6 +200,11 @@ def heights_that_tested(node: NodeProcess) -> list[dict[str, Any]]:
     return [entry for entry in heights if entry["test_loss_before"] is not None]
 
 
+def signed(gain: float) -> str:
+    """A gain as the page writes it: sign, then four decimals."""
+    return f"{'+' if gain >= 0 else '−'}{abs(gain):.4f}"  # noqa: RUF001 (the page writes a minus sign)
+
+
 def launch_chromium(playwright: Playwright) -> Browser:
     """Playwright's own Chromium, or else the system's."""
     try:
@@ -250,6 +255,8 @@ def test_browser_shows_the_chain_live_and_samples_the_model(
             problems.append(f"CSP: {message.text}")
 
     page.on("console", on_console)
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(urlsplit(request.url).path))
     page.goto(miner.rpc + "/")
     assert page.url == miner.rpc + "/explorer"
     page.wait_for_selector("body[data-loaded='true']", timeout=30_000)
@@ -266,12 +273,21 @@ def test_browser_shows_the_chain_live_and_samples_the_model(
         timeout=60_000 + 30_000 * points,
     )
     shown: dict[str, Any] = page.wait_for_function(SNAPSHOT, timeout=30_000).json_value()
-    tested = {entry["height"] for entry in heights_that_tested(miner)}
+    history = {entry["height"]: entry for entry in heights_that_tested(miner)}
+    tested = set(history)
     last = shown["lastHeadEvent"]
     assert shown["headEvents"] >= 1 and last >= 1
     assert set(shown["chart"]) <= tested
     assert {height for height in tested if height <= last} <= set(shown["chart"])
     assert shown["blocks"][0] >= last and last in shown["blocks"]  # newest first, the streamed head among them
+    # The verdicts' gains, in nats per byte, are the loss history's.
+    entry = history[max(height for height in tested if height <= last)]
+    row = page.text_content(f"#blocks tbody tr[data-height='{entry['height']}']") or ""
+    for update in entry["confirmed"] + entry["rejected"]:
+        test_gain = entry["test_loss_before"] - update["test_loss_after"]
+        validation_gain = update["validation_loss_before"] - update["validation_loss_after"]
+        assert f"test {signed(test_gain)} · validation {signed(validation_gain)}" in row, (update, row)
+    assert ("Applied" in row) == (entry["applied"] is not None)
     assert page.get_attribute("#live", "data-state") == "live"
     page.wait_for_selector("#peers tbody tr code", timeout=30_000)  # the follower, once connected
     signed_stake = page.evaluate(
@@ -295,6 +311,7 @@ def test_browser_shows_the_chain_live_and_samples_the_model(
     assert "Sampling failed" not in (page.text_content("#sample-info") or "")
     assert int(page.get_attribute("#sample-output", "data-height") or -1) >= last
 
+    assert requested.count("/v1/status") == 1  # the chain id; the rest comes from reads that evaluate nothing
     assert not problems, problems
     page.screenshot(path=str(tmp_path / "explorer.png"))
     target = os.environ.get(SCREENSHOT_ENVIRONMENT)
