@@ -120,7 +120,6 @@ function replaceRows(tbody, rows, emptyText, columns) {
 }
 
 function showError(tbody, columns, what, error) {
-  replaceRows(tbody, [], "", columns);
   const message = element("td", { className: "error" }, `${what}: ${error.message}`);
   message.colSpan = columns;
   tbody.replaceChildren(element("tr", {}, message));
