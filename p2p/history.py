@@ -31,6 +31,10 @@ LOSS_PAGE_DEFAULT, LOSS_PAGE_MAX = 1000, 1000
 """Heights per page of /v1/history/loss: by default, at most."""
 CACHED_HEIGHTS = 4096
 """Height records kept in memory."""
+READS_PER_PAGE = 64
+"""Height records one page reads from the store at most (uncached ones): a height's first read
+decodes its training blocks, weights included (up to 4 slices of 6.4 MB on the testnet), so a
+page past this is cut short and its `next` names the first height it did not read."""
 LOSS_DIGITS = 6
 """Decimal places of a loss shown in nats per token."""
 
@@ -195,20 +199,26 @@ def loss_entry(record: HeightRecord) -> dict[str, Any]:
 class History:
     """Pages of the decided chain's history, from cached height records (thread-safe)."""
 
-    def __init__(self, node: DecidedNode, entries: int = CACHED_HEIGHTS) -> None:
-        if entries < 1:
-            raise ValueError(f"History entries: got {entries}, want at least 1")
+    def __init__(self, node: DecidedNode, entries: int = CACHED_HEIGHTS, reads_per_page: int = READS_PER_PAGE) -> None:
+        if entries < 1 or reads_per_page < 1:
+            raise ValueError(f"History: entries {entries}, reads_per_page {reads_per_page}, want at least 1 each")
         self.node = node
         self.entries = entries
+        self.reads_per_page = reads_per_page
         self._cache: OrderedDict[int, HeightRecord] = OrderedDict()
         self._lock = threading.Lock()
 
-    def record(self, height: int) -> HeightRecord | None:
+    def cached(self, height: int) -> HeightRecord | None:
         with self._lock:
             found = self._cache.get(height)
             if found is not None:
                 self._cache.move_to_end(height)
-                return found
+            return found
+
+    def record(self, height: int) -> HeightRecord | None:
+        found = self.cached(height)
+        if found is not None:
+            return found
         record = read_height(self.node, height)
         if record is not None:
             with self._lock:
@@ -218,9 +228,17 @@ class History:
         return record
 
     def _records(self, heights: range) -> list[HeightRecord]:
+        """The records of `heights` in order, up to the first not decided, reading at most
+        `reads_per_page` of them from the store."""
         records = []
+        reads = 0
         for height in heights:
-            record = self.record(height)
+            record = self.cached(height)
+            if record is None:
+                if reads == self.reads_per_page:
+                    break
+                reads += 1
+                record = self.record(height)
             if record is None:
                 break
             records.append(record)
@@ -234,7 +252,7 @@ class History:
         if start > head:
             return {"blocks": [], "next": None}
         records = self._records(range(start, max(0, start - limit), -1))
-        following = start - limit
+        following = start - len(records)
         return {"blocks": [block_summary(r) for r in records], "next": following if following >= 1 else None}
 
     def losses(self, start: int, limit: int) -> dict[str, Any]:
@@ -245,4 +263,5 @@ class History:
             return {"heights": [], "next": None}
         end = min(head, start + limit - 1)
         records = self._records(range(start, end + 1))
-        return {"heights": [loss_entry(r) for r in records], "next": end + 1 if end < head else None}
+        following = start + len(records)
+        return {"heights": [loss_entry(r) for r in records], "next": following if following <= head else None}

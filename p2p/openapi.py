@@ -909,7 +909,8 @@ def _history_paths() -> dict[str, Schema]:
             _parameter("from", "query", {"type": "integer", "minimum": 1},
                        f"The decided height to start from (default: {start}); past the head: an empty page"),
             _parameter("limit", "query", {"type": "integer", "minimum": 1, "maximum": most, "default": default},
-                       f"Heights in the page (1 to {most}, default {default})"),
+                       f"Heights in the page at most (1 to {most}, default {default}); a page that reads 64"
+                       " heights from the store is cut short there: follow next"),
         ]  # fmt: skip
 
     return {

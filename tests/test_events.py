@@ -472,3 +472,28 @@ def test_the_event_and_history_routes_are_documented(net: Net) -> None:
     paths = net.openapi["paths"]
     assert {"/v1/events", "/v1/blocks", "/v1/history/loss"} <= set(paths)
     assert "text/event-stream" in paths["/v1/events"]["get"]["responses"]["200"]["content"]
+
+
+def test_a_page_reads_a_bounded_number_of_heights_from_the_store(net: Net) -> None:
+    """A page reads at most `reads_per_page` uncached heights (a testnet height's first read decodes
+    up to four 6.4 MB slices): it is cut short there and `next` names the first height it did not read."""
+    from p2p.history import History
+
+    while net.node.head().block.header.height < 5:
+        net.decide(with_training=False)
+    head = net.node.head().block.header.height
+    history = History(net.node, reads_per_page=2)
+    first = history.losses(1, 1000)
+    assert [h["height"] for h in first["heights"]] == [1, 2] and first["next"] == 3
+    again = history.losses(1, 1000)  # heights 1 and 2 are cached now: two more are read
+    assert [h["height"] for h in again["heights"]] == [1, 2, 3, 4] and again["next"] == 5
+    newest = History(net.node, reads_per_page=2).blocks(None, 100)
+    assert [b["height"] for b in newest["blocks"]] == [head, head - 1] and newest["next"] == head - 2
+    whole = History(net.node).losses(1, 1000)
+    pages, start = [], 1
+    paged = History(net.node, reads_per_page=2)
+    while start is not None:
+        part = paged.losses(start, 1000)
+        pages += part["heights"]
+        start = part["next"]
+    assert pages == whole["heights"]
