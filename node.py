@@ -541,11 +541,44 @@ COMMITMENT_RESEND_SECONDS = 3.0
 """How often `potchain mine` posts its commitment again while its height is undecided."""
 
 
-def command_mine(args: argparse.Namespace) -> dict[str, object]:
+def launch_mining(args: argparse.Namespace) -> dict[str, object]:
+    """`potchain mine --nproc N`: one miner in N processes on this host, started by torch's elastic
+    launcher (training/distributed.py); rank 0's result."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from training.distributed import launch
+
+    if args.token is None and args.token_file is None:
+        raise UserError("submitting needs the node's RPC token: --token or --token-file (DATADIR/rpc_token)")
+    try:
+        result: dict[str, object] = launch(args.nproc, command_mine, args)
+    except ChildFailedError as error:
+        raise UserError(f"a mining process failed: {error}") from None
+    return result
+
+
+def follow_mining(args: argparse.Namespace, device: str) -> None:
+    """A mining process of rank 1 or more (training/distributed.py): it trains its share of every
+    round rank 0 starts, until rank 0 releases it; it needs the genesis and the training data only."""
+    from training.distributed import DistributedMiner
+    from training.weights import SliceLayout
+
+    genesis = load_genesis(args.genesis)
+    train_text = load_split(genesis.dataset, chunk_directory(args.genesis, genesis), "train")
+    layout = SliceLayout(genesis.model, genesis.partition)
+    config = TrainingConfig(steps=args.steps, device=device)
+    miner = DistributedMiner(genesis.initial_weights(), layout, train_text, config)  # rank 0's weights come next
+    miner.synchronize()
+    miner.follow()
+
+
+def command_mine(args: argparse.Namespace) -> dict[str, object] | None:
     """An external miner: commit-reveal over a node's RPC (p2p/mining.py), training on --device.
     On each decided head D: commit to the local model's update for the slice the key is assigned
     on the next block (POST /v1/mining/commitments), reveal on D the update D carries our
-    commitment to (POST /v1/mining/submit), then train on D's weights for the next commitment."""
+    commitment to (POST /v1/mining/submit), then train on D's weights for the next commitment.
+    With --nproc N (or under torchrun), N processes train the one miner with DistributedDataParallel
+    (training/distributed.py): rank 0 does all of the above, the others train their batch shares."""
     import tempfile
 
     import torch
@@ -554,13 +587,30 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
     from chain.state import State
     from p2p.mining import BackgroundTrainer, PreparedUpdate, is_carried, prepare_update, reveal_update, validation_gain
     from p2p.rpc_client import EventStream, RpcClient, RpcClientError
+    from training.distributed import DistributedMiner, join, launched, leave
     from training.miner import Miner, resolve_device
     from training.weights import CanonicalWeights
 
     resolve_device(args.device)
+    if args.nproc < 1:
+        raise UserError(f"--nproc: got {args.nproc}, want at least 1")
+    placement = launched()
+    if placement is None and args.nproc > 1:
+        return launch_mining(args)
     configure_logging("info", args.log_format)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    device = args.device
+    if placement is not None:
+        device = join(placement, args.device)
+        if args.threads is None and device == "cpu":  # the host's cores, shared among its processes
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // placement.local_world_size))
+        if placement.rank != 0:
+            try:
+                follow_mining(args, device)
+            finally:
+                leave()
+            return None
     token = args.token
     if token is None and args.token_file is not None:
         token = args.token_file.read_text().strip()
@@ -640,12 +690,16 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
         if args.state is not None:
             write_atomically(args.state, miner.state_bytes(), SECRET_MODE)
 
-    say(f"miner {key.public_key.hex()[:16]} on {args.device}, node {args.rpc}")
+    processes = f" ({placement.world_size} processes)" if placement is not None else ""
+    say(f"miner {key.public_key.hex()[:16]} on {args.device}{processes}, node {args.rpc}")
     started = time.perf_counter()
     first: dict[str, Any] = client.get_json(f"/v1/mining/work?miner={key.public_key.hex()}")
-    miner = Miner(fetch_head(first)[0], chain.layout, train_text, TrainingConfig(steps=args.steps, device=args.device))
+    config = TrainingConfig(steps=args.steps, device=device)
+    miner = (Miner if placement is None else DistributedMiner)(fetch_head(first)[0], chain.layout, train_text, config)
     if args.state is not None and args.state.exists():
         miner.load(args.state)
+    if isinstance(miner, DistributedMiner):
+        miner.synchronize()  # every rank starts from rank 0's model and optimizer state
     rounds = Progress("mining", "rounds", interval=0.0)  # tokens/s and training loss, a line (or bar step) a round
     trainer = BackgroundTrainer(miner, save_state, lambda trained: rounds.advance(
         1, tokens_per_second=round(trained.tokens_per_second), loss=trained.loss))  # fmt: skip
@@ -698,6 +752,9 @@ def command_mine(args: argparse.Namespace) -> dict[str, object]:
         heads.close()
         trainer.stop()
         rounds.close()
+        if isinstance(miner, DistributedMiner):
+            miner.release()
+            leave()
     return {"submitted": accepted, "applied": applied, "miner": key.public_key.hex(),
             "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
 
@@ -1083,7 +1140,10 @@ def build_parser() -> argparse.ArgumentParser:
     mine.add_argument("--genesis", type=Path, default=DEVNET)
     mine.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     mine.add_argument("--steps", type=int, default=TrainingConfig.steps, help="optimizer steps per attempt")
-    mine.add_argument("--threads", type=int, help="torch threads")
+    mine.add_argument("--threads", type=int, help="torch threads (per process)")
+    mine.add_argument("--nproc", type=int, default=1,
+                      help="train the one miner in this many processes with DistributedDataParallel (gloo on cpu, "
+                           "nccl on cuda: one GPU each); the batch is nproc x 32 sequences")  # fmt: skip
     mine.add_argument("--blocks", type=int, help="stop after submitting this many blocks (default: run)")
     mine.add_argument("--state", type=Path, help="keep the miner's model and optimizer state in this file")
     mine.add_argument("--log-format", choices=FORMATS, default="text",

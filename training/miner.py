@@ -126,6 +126,12 @@ class Miner:
     def work(self, chain: CanonicalWeights, slice_id: int, seed: bytes) -> Work:
         """Train for one block and return the assigned slice's new values."""
         self.adopt(chain)
+        mean_loss = self.train(slice_id, seed)
+        return Work(slice_id, self.values(chain, slice_id), self.config.steps, mean_loss)
+
+    def train(self, slice_id: int, seed: bytes) -> float:
+        """`config.steps` optimizer steps on the block's batches (the slice's weights only in the
+        "slice" scheme); returns their mean training loss (NaN for none)."""
         masks = None
         if self.config.scheme == "slice":
             if slice_id not in self._masks:
@@ -133,8 +139,7 @@ class Miner:
             masks = self._masks[slice_id]
         self.model.train()
         losses = [self._train_step(seed + step.to_bytes(4, "big"), masks) for step in range(self.config.steps)]
-        mean_loss = torch.stack(losses).mean().item() if losses else math.nan  # one device sync per round
-        return Work(slice_id, self.values(chain, slice_id), self.config.steps, mean_loss)
+        return torch.stack(losses).mean().item() if losses else math.nan  # one device sync per round
 
     def values(self, chain: CanonicalWeights, slice_id: int) -> np.ndarray:
         """The local model's values for a slice, quantized like the chain's (no training):
@@ -161,11 +166,11 @@ class Miner:
         rate = config.learning_rate * min(1.0, (self.steps_done + 1) / max(1, config.warmup_steps))
         for group in self.optimizer.param_groups:
             group["lr"] = rate
-        inputs, targets = sample_batch(self.train_text, seed, config.batch_sequences, self.model.config.context)
+        inputs, targets = self.batch(seed)
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss = self.model.loss(inputs, targets)
+            loss = self.loss(inputs, targets)
         loss.backward()  # type: ignore[no-untyped-call]
         if masks is not None:
             for name, parameter in self.model.named_parameters():
@@ -174,6 +179,14 @@ class Miner:
         self.optimizer.step()
         self.steps_done += 1
         return loss.detach().float()
+
+    def batch(self, seed: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batch of a step's seed: (inputs, targets) of `config.batch_sequences` sequences."""
+        return sample_batch(self.train_text, seed, self.config.batch_sequences, self.model.config.context)
+
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The model's mean loss on a batch, with a graph for `backward`."""
+        return self.model.loss(inputs, targets)
 
     def state_bytes(self) -> bytes:
         """The miner's state as `load` reads it (a torch archive). The caller writes
@@ -192,7 +205,11 @@ class Miner:
 
     def load(self, path: Path) -> None:
         """Restore state written from `state_bytes` (weights-only unpickling)."""
-        saved = torch.load(path, map_location=self.device, weights_only=True)
+        self.restore(path.read_bytes())
+
+    def restore(self, state: bytes) -> None:
+        """Restore state from `state_bytes`' archive (weights-only unpickling)."""
+        saved = torch.load(io.BytesIO(state), map_location=self.device, weights_only=True)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.steps_done = int(saved["steps_done"])
