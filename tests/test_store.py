@@ -70,7 +70,7 @@ def exported_chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def replay(datadir: Path) -> dict[str, object]:
-    return command_replay(argparse.Namespace(genesis=DEVNET, datadir=datadir))
+    return command_replay(argparse.Namespace(genesis=DEVNET, datadir=datadir, log_level="warning", log_format="text"))
 
 
 @pytest.mark.slow
