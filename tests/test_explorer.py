@@ -310,6 +310,20 @@ def test_browser_shows_the_chain_live_and_samples_the_model(
     assert (page.text_content("#sample-output") or "").startswith(prompt)
     assert "Sampling failed" not in (page.text_content("#sample-info") or "")
     assert int(page.get_attribute("#sample-output", "data-height") or -1) >= last
+    # Beside it, the genesis model's text for the same prompt and seed: the node's own answer at height 0.
+    page.wait_for_function(
+        "prompt => document.querySelector('#sample-genesis-output').textContent.length > prompt.length",
+        arg=prompt,
+        timeout=60_000,
+    )
+    assert page.get_attribute("#sample-genesis-output", "data-height") == "0"
+    split = urlsplit(miner.rpc)
+    connection = http.client.HTTPConnection(split.hostname or "127.0.0.1", split.port, timeout=60)
+    request = {"prompt": prompt, "tokens": 60, "temperature": 0.8, "seed": 7, "height": 0}
+    connection.request("POST", "/v1/model/sample", json.dumps(request), {"Content-Type": "application/json"})
+    genesis_answer = json.loads(connection.getresponse().read())
+    connection.close()
+    assert page.text_content("#sample-genesis-output") == prompt + genesis_answer["text"]
 
     assert requested.count("/v1/status") == 1  # the chain id; the rest comes from reads that evaluate nothing
     assert not problems, problems

@@ -502,6 +502,27 @@ function connectEvents() {
 // --- Sampling ------------------------------------------------------------------------------
 
 // Seeds go up to 2^63 - 1, past what a JavaScript number holds exactly: they travel as digits.
+async function postSample(body) {
+  const response = await fetch("/v1/model/sample", {
+    method: "POST",
+    headers: { Accept: "application/json", "Content-Type": "application/json" },
+    body,
+  });
+  const raw = await response.text();
+  let answer = null;
+  try {
+    answer = JSON.parse(raw);
+  } catch {
+    answer = null;
+  }
+  if (!response.ok || answer === null) {
+    const message = answer && typeof answer.error === "string" ? answer.error : `${response.status} ${response.statusText}`;
+    throw new RpcError(response.status, message, response.headers.get("Retry-After"));
+  }
+  const seeds = [...raw.matchAll(/"seed":\s*([0-9]+)/g)];
+  return { answer, seedDigits: seeds.length > 0 ? seeds[seeds.length - 1][1] : String(answer.seed) };
+}
+
 async function sample(event) {
   event.preventDefault();
   const button = byId("sample-button");
@@ -523,29 +544,17 @@ async function sample(event) {
   info.className = "note";
   info.textContent = "Sampling…";
   try {
-    const response = await fetch("/v1/model/sample", {
-      method: "POST",
-      headers: { Accept: "application/json", "Content-Type": "application/json" },
-      body,
-    });
-    const raw = await response.text();
-    let answer = null;
-    try {
-      answer = JSON.parse(raw);
-    } catch {
-      answer = null;
-    }
-    if (!response.ok || answer === null) {
-      const message = answer && typeof answer.error === "string" ? answer.error : `${response.status} ${response.statusText}`;
-      throw new RpcError(response.status, message, response.headers.get("Retry-After"));
-    }
-    const seeds = [...raw.matchAll(/"seed":\s*([0-9]+)/g)];
-    const seedDigits = seeds.length > 0 ? seeds[seeds.length - 1][1] : String(answer.seed);
+    const { answer, seedDigits } = await postSample(body);
     output.replaceChildren(element("span", { className: "prompt" }, answer.prompt), answer.text);
     output.dataset.height = String(answer.height);
     info.textContent =
       `The model at height ${integer(answer.height)} (block ${shortHex(answer.hash)}): ` +
       `${answer.tokens} bytes, seed ${seedDigits}.`;
+    // The genesis model, same prompt and seed: what the chain's training changed.
+    const genesis = await postSample(`${request.slice(0, -1)},"seed":${seedDigits},"height":0}`);
+    const genesisOutput = byId("sample-genesis-output");
+    genesisOutput.replaceChildren(element("span", { className: "prompt" }, genesis.answer.prompt), genesis.answer.text);
+    genesisOutput.dataset.height = String(genesis.answer.height);
   } catch (error) {
     info.className = "note error";
     const retry = error.retryAfter ? ` Try again in ${error.retryAfter} s.` : "";
