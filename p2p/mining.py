@@ -159,7 +159,7 @@ def train_round(miner: Miner, weights: CanonicalWeights, slice_id: int, seed: by
     started = time.perf_counter()
     work = miner.work(weights, slice_id, seed)
     seconds = time.perf_counter() - started
-    tokens = work.steps * miner.config.batch_sequences * miner.model.config.context
+    tokens = work.steps * miner.sequences_per_step * miner.model.config.context
     return work, TrainingRound(work.steps, tokens, seconds, work.training_loss)
 
 

@@ -54,6 +54,7 @@ def train_rank(rank: int, world_size: int, port: int, out: Path) -> None:
         layout = SliceLayout(genesis.model, genesis.partition)
         start = genesis.initial_weights()
         miner = DistributedMiner(start, layout, train_text, CONFIG)
+        assert miner.sequences_per_step == 2 * CONFIG.batch_sequences  # what a round's tokens per second counts
         miner.synchronize()
         losses = []
         if rank == 0:

@@ -138,6 +138,11 @@ class DistributedMiner(Miner):
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         self.parallel = DistributedDataParallel(LossOf(self.model), device_ids=device_ids)
 
+    @property
+    def sequences_per_step(self) -> int:
+        """Sequences one optimizer step trains on across the job: every rank's share."""
+        return self.config.batch_sequences * self.world_size
+
     def synchronize(self) -> None:
         """Give every rank rank 0's model, optimizer state and step count (after rank 0 restored
         a saved state, say). A collective: every rank calls it."""

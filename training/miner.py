@@ -188,6 +188,11 @@ class Miner:
         """The model's mean loss on a batch, with a graph for `backward`."""
         return self.model.loss(inputs, targets)
 
+    @property
+    def sequences_per_step(self) -> int:
+        """Sequences one optimizer step trains on, over every process of the job (one here)."""
+        return self.config.batch_sequences
+
     def state_bytes(self) -> bytes:
         """The miner's state as `load` reads it (a torch archive). The caller writes
         it to disk atomically (chain/files.py; training/ does not import chain/)."""
