@@ -58,20 +58,17 @@ def node_arguments(config: DevnetConfig, index: int, bootstrap: list[str]) -> li
     return arguments
 
 
-def start_devnet(config: DevnetConfig) -> list[NodeProcess]:
-    processes: list[NodeProcess] = []
-    try:
-        for index in range(config.nodes):
-            bootstrap = [p.address for p in processes]
-            process = NodeProcess(f"node{index}", config.out / f"node{index}", node_arguments(config, index, bootstrap))
-            process.start()
-            processes.append(process)
-            info = process.wait_started()
-            print(f"[devnet] node{index}: rpc {info['rpc']}  peer {info['peer_id']}", file=sys.stderr, flush=True)
-    except BaseException:
-        stop_all(processes)
-        raise
-    return processes
+def start_devnet(config: DevnetConfig, processes: list[NodeProcess]) -> None:
+    """Start the nodes one by one, each bootstrapping from those before it; each is added to
+    `processes` as soon as it runs, so that the caller stops every node started, even when
+    this is interrupted (Ctrl-C, SIGTERM) half-way."""
+    for index in range(config.nodes):
+        bootstrap = [p.address for p in processes]
+        process = NodeProcess(f"node{index}", config.out / f"node{index}", node_arguments(config, index, bootstrap))
+        process.start()
+        processes.append(process)
+        info = process.wait_started()
+        print(f"[devnet] node{index}: rpc {info['rpc']}  peer {info['peer_id']}", file=sys.stderr, flush=True)
 
 
 def stop_all(processes: list[NodeProcess]) -> dict[str, int]:
@@ -181,9 +178,10 @@ def _wait_finalized(processes: list[NodeProcess], height: int, timeout: float, h
 def run_devnet(config: DevnetConfig) -> dict[str, Any]:
     config.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    processes = start_devnet(config)
+    processes: list[NodeProcess] = []
     summary: dict[str, Any] = {"nodes_requested": config.nodes}
     try:
+        start_devnet(config, processes)
         if config.finalize is None:
             print("[devnet] running; Ctrl-C stops every node", file=sys.stderr, flush=True)
             while all(p.is_running() for p in processes):
