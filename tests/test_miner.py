@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -57,25 +58,59 @@ def test_a_snapshot_holds_the_local_model_s_values_for_every_slice(
         assert not np.array_equal(values, layout.extract(start, slice_id))  # the "model" scheme trains every slice
 
 
-def test_model_scheme_keeps_progress_and_adopts_the_chains_changes(
+def test_rebasing_keeps_the_miner_s_progress_and_adds_the_chain_s_changes(
     devnet: Genesis, layout: SliceLayout, train_text: bytes
 ) -> None:
     start = devnet.initial_weights()
     miner = Miner(start, layout, train_text, CONFIG)
     miner.work(start, 0, b"one")
     local = {name: p.detach().clone() for name, p in miner.model.named_parameters()}
-    # Progress on slices other than 0 stays local (the chain did not take it).
     name = "h.0.mlp.c_fc.weight"
     index = torch.tensor(layout.indices[1][name])
-    assert not torch.equal(local[name].view(-1)[index], start.real(name).view(-1)[index])
-    # Another miner's update of slice 1 lands on the chain: this miner adopts it.
+    progress = local[name].view(-1)[index] - start.real(name).view(-1)[index]
+    assert progress.abs().max() > 0  # the "model" scheme trained slice 1 too, locally
+    # Another miner's update of slice 1 lands on the chain: this miner moves by the chain's
+    # change and keeps its own progress on top.
     other = layout.apply(start, 1, (layout.extract(start, 1) // 2).astype(np.int16))
     miner.adopt(other)
-    adopted = miner.model.state_dict()["h.0.mlp.c_fc.weight"].view(-1)[index]
-    assert torch.equal(adopted, other.real("h.0.mlp.c_fc.weight").view(-1)[index])
-    index_3 = torch.tensor(layout.indices[3]["h.0.mlp.c_fc.weight"])
-    kept = miner.model.state_dict()["h.0.mlp.c_fc.weight"].view(-1)[index_3]
-    assert torch.equal(kept, local["h.0.mlp.c_fc.weight"].view(-1)[index_3])
+    rebased = miner.model.state_dict()[name].view(-1)[index]
+    assert torch.allclose(rebased, other.real(name).view(-1)[index] + progress, atol=1e-6)
+    index_3 = torch.tensor(layout.indices[3][name])
+    assert torch.equal(miner.model.state_dict()[name].view(-1)[index_3], local[name].view(-1)[index_3])
+    # Once the chain applied our own values for slice 2 (combined with another miner's, say),
+    # the next rebase adds only the others' part of the change.
+    ours = miner.values(other, 2)
+    combined = ((ours.astype(np.int32) + layout.extract(other, 2) + 1) // 2).astype(np.int16)
+    index_2 = torch.tensor(layout.indices[2][name])
+    before = miner.model.state_dict()[name].view(-1)[index_2].clone()
+    miner.published(2, ours)
+    miner.adopt(layout.apply(other, 2, combined))
+    change = part_of(layout, 2, name, combined.astype(np.int32) - ours)
+    expected = before + torch.from_numpy(change.astype(np.float32)) * float(2.0 ** -start.exponents[name])
+    assert torch.allclose(miner.model.state_dict()[name].view(-1)[index_2], expected, atol=1e-6)
+
+
+def part_of(layout: SliceLayout, slice_id: int, name: str, values: np.ndarray) -> np.ndarray:
+    """The values of one tensor's elements in a slice's values (tensors in canonical order)."""
+    offset = 0
+    for tensor, index in layout.indices[slice_id].items():
+        if tensor == name:
+            return values[offset : offset + len(index)]
+        offset += len(index)
+    raise KeyError(name)
+
+
+def test_without_rebasing_the_miner_takes_the_chain_s_values(
+    devnet: Genesis, layout: SliceLayout, train_text: bytes
+) -> None:
+    start = devnet.initial_weights()
+    miner = Miner(start, layout, train_text, replace(CONFIG, rebase=False))
+    miner.work(start, 0, b"one")
+    name = "h.0.mlp.c_fc.weight"
+    index = torch.tensor(layout.indices[1][name])
+    other = layout.apply(start, 1, (layout.extract(start, 1) // 2).astype(np.int16))
+    miner.adopt(other)
+    assert torch.equal(miner.model.state_dict()[name].view(-1)[index], other.real(name).view(-1)[index])
 
 
 def test_slice_scheme_trains_only_the_assigned_slice(devnet: Genesis, layout: SliceLayout, train_text: bytes) -> None:
@@ -94,7 +129,8 @@ def test_state_survives_save_and_load(devnet: Genesis, layout: SliceLayout, trai
     write_atomically(tmp_path / "miner.pt", miner.state_bytes(), PUBLIC_MODE)
     restored = Miner(start, layout, train_text, CONFIG)
     restored.load(tmp_path / "miner.pt")
-    assert restored.steps_done == miner.steps_done and restored.known == miner.known
+    assert restored.steps_done == miner.steps_done
+    assert all(np.array_equal(a, b) for a, b in zip(restored.base, miner.base, strict=True))
     for (name, a), (_, b) in zip(miner.model.state_dict().items(), restored.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     first = miner.optimizer.state_dict()["state"][0]["exp_avg"]

@@ -4,8 +4,10 @@ A miner keeps a local float model and its AdamW state across blocks (miner
 state, not consensus data; `state_bytes` is what its caller saves). For each
 block it
 
-1. adopts every slice the chain changed since it last looked (another miner's
-   accepted work), keeping its own progress on the others;
+1. rebases onto the chain: every slice the chain changed since it last looked
+   (other miners' accepted work, or its own update combined with theirs) moves
+   by the chain's change, so the local model takes the others' progress and
+   keeps its own (docs/spec.md, section 18);
 2. trains for `steps` optimizer steps on training batches drawn from the
    block's training seed (batch i uses seed || i, so anyone can replay it);
 3. quantizes the local model and returns the assigned slice's values.
@@ -19,7 +21,6 @@ Two schemes (measured in docs/benchmarks.md):
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import torch
 
 from training.data import sample_batch
 from training.model import GPT
-from training.weights import CanonicalWeights, SliceLayout, quantize
+from training.weights import CanonicalWeights, SliceLayout, dequantize, quantize
 
 Scheme = Literal["model", "slice"]
 
@@ -53,6 +54,9 @@ class TrainingConfig:
     """"model" (train everything locally) or "slice" (train only the assigned slice)."""
     device: str = "cpu"
     """"cpu" or "cuda" (bf16 autocast on CUDA)."""
+    rebase: bool = True
+    """On a slice the chain changed: add the chain's change to the local values (keeping the
+    miner's own progress since), or, False, take the chain's values (dropping it)."""
 
 
 @dataclass(frozen=True)
@@ -100,28 +104,39 @@ class Miner:
             self.model.parameters(), lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.0
         )
         self.steps_done = 0
-        self.known = [self._hash(layout.extract(start, s)) for s in range(layout.partition.slices)]
-        """The chain's content hash of each slice when this miner last adopted or published it."""
+        self.base: list[np.ndarray | None] = [layout.extract(start, s) for s in range(layout.partition.slices)]
+        """Per slice, the chain's values the local model's slice moved on from: what it last
+        adopted, or its own values once the chain applied them (None: unknown, after loading an
+        older state). The local values minus these are the miner's progress not yet applied."""
         self._masks: dict[int, dict[str, torch.Tensor]] = {}
 
-    @staticmethod
-    def _hash(values: np.ndarray) -> bytes:
-        return hashlib.sha256(values.astype("<i2").tobytes()).digest()
-
     def adopt(self, chain: CanonicalWeights, everything: bool = False) -> None:
-        """Take the chain's values for every slice it changed since we last looked
-        (with `everything`, or in the "slice" scheme, for every slice)."""
+        """Rebase onto the chain's model: each slice it changed since we last looked moves by
+        the chain's change (`config.rebase`), or takes the chain's values (without `rebase`,
+        with `everything`, in the "slice" scheme, or when the slice's base is unknown)."""
+        overwrite = everything or self.config.scheme == "slice" or not self.config.rebase
         with torch.no_grad():
             for slice_id in range(self.layout.partition.slices):
                 values = self.layout.extract(chain, slice_id)
-                digest = self._hash(values)
-                if digest == self.known[slice_id] and self.config.scheme == "model" and not everything:
+                base = self.base[slice_id]
+                if base is not None and not overwrite and np.array_equal(values, base):
                     continue
-                for name, parameter in self.model.named_parameters():
-                    index = torch.tensor(self.layout.indices[slice_id][name], device=self.device)
-                    real = chain.real(name).reshape(-1).to(self.device)
-                    parameter.view(-1)[index] = real[index]
-                self.known[slice_id] = digest
+                change = values.astype(np.int32) - base if base is not None and not overwrite else None
+                parameters = dict(self.model.named_parameters())
+                offset = 0
+                for name, index in self.layout.indices[slice_id].items():  # the slice's order
+                    parameter = parameters[name]
+                    where = torch.tensor(index, device=self.device)
+                    exponent = chain.exponents[name]
+                    if change is None:  # take the chain's values
+                        parameter.view(-1)[where] = dequantize(values[offset : offset + len(index)], exponent).to(
+                            self.device
+                        )
+                    else:  # add the chain's change, keep our progress
+                        step = dequantize(change[offset : offset + len(index)], exponent)
+                        parameter.view(-1)[where] += step.to(self.device)
+                    offset += len(index)
+                self.base[slice_id] = values
 
     def work(self, chain: CanonicalWeights, slice_id: int, seed: bytes) -> Work:
         """Train for one block and return the assigned slice's new values."""
@@ -156,9 +171,10 @@ class Miner:
         return [self.layout.extract(quantized, slice_id) for slice_id in range(self.layout.partition.slices)]
 
     def published(self, slice_id: int, values: np.ndarray) -> None:
-        """Record that the chain accepted these values for a slice (they may be a
-        partial move toward the local model's): the local model keeps its own."""
-        self.known[slice_id] = self._hash(values)
+        """Record that the chain applied these values of ours for a slice (a partial move toward
+        the local model's, maybe combined with other miners' updates): the local model's
+        progress beyond them is kept, and the next rebase adds only what the others changed."""
+        self.base[slice_id] = values.astype(np.int16)
 
     def _train_step(self, seed: bytes, masks: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """One optimizer step; returns its loss (detached, on the device: reading it would wait for it)."""
@@ -202,7 +218,7 @@ class Miner:
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "steps_done": self.steps_done,
-                "known": self.known,
+                "base": [None if b is None else torch.from_numpy(b.astype(np.int16)) for b in self.base],
             },
             buffer,
         )
@@ -218,4 +234,9 @@ class Miner:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.steps_done = int(saved["steps_done"])
-        self.known = [bytes(h) for h in saved["known"]]
+        saved_base = saved.get("base")  # states saved before rebasing kept no base: take the chain's next
+        self.base = (
+            [None if b is None else b.numpy().astype(np.int16) for b in saved_base]
+            if saved_base is not None
+            else [None] * self.layout.partition.slices
+        )
