@@ -76,11 +76,12 @@ def replay(datadir: Path) -> dict[str, object]:
 @pytest.mark.slow
 def test_sigkill_during_imports_leaves_a_store_that_restarts(exported_chain: Path, tmp_path: Path) -> None:
     seed = int(os.environ.get("POTCHAIN_TEST_SEED", time.time_ns() % 2**32))
-    print(f"crash test seed {seed} (replay with POTCHAIN_TEST_SEED={seed})")
+    rounds = int(os.environ.get("POTCHAIN_CRASH_ROUNDS", 8))  # more for a longer hunt
+    print(f"crash test seed {seed}, {rounds} rounds (replay with POTCHAIN_TEST_SEED={seed})")
     chooser = random.Random(seed)
     datadir = tmp_path / "node"
     heights_seen = set()
-    for round_number in range(20):
+    for round_number in range(rounds):
         child = subprocess.Popen(
             [sys.executable, "-c", IMPORTER, str(datadir), str(exported_chain)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
