@@ -161,7 +161,7 @@ def command_localnet(args: argparse.Namespace) -> dict[str, object]:
             assert isinstance(body, DecidedBody)
             test_gain = sum(body.gains().values())
             paid = [reward.amount for reward in body.rewards if reward.address == miner_key.public_key]
-            if revealed is not None and body.applied == revealed.hash:
+            if revealed is not None and revealed.hash in body.applied:
                 confirmed += 1
                 misses = 0
                 assert isinstance(revealed.body, TrainingBody)
@@ -717,11 +717,12 @@ def command_mine(args: argparse.Namespace) -> dict[str, object] | None:
                 if bytes.fromhex(work["parent_hash"]) != last_head:
                     weights, head, state = fetch_head(work)
                     last_head, tried_round = head.hash, trainer.latest()[0]
-                    ours = revealed.pop(head.body.applied if isinstance(head.body, DecidedBody) else b"", None)
-                    if ours is not None and isinstance(ours.body, TrainingBody):
-                        applied += 1
-                        trainer.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
-                        say(f"height {height} applied our block {ours.hash.hex()[:16]} ({applied} applied)")
+                    for applied_hash in head.body.applied if isinstance(head.body, DecidedBody) else ():
+                        ours = revealed.pop(applied_hash, None)
+                        if ours is not None and isinstance(ours.body, TrainingBody):
+                            applied += 1
+                            trainer.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
+                            say(f"height {height} applied our block {ours.hash.hex()[:16]} ({applied} applied)")
                     carried = committed.pop(height, None)
                     if carried is not None and not is_carried(head, carried):
                         say(f"height {height} decided without our commitment {carried.update_hash.hex()[:16]}; dropped")

@@ -149,7 +149,8 @@ class Reward:
 
 
 MAX_TRAINING_PER_HEIGHT = 4
-"""Training blocks a decided block may test (racing candidates; the best out of sample is applied)."""
+"""Training blocks a decided block may test; the committed ones that gain out of sample are
+combined (docs/spec.md, section 18)."""
 MAX_NAMED_WEIGHTS_BYTES = 40 << 20
 """What MAX_TRAINING_PER_HEIGHT slices may weigh together: genesis keeps every slice within
 a quarter of it, so that a height and the training blocks it names fit one sync answer."""
@@ -261,17 +262,21 @@ class HeldOutTest:
     """Canonical loss total (Q.16) of the parent state's model on the revealed sequences."""
     sequences: tuple[RevealedSequence, ...]
     """The revealed sequences, in the order the output picks them."""
+    loss_after: int = 0
+    """Canonical loss total (Q.16) on the revealed sequences of the state the block leads to:
+    with the applied updates combined (`loss_before` when it applies none)."""
 
     def fields(self) -> list[Any]:
-        return [self.vrf_proof, self.loss_before, [s.fields() for s in self.sequences]]
+        return [self.vrf_proof, self.loss_before, [s.fields() for s in self.sequences], self.loss_after]
 
     @classmethod
     def from_fields(cls, value: Any) -> HeldOutTest:
-        f = Fields(value, "held-out test", ("vrf_proof", "loss_before", "sequences"))
+        f = Fields(value, "held-out test", ("vrf_proof", "loss_before", "sequences", "loss_after"))
         return cls(
             vrf_proof=f.binary("vrf_proof", VRF_PROOF_BYTES),
             loss_before=f.integer("loss_before", 0, MAX_LOSS),
             sequences=tuple(RevealedSequence.from_fields(s) for s in f.array("sequences", MAX_REVEALED)),
+            loss_after=f.integer("loss_after", 0, MAX_LOSS),
         )
 
 
@@ -341,8 +346,9 @@ class DecidedBody:
     """Equivocations to slash."""
     rewards: tuple[Reward, ...] = ()
     """The payout the rules assign (checked exactly)."""
-    applied: bytes = b""
-    """The training block whose update the block applies (the rules pick it; checked exactly), or empty."""
+    applied: tuple[bytes, ...] = ()
+    """The training blocks whose updates the block applies, combined, best-ranked first (the
+    rules pick them: docs/spec.md, section 18; checked exactly); empty when it applies none."""
 
     def gains(self) -> dict[bytes, int]:
         """Each named training block's test gain (loss before minus after), by hash."""
@@ -362,14 +368,14 @@ class DecidedBody:
             [] if self.last_commit is None else self.last_commit.fields(),
             [e.fields() for e in self.evidence],
             [r.fields() for r in self.rewards],
-            self.applied,
+            list(self.applied),
         ]
 
     @classmethod
     def from_fields(cls, value: Any) -> DecidedBody:
         names = ("training", "test", "commitments", "last_commit", "evidence", "rewards", "applied")
         f = Fields(value, "decided body", names)
-        test = f.array("test", 3)
+        test = f.array("test", 4)
         commit = f.array("last_commit", 4)
         return cls(
             training=tuple(TrainingVerdict.from_fields(t) for t in f.array("training", MAX_TRAINING_PER_HEIGHT)),
@@ -378,13 +384,13 @@ class DecidedBody:
             last_commit=Commit.from_fields(commit) if commit else None,
             evidence=tuple(EquivocationEvidence.from_fields(e) for e in f.array("evidence", MAX_EVIDENCE)),
             rewards=tuple(Reward.from_fields(r) for r in f.array("rewards", MAX_REWARDS)),
-            applied=_applied(f.binary("applied", max_length=HASH_BYTES)),
+            applied=tuple(_applied(h) for h in f.array("applied", MAX_TRAINING_PER_HEIGHT)),
         )
 
 
-def _applied(value: bytes) -> bytes:
-    if len(value) not in (0, HASH_BYTES):
-        raise DecodeError(f"decided body.applied: {len(value)} bytes, want 0 or {HASH_BYTES}")
+def _applied(value: Any) -> bytes:
+    if not isinstance(value, bytes) or len(value) != HASH_BYTES:
+        raise DecodeError(f"decided body.applied: want {HASH_BYTES}-byte hashes, got {value!r:.40}")
     return value
 
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from chain import vrf
 from chain.blocks import (
@@ -91,17 +93,24 @@ def is_committed(parent: Block, training: Block) -> bool:
     return want == compute_update_hash(training.header.proposer, body.slice_id, body.weights)
 
 
-def compute_decided_rewards(genesis: Genesis, miner: bytes | None, signers: Mapping[bytes, int]) -> tuple[Reward, ...]:
-    """The miner of a confirmed update (None: no update confirmed) gets
-    miner_share_percent of the block reward; the parent's commit signers split
-    the rest in proportion to the stake they signed with (rounded down; the
-    remainder, and the miner's share when no update is confirmed, are not
-    minted). Miner first, then signers by address; no zero amounts."""
+def compute_decided_rewards(
+    genesis: Genesis, miners: Mapping[bytes, int], signers: Mapping[bytes, int]
+) -> tuple[Reward, ...]:
+    """The miners of the committed updates a block applies (miner -> its update's own held-out
+    gain; empty: none applied) split miner_share_percent of the block reward in proportion to
+    those gains; the parent's commit signers split the rest in proportion to the stake they
+    signed with. Amounts round down; remainders, and the miners' share when no committed update
+    is applied, are not minted. Miners by address, then signers by address; no zero amounts."""
     parameters = genesis.consensus
-    miner_reward = parameters.block_reward * parameters.miner_share_percent // 100
-    pool = parameters.block_reward - miner_reward
+    miner_pool = parameters.block_reward * parameters.miner_share_percent // 100 if miners else 0
+    pool = parameters.block_reward - parameters.block_reward * parameters.miner_share_percent // 100
+    rewards = []
+    total_gain = sum(miners.values())
+    for address in sorted(miners):
+        amount = miner_pool * miners[address] // total_gain if total_gain > 0 else 0
+        if amount:
+            rewards.append(Reward(address, amount))
     signing_stake = sum(signers.values())
-    rewards = [Reward(miner, miner_reward)] if miner is not None and miner_reward else []
     for address in sorted(signers):
         amount = pool * signers[address] // signing_stake if signing_stake else 0
         if amount:
@@ -197,9 +206,80 @@ def validate_training_verdict(
 
 
 def rank_verdict(committed: bool, gain: int, training_hash: bytes) -> tuple[bool, int, bytes]:
-    """Sorts the applied update first: committed before uncommitted (a copy cannot have been
-    committed in time), then the larger test gain, then the smaller hash."""
+    """Sorts the updates a block may apply: committed before uncommitted (a copy cannot have
+    been committed in time), then the larger test gain, then the smaller hash."""
     return (not committed, -gain, training_hash)
+
+
+def combine_updates(state: State, updates: Sequence[TrainingBody]) -> State:
+    """`state` with every slice the updates set replaced by the mean of the values they set it
+    to, rounded half up in integers (floor((2 * sum + n) / (2 * n)) for n updates of the slice);
+    updates of different slices apply side by side, and the other slices keep their values."""
+    by_slice: dict[int, list[bytes]] = {}
+    for body in updates:
+        by_slice.setdefault(body.slice_id, []).append(body.weights)
+    for slice_id, contents in sorted(by_slice.items()):
+        if len(contents) > 1:
+            count = len(contents)
+            total = np.sum([np.frombuffer(c, dtype="<i2").astype(np.int64) for c in contents], axis=0)
+            contents = [((2 * total + count) // (2 * count)).astype("<i2").tobytes()]
+        state = state.with_slice(slice_id, contents[0])
+    return state
+
+
+@dataclass(frozen=True)
+class HeldOutOutcome:
+    """What a held-out test decides about the training blocks a decided block names."""
+
+    loss_before: int
+    """The parent state's loss total on the revealed sequences."""
+    losses: dict[bytes, int]
+    """Each named training block's loss total with its update alone applied, by hash."""
+    applied: tuple[Block, ...]
+    """The training blocks whose updates are applied, combined, best-ranked first."""
+    state: State
+    """The state with them applied (the parent's model when none is)."""
+    loss_after: int
+    """The loss total of that state's model on the revealed sequences."""
+
+    def gain_of(self, training: Block) -> int:
+        return self.loss_before - self.losses[training.hash]
+
+
+def compute_heldout_outcome(
+    state: State, parent: Block, training: Sequence[Block], sequences: Sequence[bytes], chain: Chain
+) -> HeldOutOutcome:
+    """Tests each training block's update alone on the sequences, then picks what to apply:
+    of the committed updates that gain, ranked by `rank_verdict`, the best-ranked 1, 2, ...
+    of them combined (`combine_updates`), whichever combination loses least (the fewest
+    updates on a tie); an uncommitted update only alone, and only when no committed one
+    gains. Evaluations: one before, one per block, one per combination of two or more."""
+    before = chain.loss_on(state, sequences)
+    losses: dict[bytes, int] = {}
+    for block in training:
+        assert isinstance(block.body, TrainingBody)
+        losses[block.hash] = chain.loss_on(state.with_slice(block.body.slice_id, block.body.weights), sequences)
+    gaining = sorted(
+        (rank_verdict(is_committed(parent, block), before - losses[block.hash], block.hash), index)
+        for index, block in enumerate(training)
+        if before - losses[block.hash] > 0
+    )
+    if not gaining:
+        return HeldOutOutcome(before, losses, (), state, before)
+    ranked = [training[index] for _, index in gaining]
+    best = ranked[0]
+    assert isinstance(best.body, TrainingBody)
+    applied: tuple[Block, ...] = (best,)
+    updated = state.with_slice(best.body.slice_id, best.body.weights)
+    after = losses[best.hash]
+    committed = [block for block in ranked if is_committed(parent, block)]
+    for count in range(2, len(committed) + 1):
+        bodies = [block.body for block in committed[:count] if isinstance(block.body, TrainingBody)]
+        combined = combine_updates(state, bodies)
+        loss = chain.loss_on(combined, sequences)
+        if loss < after:
+            applied, updated, after = tuple(committed[:count]), combined, loss
+    return HeldOutOutcome(before, losses, applied, updated, after)
 
 
 def apply_training_verdicts(
@@ -209,13 +289,14 @@ def apply_training_verdicts(
     body: DecidedBody,
     training_blocks: Mapping[bytes, Block],
     chain: Chain,
-) -> tuple[State, Block | None]:
-    """The named training blocks' held-out test (section 17): returns the state with the
-    best update applied and its shard's revealed sequences marked, and the applied block."""
+) -> tuple[State, tuple[Block, ...], HeldOutOutcome | None]:
+    """The named training blocks' held-out test (sections 17 and 18): returns the state with
+    the chosen updates applied and its shard's revealed sequences marked, the applied blocks,
+    and the test's outcome (None when the block names no training block)."""
     if not body.training:
         if body.test is not None:
             raise InvalidBlock("test: a held-out test without a training block to test")
-        return state, None
+        return state, (), None
     if body.test is None:
         raise InvalidBlock("test: training blocks named without a held-out test")
     if len(body.training) > MAX_TRAINING_PER_HEIGHT:
@@ -226,27 +307,32 @@ def apply_training_verdicts(
         validate_training_verdict(state, parent, verdict, training_blocks.get(verdict.training_block), chain)
     indices = validate_heldout_test(state, parent, proposer, body.test, chain)
     sequences = tuple(revealed.sequence for revealed in body.test.sequences)
-    before = chain.loss_on(state, sequences)
-    if body.test.loss_before != before:
-        raise InvalidBlock(f"test: loss_before {body.test.loss_before}, want {before}")
-    best: tuple[tuple[bool, int, bytes], State, Block] | None = None
+    named = [training_blocks[verdict.training_block] for verdict in body.training]
+    outcome = compute_heldout_outcome(state, parent, named, sequences, chain)
+    if body.test.loss_before != outcome.loss_before:
+        raise InvalidBlock(f"test: loss_before {body.test.loss_before}, want {outcome.loss_before}")
     for verdict in body.training:
-        training = training_blocks[verdict.training_block]
-        assert isinstance(training.body, TrainingBody)
-        updated = state.with_slice(training.body.slice_id, training.body.weights)
-        after = chain.loss_on(updated, sequences)
-        if verdict.loss_after != after:
-            raise InvalidBlock(f"training {training.hash.hex()[:16]}: loss_after {verdict.loss_after}, want {after}")
-        gain = before - after
-        rank = rank_verdict(is_committed(parent, training), gain, training.hash)
-        if gain > 0 and (best is None or rank < best[0]):
-            best = (rank, updated, training)
+        want = outcome.losses[verdict.training_block]
+        if verdict.loss_after != want:
+            raise InvalidBlock(
+                f"training {verdict.training_block.hex()[:16]}: loss_after {verdict.loss_after}, want {want}"
+            )
+    if body.test.loss_after != outcome.loss_after:
+        raise InvalidBlock(
+            f"test: loss_after {body.test.loss_after}, want {outcome.loss_after} (the applied updates combined)"
+        )
     record = state.heldout[proposer]
     heldout = dict(state.heldout)
     heldout[proposer] = replace(record, revealed=with_revealed(record.revealed, indices))
-    if best is None:
-        return replace(state, heldout=heldout), None
-    return replace(best[1], heldout=heldout), best[2]
+    return replace(outcome.state, heldout=heldout), outcome.applied, outcome
+
+
+def get_paid_miners(parent: Block, outcome: HeldOutOutcome | None) -> dict[bytes, int]:
+    """The miners a block pays: of the updates it applies, those committed in the parent, with
+    their own held-out gains (an uncommitted update applied alone pays no one)."""
+    if outcome is None:
+        return {}
+    return {block.header.proposer: outcome.gain_of(block) for block in outcome.applied if is_committed(parent, block)}
 
 
 def apply_decided_block(
@@ -292,11 +378,10 @@ def compute_decided_state(
         raise InvalidBlock(f"timestamp: got {header.timestamp}, want {block_time} (the parent's commit time)")
 
     validate_commitments(body.commitments, header.height, chain)
-    updated, applied = apply_training_verdicts(state, parent, header.proposer, body, training_blocks, chain)
-    miner = applied.header.proposer if applied is not None and is_committed(parent, applied) else None
-    applied_hash = applied.hash if applied is not None else b""
-    if body.applied != applied_hash:
-        raise InvalidBlock(f"applied: got {body.applied.hex() or 'none'}, want {applied_hash.hex() or 'none'}")
+    updated, applied, outcome = apply_training_verdicts(state, parent, header.proposer, body, training_blocks, chain)
+    applied_hashes = tuple(block.hash for block in applied)
+    if body.applied != applied_hashes:
+        raise InvalidBlock(f"applied: got {_hashes(body.applied)}, want {_hashes(applied_hashes)}")
 
     accounts = dict(updated.accounts)
     slashed: set[bytes] = set()
@@ -311,7 +396,7 @@ def compute_decided_state(
         slashed.add(offender)
         accounts[offender] = replace(accounts[offender], stake=0)
 
-    rewards = compute_decided_rewards(chain.genesis, miner, signers)
+    rewards = compute_decided_rewards(chain.genesis, get_paid_miners(parent, outcome), signers)
     if body.rewards != rewards:
         got = ", ".join(f"{r.address.hex()[:16]}:{r.amount}" for r in body.rewards)
         want = ", ".join(f"{r.address.hex()[:16]}:{r.amount}" for r in rewards)
@@ -326,20 +411,21 @@ def compute_decided_state(
         accounts=accounts,
         difficulty=difficulty,
         finalized_height=header.height,
-        finalized_hash=applied.hash
-        if applied
-        else body.training[0].training_block
-        if body.training
-        else state.finalized_hash,
+        finalized_hash=compute_finalized_hash(state, body),
         finalized_timestamp=clock,
     )
 
 
-def compute_finalized_hash(state: State, body: DecidedBody, applied: Block | None) -> bytes:
-    """The training block a decided block names last: the one it applies, else the first it names."""
-    if applied is not None:
-        return applied.hash
+def compute_finalized_hash(state: State, body: DecidedBody) -> bytes:
+    """The training block a decided block names last: the best-ranked it applies, else the
+    first it names (the parent's when it names none)."""
+    if body.applied:
+        return body.applied[0]
     return body.training[0].training_block if body.training else state.finalized_hash
+
+
+def _hashes(hashes: tuple[bytes, ...]) -> str:
+    return "[" + ", ".join(h.hex()[:16] for h in hashes) + "]" if hashes else "none"
 
 
 def compute_block_time(parent: Block, last_commit: Commit | None, previous_validators: ValidatorSet | None) -> int:
@@ -408,26 +494,24 @@ def propose_decided_block(
     spent), carries `commitments` for the next reveals, at the time `compute_block_time` fixes."""
     verdicts: tuple[TrainingVerdict, ...] = ()
     test = build_heldout_test(chain, parent, state, key, shard) if training and shard is not None else None
+    outcome: HeldOutOutcome | None = None
+    applied: tuple[bytes, ...] = ()
     if test is not None:
+        named = list(training[:MAX_TRAINING_PER_HEIGHT])
         sequences = tuple(revealed.sequence for revealed in test.sequences)
-        test = replace(test, loss_before=chain.loss_on(state, sequences))
-        for block in training[:MAX_TRAINING_PER_HEIGHT]:
-            assert isinstance(block.body, TrainingBody)
-            updated = state.with_slice(block.body.slice_id, block.body.weights)
-            verdicts += (TrainingVerdict(block.hash, chain.loss_on(updated, sequences)),)
-    named = {block.hash: block for block in training}
-    gains = {verdict.training_block: test.loss_before - verdict.loss_after for verdict in verdicts} if test else {}
-    ranked = sorted((rank_verdict(is_committed(parent, named[h]), gain, h), h) for h, gain in gains.items() if gain > 0)
-    applied = named[ranked[0][1]] if ranked else None
-    miner = applied.header.proposer if applied is not None and is_committed(parent, applied) else None
+        outcome = compute_heldout_outcome(state, parent, named, sequences, chain)
+        test = replace(test, loss_before=outcome.loss_before, loss_after=outcome.loss_after)
+        verdicts = tuple(TrainingVerdict(block.hash, outcome.losses[block.hash]) for block in named)
+        applied = tuple(block.hash for block in outcome.applied)
+    named_blocks = {block.hash: block for block in training}
     signers: dict[bytes, int] = {}
     if last_commit is not None and previous_validators is not None:
         signers = {validator: previous_validators.stakes[validator] for validator, _, _ in last_commit.signatures}
     height = parent.header.height + 1
     kept = tuple(c for c in commitments if c.height == height)[:MAX_COMMITMENTS]
     timestamp = compute_block_time(parent, last_commit, previous_validators)
-    rewards = compute_decided_rewards(chain.genesis, miner, signers)
-    body = DecidedBody(verdicts, test, kept, last_commit, evidence, rewards, applied.hash if applied else b"")
+    rewards = compute_decided_rewards(chain.genesis, get_paid_miners(parent, outcome), signers)
+    body = DecidedBody(verdicts, test, kept, last_commit, evidence, rewards, applied)
     unsigned = Header(
         chain_id=chain.genesis.chain_id,
         height=height,
@@ -439,5 +523,5 @@ def propose_decided_block(
         body_hash=body_hash(body),
     )
     draft = sign_block(key, chain.domain, unsigned, body)
-    new_state = compute_decided_state(state, parent, draft, named, previous_validators, chain)
+    new_state = compute_decided_state(state, parent, draft, named_blocks, previous_validators, chain)
     return sign_block(key, chain.domain, replace(unsigned, state_root=new_state.root), body)

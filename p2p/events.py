@@ -273,10 +273,11 @@ def block_data(block: Block) -> dict[str, Any]:
 
 
 def head_data(block: Block, round: int) -> dict[str, Any]:
-    """A `head` event's data: the decided block, the round its certificate is from, the update it applied."""
-    applied = block.body.applied if isinstance(block.body, DecidedBody) else b""
+    """A `head` event's data: the decided block, the round its certificate is from, the training
+    blocks whose updates it applied (best-ranked first; empty when none)."""
+    applied = block.body.applied if isinstance(block.body, DecidedBody) else ()
     return {"height": block.header.height, "hash": block.hash.hex(), "round": round,
-            "applied": applied.hex() or None, "timestamp": block.header.timestamp}  # fmt: skip
+            "applied": [h.hex() for h in applied], "timestamp": block.header.timestamp}  # fmt: skip
 
 
 def finalized_data(block: Block) -> dict[str, Any]:

@@ -3,8 +3,9 @@ loss at each height (`GET /v1/history/loss`).
 
 Everything is read from the stored blocks, never by evaluating a model: a decided
 block's held-out test carries the parent model's loss total on the sequences it
-revealed (`test.loss_before`) and each named training block's loss total with its
-update applied (the verdicts' `loss_after`); a training block carries its
+revealed (`test.loss_before`), the loss total of the state it leads to, with the
+updates it applies combined (`test.loss_after`), and each named training block's loss
+total with its update alone applied (the verdicts' `loss_after`); a training block carries its
 validation proof, the loss totals before and after its update on its validation
 batch. Those are Q.16 integer totals over sequences * context tokens; here they are
 shown as nats per token (informative only: consensus compares the integers).
@@ -56,9 +57,9 @@ class TrainingRecord:
     validation_loss_after: int
     """The same with its update applied."""
     test_loss_after: int
-    """The held-out test's loss total (Q.16) with its update applied."""
+    """The held-out test's loss total (Q.16) with its update alone applied."""
     applied: bool
-    """The decided block applied its update."""
+    """The decided block applied its update (alone or combined with others)."""
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,13 @@ class HeightRecord:
     """The proposer's public key."""
     round: int
     """The round its commit certificate is from."""
-    applied: bytes
-    """The training block whose update it applied (empty: none)."""
+    applied: tuple[bytes, ...]
+    """The training blocks whose updates it applied, combined, best-ranked first (empty: none)."""
     test_loss_before: int | None
     """The held-out test's loss total (Q.16) of the parent model (None: it tested nothing)."""
+    test_loss_after: int | None
+    """The held-out test's loss total (Q.16) of the state the block leads to, the applied updates
+    combined (`test_loss_before` when it applied none; None: it tested nothing)."""
     test_tokens: int
     """Tokens the held-out test counts (revealed sequences * context; 0 without a test)."""
     validation_tokens: int
@@ -119,7 +123,7 @@ def read_height(node: DecidedNode, height: int) -> HeightRecord | None:
                 validation_loss_before=named.body.loss_before,
                 validation_loss_after=named.body.loss_after,
                 test_loss_after=verdict.loss_after,
-                applied=named.hash == body.applied,
+                applied=named.hash in body.applied,
             )
         )
     test = body.test
@@ -131,6 +135,7 @@ def read_height(node: DecidedNode, height: int) -> HeightRecord | None:
         round=commit.round,
         applied=body.applied,
         test_loss_before=None if test is None else test.loss_before,
+        test_loss_after=None if test is None else test.loss_after,
         test_tokens=0 if test is None else len(test.sequences) * context,
         validation_tokens=node.genesis.evaluation.validation_sequences * context,
         training=tuple(training),
@@ -146,7 +151,7 @@ def block_summary(record: HeightRecord) -> dict[str, Any]:
         "timestamp": record.timestamp,
         "proposer": record.proposer.hex(),
         "round": record.round,
-        "applied": record.applied.hex() or None,
+        "applied": [h.hex() for h in record.applied],
         "training": [
             {
                 "hash": t.hash.hex(),
@@ -163,8 +168,9 @@ def block_summary(record: HeightRecord) -> dict[str, Any]:
 
 def loss_entry(record: HeightRecord) -> dict[str, Any]:
     """A height's losses in nats per token: the held-out test before and after the block (after:
-    with the applied update; the model is unchanged, so equal to before, when none was applied),
-    the applied update's validation proof (null when none was applied), and each tested update."""
+    with the applied updates combined; the model is unchanged, so equal to before, when none was
+    applied), the best-ranked applied update's validation proof (null when none was applied), and
+    each tested update: `confirmed` the applied ones (best-ranked first), `rejected` the others."""
 
     def update(t: TrainingRecord) -> dict[str, Any]:
         return {
@@ -177,21 +183,22 @@ def loss_entry(record: HeightRecord) -> dict[str, Any]:
             "test_loss_after": nats_per_token(t.test_loss_after, record.test_tokens),
         }
 
-    applied = next((t for t in record.training if t.applied), None)
-    test_after = record.test_loss_before if applied is None else applied.test_loss_after
+    by_hash = {t.hash: t for t in record.training}
+    confirmed = [by_hash[h] for h in record.applied if h in by_hash]
+    applied = confirmed[0] if confirmed else None
     return {
         "height": record.height,
         "hash": record.hash.hex(),
         "test_loss_before": nats_per_token(record.test_loss_before, record.test_tokens),
-        "test_loss_after": nats_per_token(test_after, record.test_tokens),
-        "applied": record.applied.hex() or None,
+        "test_loss_after": nats_per_token(record.test_loss_after, record.test_tokens),
+        "applied": [h.hex() for h in record.applied],
         "validation_loss_before": None
         if applied is None
         else nats_per_token(applied.validation_loss_before, record.validation_tokens),
         "validation_loss_after": None
         if applied is None
         else nats_per_token(applied.validation_loss_after, record.validation_tokens),
-        "confirmed": [update(t) for t in record.training if t.applied],
+        "confirmed": [update(t) for t in confirmed],
         "rejected": [update(t) for t in record.training if not t.applied],
     }
 

@@ -205,7 +205,7 @@ def reveal_committed_update(node: DecidedNode, key: PrivateKey, update: Prepared
 
 
 def confirms_update(block: Block) -> bool:
-    """A decided block that applies a training block's update (the best positive held-out gain)."""
+    """A decided block that applies training blocks' updates (those that gain out of sample)."""
     return isinstance(block.body, DecidedBody) and bool(block.body.applied)
 
 

@@ -101,9 +101,9 @@ class HeadLosses:
     """The head model's losses as a decision shows them (None where it shows none)."""
 
     validation: float | None
-    """Nats per token on the applied training block's validation batch (its proof's loss after)."""
+    """Nats per token on the best-ranked applied training block's validation batch (its proof's loss after)."""
     test: float | None
-    """Nats per token on the decided block's held-out test sequences (with the applied update, if any)."""
+    """Nats per token on the decided block's held-out test sequences (with the applied updates combined, if any)."""
 
 
 def head_losses(decision: Decision, genesis: Genesis) -> HeadLosses:
@@ -113,15 +113,15 @@ def head_losses(decision: Decision, genesis: Genesis) -> HeadLosses:
         return HeadLosses(None, None)
     context = genesis.model.context
     validation = None
+    best = body.applied[0] if body.applied else None
     for block in decision.training_blocks:
-        if block.hash == body.applied and isinstance(block.body, TrainingBody):
+        if block.hash == best and isinstance(block.body, TrainingBody):
             tokens = genesis.evaluation.validation_sequences * context
             validation = loss_per_token(block.body.loss_after, tokens)
     test = None
     if body.test is not None and body.test.sequences:
         tokens = len(body.test.sequences) * context
-        applied = [v.loss_after for v in body.training if v.training_block == body.applied]
-        test = loss_per_token(applied[0] if applied else body.test.loss_before, tokens)
+        test = loss_per_token(body.test.loss_after, tokens)
     return HeadLosses(validation, test)
 
 

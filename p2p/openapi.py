@@ -135,7 +135,7 @@ def _block_schemas() -> dict[str, Schema]:
         ),
         "DecidedBody": _object(
             "What one height decided: the training blocks it tested on its proposer's held-out data (maybe "
-            "none), the update it applied, the miners' commitments for the next height, the parent's "
+            "none), the updates it applied, the miners' commitments for the next height, the parent's "
             "certificate, evidence and the payout. A height that names no training block is as final as one "
             "that does",
             {
@@ -144,13 +144,15 @@ def _block_schemas() -> dict[str, Schema]:
                     "The training blocks on the parent this block tested, on one held-out test (at most 4; may "
                     "be none)",
                 ),
-                "confirmed": _boolean("An update was applied to the model (applied is not null)"),
-                "applied": {
-                    "oneOf": [_hash("The applied training block"), {"type": "null"}],
-                    "description": "The training block whose update this block applied: among those with test "
-                    "gain > 0, committed before uncommitted, then the larger gain, then the smaller hash (null: "
-                    "none applied)",
-                },
+                "confirmed": _boolean("Updates were applied to the model (applied is not empty)"),
+                "applied": _array(
+                    _hash("An applied training block"),
+                    "The training blocks whose updates this block applied, combined (disjoint slices side by "
+                    "side, a shared slice averaged), best-ranked first (at most 4; empty: none applied). Of the "
+                    "committed updates with test gain > 0, ranked by the larger gain then the smaller hash, the "
+                    "best-ranked 1, 2, ... combined, whichever loses least on the held-out test (the fewest on a "
+                    "tie); an uncommitted update only alone, and only when no committed one gains",
+                ),
                 "test": {
                     "oneOf": [_ref("HeldOutTest"), {"type": "null"}],
                     "description": "The held-out test of the named training blocks (null when it names none)",
@@ -168,8 +170,10 @@ def _block_schemas() -> dict[str, Schema]:
                 "evidence": _array(_ref("Evidence"), "Equivocations slashed (the offender's stake goes to 0)"),
                 "rewards": _array(
                     _ref("Reward"),
-                    "The payout: the miner of the applied update first if it committed to it in the parent, then "
-                    "the parent certificate's signers (in proportion to their stake) by address",
+                    "The payout: the miners of the committed applied updates split the miner share in "
+                    "proportion to their updates' own held-out gains (by address), then the parent "
+                    "certificate's signers split the rest in proportion to their stake (by address); amounts "
+                    "round down",
                 ),
             },
         ),
@@ -179,9 +183,9 @@ def _block_schemas() -> dict[str, Schema]:
             {
                 "training_block": _hash("The training block tested"),
                 "loss_before": _integer("Test loss total (Q.16) of the parent's model on the revealed sequences"),
-                "loss_after": _integer("The same with the training block's slice applied"),
+                "loss_after": _integer("The same with the training block's slice alone applied"),
                 "gain": _integer("loss_before - loss_after", minimum=None),
-                "confirmed": _boolean("This is the applied training block"),
+                "confirmed": _boolean("The block applied this training block's update (alone or combined)"),
             },
         ),
         "HeldOutTest": _object(
@@ -190,6 +194,10 @@ def _block_schemas() -> dict[str, Schema]:
             {
                 "vrf_proof": _hex(80, "The proposer's ECVRF proof (RFC 9381) over potchain/test || parent"),
                 "loss_before": _integer("Loss total (Q.16) of the parent's model on the revealed sequences"),
+                "loss_after": _integer(
+                    "Loss total (Q.16) on the revealed sequences of the state the block leads to, the applied "
+                    "updates combined (equal to loss_before when it applies none)"
+                ),
                 "sequences": _array(_ref("RevealedSequence"), "The revealed sequences, in the order picked"),
             },
         ),
@@ -764,7 +772,10 @@ def _history_schemas() -> dict[str, Schema]:
                 "height": _integer("The decided height", minimum=1),
                 "hash": _hash("The decided block"),
                 "round": _integer("The round its commit certificate is from"),
-                "applied": {"oneOf": [_hash("The training block whose update it applied"), {"type": "null"}]},
+                "applied": _array(
+                    _hash("An applied training block"),
+                    "The training blocks whose updates it applied, combined, best-ranked first (empty: none)",
+                ),
                 "timestamp": _integer("The block's timestamp (Unix seconds)"),
             },
         ),
@@ -825,7 +836,10 @@ def _history_schemas() -> dict[str, Schema]:
                 "timestamp": _integer("Unix seconds"),
                 "proposer": _hex(32, "The round's proposer"),
                 "round": _integer("The round its commit certificate is from"),
-                "applied": {"oneOf": [_hash("The training block whose update it applied"), {"type": "null"}]},
+                "applied": _array(
+                    _hash("An applied training block"),
+                    "The training blocks whose updates it applied, combined, best-ranked first (empty: none)",
+                ),
                 "training": _array(_ref("TrainingSummary"), "The training blocks it tested (maybe none)"),
             },
         ),
@@ -837,7 +851,7 @@ def _history_schemas() -> dict[str, Schema]:
                 "committed": _boolean("Its miner committed to the update in the parent (only then is it paid)"),
                 "validation_gain": _integer("Its proof's validation gain (Q.16 loss total)", minimum=None),
                 "test_gain": _integer("Its gain on the block's held-out test (Q.16 loss total)", minimum=None),
-                "applied": _boolean("The block applied its update"),
+                "applied": _boolean("The block applied its update (alone or combined with others)"),
             },
         ),
         "LossHistory": _object(
@@ -857,15 +871,19 @@ def _history_schemas() -> dict[str, Schema]:
                 "hash": _hash("The decided block"),
                 "test_loss_before": _loss("The parent model on the held-out sequences it revealed (null: no test)"),
                 "test_loss_after": _loss(
-                    "The model after the block on the same sequences: with the applied update, else equal to "
-                    "test_loss_before (null: no test)"
+                    "The model after the block on the same sequences: with the applied updates combined, else "
+                    "equal to test_loss_before (null: no test)"
                 ),
-                "applied": {"oneOf": [_hash("The training block whose update it applied"), {"type": "null"}]},
+                "applied": _array(
+                    _hash("An applied training block"),
+                    "The training blocks whose updates it applied, combined, best-ranked first (empty: none)",
+                ),
                 "validation_loss_before": _loss(
-                    "The applied update's proof: the parent model on its validation batch (null: none applied)"
+                    "The best-ranked applied update's proof: the parent model on its validation batch (null: "
+                    "none applied)"
                 ),
-                "validation_loss_after": _loss("The same with the update (null: none applied)"),
-                "confirmed": _array(_ref("UpdateLosses"), "The applied update (at most one)"),
+                "validation_loss_after": _loss("The same with that update (null: none applied)"),
+                "confirmed": _array(_ref("UpdateLosses"), "The applied updates, best-ranked first"),
                 "rejected": _array(_ref("UpdateLosses"), "The tested updates not applied"),
             },
         ),
@@ -878,7 +896,7 @@ def _history_schemas() -> dict[str, Schema]:
                 "committed": _boolean("Its miner committed to it in the parent"),
                 "validation_loss_before": _loss("Its proof: the parent model on its validation batch"),
                 "validation_loss_after": _loss("Its proof: with the update"),
-                "test_loss_after": _loss("The block's held-out sequences with the update"),
+                "test_loss_after": _loss("The block's held-out sequences with the update alone"),
             },
         ),
     }

@@ -242,7 +242,7 @@ def decided_body_view(body: DecidedBody) -> JSON:
     return {
         "training": [verdict_view(verdict, body) for verdict in body.training],
         "confirmed": bool(body.applied),
-        "applied": body.applied.hex() or None,
+        "applied": [h.hex() for h in body.applied],
         "test": test_view(body.test),
         "commitments": [
             {"height": c.height, "miner": c.miner.hex(), "update_hash": c.update_hash.hex()} for c in body.commitments
@@ -260,7 +260,7 @@ def verdict_view(verdict: TrainingVerdict, body: DecidedBody) -> JSON:
         "loss_before": loss_before,
         "loss_after": verdict.loss_after,
         "gain": loss_before - verdict.loss_after,
-        "confirmed": verdict.training_block == body.applied,
+        "confirmed": verdict.training_block in body.applied,
     }
 
 
@@ -270,6 +270,7 @@ def test_view(test: HeldOutTest | None) -> JSON | None:
     return {
         "vrf_proof": test.vrf_proof.hex(),
         "loss_before": test.loss_before,
+        "loss_after": test.loss_after,
         "sequences": [{"index": s.index, "sequence": s.sequence.hex()} for s in test.sequences],
     }
 

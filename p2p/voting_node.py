@@ -1042,16 +1042,16 @@ class VotingNode:
             mining.snapshot_round += 1
 
     def _mining_head_moved(self, miner: Miner, head: Block, mining: MiningProgress) -> None:
-        """A new decided head: record our update it applied, drop commitments it did not carry."""
+        """A new decided head: record our updates it applied, drop commitments it did not carry."""
         mining.head, mining.tried_round = head.hash, -1
         height = head.header.height
         body = head.body
-        applied = body.applied if isinstance(body, DecidedBody) else b""
-        ours = mining.revealed.pop(applied, None)
-        if ours is not None and isinstance(ours.body, TrainingBody) and isinstance(body, DecidedBody):
-            miner.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
-            log.info("mining: height %d applied our block %s (slice %d, test gain %s)", height, applied.hex()[:16],
-                     ours.body.slice_id, body.gain_of(applied))  # fmt: skip
+        for applied in body.applied if isinstance(body, DecidedBody) else ():
+            ours = mining.revealed.pop(applied, None)
+            if ours is not None and isinstance(ours.body, TrainingBody) and isinstance(body, DecidedBody):
+                miner.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
+                log.info("mining: height %d applied our block %s (slice %d, test gain %s)", height,
+                         applied.hex()[:16], ours.body.slice_id, body.gain_of(applied))  # fmt: skip
         mining.revealed = {h: b for h, b in mining.revealed.items() if b.header.height > height}
         for update in [u for u in mining.committed.values() if u.height <= height]:
             if update.height == height and is_carried(head, update):

@@ -29,7 +29,7 @@ from chain.blocks import Block, DecidedBody, TrainingBody
 from chain.crypto import devnet_key
 from chain.state import State
 from chain.store import ChainDB, CorruptStore
-from consensus.decisions import is_committed
+from consensus.decisions import compute_decided_rewards, is_committed
 from consensus.genesis import Genesis
 from consensus.rules import Chain, genesis_block, genesis_state
 from p2p.rpc_client import HeadWatch
@@ -791,17 +791,22 @@ def judge_updates(db: ChainDB, chain: Chain, up_to: int, roles: dict[bytes, Mine
         for reward in body.rewards:
             paid_to[reward.address] = paid_to.get(reward.address, 0) + reward.amount
         gains = body.gains()
+        named_blocks = [db.block(verdict.training_block) for verdict in body.training]
+        paid_miners = {training.header.proposer: gains[training.hash] for training in named_blocks
+                       if training.hash in body.applied and is_committed(parent, training)}  # fmt: skip
+        # The miners' part of the block's rewards (the rules checked the block pays exactly this).
+        miner_rewards = compute_decided_rewards(chain.genesis, paid_miners, {})
+        miner_pay = {reward.address: reward.amount for reward in miner_rewards}
         named = []
-        for verdict in body.training:
-            training = db.block(verdict.training_block)
+        for training in named_blocks:
             miner = training.header.proposer
             role = roles.get(miner, MinerRole("", "unknown"))
             committed = is_committed(parent, training)
-            applied = verdict.training_block == body.applied
-            paid = body.rewards[0].amount if applied and committed and body.rewards else 0
+            applied = training.hash in body.applied
+            paid = miner_pay.get(miner, 0) if applied and committed else 0
             named.append({
                 "hash": training.hash.hex(), "decided_at": height, "miner": miner.hex(), "node": role.node,
-                "kind": role.kind, "committed": committed, "test_gain": gains[verdict.training_block],
+                "kind": role.kind, "committed": committed, "test_gain": gains[training.hash],
                 "validation_gain": validation_gain(training), "applied": applied, "paid": paid,
             })  # fmt: skip
         proposer = block.header.proposer
@@ -809,7 +814,7 @@ def judge_updates(db: ChainDB, chain: Chain, up_to: int, roles: dict[bytes, Mine
                         "named": [entry["hash"] for entry in named],
                         "honest_named": any(entry["kind"] == "honest" for entry in named),
                         "commitments": [commitment.miner.hex() for commitment in body.commitments],
-                        "applied": body.applied.hex() or None})  # fmt: skip
+                        "applied": [applied_hash.hex() for applied_hash in body.applied]})  # fmt: skip
         updates.extend(named)
         if body.test is not None:
             tests.append(tuple(revealed.sequence for revealed in body.test.sequences))
@@ -879,8 +884,9 @@ def overfitter_summary(updates: list[dict[str, Any]]) -> dict[str, Any]:
     """The overfitter's updates against the training-split miners' named at the same heights.
 
     `overfit_updates_decided` (target 0) counts the overfitter's updates applied at a height
-    where a committed candidate trained on the training split gained more out of sample: an
-    update that fits the validation split displacing one that generalizes better. (An
+    where a committed candidate trained on the training split gained more out of sample and
+    was left out: an update that fits the validation split displacing one that generalizes
+    better (applied beside it, combined, it displaces nothing: section 18). (An
     uncommitted candidate ranks below every committed one whoever trained it, section 17.3:
     a miner whose commitment missed its block races for nothing, and a copy could not be
     told from it.) `overfitter_contests` lists every height where both were named, with their
@@ -888,7 +894,8 @@ def overfitter_summary(updates: list[dict[str, Any]]) -> dict[str, Any]:
     and what a validation-gain rule would have chosen; the overfitter's wins by a larger
     held-out gain are counted apart (`overfitter_wins_by_heldout_gain`): training on the
     validation split is training on public text, and an update that gains more on sequences
-    nobody trained on is the better one."""
+    nobody trained on is the better one. An overfitter's update applied together with every
+    committed rival that gained more counts as neither."""
     named_at: dict[int, list[dict[str, Any]]] = {}
     for entry in updates:
         named_at.setdefault(entry["decided_at"], []).append(entry)
@@ -899,13 +906,14 @@ def overfitter_summary(updates: list[dict[str, Any]]) -> dict[str, Any]:
         rivals = [e for e in named if e["kind"] in TRAINING_SPLIT_KINDS]
         if not overfitting or not rivals:
             continue
-        best_rival = max((e["test_gain"] for e in rivals if e["committed"]), default=None)
         for entry in overfitting:
-            if entry["applied"]:
-                if best_rival is not None and best_rival > entry["test_gain"]:
-                    displaced += 1
-                else:
-                    wins += 1
+            if not entry["applied"]:
+                continue
+            better = [e for e in rivals if e["committed"] and e["test_gain"] > entry["test_gain"]]
+            if any(not e["applied"] for e in better):
+                displaced += 1
+            elif not better:
+                wins += 1
         keep = ("kind", "committed", "validation_gain", "test_gain", "applied")
         contests.append({"height": height, "overfitter": [{k: e[k] for k in keep} for e in overfitting],
                          "rivals": [{k: e[k] for k in keep} for e in rivals]})  # fmt: skip

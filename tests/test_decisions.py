@@ -79,7 +79,10 @@ def test_a_decided_block_with_a_training_block_applies_its_verdict(scenario: Sce
     assert isinstance(body, DecidedBody) and len(body.training) == 1 and body.last_commit is None
     updated = body.gains()[decided.training.hash] > 0
     assert (decided.first_state.weights_root != decided.genesis_state.weights_root) == updated
-    assert body.applied == (decided.training.hash if updated else b"")
+    assert body.applied == ((decided.training.hash,) if updated else ())
+    assert body.test is not None and body.test.loss_after == body.test.loss_before - max(
+        0, body.gains()[decided.training.hash]
+    )
     assert decided.first_state.finalized_height == 1 and decided.first_state.finalized_hash == decided.training.hash
     assert decode_block(decided.first.encode()) == decided.first
     # An update nobody committed to earns nothing (a commitment needs a decided block, and
@@ -137,6 +140,8 @@ def rebuild_decided(scenario: Scenario, block: Block, body: DecidedBody, **heade
         ("named_twice", "named twice"),
         ("no_test", "without a held-out test"),
         ("applied", "applied: got none"),
+        ("applied_twice", r"applied: got \[[0-9a-f]{16}, [0-9a-f]{16}\], want \[[0-9a-f]{16}\]"),
+        ("test_loss_after", "test: loss_after"),
         ("rewards", "rewards"),
         ("commit_after_genesis", "carries none"),
     ],
@@ -159,7 +164,13 @@ def test_each_rule_of_height_one(scenario: Scenario, decided: Decided, change: s
         body = dataclasses.replace(body, test=None)
     elif change == "applied":
         assert body.applied, "the fixture's update is applied"
-        body = dataclasses.replace(body, applied=b"")
+        body = dataclasses.replace(body, applied=())
+    elif change == "applied_twice":
+        assert body.applied, "the fixture's update is applied"
+        body = dataclasses.replace(body, applied=body.applied * 2)
+    elif change == "test_loss_after":  # the parent's loss, as if nothing were applied
+        assert body.applied and body.test is not None, "the fixture's update is applied"
+        body = dataclasses.replace(body, test=dataclasses.replace(body.test, loss_after=body.test.loss_before))
     elif change == "rewards":  # pays the miner of an update it did not commit to
         miner_share = scenario.node.genesis.consensus.block_reward * 70 // 100
         body = dataclasses.replace(body, rewards=(Reward(decided.training.header.proposer, miner_share),))
@@ -257,22 +268,29 @@ def test_difficulty_retarget_steps(scenario: Scenario) -> None:
 
 
 def test_reward_amounts(scenario: Scenario) -> None:
-    """The miner's share of a confirmed update; the commit signers split the rest by the stake they
-    signed with, rounded down, in address order; nothing else is minted and no amount is zero."""
+    """The miners of the committed applied updates split the miner share in proportion to their
+    held-out gains; the commit signers split the rest by the stake they signed with; both rounded
+    down, in address order (miners first); nothing else is minted and no amount is zero."""
     genesis = scenario.node.genesis
     _, state = scenario.genesis()
     stakes = get_validator_set(state, genesis).stakes
     signers = {key.public_key: stakes[key.public_key] for key in scenario.validators[:3]}
     miner = scenario.miner.public_key
-    rewards = compute_decided_rewards(genesis, miner, signers)
+    rewards = compute_decided_rewards(genesis, {miner: 12_345}, signers)
     assert rewards[0].address == miner and rewards[0].amount == 700_000
     assert [r.address for r in rewards[1:]] == sorted(signers) and all(r.amount == 100_000 for r in rewards[1:])
     assert sum(r.amount for r in rewards) == genesis.consensus.block_reward
     # No confirmed update: the signers are paid for their work, and not the miner.
-    rejected = compute_decided_rewards(genesis, None, signers)
+    rejected = compute_decided_rewards(genesis, {}, signers)
     assert [r.address for r in rejected] == sorted(signers) and all(r.amount == 100_000 for r in rejected)
     # In proportion to stake, rounded down (the remainder is not minted), and no zero amounts.
     a, b, c = sorted(signers)
-    assert [r.amount for r in compute_decided_rewards(genesis, None, {a: 1, b: 2, c: 4})] == [42_857, 85_714, 171_428]
-    assert [r.address for r in compute_decided_rewards(genesis, None, {a: 1, b: 10**9})] == [b]
-    assert compute_decided_rewards(genesis, None, {}) == ()  # height 1: no certificate, and no update
+    assert [r.amount for r in compute_decided_rewards(genesis, {}, {a: 1, b: 2, c: 4})] == [42_857, 85_714, 171_428]
+    assert [r.address for r in compute_decided_rewards(genesis, {}, {a: 1, b: 10**9})] == [b]
+    assert compute_decided_rewards(genesis, {}, {}) == ()  # height 1: no certificate, and no update
+    # Several miners: the 700,000 split by their held-out gains, rounded down, by address, before the signers.
+    x, y, z = sorted(bytes([n]) * 32 for n in (7, 3, 5))
+    split = compute_decided_rewards(genesis, {z: 1, x: 2, y: 4}, {a: 1})
+    assert split == (Reward(x, 200_000), Reward(y, 400_000), Reward(z, 100_000), Reward(a, 300_000))
+    assert [r.amount for r in compute_decided_rewards(genesis, {x: 1, y: 1, z: 1}, {})] == [233_333] * 3
+    assert compute_decided_rewards(genesis, {x: 1, y: 10**9}, {}) == (Reward(y, 699_999),)  # no zero amounts

@@ -4,9 +4,11 @@ that answer any bytes with DecodeError and nothing else."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import tracemalloc
 from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 import pytest
@@ -162,6 +164,38 @@ def test_non_canonical_and_foreign_encodings_are_rejected(samples: dict[str, byt
         unpack(b"\x00" * 100, "thing", max_bytes=10)
 
 
+def test_a_decided_body_applies_a_list_of_32_byte_hashes(samples: dict[str, bytes]) -> None:
+    """`applied` is an array of at most MAX_TRAINING_PER_HEIGHT training block hashes (32 bytes
+    each), and the held-out test carries its loss after: an entry of another length or type, one
+    entry too many, the former single binary, or a test without loss_after is refused."""
+    header, body, signature = msgpack.unpackb(samples["decided"])
+    decided = decode_block(samples["decided"])
+    assert isinstance(decided.body, DecidedBody) and decided.body.test is not None
+    assert body[-1] == list(decided.body.applied) and body[1][-1] == decided.body.test.loss_after
+
+    def decode_with(applied: Any = None, test: Any = None) -> Block:
+        fields = [*body[:-1], body[-1] if applied is None else applied]
+        if test is not None:
+            fields[1] = test
+        return decode_block(pack([header, fields, signature]))
+
+    two = [bytes(32), bytes([1]) * 32]
+    assert decode_with(two).body == dataclasses.replace(decided.body, applied=tuple(two))
+    assert decode_with([]).body == dataclasses.replace(decided.body, applied=())
+    for applied, reason in [
+        ([bytes(31)], r"applied: want 32-byte hashes, got b'\\x00"),
+        ([bytes(32), bytes(33)], "applied: want 32-byte hashes"),
+        ([b""], "applied: want 32-byte hashes"),
+        ([7], "applied: want 32-byte hashes, got 7"),
+        ([bytes(32)] * (MAX_TRAINING_PER_HEIGHT + 1), f"applied: {MAX_TRAINING_PER_HEIGHT + 1} items, limit"),
+        (bytes(32), "applied: expected an array, got bytes"),
+    ]:
+        with pytest.raises(DecodeError, match=reason):
+            decode_with(applied)
+    with pytest.raises(DecodeError, match="held-out test"):
+        decode_with(test=body[1][:3])
+
+
 def test_decoding_bombs_fail_before_allocation() -> None:
     # An array header claiming 2**32 - 1 items, and a bin header claiming 4 GiB.
     for bomb in (b"\xdd\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff" + b"x" * 10):
@@ -269,7 +303,7 @@ def largest_decided_body() -> DecidedBody:
         commit,
         (EquivocationEvidence(vote, vote),) * MAX_EVIDENCE,
         (Reward(bytes(32), 1),) * MAX_REWARDS,
-        bytes(32),
+        (bytes(32),) * MAX_TRAINING_PER_HEIGHT,
     )
 
 
@@ -277,7 +311,7 @@ def test_the_largest_objects_fit_their_budgets(samples: dict[str, bytes]) -> Non
     decided = decode_block(samples["decided_with_commit"])
     body = largest_decided_body()
     largest = Block(decided.header, body, decided.signature).encode()
-    assert scan(largest) == 26_442 <= MAX_BLOCK_OBJECTS
+    assert scan(largest) == 26_447 <= MAX_BLOCK_OBJECTS
     assert decode_block(largest).body == body
     assert body.last_commit is not None
     commit = body.last_commit.encode()

@@ -155,8 +155,9 @@ def test_the_events_of_a_decided_height_arrive_in_order(net: Net) -> None:
                        "proposer": block.header.proposer.hex()}  # fmt: skip
     commit = net.node.commit_of(block.hash)
     assert commit is not None
+    applied = [h.hex() for h in block.body.applied]
     assert new_head == {"height": block.header.height, "hash": block.hash.hex(), "round": commit.round,
-                        "applied": block.body.applied.hex() or None, "timestamp": block.header.timestamp}  # fmt: skip
+                        "applied": applied, "timestamp": block.header.timestamp}  # fmt: skip
     assert final == {"height": block.header.height, "hash": block.hash.hex()}
     for event in [*first, *events]:
         check_event(net, event)
@@ -381,11 +382,11 @@ def expected_summary(node: DecidedNode, height: int) -> dict[str, Any]:
             "committed": (named.header.proposer, update) in commitments,
             "validation_gain": named.body.loss_before - named.body.loss_after,
             "test_gain": block.body.test.loss_before - verdict.loss_after,
-            "applied": named.hash == block.body.applied,
+            "applied": named.hash in block.body.applied,
         })  # fmt: skip
     return {"height": height, "hash": block.hash.hex(), "timestamp": block.header.timestamp,
             "proposer": block.header.proposer.hex(), "round": commit.round,
-            "applied": block.body.applied.hex() or None, "training": training}  # fmt: skip
+            "applied": [h.hex() for h in block.body.applied], "training": training}  # fmt: skip
 
 
 def test_the_block_pages_match_the_stored_blocks(net: Net) -> None:
@@ -428,16 +429,18 @@ def test_the_loss_history_matches_the_stored_blocks(net: Net) -> None:
             continue
         tokens = len(test.sequences) * context
         assert entry["test_loss_before"] == pytest.approx(test.loss_before / tokens / (1 << LOSS_BITS), abs=1e-6)
-        applied = node.stored_block(block.body.applied) if block.body.applied else None
-        if applied is None:
+        assert entry["test_loss_after"] == pytest.approx(test.loss_after / tokens / (1 << LOSS_BITS), abs=1e-6)
+        assert entry["applied"] == [h.hex() for h in block.body.applied]
+        if not block.body.applied:
             assert entry["test_loss_after"] == entry["test_loss_before"] and entry["confirmed"] == []
             continue
         confirmed_heights += 1
-        assert isinstance(applied.body, TrainingBody)
-        verdict = next(v for v in block.body.training if v.training_block == applied.hash)
-        assert entry["test_loss_after"] == pytest.approx(verdict.loss_after / tokens / (1 << LOSS_BITS), abs=1e-6)
-        assert entry["test_loss_after"] < entry["test_loss_before"]  # a confirmed update gains out of sample
-        assert entry["applied"] == applied.hash.hex() and [u["hash"] for u in entry["confirmed"]] == [entry["applied"]]
+        applied = node.stored_block(block.body.applied[0])  # the best-ranked: the validation losses are its proof's
+        assert applied is not None and isinstance(applied.body, TrainingBody)
+        assert entry["test_loss_after"] < entry["test_loss_before"]  # confirmed updates gain out of sample
+        assert [u["hash"] for u in entry["confirmed"]] == entry["applied"]
+        named = {u["hash"] for u in entry["confirmed"] + entry["rejected"]}
+        assert named == {v.training_block.hex() for v in block.body.training}
         for name in ("loss_before", "loss_after"):
             want = getattr(applied.body, name) / validation_tokens / (1 << LOSS_BITS)
             assert entry[f"validation_{name}"] == pytest.approx(want, abs=1e-6)

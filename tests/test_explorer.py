@@ -287,7 +287,8 @@ def test_browser_shows_the_chain_live_and_samples_the_model(
         test_gain = entry["test_loss_before"] - update["test_loss_after"]
         validation_gain = update["validation_loss_before"] - update["validation_loss_after"]
         assert f"test {signed(test_gain)} · validation {signed(validation_gain)}" in row, (update, row)
-    assert ("Applied" in row) == (entry["applied"] is not None)
+    assert ("Applied" in row) == bool(entry["applied"])
+    assert row.count("Applied") == len(entry["applied"]) == len(entry["confirmed"])
     assert page.get_attribute("#live", "data-state") == "live"
     page.wait_for_selector("#peers tbody tr code", timeout=30_000)  # the follower, once connected
     signed_stake = page.evaluate(

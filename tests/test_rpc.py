@@ -344,10 +344,11 @@ def test_blocks_by_height_hash_and_head(net: Net) -> None:
             }
         ],
         "confirmed": True,
-        "applied": net.training.hash.hex(),
+        "applied": [net.training.hash.hex()],
         "test": {
             "vrf_proof": decided.test.vrf_proof.hex(),
             "loss_before": decided.test.loss_before,
+            "loss_after": verdict.loss_after,  # its only update, applied alone
             "sequences": [{"index": s.index, "sequence": s.sequence.hex()} for s in decided.test.sequences],
         },
         "commitments": [],
@@ -375,6 +376,7 @@ def test_blocks_by_height_hash_and_head(net: Net) -> None:
     assert by_hash["timestamp"] == net.first.header.timestamp + 2  # height 1's commit time
     assert by_hash["commit"] == expected_commit(net, net.second, net.keys[SECOND_SIGNERS])
     assert by_hash["body"]["training"] == [] and by_hash["body"]["confirmed"] is False
+    assert by_hash["body"]["applied"] == [] and by_hash["body"]["test"] is None
     assert by_hash["body"]["last_commit"] == expected_commit(net, net.first, net.keys[FIRST_SIGNERS], stakes=False)
     assert by_hash["body"]["evidence"] == []
     assert by_hash["body"]["rewards"] == [{"address": r.address.hex(), "amount": r.amount} for r in second.rewards]

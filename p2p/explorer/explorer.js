@@ -344,6 +344,7 @@ function renderLossChart() {
   chart.append(axes);
 
   // Lines: the parent's model before each height, and the model after it (unchanged when no update applied).
+  // `entry.applied` lists the training blocks a height applied (combined), empty when none.
   const path = (key) => tested.map((e, i) => `${i ? "L" : "M"}${x(e.height).toFixed(1)},${y(e[key]).toFixed(1)}`).join("");
   chart.append(svg("path", { class: "series-before", d: path("test_loss_before") }));
   chart.append(svg("path", { class: "series-after", d: path("test_loss_after") }));
@@ -357,8 +358,9 @@ function renderLossChart() {
   };
   for (const entry of tested) {
     point("before", entry, entry.test_loss_before, 3, `Height ${entry.height}: before ${loss(entry.test_loss_before)}`);
-    if (entry.applied) {
-      point("applied", entry, entry.test_loss_after, 4.5, `Height ${entry.height}: applied, ${loss(entry.test_loss_after)}`);
+    if (entry.applied.length) {
+      const what = entry.applied.length === 1 ? "applied" : `${entry.applied.length} updates applied combined`;
+      point("applied", entry, entry.test_loss_after, 4.5, `Height ${entry.height}: ${what}, ${loss(entry.test_loss_after)}`);
     }
     for (const update of entry.rejected) {
       const label = `Height ${entry.height}: rejected ${shortHex(update.hash)}, ${loss(update.test_loss_after)}`;
@@ -366,7 +368,7 @@ function renderLossChart() {
     }
   }
   chart.append(points);
-  const applied = tested.filter((entry) => entry.applied).length;
+  const applied = tested.filter((entry) => entry.applied.length).length;
   const first = tested[0];
   const last = tested[tested.length - 1];
   byId("test-loss").textContent = `${loss(last.test_loss_after)} nats/byte`;
@@ -375,6 +377,11 @@ function renderLossChart() {
     `${tested.length} tested heights from ${first.height} to ${last.height}, ${applied} with an update applied. ` +
     `Height ${last.height}: ${loss(last.test_loss_before)} before, ${loss(last.test_loss_after)} after.`;
   renderLossTable(tested);
+}
+
+// A loss table row's verdict for a height that applied updates: "applied", or "3 applied" (combined).
+function appliedText(entry) {
+  return entry.applied.length === 1 ? "applied" : `${entry.applied.length} applied`;
 }
 
 function renderLossTable(tested) {
@@ -389,8 +396,8 @@ function renderLossTable(tested) {
         cell(loss(entry.test_loss_before), "number"),
         cell(loss(entry.test_loss_after), "number"),
         cell(
-          entry.applied ? "applied" : `${entry.rejected.length} rejected`,
-          entry.applied ? "verdict-applied" : "verdict-rejected",
+          entry.applied.length ? appliedText(entry) : `${entry.rejected.length} rejected`,
+          entry.applied.length ? "verdict-applied" : "verdict-rejected",
         ),
       ),
     );
@@ -473,7 +480,7 @@ function connectEvents() {
     document.body.dataset.lastHeadEvent = String(head.height);
     setHead(head.height, head.hash);
     setLive("live", `Live: height ${integer(head.height)} at ${clock(Date.now() / 1000)}`);
-    byId("live").title = head.applied ? "It applied an update to the model" : "It applied no update";
+    byId("live").title = head.applied.length ? "It applied an update to the model" : "It applied no update";
     refresh();
   });
   source.addEventListener("block", (event) => {

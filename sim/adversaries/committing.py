@@ -95,10 +95,10 @@ class CommittingMiner(Adversary):
             last, height = head.hash, head.header.height
             if prepared is not None and prepared.height == height + 1 and await self._commit(prepared):
                 committed[prepared.height] = prepared
-            applied = head.body.applied if isinstance(head.body, DecidedBody) else b""
-            if applied in revealed:  # the chain took our update: the local model keeps its own progress
-                ours = revealed[applied]
-                miner.published(ours.slice_id, ours.values)
+            for applied in head.body.applied if isinstance(head.body, DecidedBody) else ():
+                if applied in revealed:  # the chain took our update: the local model keeps its own progress
+                    ours = revealed[applied]
+                    miner.published(ours.slice_id, ours.values)
             update = committed.pop(height, None)
             if update is not None:
                 block = await self._reveal(head, update)
