@@ -27,13 +27,13 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from chain.blocks import Block, DecidedBody, TrainingBody
+from chain.blocks import Block, DecidedBody, TrainingBody, UpdateCommitment
 from chain.crypto import PrivateKey, devnet_key
 from chain.heldout import Shard
 from chain.votes import Commit, Vote, VoteKind, sign_vote
@@ -78,17 +78,23 @@ class TestLoss:
 
 
 def decide_height(
-    decided: DecidedChain, validators: list[PrivateKey], training: Block | None, shards: Mapping[bytes, Shard]
+    decided: DecidedChain,
+    validators: list[PrivateKey],
+    training: Block | Sequence[Block] | None,
+    shards: Mapping[bytes, Shard],
+    commitments: Sequence[UpdateCommitment] = (),
 ) -> Decision:
     """Decide the next height as the voting rounds would: the height's proposer (rotating with
-    the height) proposes a decided block naming `training` (or none), and every validator's
-    precommit, stamped a target interval after the block, forms its commit certificate (so
-    heights are a target interval apart). `on_decided` checks the certificate and every rule."""
+    the height) proposes a decided block naming `training` (one block, several, or none) and
+    carrying `commitments`, and every validator's precommit, stamped a target interval after
+    the block, forms its commit certificate (so heights are a target interval apart).
+    `on_decided` checks the certificate and every rule."""
     chain, head = decided.chain, decided.head
     proposer = validators[decided.height % len(validators)]
+    named = [] if training is None else [training] if isinstance(training, Block) else list(training)
     block = propose_decided_block(
-        chain, head.block, head.state, proposer, [] if training is None else [training], head.commit,
-        decided.head_validators, (), shards.get(proposer.public_key),
+        chain, head.block, head.state, proposer, named, head.commit,
+        decided.head_validators, (), shards.get(proposer.public_key), commitments,
     )  # fmt: skip
     when = block.header.timestamp + chain.genesis.consensus.target_interval_seconds
     height = block.header.height
@@ -97,7 +103,7 @@ def decide_height(
         for key in validators
     ])  # fmt: skip
     decided.on_tick(when)
-    return decided.on_decided(block, commit, {} if training is None else {training.hash: training})
+    return decided.on_decided(block, commit, {named_block.hash: named_block for named_block in named})
 
 
 def is_confirmed(decision: Decision) -> bool:
@@ -155,14 +161,21 @@ def run_chain(
 
 
 def run_central(
-    weights: CanonicalWeights, train_text: bytes, steps: int, config: TrainingConfig, every: int, test_loss: TestLoss
+    weights: CanonicalWeights,
+    train_text: bytes,
+    steps: int,
+    config: TrainingConfig,
+    every: int,
+    test_loss: TestLoss,
+    data_seed: int = 0,
 ) -> tuple[list[tuple[int, float]], float]:
-    """AdamW on every weight, same batches, schedule and learning rate as the miner."""
+    """AdamW on every weight, same batches, schedule and learning rate as the miner
+    (other batches for another `data_seed`)."""
 
     def progress(step: int, loss: float) -> None:
         print(f"[central] {step}/{steps} steps, test loss {loss:.4f}", file=sys.stderr, flush=True)
 
-    return train_centralized(weights, train_text, steps, config, every, test_loss, progress)
+    return train_centralized(weights, train_text, steps, config, every, test_loss, progress, data_seed)
 
 
 def loss_at(curve: list[tuple[int, float]], steps: float) -> float:

@@ -1,27 +1,30 @@
-"""How much of several racing miners' work the chain keeps.
+"""How much of several miners' work the chain keeps, against what data parallelism could keep.
 
-    python bench/multi_miner.py [--miners 4] [--heights 12]
+    python bench/multi_miner.py [--miners 4] [--steps-per-miner 720] [--seeds 0 1]
+                                [--rates 1.5e-3 2.1e-3 3e-3 4.2e-3]
 
-Four miners mine every height from the same parent (the decided head), each
-on its own slice (round-robin from its key's offset); the height's decided
-block names the valid training block with the largest validation gain (the
-proposer's rule, docs/spec.md section 12) and the others lose the race. A
-height where no miner meets the difficulty is decided without an update. A
-losing miner's steps are not thrown away: they stay in its local model and
-reach the chain with its later slices.
+One run measures, on the devnet model (docs/benchmarks.md):
 
-`useful_work_fraction` is measured by outcome: the optimizer steps a single
-miner needs, through the same chain, to reach the racing chain's final test
-loss (from a single-miner run in this process), divided by the steps all
-racing miners computed. Racing on one slice with nothing kept would give
-1 / miners. `winning_steps_fraction` counts only the steps of the miners'
-winning blocks themselves.
+1. The chain with N miners, run as the network runs it. At each decided height every miner
+   reveals the update it committed in that block as a training block (checked by the rules;
+   proposed only if its validation gain meets the difficulty), rebases onto the block's state,
+   trains `steps` optimizer steps on its own batches and commits its next update. The next
+   height's proposer names the committed training blocks (at most MAX_TRAINING_PER_HEIGHT),
+   and the rules apply the combination that loses least on the proposer's held-out sequences
+   (docs/spec.md, section 18). Difficulty as genesis sets it and the rules retarget it
+   (heights a target interval apart); every block goes through `DecidedChain.on_decided`.
+2. The same chain with one miner, for as many steps as the N miners computed: the floor.
+   `useful_work_fraction` = the steps the single miner needs to reach the N-miner chain's
+   final test loss / the steps the N miners computed (one miner alone keeps 1/N by this
+   measure: N miners that added nothing would need no more of its steps than one miner).
+3. The data-parallel ceiling: centralized AdamW with each step on N x 32 sequences (the N
+   miners' batches averaged into one) for the steps one miner computes, its learning rate
+   chosen by a sweep (`--rates`, warm-up scaled to 50 / N steps, the same samples as the
+   miners' 50) on the first seed, then run on every seed. `data_parallel_ceiling` = the
+   batch-32 centralized steps that reach the same test loss / (N x steps per miner), the mean
+   over seeds; the batch-32 run uses the miners' own learning rate and warm-up.
 
-`data_parallel_ceiling` bounds what any way of combining several miners'
-work could keep: centralized training with the miners' batches averaged into
-one (batch x miners) for the racing run's steps per miner, measured as the
-single-batch centralized steps that reach the same test loss, over all the
-steps computed. Both centralized runs are in this process.
+Prints one JSON object; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -29,66 +32,94 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from convergence import TestLoss, decide_height, devnet_shards_of, is_confirmed, prepare, run_central, run_chain
+from convergence import TestLoss, decide_height, devnet_shards_of, prepare, run_central
 
-from chain.blocks import TrainingBody
+from chain.blocks import DecidedBody, UpdateCommitment
 from chain.crypto import PrivateKey, devnet_key
 from consensus.decided_chain import DecidedChain
-from consensus.proposals import propose_best_training_block
-from consensus.rules import Chain, compute_assigned_slice, compute_training_seed, genesis_block, genesis_state
+from consensus.rules import Chain, InvalidBlock, compute_next_slice, compute_training_seed, genesis_block, genesis_state
 from genesis import DEVNET
 from node import validator_keys
+from p2p.mining import PreparedUpdate, is_carried, prepare_update, reveal_update, validation_gain
 from training.miner import Miner, TrainingConfig
 
+Curve = list[tuple[int, float]]
 
-def race(
+
+def mine_network(
     chain: Chain, train_text: bytes, keys: list[PrivateKey], heights: int, config: TrainingConfig, test_loss: TestLoss
-) -> tuple[float, int, int]:
-    """Returns the final test loss, all steps computed, and the winning blocks' steps."""
+) -> tuple[Curve, dict[str, int]]:
+    """The chain mined by one miner per key for `heights` training rounds, commit-reveal as the
+    network does it (an update trained on head h is revealed on h + 1 and judged at h + 2; one
+    last height judges the last round's); returns the curve (optimizer steps computed by all
+    miners, test loss) and counts."""
     genesis = chain.genesis
     state = genesis_state(genesis)
     decided = DecidedChain.from_genesis(chain, genesis_block(genesis, state), state)
     validators = validator_keys(genesis)
     shards = devnet_shards_of(genesis, test_loss.genesis_path)
     miners = [Miner(chain.weights(state), chain.layout, train_text, config) for _ in keys]
-    by_key = {key.public_key: index for index, key in enumerate(keys)}
-    computed = winning = 0
-    for height in range(heights):
-        parent = decided.head
-        timestamp = parent.block.header.timestamp + 1
-        decided.on_tick(timestamp)
-        for key, miner in zip(keys, miners, strict=True):
-            slice_id = compute_assigned_slice(parent.block.header, key.public_key, genesis.partition.slices)
-            seed = compute_training_seed(parent.block.hash, key.public_key)
-            work = miner.work(chain.weights(parent.state), slice_id, seed)
-            computed += work.steps
-            block = propose_best_training_block(
-                chain, parent.block, parent.state, key, work.values, timestamp, work.steps
-            )
-            assert isinstance(block.body, TrainingBody)
-            if block.body.loss_before - block.body.loss_after >= parent.state.difficulty:
+    prepared: dict[int, PreparedUpdate] = {}
+    revealed: dict[bytes, tuple[int, PreparedUpdate]] = {}
+    counts = {"revealed": 0, "applied": 0, "heights_with_update": 0, "combined_heights": 0}
+    curve: Curve = [(0, test_loss(chain.weights(state)))]
+    computed = 0
+    label = f"{len(keys)} miner{'s' if len(keys) > 1 else ''}"
+    for height in range(1, heights + 2):  # one more height reveals and judges the last round's updates
+        head = decided.head
+        weights = chain.weights(head.state)
+        decided.on_tick(head.block.header.timestamp + 1)
+        for index, key in enumerate(keys):  # reveal what the head carries a commitment to
+            update = prepared.pop(index, None)
+            if update is None or not is_carried(head.block, update):
+                continue
+            block = reveal_update(chain, head.block, head.state, key, update, head.block.header.timestamp + 1)
+            if validation_gain(block) < head.state.difficulty:
+                continue
+            try:
                 decided.on_training_block(block)
-        training = decided.get_best_training_block()
-        decision = decide_height(decided, validators, training, shards)
-        if training is None:
-            print(f"[race] height {height + 1}/{heights}: no miner met the difficulty", file=sys.stderr)
-            continue
-        index = by_key[training.header.proposer]
-        assert isinstance(training.body, TrainingBody)
-        if is_confirmed(decision):
-            winning += training.body.steps
-            values = np.frombuffer(training.body.weights, dtype="<i2")
-            miners[index].published(training.body.slice_id, values)
-        loss = test_loss(chain.weights(decision.state))
-        print(f"[race] height {height + 1}/{heights}: miner {index} wins, test loss {loss:.4f}", file=sys.stderr)
-    return test_loss(chain.weights(decided.head.state)), computed, winning
+            except InvalidBlock as error:
+                print(f"[{label}] height {height}: a reveal was refused: {error}", file=sys.stderr)
+                continue
+            revealed[block.hash] = (index, update)
+            counts["revealed"] += 1
+        commitments: list[UpdateCommitment] = []
+        for index, (key, miner) in enumerate(zip(keys, miners, strict=True)):  # train, commit the next
+            if height > heights:
+                break
+            slice_id = compute_next_slice(head.block.header.height + 1, key.public_key, genesis.partition.slices)
+            work = miner.work(weights, slice_id, compute_training_seed(head.block.hash, key.public_key))
+            computed += work.steps
+            update = prepare_update(chain, head.block, head.state, key, work.values, work.steps)
+            if update.expected_gain >= head.state.difficulty:
+                prepared[index] = update
+                commitments.append(update.commitment)
+        decision = decide_height(decided, validators, decided.get_training_candidates(), shards, commitments)
+        body = decision.block.body
+        assert isinstance(body, DecidedBody)
+        for applied in body.applied:
+            index, update = revealed.pop(applied)
+            miners[index].published(update.slice_id, np.frombuffer(update.weights, dtype="<i2"))
+        counts["applied"] += len(body.applied)
+        counts["heights_with_update"] += bool(body.applied)
+        counts["combined_heights"] += len(body.applied) > 1
+        curve.append((computed, test_loss(chain.weights(decision.state))))
+        print(
+            f"[{label}] height {height}/{heights + 1}: {len(body.applied)} of {len(body.training)} named applied, "
+            f"{computed} steps, test loss {curve[-1][1]:.4f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return curve, counts
 
 
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float:
+def steps_to_reach(curve: Curve, target: float) -> float:
     """The first (interpolated) step count at which a decreasing curve reaches `target`."""
     for (s0, l0), (s1, l1) in itertools.pairwise(curve):
         if l1 <= target:
@@ -96,38 +127,86 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float:
     return float("inf")
 
 
+def data_parallel_ceiling(
+    chain: Chain, train_text: bytes, miners: int, steps_per_miner: int, config: TrainingConfig,
+    rates: list[float], seeds: list[int], test_loss: TestLoss,
+) -> dict[str, object]:  # fmt: skip
+    """The tuned data-parallel yardstick (see the module's docstring)."""
+    weights = chain.genesis.initial_weights()
+    total = miners * steps_per_miner
+    wide = replace(config, batch_sequences=config.batch_sequences * miners,
+                   warmup_steps=max(1, round(config.warmup_steps / miners)))  # fmt: skip
+    sweep: dict[float, float] = {}
+    for rate in rates:
+        curve, _ = run_central(weights, train_text, steps_per_miner, replace(wide, learning_rate=rate),
+                               config.steps, test_loss, data_seed=seeds[0])  # fmt: skip
+        sweep[rate] = curve[-1][1]
+        print(f"[ceiling] learning rate {rate:g}: test loss {sweep[rate]:.4f}", file=sys.stderr, flush=True)
+    best = min(sweep, key=lambda rate: sweep[rate])
+    fractions, losses = [], []
+    for seed in seeds:
+        narrow, _ = run_central(weights, train_text, total, config, config.steps, test_loss, data_seed=seed)
+        if seed == seeds[0]:
+            final = sweep[best]
+        else:
+            curve, _ = run_central(weights, train_text, steps_per_miner, replace(wide, learning_rate=best),
+                                   config.steps, test_loss, data_seed=seed)  # fmt: skip
+            final = curve[-1][1]
+        losses.append(final)
+        fractions.append(min(steps_to_reach(narrow, final), total) / total)
+        print(f"[ceiling] seed {seed}: batch {wide.batch_sequences} reaches {final:.4f}, "
+              f"batch {config.batch_sequences} needs {fractions[-1] * total:.0f} steps", file=sys.stderr)  # fmt: skip
+    return {
+        "data_parallel_ceiling": round(statistics.mean(fractions), 4),
+        "ceiling_by_seed": [round(f, 4) for f in fractions],
+        "ceiling_learning_rate": best,
+        "ceiling_warmup_steps": wide.warmup_steps,
+        "ceiling_sweep": {f"{rate:g}": round(loss, 4) for rate, loss in sweep.items()},
+        "ceiling_test_loss_by_seed": [round(loss, 4) for loss in losses],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--genesis", type=Path, default=DEVNET)
     parser.add_argument("--miners", type=int, default=4)
-    parser.add_argument("--heights", type=int, default=12)
+    parser.add_argument("--steps-per-miner", type=int, default=720, help="optimizer steps each miner computes")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="data seeds of the ceiling")
+    parser.add_argument("--rates", type=float, nargs="+", default=[1.5e-3, 2.1e-3, 3e-3, 4.2e-3])
+    parser.add_argument("--no-rebase", action="store_true", help="miners take the chain's values instead")
+    parser.add_argument("--skip-ceiling", action="store_true", help="measure the chains only")
     args = parser.parse_args()
     chain, train_text, test_loss = prepare(args.genesis)
-    config = TrainingConfig()
+    config = TrainingConfig(rebase=not args.no_rebase)
+    heights = args.steps_per_miner // config.steps
     keys = [devnet_key(f"miner-{i}") for i in range(args.miners)]
 
-    final, computed, winning = race(chain, train_text, keys, args.heights, config, test_loss)
-    single_curve, _, _ = run_chain(chain, train_text, computed, config, test_loss)
-    equivalent = steps_to_reach(single_curve, final)
-    genesis = chain.genesis
-    per_miner = computed // args.miners
-    central, _ = run_central(genesis.initial_weights(), train_text, computed, config, config.steps, test_loss)
-    wide = TrainingConfig(batch_sequences=config.batch_sequences * args.miners)
-    averaged, _ = run_central(genesis.initial_weights(), train_text, per_miner, wide, config.steps, test_loss)
-    ceiling = steps_to_reach(central, averaged[-1][1])
-    print(json.dumps({
+    racing, counts = mine_network(chain, train_text, keys, heights, config, test_loss)
+    computed = racing[-1][0]
+    single, _ = mine_network(chain, train_text, keys[:1], heights * args.miners, config, test_loss)
+    equivalent = steps_to_reach(single, racing[-1][1])
+    result: dict[str, object] = {
         "miners": args.miners,
-        "heights": args.heights,
+        "heights": heights,
         "steps_per_block": config.steps,
+        "rebase": config.rebase,
         "steps_computed": computed,
-        "racing_test_loss": round(final, 4),
+        "chain_test_loss": round(racing[-1][1], 4),
+        "single_miner_test_loss": round(single[-1][1], 4),
         "single_miner_steps_to_same_loss": None if equivalent == float("inf") else round(equivalent),
         "useful_work_fraction": round(min(equivalent, computed) / computed, 4),
-        "winning_steps_fraction": round(winning / computed, 4),
-        "data_parallel_ceiling": round(min(ceiling, computed) / computed, 4),
-        "averaged_batch_test_loss": round(averaged[-1][1], 4),
-        "single_miner_curve": [[s, round(v, 4)] for s, v in single_curve],
-    }))  # fmt: skip
+        "single_miner_floor": round(1 / args.miners, 4),
+        "blocks": counts,
+    }
+    if not args.skip_ceiling:
+        result |= data_parallel_ceiling(chain, train_text, args.miners, heights * config.steps, config,
+                                        args.rates, args.seeds, test_loss)  # fmt: skip
+        ceiling = result["data_parallel_ceiling"]
+        assert isinstance(ceiling, float)
+        result["useful_work_of_ceiling"] = round(float(result["useful_work_fraction"]) / ceiling, 4)  # type: ignore[arg-type]
+    result["chain_curve"] = [[s, round(v, 4)] for s, v in racing]
+    result["single_miner_curve"] = [[s, round(v, 4)] for s, v in single]
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

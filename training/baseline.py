@@ -26,8 +26,10 @@ def train_centralized(
     every: int,
     evaluate: Callable[[CanonicalWeights], float],
     progress: Callable[[int, float], None] | None = None,
+    data_seed: int = 0,
 ) -> tuple[list[tuple[int, float]], float]:
-    """Returns the curve [(steps, evaluate(weights))] from step 0, and the seconds per step."""
+    """Returns the curve [(steps, evaluate(weights))] from step 0, and the seconds per step.
+    `data_seed` 0 draws batch i with `seed_from_int(i)`; another draws other batches."""
     model = weights.to_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     curve = [(0, evaluate(weights))]
@@ -37,7 +39,8 @@ def train_centralized(
         rate = config.learning_rate * min(1.0, (step + 1) / max(1, config.warmup_steps))
         for group in optimizer.param_groups:
             group["lr"] = rate
-        inputs, targets = sample_batch(train_text, seed_from_int(step), config.batch_sequences, model.config.context)
+        seed = seed_from_int(step) if data_seed == 0 else seed_from_int((data_seed << 32) + step)
+        inputs, targets = sample_batch(train_text, seed, config.batch_sequences, model.config.context)
         optimizer.zero_grad(set_to_none=True)
         model.loss(inputs, targets).backward()  # type: ignore[no-untyped-call]
         optimizer.step()
