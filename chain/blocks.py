@@ -165,7 +165,7 @@ MAX_SEQUENCE_BYTES = 65537
 """A revealed sequence's length at most: the largest context + 1."""
 MAX_PROOF_BYTES = 32 * MAX_PROOF_HASHES
 MAX_BLOCK_OBJECTS = 1 << 15
-"""Objects a block's encoding may hold: a decided block at every array limit holds 26,442
+"""Objects a block's encoding may hold: a decided block at every array limit holds 26,447
 (tests/test_encoding.py), a training block 18."""
 
 
