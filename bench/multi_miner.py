@@ -67,7 +67,10 @@ def mine_network(
     miners = [Miner(chain.weights(state), chain.layout, train_text, config) for _ in keys]
     prepared: dict[int, PreparedUpdate] = {}
     revealed: dict[bytes, tuple[int, PreparedUpdate]] = {}
-    counts = {"revealed": 0, "applied": 0, "heights_with_update": 0, "combined_heights": 0}
+    counts = dict.fromkeys(
+        ("not_committed", "reveals_below_difficulty", "revealed", "applied", "heights_with_update", "combined_heights"),
+        0,
+    )
     curve: Curve = [(0, test_loss(chain.weights(state)))]
     computed = 0
     label = f"{len(keys)} miner{'s' if len(keys) > 1 else ''}"
@@ -81,6 +84,7 @@ def mine_network(
                 continue
             block = reveal_update(chain, head.block, head.state, key, update, head.block.header.timestamp + 1)
             if validation_gain(block) < head.state.difficulty:
+                counts["reveals_below_difficulty"] += 1
                 continue
             try:
                 decided.on_training_block(block)
@@ -100,6 +104,8 @@ def mine_network(
             if update.expected_gain >= head.state.difficulty:
                 prepared[index] = update
                 commitments.append(update.commitment)
+            else:
+                counts["not_committed"] += 1
         decision = decide_height(decided, validators, decided.get_training_candidates(), shards, commitments)
         body = decision.block.body
         assert isinstance(body, DecidedBody)
