@@ -252,8 +252,8 @@ def build_story(scenario: Scenario) -> Story:
 
 
 @dataclass(frozen=True)
-class Third:
-    """Height 3 by validator 0 on `second`: tests L's late reveal and C2's committed copy."""
+class Decided:
+    """A decided block the tests build, with the training blocks it names and its state."""
 
     block: Block
     """The decided block."""
@@ -264,7 +264,8 @@ class Third:
 
 
 @pytest.fixture(scope="module")
-def third(story: Story) -> Third:
+def third(story: Story) -> Decided:
+    """Height 3 by validator 0 on `second`: tests L's late reveal and C2's committed copy."""
     chain = story.scenario.chain
     proposer = story.scenario.validators[0]
     candidates = [story.late, story.committed_copy]
@@ -274,7 +275,7 @@ def third(story: Story) -> Third:
     )  # fmt: skip
     named = by_hash(candidates)
     state = apply_decided_block(story.second_state, story.second, block, named, story.second_voters, chain)
-    return Third(block, named, state)
+    return Decided(block, named, state)
 
 
 def resigned(story: Story, block: Block, body: DecidedBody, **header: object) -> Block:
@@ -358,7 +359,7 @@ def applied_reason(got: list[Block], want: list[Block]) -> str:
 # --- The valid chain ---------------------------------------------------------------------
 
 
-def test_the_valid_chain(story: Story, third: Third) -> None:
+def test_the_valid_chain(story: Story, third: Decided) -> None:
     """Every block the tests break is valid as built: height 2 applies A (the only committed update
     it names), pays M the whole miner share and marks validator 0's revealed sequences; the
     commitments land where they were carried."""
@@ -433,7 +434,7 @@ def test_a_revealed_sequence_whose_bytes_changed_is_refused(story: Story, change
 # --- 3: a revealed sequence never judges again ----------------------------------------------
 
 
-def test_a_revealed_sequence_is_never_revealed_again(story: Story, third: Third) -> None:
+def test_a_revealed_sequence_is_never_revealed_again(story: Story, third: Decided) -> None:
     """After height 2 revealed validator 0's sequences, the state marks them; height 3 by the same
     validator reveals others; a height-3 block that reveals one of them again is refused, and so
     is height 2 itself checked against a state that already marks its sequences."""
@@ -635,7 +636,7 @@ def test_an_update_nobody_committed_to_is_applied_only_if_no_committed_one_gains
     assert chain.genesis.consensus.miner_share_percent > 0
 
 
-def test_an_update_committed_a_height_early_is_uncommitted(story: Story, third: Third) -> None:
+def test_an_update_committed_a_height_early_is_uncommitted(story: Story, third: Decided) -> None:
     """L committed in height 1 to the update it revealed on height 2: its commitment is in an
     earlier block than its parent, so the update counts as uncommitted. Named alone at height 3 it
     is applied (it gains) and nobody is paid as a miner. Named with C2's committed copy (height 3
@@ -718,7 +719,7 @@ def test_a_proposer_cannot_apply_a_copy(story: Story, applied: str, pays_copier:
         apply_second(story, resigned(story, story.second, paying_copier), second_named(story))
 
 
-def test_a_copy_committed_a_height_later_is_judged_against_the_original(story: Story, third: Third) -> None:
+def test_a_copy_committed_a_height_later_is_judged_against_the_original(story: Story, third: Decided) -> None:
     """A copier sees A only when it is revealed on height 1, so its commitment to a copy can be
     carried by height 2 at the earliest (one for height 1 there is refused), and its copy is revealed
     on height 2 and judged against the state after it, which holds A:
@@ -764,23 +765,12 @@ def test_a_copy_committed_a_height_later_is_judged_against_the_original(story: S
 # --- 7: combining committed updates (docs/spec.md, section 18) ------------------------------
 
 
-@dataclass(frozen=True)
-class Combined:
-    """Height 2 by validator 0 naming A2, N and A (in that order): A and A2 applied together."""
-
-    block: Block
-    """The decided block."""
-    named: dict[bytes, Block]
-    """The training blocks it names, by hash."""
-    state: State
-    """The state after it."""
-
-
 @pytest.fixture(scope="module")
-def combined(story: Story) -> Combined:
+def combined(story: Story) -> Decided:
+    """Height 2 by validator 0 naming A2, N and A (in that order): A and A2 applied together."""
     named = [story.second_committed, story.uncommitted, story.committed]
     block = decide_second(story, named)
-    return Combined(block, by_hash(named), apply_second(story, block, by_hash(named)))
+    return Decided(block, by_hash(named), apply_second(story, block, by_hash(named)))
 
 
 @dataclass(frozen=True)
@@ -866,7 +856,7 @@ def ranked(body: DecidedBody, blocks: list[Block]) -> list[Block]:
 
 
 def test_committed_updates_of_different_slices_that_lose_less_together_are_applied_together(
-    story: Story, combined: Combined
+    story: Story, combined: Decided
 ) -> None:
     """A and A2 (committed, slices apart) both gain; combined they lose less than A or A2 alone, so
     height 2 applies both, best-ranked first, whatever order it names them in: the state holds
@@ -892,7 +882,7 @@ def test_committed_updates_of_different_slices_that_lose_less_together_are_appli
     assert chain.loss_on(with_uncommitted, sequences) < body.test.loss_after
 
 
-def test_the_applied_committed_miners_split_the_miner_share_by_their_gains(story: Story, combined: Combined) -> None:
+def test_the_applied_committed_miners_split_the_miner_share_by_their_gains(story: Story, combined: Decided) -> None:
     """M and M2 are paid the miner share in proportion to their updates' own test gains (rounded
     down, by address), then the signers; N's miner nothing. The old payout (the whole share to the
     best miner) is refused."""
@@ -918,7 +908,7 @@ def test_the_applied_committed_miners_split_the_miner_share_by_their_gains(story
 
 
 @pytest.mark.parametrize("change", ["loss_after", "missing", "extra", "order"])
-def test_a_block_that_misstates_what_it_applies_is_refused(story: Story, combined: Combined, change: str) -> None:
+def test_a_block_that_misstates_what_it_applies_is_refused(story: Story, combined: Decided, change: str) -> None:
     """The combined block with its test's loss_after claiming the best single update's loss, or its
     applied list missing A2, naming N too, or in the other order: each refused, naming the field."""
     body = decided_body(combined.block)
