@@ -241,6 +241,8 @@ class HeldOutOutcome:
     """The state with them applied (the parent's model when none is)."""
     loss_after: int
     """The loss total of that state's model on the revealed sequences."""
+    committed: frozenset[bytes] = frozenset()
+    """The named training blocks committed in the parent, by hash (each update hashed once)."""
 
     def gain_of(self, training: Block) -> int:
         return self.loss_before - self.losses[training.hash]
@@ -259,27 +261,28 @@ def compute_heldout_outcome(
     for block in training:
         assert isinstance(block.body, TrainingBody)
         losses[block.hash] = chain.loss_on(state.with_slice(block.body.slice_id, block.body.weights), sequences)
+    committed_hashes = frozenset(block.hash for block in training if is_committed(parent, block))
     gaining = sorted(
-        (rank_verdict(is_committed(parent, block), before - losses[block.hash], block.hash), index)
+        (rank_verdict(block.hash in committed_hashes, before - losses[block.hash], block.hash), index)
         for index, block in enumerate(training)
         if before - losses[block.hash] > 0
     )
     if not gaining:
-        return HeldOutOutcome(before, losses, (), state, before)
+        return HeldOutOutcome(before, losses, (), state, before, committed_hashes)
     ranked = [training[index] for _, index in gaining]
     best = ranked[0]
     assert isinstance(best.body, TrainingBody)
     applied: tuple[Block, ...] = (best,)
     updated = state.with_slice(best.body.slice_id, best.body.weights)
     after = losses[best.hash]
-    committed = [block for block in ranked if is_committed(parent, block)]
+    committed = [block for block in ranked if block.hash in committed_hashes]
     for count in range(2, len(committed) + 1):
         bodies = [block.body for block in committed[:count] if isinstance(block.body, TrainingBody)]
         combined = combine_updates(state, bodies)
         loss = chain.loss_on(combined, sequences)
         if loss < after:
             applied, updated, after = tuple(committed[:count]), combined, loss
-    return HeldOutOutcome(before, losses, applied, updated, after)
+    return HeldOutOutcome(before, losses, applied, updated, after, committed_hashes)
 
 
 def apply_training_verdicts(
@@ -332,7 +335,8 @@ def get_paid_miners(parent: Block, outcome: HeldOutOutcome | None) -> dict[bytes
     their own held-out gains (an uncommitted update applied alone pays no one)."""
     if outcome is None:
         return {}
-    return {block.header.proposer: outcome.gain_of(block) for block in outcome.applied if is_committed(parent, block)}
+    paid = [block for block in outcome.applied if block.hash in outcome.committed]
+    return {block.header.proposer: outcome.gain_of(block) for block in paid}
 
 
 def apply_decided_block(
