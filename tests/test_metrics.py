@@ -175,6 +175,11 @@ def height_of(store: DecidedNode) -> int:
     return store.head().block.header.height
 
 
+def voting_decisions(store: DecidedNode) -> float:
+    """The heights the node decided by following the voting (not by sync), from its own metrics."""
+    return store.metrics.registry.get_sample_value("potchain_decisions_total", {"source": "voting"}) or 0.0
+
+
 def has_a_test(block: Block | None) -> bool:
     """A decided block that tests a training block out of sample."""
     return block is not None and isinstance(block.body, DecidedBody) and block.body.test is not None
@@ -219,7 +224,12 @@ def test_metrics_move_while_a_network_decides_heights(
             await started.wait()
             await serve(b)
             with trio.fail_after(120):
-                while height_of(stores[1]) < synced_to + 2 or len(b.connected_peers()) < 1:
+                # B can reach synced_to + 2 by sync alone; wait until it has also decided a height by voting.
+                while (
+                    height_of(stores[1]) < synced_to + 2
+                    or len(b.connected_peers()) < 1
+                    or voting_decisions(stores[1]) < 1
+                ):
                     await trio.sleep(0.2)
                 assert b.pubsub is not None
                 await b.pubsub.publish(votes_topic(b.chain_id), b"\x93not a voting message")
