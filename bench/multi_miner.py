@@ -13,7 +13,8 @@ One run measures, on the devnet model (docs/benchmarks.md):
    and the rules apply the combination that loses least on the proposer's held-out sequences
    (docs/spec.md, section 18). Difficulty as genesis sets it and the rules retarget it
    (heights a target interval apart); every block goes through `DecidedChain.on_decided`.
-2. The same chain with one miner, for as many steps as the N miners computed: the floor.
+2. The same chain with one miner, for as many steps as the N miners computed, or until its
+   test loss reaches the N-miner chain's final one (where the measure below is read): the floor.
    `useful_work_fraction` = the steps the single miner needs to reach the N-miner chain's
    final test loss / the steps the N miners computed (one miner alone keeps 1/N by this
    measure: N miners that added nothing would need no more of its steps than one miner).
@@ -53,12 +54,19 @@ Curve = list[tuple[int, float]]
 
 
 def mine_network(
-    chain: Chain, train_text: bytes, keys: list[PrivateKey], heights: int, config: TrainingConfig, test_loss: TestLoss
+    chain: Chain,
+    train_text: bytes,
+    keys: list[PrivateKey],
+    heights: int,
+    config: TrainingConfig,
+    test_loss: TestLoss,
+    stop_at: float | None = None,
 ) -> tuple[Curve, dict[str, int]]:
     """The chain mined by one miner per key for `heights` training rounds, commit-reveal as the
     network does it (an update trained on head h is revealed on h + 1 and judged at h + 2; one
     last height judges the last round's); returns the curve (optimizer steps computed by all
-    miners, test loss) and counts."""
+    miners, test loss) and counts. With `stop_at`, it stops at the first height whose test loss
+    is at or below it (the rest of the curve cannot change where the curve first reaches it)."""
     genesis = chain.genesis
     state = genesis_state(genesis)
     decided = DecidedChain.from_genesis(chain, genesis_block(genesis, state), state)
@@ -122,6 +130,8 @@ def mine_network(
             file=sys.stderr,
             flush=True,
         )
+        if stop_at is not None and curve[-1][1] <= stop_at:
+            break
     return curve, counts
 
 
@@ -189,7 +199,7 @@ def main() -> None:
 
     racing, counts = mine_network(chain, train_text, keys, heights, config, test_loss)
     computed = racing[-1][0]
-    single, _ = mine_network(chain, train_text, keys[:1], heights * args.miners, config, test_loss)
+    single, _ = mine_network(chain, train_text, keys[:1], heights * args.miners, config, test_loss, racing[-1][1])
     equivalent = steps_to_reach(single, racing[-1][1])
     result: dict[str, object] = {
         "miners": args.miners,
@@ -198,7 +208,7 @@ def main() -> None:
         "rebase": config.rebase,
         "steps_computed": computed,
         "chain_test_loss": round(racing[-1][1], 4),
-        "single_miner_test_loss": round(single[-1][1], 4),
+        "single_miner_test_loss": round(single[-1][1], 4),  # where it stopped: at the N miners' or after as many steps
         "single_miner_steps_to_same_loss": None if equivalent == float("inf") else round(equivalent),
         "useful_work_fraction": round(min(equivalent, computed) / computed, 4),
         "single_miner_floor": round(1 / args.miners, 4),
