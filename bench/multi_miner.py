@@ -1,7 +1,9 @@
 """How much of several miners' work the chain keeps, against what data parallelism could keep.
 
     python bench/multi_miner.py [--miners 4] [--steps-per-miner 720] [--seeds 0 1]
-                                [--rates 1.5e-3 2.1e-3 3e-3 4.2e-3]
+                                [--rates 1.5e-3 2.1e-3 3e-3 4.2e-3] [--skip-ceiling]
+                                [--chain-only] [--miner-rate R] [--key-names NAME ...]
+                                [--genesis FILE] [--no-rebase]
 
 One run measures, on the devnet model (docs/benchmarks.md):
 
@@ -191,14 +193,26 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[1.5e-3, 2.1e-3, 3e-3, 4.2e-3])
     parser.add_argument("--no-rebase", action="store_true", help="miners take the chain's values instead")
     parser.add_argument("--skip-ceiling", action="store_true", help="measure the chains only")
+    parser.add_argument("--chain-only", action="store_true", help="measure the N-miner chain only (its curve)")
+    parser.add_argument("--miner-rate", type=float, default=None, help="the miners' learning rate (default: theirs)")
+    parser.add_argument("--key-names", nargs="+", default=None, help="the miners' devnet keys (default: miner-0 ...)")
     args = parser.parse_args()
     chain, train_text, test_loss = prepare(args.genesis)
     config = TrainingConfig(rebase=not args.no_rebase)
+    if args.miner_rate is not None:
+        config = replace(config, learning_rate=args.miner_rate)
     heights = args.steps_per_miner // config.steps
-    keys = [devnet_key(f"miner-{i}") for i in range(args.miners)]
+    names = args.key_names or [f"miner-{i}" for i in range(args.miners)]
+    if len(names) != args.miners:
+        raise SystemExit(f"--key-names: got {len(names)} names, want {args.miners} (--miners)")
+    keys = [devnet_key(name) for name in names]
 
     racing, counts = mine_network(chain, train_text, keys, heights, config, test_loss)
     computed = racing[-1][0]
+    if args.chain_only:
+        print(json.dumps({"miners": args.miners, "key_names": names, "learning_rate": config.learning_rate,
+                          "blocks": counts, "chain_curve": [[s, round(v, 4)] for s, v in racing]}))  # fmt: skip
+        return
     single, _ = mine_network(chain, train_text, keys[:1], heights * args.miners, config, test_loss, racing[-1][1])
     equivalent = steps_to_reach(single, racing[-1][1])
     result: dict[str, object] = {
@@ -206,6 +220,8 @@ def main() -> None:
         "heights": heights,
         "steps_per_block": config.steps,
         "rebase": config.rebase,
+        "learning_rate": config.learning_rate,
+        "key_names": names,
         "steps_computed": computed,
         "chain_test_loss": round(racing[-1][1], 4),
         "single_miner_test_loss": round(single[-1][1], 4),  # where it stopped: at the N miners' or after as many steps
