@@ -93,6 +93,9 @@ def mine_network(
             if update is None or not is_carried(head.block, update):
                 continue
             block = reveal_update(chain, head.block, head.state, key, update, head.block.header.timestamp + 1)
+            print(f"[{label}] height {height}: miner {index} slice {update.slice_id}: validation gain "
+                  f"{update.expected_gain} committed (head {height - 2}), {validation_gain(block)} revealed "
+                  f"(head {height - 1})", file=sys.stderr)  # fmt: skip
             if validation_gain(block) < head.state.difficulty:
                 counts["reveals_below_difficulty"] += 1
                 continue
