@@ -49,7 +49,7 @@ def run_scenario(name: str, out: Path, seed: int, finalize: int | None) -> dict[
     command = [sys.executable, str(ROOT / "node.py"), "sim", "--scenario", str(scenario_file(name, out, finalize)),
                "--out", str(out), "--seed", str(seed)]  # fmt: skip
     print(f"[{name}] {' '.join(command)}", file=sys.stderr, flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
+    subprocess.run(command, check=True, cwd=ROOT, stdout=sys.stderr)  # stdout carries this bench's JSON alone
     report: dict[str, Any] = json.loads((out / "report.json").read_text())
     return {
         block["height"]: block["test_loss"]
