@@ -186,6 +186,12 @@ class MiningProgress:
     published_at: float = 0.0
     """When (trio time) the latest commitment was last gossiped."""
 
+    def may_train_on(self, head: bytes) -> bool:
+        """Whether a training round may start on decided head `head`: not trained on yet, and the
+        mining loop has acted on it (recorded the updates of ours it applied, so the round's rebase
+        does not count them as the other miners' change and add our progress twice)."""
+        return self.trained_on != head and self.head == head
+
 
 def held_commitment(node: DecidedNode, miner: bytes) -> UpdateCommitment | None:
     """The commitment of `miner` the node holds for the block being decided, if any."""

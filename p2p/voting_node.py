@@ -1022,12 +1022,15 @@ class VotingNode:
 
     async def _train_loop(self, key: PrivateKey, miner: Miner, mining: MiningProgress) -> None:
         """Train on the decided head's weights, one round per head, for the slice of our next
-        commitment; after each round, snapshot the local model's values for the mining loop."""
+        commitment; after each round, snapshot the local model's values for the mining loop. A
+        head is trained on only once the mining loop has acted on it: a round's rebase must see
+        the slices the head applied from us as ours (`Miner.published`), or it adds our own
+        progress to the local model a second time."""
         slices = self.node.genesis.partition.slices
         mining_progress = Progress("mining", "rounds", logger=log, interval=0.0)  # a line per round (per head)
         while True:
             head = self.node.head()
-            if mining.trained_on == head.block.hash:
+            if not mining.may_train_on(head.block.hash):
                 await trio.sleep(0.2)
                 continue
             height = head.block.header.height + 1

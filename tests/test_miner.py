@@ -11,6 +11,7 @@ import torch
 
 from chain.files import PUBLIC_MODE, write_atomically
 from consensus.genesis import Genesis
+from p2p.mining import MiningProgress
 from training.data import sample_batch, seed_from_int
 from training.evaluate import CanonicalEvaluator, make_backend
 from training.miner import Miner, TrainingConfig
@@ -88,6 +89,36 @@ def test_rebasing_keeps_the_miner_s_progress_and_adds_the_chain_s_changes(
     change = part_of(layout, 2, name, combined.astype(np.int32) - ours)
     expected = before + torch.from_numpy(change.astype(np.float32)) * float(2.0 ** -start.exponents[name])
     assert torch.allclose(miner.model.state_dict()[name].view(-1)[index_2], expected, atol=1e-6)
+
+
+def test_a_rebase_after_our_values_are_recorded_moves_nothing_and_before_it_counts_them_twice(
+    devnet: Genesis, layout: SliceLayout, train_text: bytes
+) -> None:
+    start = devnet.initial_weights()
+    name = "h.0.mlp.c_fc.weight"
+    index = torch.tensor(layout.indices[2][name])
+    for recorded_first in (True, False):
+        miner = Miner(start, layout, train_text, CONFIG)
+        miner.work(start, 2, b"one")
+        ours = miner.values(start, 2)
+        local = miner.model.state_dict()[name].view(-1)[index].clone()
+        if recorded_first:  # the chain applied our values for slice 2, and we know it: nothing moves
+            miner.published(2, ours)
+        miner.adopt(layout.apply(start, 2, ours))
+        moved = miner.model.state_dict()[name].view(-1)[index]
+        if recorded_first:
+            assert torch.equal(moved, local)
+        else:  # taken for another miner's change: our progress is added a second time
+            progress = torch.from_numpy(part_of(layout, 2, name, ours.astype(np.int32) - layout.extract(start, 2)))
+            expected = local + progress.to(torch.float32) * float(2.0 ** -start.exponents[name])
+            assert torch.allclose(moved, expected, atol=1e-6) and not torch.allclose(moved, local)
+    # So the node's training loop starts a round on a head only once its mining loop acted on it.
+    mining = MiningProgress(head=b"old head")
+    assert not mining.may_train_on(b"new head")
+    mining.head = b"new head"
+    assert mining.may_train_on(b"new head")
+    mining.trained_on = b"new head"
+    assert not mining.may_train_on(b"new head")
 
 
 def part_of(layout: SliceLayout, slice_id: int, name: str, values: np.ndarray) -> np.ndarray:
