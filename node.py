@@ -792,10 +792,14 @@ def command_sim(args: argparse.Namespace) -> dict[str, object]:
         scenario = load_scenario(args.scenario, len(validator_keys(genesis)))
     except ScenarioError as error:
         raise UserError(str(error)) from None
-    if args.seed is not None:
+    if args.finalize is not None and args.finalize < 1:
+        raise UserError(f"--finalize must be at least 1, got {args.finalize}")
+    if args.seed is not None or args.finalize is not None:
         import dataclasses
 
-        scenario = dataclasses.replace(scenario, seed=args.seed)
+        seed = scenario.seed if args.seed is None else args.seed
+        finalize = scenario.finalize if args.finalize is None else args.finalize
+        scenario = dataclasses.replace(scenario, seed=seed, finalize=finalize)
     out: Path = args.out.resolve()
     data = run_scenario(scenario, out, args.genesis.resolve(), genesis)
     report = write_report(data, report_losses(genesis, args.genesis, genesis.initial_weights()), out)
@@ -1164,6 +1168,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--latency-ms", type=float, default=1.3, help="model mode: median link latency")
     sim.add_argument("--out", type=Path, required=True, help="node data, logs, report.json and report.html")
     sim.add_argument("--seed", type=int, help="override the scenario's seed (a run logs its seed)")
+    sim.add_argument("--finalize", type=int, help="process mode: override the height the scenario runs to")
     sim.add_argument("--genesis", type=Path, default=DEVNET)
     sim.set_defaults(handler=command_sim)
 

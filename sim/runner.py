@@ -520,7 +520,7 @@ def run_scenario(scenario: Scenario, out: Path, genesis_path: Path, genesis: Gen
     """Run a scenario end to end; returns the report's data (see sim/report.py)."""
     out.mkdir(parents=True, exist_ok=True)
     say(f"scenario {scenario.name} seed {scenario.seed} (replay: potchain sim --scenario {scenario.path} "
-        f"--seed {scenario.seed})")  # fmt: skip
+        f"--seed {scenario.seed} --finalize {scenario.finalize})")  # fmt: skip
     run = Run(scenario, out, genesis_path)
     failure = None
     data: dict[str, Any] = {}

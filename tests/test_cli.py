@@ -28,7 +28,7 @@ from p2p.decided_node import DecidedNode
 from p2p.localnet import LocalVoting
 from p2p.voting import BuildBlock
 from tests.chain_builders import write_retired_store
-from tests.conftest import Completed, run_potchain
+from tests.conftest import ROOT, Completed, run_potchain
 from training.weights import save_weights
 
 
@@ -109,6 +109,9 @@ def test_weights_of_wrong_shape_or_exponent(devnet: Genesis, tmp_path: Path) -> 
 def test_bad_arguments() -> None:
     assert_user_error(run_potchain("eval", "--threads", "0"), "--threads must be at least 1")
     assert_user_error(run_potchain("eval", "--seed", "-1"), "seed -1")
+    scenario = str(ROOT / "sim" / "scenarios" / "honest.toml")
+    assert_user_error(run_potchain("sim", "--scenario", scenario, "--out", "unused", "--finalize", "0"),
+                      "--finalize must be at least 1, got 0")  # fmt: skip
     if not torch.cuda.is_available():
         assert_user_error(run_potchain("eval", "--device", "cuda"), "no CUDA device")
         assert_user_error(run_potchain("mine", "--rpc", "http://127.0.0.1:9", "--device", "cuda"), "no CUDA device")
@@ -123,7 +126,6 @@ def test_a_validator_key_file_must_exist_and_an_unstaked_key_is_named(tmp_path: 
     import time
 
     from chain.crypto import devnet_key
-    from tests.conftest import ROOT
 
     missing = tmp_path / "validator.key"
     completed = run_potchain("node", "--datadir", str(tmp_path / "a"), "--validator-key", str(missing))
