@@ -583,9 +583,17 @@ def command_mine(args: argparse.Namespace) -> dict[str, object] | None:
 
     import torch
 
-    from chain.blocks import Block, DecidedBody
+    from chain.blocks import Block
     from chain.state import State
-    from p2p.mining import BackgroundTrainer, PreparedUpdate, is_carried, prepare_update, reveal_update, validation_gain
+    from p2p.mining import (
+        BackgroundTrainer,
+        PreparedUpdate,
+        find_applied,
+        is_carried,
+        prepare_update,
+        reveal_update,
+        validation_gain,
+    )
     from p2p.rpc_client import EventStream, RpcClient, RpcClientError
     from training.distributed import DistributedMiner, join, launched, leave
     from training.miner import Miner, resolve_device
@@ -645,6 +653,15 @@ def command_mine(args: argparse.Namespace) -> dict[str, object] | None:
             chain.layout.extract(weights, s).astype("<i2").tobytes() for s in range(genesis.partition.slices)
         )
         return weights, head, State(slices, {}, int(work["difficulty"]), 0, bytes(32), 0)
+
+    def fetch_block(height: int) -> Block | None:
+        """The node's decided block at a height (None if it has none there)."""
+        try:
+            return decode_block(client.get_bytes(f"/v1/blocks/{height}?format=raw"))
+        except RpcClientError as error:
+            if error.status == 404:
+                return None
+            raise
 
     def commit(work: dict[str, Any], head: Block, state: State) -> PreparedUpdate | None:
         """Commit to the latest snapshot's values for our slice on the next block, if they gain enough."""
@@ -717,12 +734,13 @@ def command_mine(args: argparse.Namespace) -> dict[str, object] | None:
                 if bytes.fromhex(work["parent_hash"]) != last_head:
                     weights, head, state = fetch_head(work)
                     last_head, tried_round = head.hash, trainer.latest()[0]
-                    for applied_hash in head.body.applied if isinstance(head.body, DecidedBody) else ():
-                        ours = revealed.pop(applied_hash, None)
-                        if ours is not None and isinstance(ours.body, TrainingBody):
+                    for ours, judge in find_applied(revealed, head, fetch_block):  # heights we missed too
+                        del revealed[ours.hash]
+                        if isinstance(ours.body, TrainingBody):
                             applied += 1
                             trainer.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
-                            say(f"height {height} applied our block {ours.hash.hex()[:16]} ({applied} applied)")
+                            say(f"height {judge.header.height} applied our block {ours.hash.hex()[:16]} "
+                                f"({applied} applied)")  # fmt: skip
                     carried = committed.pop(height, None)
                     if carried is not None and not is_carried(head, carried):
                         say(f"height {height} decided without our commitment {carried.update_hash.hex()[:16]}; dropped")

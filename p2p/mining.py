@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from chain.blocks import Block, TrainingBody, UpdateCommitment, compute_update_hash, sign_update_commitment
+from chain.blocks import Block, DecidedBody, TrainingBody, UpdateCommitment, compute_update_hash, sign_update_commitment
 from chain.crypto import PrivateKey
 from chain.state import State
 from consensus.decisions import get_committed_updates
@@ -134,6 +134,25 @@ def validation_gain(block: Block) -> int:
     body = block.body
     assert isinstance(body, TrainingBody)
     return body.loss_before - body.loss_after
+
+
+def find_applied(
+    revealed: Mapping[bytes, Block], head: Block, block_at: Callable[[int], Block | None]
+) -> list[tuple[Block, Block]]:
+    """Our revealed training blocks that the decided chain up to `head` applied, each with the
+    decided block that applied it, lowest height first. A training block on decided block h is
+    judged by block h + 1 (its header's height): `head` itself or, when the head moved by more
+    than one height since the miner last looked, an earlier block (`block_at`, the canonical
+    block at a height), whose applied updates the miner must record as well."""
+    found: list[tuple[Block, Block]] = []
+    for block in revealed.values():
+        height = block.header.height
+        if height > head.header.height:
+            continue  # not judged yet
+        judge = head if height == head.header.height else block_at(height)
+        if judge is not None and isinstance(judge.body, DecidedBody) and block.hash in judge.body.applied:
+            found.append((block, judge))
+    return sorted(found, key=lambda pair: pair[0].header.height)
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ from p2p.logs import CatchUp, Progress
 from p2p.mining import (
     MiningProgress,
     PreparedUpdate,
+    find_applied,
     held_commitment,
     is_carried,
     prepare_update,
@@ -1048,13 +1049,12 @@ class VotingNode:
         """A new decided head: record our updates it applied, drop commitments it did not carry."""
         mining.head, mining.tried_round = head.hash, -1
         height = head.header.height
-        body = head.body
-        for applied in body.applied if isinstance(body, DecidedBody) else ():
-            ours = mining.revealed.pop(applied, None)
-            if ours is not None and isinstance(ours.body, TrainingBody) and isinstance(body, DecidedBody):
+        for ours, judge in find_applied(mining.revealed, head, self.node.block_at):
+            del mining.revealed[ours.hash]
+            if isinstance(ours.body, TrainingBody) and isinstance(judge.body, DecidedBody):
                 miner.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
-                log.info("mining: height %d applied our block %s (slice %d, test gain %s)", height,
-                         applied.hex()[:16], ours.body.slice_id, body.gain_of(applied))  # fmt: skip
+                log.info("mining: height %d applied our block %s (slice %d, test gain %s)", judge.header.height,
+                         ours.hash.hex()[:16], ours.body.slice_id, judge.body.gain_of(ours.hash))  # fmt: skip
         mining.revealed = {h: b for h, b in mining.revealed.items() if b.header.height > height}
         for update in [u for u in mining.committed.values() if u.height <= height]:
             if update.height == height and is_carried(head, update):

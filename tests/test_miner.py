@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from chain.blocks import Block, DecidedBody, Header, Kind, TrainingBody
 from chain.files import PUBLIC_MODE, write_atomically
 from consensus.genesis import Genesis
-from p2p.mining import MiningProgress
+from p2p.mining import MiningProgress, find_applied
 from training.data import sample_batch, seed_from_int
 from training.evaluate import CanonicalEvaluator, make_backend
 from training.miner import Miner, TrainingConfig
@@ -175,3 +176,25 @@ def test_cuda_without_cuda_is_a_clear_error(devnet: Genesis, layout: SliceLayout
         pytest.skip("a CUDA device is present")
     with pytest.raises(ValueError, match="no CUDA device"):
         Miner(devnet.initial_weights(), layout, train_text, TrainingConfig(device="cuda"))
+
+
+def _block(height: int, kind: Kind, body: DecidedBody | TrainingBody, parent: bytes = bytes(32)) -> Block:
+    header = Header("test", height, parent, kind, 1_795_000_000 + height, bytes(32), bytes(32), bytes(32))
+    return Block(header, body)
+
+
+def test_applied_updates_are_found_in_heights_the_miner_skipped() -> None:
+    """A head that moved by two heights: the update the skipped height applied is ours too."""
+    ours = [
+        _block(height, Kind.TRAINING, TrainingBody(slice_id, bytes(8), 10, 5, 30, bytes(32)))
+        for height, slice_id in ((4, 0), (5, 1), (6, 2))
+    ]
+    decided = {
+        height: _block(height, Kind.DECIDED, DecidedBody((), None, (), None, applied=applied))
+        for height, applied in ((4, (ours[0].hash,)), (5, ()), (6, (ours[2].hash,)))
+    }
+    revealed = {block.hash: block for block in ours}
+    found = find_applied(revealed, decided[6], decided.get)
+    assert [(block.hash, judge.header.height) for block, judge in found] == [(ours[0].hash, 4), (ours[2].hash, 6)]
+    assert find_applied(revealed, decided[4], decided.get) == [(ours[0], decided[4])]  # 5 and 6 not judged yet
+    assert find_applied(revealed, decided[5], lambda height: None) == []  # a height the node lacks: nothing
