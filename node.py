@@ -261,6 +261,7 @@ NODE_DEFAULTS: dict[str, object] = {
     "device": "cpu",
     "steps": TrainingConfig.steps,
     "threads": None,
+    "proposal_wait": None,
     "log_level": "info",
     "log_format": "text",
     "admin_rpc": False,
@@ -432,6 +433,11 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
         from training.miner import resolve_device
 
         resolve_device(device)
+    proposal_wait = settings["proposal_wait"]
+    if proposal_wait is not None and (
+        isinstance(proposal_wait, bool) or not isinstance(proposal_wait, int | float) or not 0 <= proposal_wait <= 600
+    ):
+        raise UserError(f"proposal_wait must be a number of seconds from 0 to 600, got {proposal_wait!r}")
     node = DecidedNode(Path(str(settings["genesis"])), datadir)
     config = VotingNodeConfig(
         listen=str(settings["listen"]),
@@ -440,6 +446,7 @@ def command_node(args: argparse.Namespace) -> dict[str, object]:
         heldout_shards=shards,
         miner_key=miner_key,
         training=training,
+        proposal_wait_seconds=None if proposal_wait is None else float(proposal_wait),
     )
     log = logging.getLogger("potchain.node")
     head_state = node.head().state
@@ -1147,6 +1154,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_node.add_argument("--device", choices=("cpu", "cuda"), help="the miner's device (default cpu)")
     run_node.add_argument("--steps", type=int, help="the miner's optimizer steps per attempt")
     run_node.add_argument("--threads", type=int, help="torch threads")
+    run_node.add_argument("--proposal-wait", type=float, metavar="SECONDS",
+                          help="as a height's proposer, wait up to this long for miners (default: genesis's "
+                               "propose timeout; docs/spec.md, section 12)")  # fmt: skip
     run_node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     run_node.add_argument("--log-format", choices=FORMATS, help="log lines: text (key=value, default) or json")
     run_node.add_argument("--admin-rpc", action="store_true", default=None,

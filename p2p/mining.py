@@ -28,6 +28,7 @@ import numpy as np
 from chain.blocks import Block, DecidedBody, TrainingBody, UpdateCommitment, compute_update_hash, sign_update_commitment
 from chain.crypto import PrivateKey
 from chain.state import State
+from consensus.decided_chain import DecidedChain
 from consensus.decisions import get_committed_updates
 from consensus.proposals import propose_training_block
 from consensus.rules import Chain, compute_assigned_slice, compute_next_slice, compute_validation_seed
@@ -153,6 +154,18 @@ def find_applied(
         if judge is not None and isinstance(judge.body, DecidedBody) and block.hash in judge.body.applied:
             found.append((block, judge))
     return sorted(found, key=lambda pair: pair[0].header.height)
+
+
+def get_awaited_miners(decided: DecidedChain) -> set[bytes]:
+    """The miners a proposer waits for (node policy, docs/spec.md section 12): each revealed on
+    the head the update the head carries its commitment to, and has not yet committed for the
+    next height. Such a miner is training its next round; proposing before its commitment
+    arrives would leave that round out of the next height. Read without the node's lock: the
+    mappings are copied first (one step each in CPython), never iterated while another
+    thread may change them."""
+    training, committed, commitments = dict(decided.training), dict(decided.committed), dict(decided.commitments)
+    revealed = {block.header.proposer for block_hash, block in training.items() if committed.get(block_hash)}
+    return revealed - commitments.keys()
 
 
 @dataclass(frozen=True)

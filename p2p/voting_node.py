@@ -79,6 +79,7 @@ from p2p.mining import (
     MiningProgress,
     PreparedUpdate,
     find_applied,
+    get_awaited_miners,
     held_commitment,
     is_carried,
     prepare_update,
@@ -505,6 +506,8 @@ class VotingNode:
             await trio.sleep(0.1)
         if self.node.decided.training:  # racing miners' blocks and the next height's commitments
             await trio.sleep(max(0.0, min(CANDIDATE_GRACE_SECONDS, deadline - trio.current_time())))
+        while trio.current_time() < deadline and get_awaited_miners(self.node.decided):
+            await trio.sleep(0.1)  # a miner that revealed on the head is training its next round
         if effect.height != self.voting.height:
             return
         block = await self._voting_call(self.voting.build_block, effect.validator)

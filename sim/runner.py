@@ -112,6 +112,8 @@ class Run:
         listen = self.address(spec.index).rsplit("/p2p/", 1)[0]
         flags = ["--genesis", str(self.genesis_path), "--rpc-port", "0", "--threads", "1", "--listen", listen]
         flags += ["--steps", str(scenario.steps), "--log-level", "info", "--admin-rpc"]  # partitions, delays
+        if scenario.proposal_wait is not None:
+            flags += ["--proposal-wait", str(scenario.proposal_wait)]
         for validator in spec.validators:
             flags += ["--validator-key", f"devnet:validator-{validator}"]
         if spec.mine:

@@ -8,6 +8,7 @@ A scenario is a TOML file (sim/scenarios/*.toml):
     updates = 1         # ... and the decided blocks confirmed at least this many updates (default 0)
     timeout = 900       # seconds before the run gives up
     steps = 30          # miners' optimizer steps per attempt
+    proposal_wait = 30  # seconds a height's proposer waits for miners (default: the node's)
 
     [[node]]            # one table per node, in order (node 0, node 1, ...)
     mine = true
@@ -102,6 +103,8 @@ class Scenario:
     path: Path
     updates: int = 0
     """... and the decided chain confirmed at least this many updates (the loss fell)."""
+    proposal_wait: float | None = None
+    """Every node's `--proposal-wait` (None: the node's default, genesis's propose timeout)."""
 
     @property
     def honest_nodes(self) -> list[NodeSpec]:
@@ -159,11 +162,14 @@ def load_scenario(path: Path, validators: int) -> Scenario:
     updates = top.get("updates", int, 0)
     timeout = float(top.get("timeout", (int, float), 900))
     steps = top.get("steps", int, 30)
+    wait = top.get("proposal_wait", (int, float)) if "proposal_wait" in top.value else None
     raw_nodes = top.get("node", list)
     raw_events = top.get("event", list, [])
     top.done()
     if finalize < 1 or steps < 1 or timeout <= 0 or updates < 0:
         raise ScenarioError(f"{path}: finalize and steps must be at least 1, updates at least 0, timeout positive")
+    if wait is not None and not 0 <= wait <= 600:
+        raise ScenarioError(f"{path}: proposal_wait must be from 0 to 600 seconds, got {wait}")
     nodes = []
     for index, raw in enumerate(raw_nodes):
         table = _Table(raw, f"{path}: node {index}")
@@ -205,4 +211,5 @@ def load_scenario(path: Path, validators: int) -> Scenario:
             raise ScenarioError(f"{table.where}: partition needs at least two groups")
         events.append(Event(at, action, targets, groups, ms))
     ordered = tuple(sorted(events, key=lambda e: e.at))
-    return Scenario(name, seed, finalize, timeout, steps, tuple(nodes), ordered, path, updates)
+    proposal_wait = None if wait is None else float(wait)
+    return Scenario(name, seed, finalize, timeout, steps, tuple(nodes), ordered, path, updates, proposal_wait)

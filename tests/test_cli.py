@@ -117,6 +117,15 @@ def test_bad_arguments() -> None:
         assert_user_error(run_potchain("mine", "--rpc", "http://127.0.0.1:9", "--device", "cuda"), "no CUDA device")
 
 
+def test_a_bad_proposal_wait_is_refused(tmp_path: Path) -> None:
+    completed = run_potchain("node", "--datadir", str(tmp_path / "a"), "--proposal-wait", "-1")
+    assert_user_error(completed, "proposal_wait must be a number of seconds from 0 to 600, got -1.0")
+    config = tmp_path / "node.toml"
+    config.write_text('proposal_wait = "long"\n')
+    completed = run_potchain("node", "--datadir", str(tmp_path / "b"), "--config", str(config))
+    assert_user_error(completed, "proposal_wait must be a number of seconds from 0 to 600, got 'long'")
+
+
 def test_a_validator_key_file_must_exist_and_an_unstaked_key_is_named(tmp_path: Path) -> None:
     """A mistyped validator key path is an error (it once made a fresh, unstaked key, and the
     validator silently never voted); a key without stake starts, with a warning naming it."""

@@ -54,6 +54,7 @@ from consensus.decisions import (
 from consensus.proposals import propose_training_block
 from consensus.rules import Chain, InvalidBlock, apply_training_block, compute_next_slice
 from consensus.voting import ValidatorSet
+from p2p.mining import get_awaited_miners
 from tests.chain_builders import Scenario, certificate, devnet_test_shard, rebuild
 
 COPY_SEARCH_ATTEMPTS = 20
@@ -1028,3 +1029,23 @@ def test_an_honest_proposer_tests_the_committed_candidates_or_else_the_best_unco
     decided.on_training_block(story.second_committed)
     decided.on_training_block(story.committed)
     assert set(decided.get_training_candidates()) == {story.committed, story.second_committed}
+
+
+def test_a_proposer_awaits_the_next_commitment_of_each_miner_that_revealed_its_committed_update(story: Story) -> None:
+    """`get_awaited_miners` (node policy, docs/spec.md section 12): on the head that carries M's,
+    M2's and L's commitments, a miner is awaited once it revealed its committed update (not L,
+    which has not; not N, whose update no commitment covers), until its commitment for the next
+    height arrives."""
+    first = Decision(story.first, story.first_state, story.first_commit, ())
+    decided = DecidedChain(story.scenario.chain, first, story.first_voters)
+    decided.on_tick(story.first.header.timestamp + 60)
+    assert get_awaited_miners(decided) == set()
+    decided.on_training_block(story.uncommitted)
+    assert get_awaited_miners(decided) == set()
+    decided.on_training_block(story.committed)
+    decided.on_training_block(story.second_committed)
+    assert get_awaited_miners(decided) == {story.miner.public_key, story.second_miner.public_key}
+    slices = story.scenario.chain.genesis.partition.slices
+    next_slice = compute_next_slice(2, story.miner.public_key, slices)
+    decided.on_commitment(commit_to(story.scenario, story.miner, 2, next_slice, np.zeros(8, dtype="<i2")))
+    assert get_awaited_miners(decided) == {story.second_miner.public_key}

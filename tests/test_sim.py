@@ -31,6 +31,8 @@ SCENARIOS = ROOT / "sim" / "scenarios"
         ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\nvalidators = [0]\n[[node]]\nvalidators = [0]\n', "two nodes"),
         ('name = "x"\nseed = 1\nfinalize = 2\nupdates = -1\n[[node]]\n', "updates at least 0"),
         ('name = "x"\nseed = 1\nfinalize = 2\n[[node]]\nadversary = "false-attester"\n', "'false-attester'"),
+        ('name = "x"\nseed = 1\nfinalize = 2\nproposal_wait = 601\n[[node]]\n', "from 0 to 600 seconds, got 601"),
+        ('name = "x"\nseed = 1\nfinalize = 2\nproposal_wait = "long"\n[[node]]\n', "proposal_wait: expected"),
     ],
 )
 def test_a_bad_scenario_is_refused_with_its_reason(tmp_path: Path, text: str, message: str) -> None:
@@ -44,6 +46,8 @@ def test_the_shipped_scenarios_load() -> None:
     for path in SCENARIOS.glob("*.toml"):
         scenario = load_scenario(path, 4)
         assert scenario.honest_nodes
+    paced = [load_scenario(SCENARIOS / f"{name}.toml", 4) for name in ("one-miner", "four-miners")]
+    assert [scenario.proposal_wait for scenario in paced] == [30.0, 30.0]  # compared at equal heights: one pace
 
 
 IMAGES = ("loss.png", "propagation.png", "finality.png", "heights.png", "peers.png", "rounds.png")
