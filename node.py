@@ -745,7 +745,8 @@ def command_mine(args: argparse.Namespace) -> dict[str, object] | None:
                         del revealed[ours.hash]
                         if isinstance(ours.body, TrainingBody):
                             applied += 1
-                            trainer.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
+                            values = np.frombuffer(ours.body.weights, dtype="<i2")
+                            trainer.published(judge.header.height, ours.body.slice_id, values)
                             say(f"height {judge.header.height} applied our block {ours.hash.hex()[:16]} "
                                 f"({applied} applied)")  # fmt: skip
                     carried = committed.pop(height, None)
@@ -761,7 +762,7 @@ def command_mine(args: argparse.Namespace) -> dict[str, object] | None:
                         accepted += 1
                     next_height = height + 1 if height + 1 not in committed else height + 2  # our next commitment's
                     slice_id = compute_next_slice(next_height, key.public_key, genesis.partition.slices)
-                    trainer.train_on(head.hash, weights, slice_id, bytes.fromhex(work["training_seed"]))
+                    trainer.train_on(head.hash, height, weights, slice_id, bytes.fromhex(work["training_seed"]))
                 elif height + 1 not in committed and trainer.latest()[0] != tried_round:  # a new snapshot: try it
                     tried_round = trainer.latest()[0]
                     if (update := commit(work, head, state)) is not None:

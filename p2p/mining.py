@@ -217,12 +217,29 @@ class MiningProgress:
     """Our revealed training blocks not yet judged, by hash."""
     published_at: float = 0.0
     """When (trio time) the latest commitment was last gossiped."""
+    applied: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
+    """Our values the chain applied and the local model has not been told of: (the height of the
+    decided block that applied them, slice, values). The training loop tells it of those up to
+    the head a round trains on, just before the round's rebase (`take_applied`): told earlier,
+    while a round is about to rebase onto an older head's weights (read under the node's lock,
+    which a candidate's check can hold for seconds), the rebase would take the chain's older
+    values of that slice for another miner's change and subtract our progress."""
 
     def may_train_on(self, head: bytes) -> bool:
         """Whether a training round may start on decided head `head`: not trained on yet, and the
         mining loop has acted on it (recorded the updates of ours it applied, so the round's rebase
         does not count them as the other miners' change and add our progress twice)."""
         return self.trained_on != head and self.head == head
+
+    def record_applied(self, height: int, slice_id: int, values: np.ndarray) -> None:
+        """The decided block at `height` applied these values of ours for a slice."""
+        self.applied.append((height, slice_id, values))
+
+    def take_applied(self, height: int) -> list[tuple[int, np.ndarray]]:
+        """The (slice, values) of ours applied at heights up to `height`, lowest first; removed."""
+        taken = sorted((entry for entry in self.applied if entry[0] <= height), key=lambda entry: entry[0])
+        self.applied = [entry for entry in self.applied if entry[0] > height]
+        return [(slice_id, values) for _, slice_id, values in taken]
 
 
 def held_commitment(node: DecidedNode, miner: bytes) -> UpdateCommitment | None:
@@ -248,17 +265,18 @@ class BackgroundTrainer:
         self.on_round = on_round
         """Called in the training thread with each round's cost and loss (to report progress)."""
         self._condition = threading.Condition()
-        self._target: tuple[bytes, CanonicalWeights, int, bytes] | None = None
+        self._target: tuple[bytes, int, CanonicalWeights, int, bytes] | None = None
+        self._applied = MiningProgress()  # our applied values, told to the miner before a rebase (`published`)
         self._snapshot: tuple[int, list[np.ndarray] | None, int] = (0, None, 0)
         self._error: BaseException | None = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
         self._thread.start()
 
-    def train_on(self, head: bytes, weights: CanonicalWeights, slice_id: int, seed: bytes) -> None:
-        """Train the next round on a head's weights (a round in progress finishes first)."""
+    def train_on(self, head: bytes, height: int, weights: CanonicalWeights, slice_id: int, seed: bytes) -> None:
+        """Train the next round on the weights of a head at `height` (a round in progress finishes first)."""
         with self._condition:
-            self._target = (head, weights, slice_id, seed)
+            self._target = (head, height, weights, slice_id, seed)
             self._condition.notify()
 
     def latest(self) -> tuple[int, list[np.ndarray] | None, int]:
@@ -269,9 +287,12 @@ class BackgroundTrainer:
                 raise self._error
             return self._snapshot
 
-    def published(self, slice_id: int, values: np.ndarray) -> None:
-        """The chain applied our values for a slice (`Miner.published`)."""
-        self.miner.published(slice_id, values)
+    def published(self, height: int, slice_id: int, values: np.ndarray) -> None:
+        """The decided block at `height` applied our values for a slice: the training thread tells
+        the miner (`Miner.published`) before the first round on a head at that height or above
+        (`MiningProgress.applied` says why not at once)."""
+        with self._condition:
+            self._applied.record_applied(height, slice_id, values)
 
     def stop(self) -> None:
         """Stop after the round in progress, and wait for it (a process must not exit while
@@ -290,7 +311,10 @@ class BackgroundTrainer:
                         self._condition.wait()
                     if self._stopping or self._target is None:
                         return
-                    trained, weights, slice_id, seed = self._target
+                    trained, height, weights, slice_id, seed = self._target
+                    applied = self._applied.take_applied(height)
+                for applied_slice, values in applied:
+                    self.miner.published(applied_slice, values)
                 work, finished = train_round(self.miner, weights, slice_id, seed)
                 snapshot = self.miner.snapshot(weights)
                 if self.after_round is not None:

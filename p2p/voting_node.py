@@ -1016,7 +1016,7 @@ class VotingNode:
             while True:
                 head = node.head()
                 if head.block.hash != mining.head:
-                    self._mining_head_moved(miner, head.block, mining)
+                    self._mining_head_moved(head.block, mining)
                     await self._commit_update(key, mining)
                     await self._reveal_update(key, mining)
                 elif mining.snapshot_round != mining.tried_round:
@@ -1041,6 +1041,8 @@ class VotingNode:
             slice_id = compute_next_slice(height + (1 if height in mining.committed else 0), key.public_key, slices)
             seed = compute_training_seed(head.block.hash, key.public_key)
             weights = await trio.to_thread.run_sync(self.node.weights_of, head.state)
+            for applied_slice, values in mining.take_applied(head.block.header.height):
+                miner.published(applied_slice, values)  # now, not before: see MiningProgress.applied
             work, trained = await trio.to_thread.run_sync(train_round, miner, weights, slice_id, seed)
             self.node.metrics.on_training_round(trained.tokens, trained.seconds, trained.loss)
             mining_progress.advance(1, tokens_per_second=round(trained.tokens_per_second), loss=trained.loss)
@@ -1048,14 +1050,15 @@ class VotingNode:
             mining.trained_on, mining.steps = head.block.hash, work.steps
             mining.snapshot_round += 1
 
-    def _mining_head_moved(self, miner: Miner, head: Block, mining: MiningProgress) -> None:
+    def _mining_head_moved(self, head: Block, mining: MiningProgress) -> None:
         """A new decided head: record our updates it applied, drop commitments it did not carry."""
         mining.head, mining.tried_round = head.hash, -1
         height = head.header.height
         for ours, judge in find_applied(mining.revealed, head, self.node.block_at):
             del mining.revealed[ours.hash]
             if isinstance(ours.body, TrainingBody) and isinstance(judge.body, DecidedBody):
-                miner.published(ours.body.slice_id, np.frombuffer(ours.body.weights, dtype="<i2"))
+                mining.record_applied(judge.header.height, ours.body.slice_id,
+                                      np.frombuffer(ours.body.weights, dtype="<i2"))  # fmt: skip
                 log.info("mining: height %d applied our block %s (slice %d, test gain %s)", judge.header.height,
                          ours.hash.hex()[:16], ours.body.slice_id, judge.body.gain_of(ours.hash))  # fmt: skip
         mining.revealed = {h: b for h, b in mining.revealed.items() if b.header.height > height}

@@ -198,3 +198,37 @@ def test_applied_updates_are_found_in_heights_the_miner_skipped() -> None:
     assert [(block.hash, judge.header.height) for block, judge in found] == [(ours[0].hash, 4), (ours[2].hash, 6)]
     assert find_applied(revealed, decided[4], decided.get) == [(ours[0], decided[4])]  # 5 and 6 not judged yet
     assert find_applied(revealed, decided[5], lambda height: None) == []  # a height the node lacks: nothing
+
+
+def test_values_applied_above_the_head_a_round_rebases_onto_are_told_to_a_later_round(
+    devnet: Genesis, layout: SliceLayout, train_text: bytes
+) -> None:
+    """Height 5 applied our slice-2 values while a round was about to rebase onto height 4's
+    weights (read late: the node's lock was held). Told at once, the rebase takes height 4's
+    older values for another miner's change and subtracts our progress; queued until a round
+    on height 5 (`MiningProgress.take_applied`), nothing moves either time."""
+    start = devnet.initial_weights()  # height 4's weights: slice 2 as it was before ours
+    name = "h.0.mlp.c_fc.weight"
+    index = torch.tensor(layout.indices[2][name])
+    miners = [Miner(start, layout, train_text, CONFIG) for _ in range(2)]
+    for miner in miners:
+        miner.work(start, 2, b"one")
+    ours = miners[0].values(start, 2)
+    local = miners[0].model.state_dict()[name].view(-1)[index].clone()
+    told_at_once, queued = miners
+    assert torch.equal(queued.model.state_dict()[name].view(-1)[index], local)
+
+    told_at_once.published(2, ours)
+    told_at_once.adopt(start)
+    assert not torch.allclose(told_at_once.model.state_dict()[name].view(-1)[index], local)
+
+    mining = MiningProgress()
+    mining.record_applied(5, 2, ours)
+    assert mining.take_applied(4) == []
+    queued.adopt(start)
+    assert torch.equal(queued.model.state_dict()[name].view(-1)[index], local)
+    for slice_id, values in mining.take_applied(5):
+        queued.published(slice_id, values)
+    queued.adopt(layout.apply(start, 2, ours))  # height 5's weights
+    assert torch.equal(queued.model.state_dict()[name].view(-1)[index], local)
+    assert mining.take_applied(9) == []
