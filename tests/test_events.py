@@ -253,6 +253,14 @@ def test_streams_do_not_hold_requests_in_flight(net: Net) -> None:
         server.stop()
 
 
+def kernel_send_buffer_max() -> int:
+    """The most a TCP socket's send buffer grows to (Linux: tcp_wmem's third field)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 4 << 20
+
+
 def test_a_subscriber_that_reads_nothing_does_not_hold_up_the_node(net: Net) -> None:
     """A stream's client stops reading: the node publishes and decides on at once, a reading
     subscriber gets the decision, and the stalled one, when it reads again, finds a gap."""
@@ -265,7 +273,10 @@ def test_a_subscriber_that_reads_nothing_does_not_hold_up_the_node(net: Net) -> 
         events_until(reading, lambda events: events)  # subscribed
         started = time.monotonic()
         vote = {"height": 9, "round": 0, "kind": "prevote", "validator": "ab" * 32, "block": "cd" * 32}
-        for _ in range(4 * net.node.events.queue_events):  # ~1 MB of events for a client reading none
+        # More than the kernel can buffer on the way (the server's send buffer grows up to
+        # tcp_wmem's maximum, 4 MiB here), so the stalled subscriber's queue must overflow.
+        burst = 4 * net.node.events.queue_events + 2 * kernel_send_buffer_max() // len(json.dumps(vote))
+        for _ in range(burst):
             net.node.events.publish(ATTESTATION, vote)
         block, _ = net.decide(with_training=False)
         assert time.monotonic() - started < 10
