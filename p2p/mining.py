@@ -196,6 +196,28 @@ def train_round(miner: Miner, weights: CanonicalWeights, slice_id: int, seed: by
 
 
 @dataclass
+class AppliedValues:
+    """Our values the chain applied and the local model has not been told of: (the height of the
+    decided block that applied them, slice, values). A miner's training tells it of those up to
+    the head a round trains on, just before the round's rebase (`take`): told earlier, while a
+    round is about to rebase onto an older head's weights (read under the node's lock, which a
+    candidate's check can hold for seconds), the rebase would take the chain's older values of
+    that slice for another miner's change and subtract our progress."""
+
+    entries: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
+
+    def record(self, height: int, slice_id: int, values: np.ndarray) -> None:
+        """The decided block at `height` applied these values of ours for a slice."""
+        self.entries.append((height, slice_id, values))
+
+    def take(self, height: int) -> list[tuple[int, np.ndarray]]:
+        """The (slice, values) of ours applied at heights up to `height`, lowest first; removed."""
+        taken = sorted((entry for entry in self.entries if entry[0] <= height), key=lambda entry: entry[0])
+        self.entries = [entry for entry in self.entries if entry[0] > height]
+        return [(slice_id, values) for _, slice_id, values in taken]
+
+
+@dataclass
 class MiningProgress:
     """Where a miner's commit-reveal pipeline stands (the node's and the external miner's loops)."""
 
@@ -217,29 +239,14 @@ class MiningProgress:
     """Our revealed training blocks not yet judged, by hash."""
     published_at: float = 0.0
     """When (trio time) the latest commitment was last gossiped."""
-    applied: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
-    """Our values the chain applied and the local model has not been told of: (the height of the
-    decided block that applied them, slice, values). The training loop tells it of those up to
-    the head a round trains on, just before the round's rebase (`take_applied`): told earlier,
-    while a round is about to rebase onto an older head's weights (read under the node's lock,
-    which a candidate's check can hold for seconds), the rebase would take the chain's older
-    values of that slice for another miner's change and subtract our progress."""
+    applied: AppliedValues = field(default_factory=AppliedValues)
+    """Our values the chain applied that the local model has not been told of yet."""
 
     def may_train_on(self, head: bytes) -> bool:
         """Whether a training round may start on decided head `head`: not trained on yet, and the
         mining loop has acted on it (recorded the updates of ours it applied, so the round's rebase
         does not count them as the other miners' change and add our progress twice)."""
         return self.trained_on != head and self.head == head
-
-    def record_applied(self, height: int, slice_id: int, values: np.ndarray) -> None:
-        """The decided block at `height` applied these values of ours for a slice."""
-        self.applied.append((height, slice_id, values))
-
-    def take_applied(self, height: int) -> list[tuple[int, np.ndarray]]:
-        """The (slice, values) of ours applied at heights up to `height`, lowest first; removed."""
-        taken = sorted((entry for entry in self.applied if entry[0] <= height), key=lambda entry: entry[0])
-        self.applied = [entry for entry in self.applied if entry[0] > height]
-        return [(slice_id, values) for _, slice_id, values in taken]
 
 
 def held_commitment(node: DecidedNode, miner: bytes) -> UpdateCommitment | None:
@@ -266,7 +273,7 @@ class BackgroundTrainer:
         """Called in the training thread with each round's cost and loss (to report progress)."""
         self._condition = threading.Condition()
         self._target: tuple[bytes, int, CanonicalWeights, int, bytes] | None = None
-        self._applied = MiningProgress()  # our applied values, told to the miner before a rebase (`published`)
+        self._applied = AppliedValues()  # told to the miner before a round's rebase (`published`)
         self._snapshot: tuple[int, list[np.ndarray] | None, int] = (0, None, 0)
         self._error: BaseException | None = None
         self._stopping = False
@@ -290,9 +297,9 @@ class BackgroundTrainer:
     def published(self, height: int, slice_id: int, values: np.ndarray) -> None:
         """The decided block at `height` applied our values for a slice: the training thread tells
         the miner (`Miner.published`) before the first round on a head at that height or above
-        (`MiningProgress.applied` says why not at once)."""
+        (`AppliedValues` says why not at once)."""
         with self._condition:
-            self._applied.record_applied(height, slice_id, values)
+            self._applied.record(height, slice_id, values)
 
     def stop(self) -> None:
         """Stop after the round in progress, and wait for it (a process must not exit while
@@ -312,7 +319,7 @@ class BackgroundTrainer:
                     if self._stopping or self._target is None:
                         return
                     trained, height, weights, slice_id, seed = self._target
-                    applied = self._applied.take_applied(height)
+                    applied = self._applied.take(height)
                 for applied_slice, values in applied:
                     self.miner.published(applied_slice, values)
                 work, finished = train_round(self.miner, weights, slice_id, seed)

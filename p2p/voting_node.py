@@ -1041,8 +1041,8 @@ class VotingNode:
             slice_id = compute_next_slice(height + (1 if height in mining.committed else 0), key.public_key, slices)
             seed = compute_training_seed(head.block.hash, key.public_key)
             weights = await trio.to_thread.run_sync(self.node.weights_of, head.state)
-            for applied_slice, values in mining.take_applied(head.block.header.height):
-                miner.published(applied_slice, values)  # now, not before: see MiningProgress.applied
+            for applied_slice, values in mining.applied.take(head.block.header.height):
+                miner.published(applied_slice, values)  # now, not before: see AppliedValues
             work, trained = await trio.to_thread.run_sync(train_round, miner, weights, slice_id, seed)
             self.node.metrics.on_training_round(trained.tokens, trained.seconds, trained.loss)
             mining_progress.advance(1, tokens_per_second=round(trained.tokens_per_second), loss=trained.loss)
@@ -1057,7 +1057,7 @@ class VotingNode:
         for ours, judge in find_applied(mining.revealed, head, self.node.block_at):
             del mining.revealed[ours.hash]
             if isinstance(ours.body, TrainingBody) and isinstance(judge.body, DecidedBody):
-                mining.record_applied(judge.header.height, ours.body.slice_id,
+                mining.applied.record(judge.header.height, ours.body.slice_id,
                                       np.frombuffer(ours.body.weights, dtype="<i2"))  # fmt: skip
                 log.info("mining: height %d applied our block %s (slice %d, test gain %s)", judge.header.height,
                          ours.hash.hex()[:16], ours.body.slice_id, judge.body.gain_of(ours.hash))  # fmt: skip

@@ -206,7 +206,7 @@ def test_values_applied_above_the_head_a_round_rebases_onto_are_told_to_a_later_
     """Height 5 applied our slice-2 values while a round was about to rebase onto height 4's
     weights (read late: the node's lock was held). Told at once, the rebase takes height 4's
     older values for another miner's change and subtracts our progress; queued until a round
-    on height 5 (`MiningProgress.take_applied`), nothing moves either time."""
+    on height 5 (`AppliedValues.take`), nothing moves either time."""
     start = devnet.initial_weights()  # height 4's weights: slice 2 as it was before ours
     name = "h.0.mlp.c_fc.weight"
     index = torch.tensor(layout.indices[2][name])
@@ -223,12 +223,12 @@ def test_values_applied_above_the_head_a_round_rebases_onto_are_told_to_a_later_
     assert not torch.allclose(told_at_once.model.state_dict()[name].view(-1)[index], local)
 
     mining = MiningProgress()
-    mining.record_applied(5, 2, ours)
-    assert mining.take_applied(4) == []
+    mining.applied.record(5, 2, ours)
+    assert mining.applied.take(4) == []
     queued.adopt(start)
     assert torch.equal(queued.model.state_dict()[name].view(-1)[index], local)
-    for slice_id, values in mining.take_applied(5):
+    for slice_id, values in mining.applied.take(5):
         queued.published(slice_id, values)
     queued.adopt(layout.apply(start, 2, ours))  # height 5's weights
     assert torch.equal(queued.model.state_dict()[name].view(-1)[index], local)
-    assert mining.take_applied(9) == []
+    assert mining.applied.take(9) == []
