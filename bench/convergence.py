@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -192,8 +193,17 @@ def devnet_shards_of(genesis: Genesis, genesis_path: Path) -> dict[bytes, Shard]
     return {address: shard for address, shard in shards.items() if shard is not None}
 
 
-def prepare(genesis_path: Path) -> tuple[Chain, bytes, TestLoss]:
-    """The node's tuning, a fixed torch seed, the chain's rules and data, and the test-loss probe."""
+def prepare(genesis_path: Path, threads: int | None = None) -> tuple[Chain, bytes, TestLoss]:
+    """The node's tuning, a fixed torch seed, the chain's rules and data, and the test-loss probe.
+
+    With `threads`, torch runs on that many threads and MKL on its conditional numerical
+    reproducibility path (`MKL_CBWR=AUTO,STRICT`, read at MKL's first call; a value already
+    set is kept). Two runs of one command at two threads drifted apart by 0.01-0.1 in test
+    loss after a few hundred steps (docs/benchmarks.md); at one thread, so prepared, the
+    benches' training repeats bit for bit (tests/test_determinism.py)."""
+    if threads is not None:
+        os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+        torch.set_num_threads(threads)
     tune_memory_allocator()
     torch.manual_seed(0)
     genesis = load_genesis(genesis_path)

@@ -3,7 +3,7 @@
     python bench/multi_miner.py [--miners 4] [--steps-per-miner 720] [--seeds 0 1]
                                 [--rates 1.5e-3 2.1e-3 3e-3 4.2e-3] [--skip-ceiling]
                                 [--chain-only] [--miner-rate R] [--key-names NAME ...]
-                                [--genesis FILE] [--no-rebase]
+                                [--genesis FILE] [--no-rebase] [--threads 1]
 
 One run measures, on the devnet model (docs/benchmarks.md):
 
@@ -27,7 +27,9 @@ One run measures, on the devnet model (docs/benchmarks.md):
    batch-32 centralized steps that reach the same test loss / (N x steps per miner), the mean
    over seeds; the batch-32 run uses the miners' own learning rate and warm-up.
 
-Prints one JSON object; progress goes to stderr.
+Float training runs on `--threads` torch threads (1 by default) with MKL's reproducible code
+path, so a run repeats bit for bit (bench/convergence.py `prepare`). Prints one JSON object;
+progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -199,8 +201,9 @@ def main() -> None:
     parser.add_argument("--chain-only", action="store_true", help="measure the N-miner chain only (its curve)")
     parser.add_argument("--miner-rate", type=float, default=None, help="the miners' learning rate (default: theirs)")
     parser.add_argument("--key-names", nargs="+", default=None, help="the miners' devnet keys (default: miner-0 ...)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (runs repeat bit for bit at 1)")
     args = parser.parse_args()
-    chain, train_text, test_loss = prepare(args.genesis)
+    chain, train_text, test_loss = prepare(args.genesis, threads=args.threads)
     config = TrainingConfig(rebase=not args.no_rebase)
     if args.miner_rate is not None:
         config = replace(config, learning_rate=args.miner_rate)
@@ -225,6 +228,7 @@ def main() -> None:
         "rebase": config.rebase,
         "learning_rate": config.learning_rate,
         "key_names": names,
+        "threads": args.threads,
         "steps_computed": computed,
         "chain_test_loss": round(racing[-1][1], 4),
         "single_miner_test_loss": round(single[-1][1], 4),  # where it stopped: at the N miners' or after as many steps

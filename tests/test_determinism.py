@@ -69,3 +69,36 @@ def test_float32_losses_differ_across_simd_levels() -> None:
             hashes.add(json.loads(process.stdout)["sha256"])
     assert len(hashes) > 1, "float32 gave identical bits everywhere; the canonical check would prove nothing"
     assert hashlib.sha256(b"").hexdigest() not in hashes
+
+
+BENCH_TRAINING = """
+import hashlib, json, os, sys
+sys.path.insert(0, "bench")
+from convergence import prepare
+from genesis import DEVNET
+from training.baseline import train_centralized
+from training.miner import TrainingConfig
+chain, train_text, _ = prepare(DEVNET, threads=1)
+digests = []
+def digest(weights):
+    content = b"".join(weights.tensors[name].tobytes() for name in sorted(weights.tensors))
+    digests.append(hashlib.sha256(content).hexdigest())
+    return 0.0
+train_centralized(chain.genesis.initial_weights(), train_text, 40, TrainingConfig(), 40, digest)
+print(json.dumps({"sha256": digests[-1], "mkl_cbwr": os.environ.get("MKL_CBWR")}))
+"""
+
+
+def test_bench_float_training_repeats_bit_for_bit() -> None:
+    """The benches' float training, prepared at one thread (bench/convergence.py `prepare`),
+    gives the same weights on every run (docs/benchmarks.md reads losses to the third decimal)."""
+    results = []
+    for _ in range(2):
+        env = {key: value for key, value in os.environ.items() if key != "MKL_CBWR"}
+        process = subprocess.run(
+            [sys.executable, "-c", BENCH_TRAINING],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True,
+        )  # fmt: skip
+        results.append(json.loads(process.stdout))
+    assert results[0]["mkl_cbwr"] == "AUTO,STRICT"
+    assert len({result["sha256"] for result in results}) == 1, results
