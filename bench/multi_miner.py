@@ -1,7 +1,7 @@
 """How much of several miners' work the chain keeps, against what data parallelism could keep.
 
     python bench/multi_miner.py [--miners 4] [--steps-per-miner 720] [--seeds 0 1]
-                                [--rates 1.5e-3 2.1e-3 3e-3 4.2e-3] [--skip-ceiling]
+                                [--key-sets 2] [--rates 1.5e-3 2.1e-3 3e-3 4.2e-3] [--skip-ceiling]
                                 [--chain-only] [--miner-rate R] [--key-names NAME ...]
                                 [--genesis FILE] [--no-rebase] [--threads 1]
 
@@ -20,6 +20,9 @@ One run measures, on the devnet model (docs/benchmarks.md):
    `useful_work_fraction` = the steps the single miner needs to reach the N-miner chain's
    final test loss / the steps the N miners computed (one miner alone keeps 1/N by this
    measure: N miners that added nothing would need no more of its steps than one miner).
+   Items 1 and 2 run for each of `--key-sets` sets of miner keys (miner-0 ... miner-(N-1),
+   then miner-N ...: a miner's key fixes its slices and training batches, so a key set is the
+   chain's seed, as a data seed is the ceiling's); `useful_work_fraction` is their mean.
 3. The data-parallel ceiling: centralized AdamW with each step on N x 32 sequences (the N
    miners' batches averaged into one) for the steps one miner computes, its learning rate
    chosen by a sweep (`--rates`, warm-up scaled to 50 / N steps, the same samples as the
@@ -189,18 +192,43 @@ def data_parallel_ceiling(
     }
 
 
+def measure_key_set(
+    chain: Chain, train_text: bytes, names: list[str], heights: int, config: TrainingConfig, test_loss: TestLoss
+) -> dict[str, object]:
+    """The N-miner chain and its single-miner floor for one set of miner keys (their keys fix
+    their slices and training batches: a set of keys is the chain's seed)."""
+    keys = [devnet_key(name) for name in names]
+    racing, counts = mine_network(chain, train_text, keys, heights, config, test_loss)
+    computed = racing[-1][0]
+    single, _ = mine_network(chain, train_text, keys[:1], heights * len(keys), config, test_loss, racing[-1][1])
+    equivalent = steps_to_reach(single, racing[-1][1])
+    return {
+        "key_names": names,
+        "steps_computed": computed,
+        "chain_test_loss": round(racing[-1][1], 4),
+        "single_miner_test_loss": round(single[-1][1], 4),  # where it stopped: at the N miners' or after as many steps
+        "single_miner_steps_to_same_loss": None if equivalent == float("inf") else round(equivalent),
+        "useful_work_fraction": round(min(equivalent, computed) / computed, 4),
+        "blocks": counts,
+        "chain_curve": [[s, round(v, 4)] for s, v in racing],
+        "single_miner_curve": [[s, round(v, 4)] for s, v in single],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--genesis", type=Path, default=DEVNET)
     parser.add_argument("--miners", type=int, default=4)
     parser.add_argument("--steps-per-miner", type=int, default=720, help="optimizer steps each miner computes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="data seeds of the ceiling")
+    parser.add_argument("--key-sets", type=int, default=2, help="sets of miner keys the chains run with")
     parser.add_argument("--rates", type=float, nargs="+", default=[1.5e-3, 2.1e-3, 3e-3, 4.2e-3])
     parser.add_argument("--no-rebase", action="store_true", help="miners take the chain's values instead")
     parser.add_argument("--skip-ceiling", action="store_true", help="measure the chains only")
     parser.add_argument("--chain-only", action="store_true", help="measure the N-miner chain only (its curve)")
     parser.add_argument("--miner-rate", type=float, default=None, help="the miners' learning rate (default: theirs)")
-    parser.add_argument("--key-names", nargs="+", default=None, help="the miners' devnet keys (default: miner-0 ...)")
+    parser.add_argument("--key-names", nargs="+", default=None, help="the miners' devnet keys (one set; default: "
+                        "miner-0 ... miner-(N-1), then miner-N ... for the next set)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads (runs repeat bit for bit at 1)")
     args = parser.parse_args()
     chain, train_text, test_loss = prepare(args.genesis, threads=args.threads)
@@ -208,34 +236,33 @@ def main() -> None:
     if args.miner_rate is not None:
         config = replace(config, learning_rate=args.miner_rate)
     heights = args.steps_per_miner // config.steps
-    names = args.key_names or [f"miner-{i}" for i in range(args.miners)]
-    if len(names) != args.miners:
-        raise SystemExit(f"--key-names: got {len(names)} names, want {args.miners} (--miners)")
-    keys = [devnet_key(name) for name in names]
+    if args.key_names is not None and len(args.key_names) != args.miners:
+        raise SystemExit(f"--key-names: got {len(args.key_names)} names, want {args.miners} (--miners)")
+    key_sets = (
+        [args.key_names]
+        if args.key_names is not None
+        else [[f"miner-{k * args.miners + i}" for i in range(args.miners)] for k in range(args.key_sets)]
+    )
 
-    racing, counts = mine_network(chain, train_text, keys, heights, config, test_loss)
-    computed = racing[-1][0]
     if args.chain_only:
-        print(json.dumps({"miners": args.miners, "key_names": names, "learning_rate": config.learning_rate,
+        keys = [devnet_key(name) for name in key_sets[0]]
+        racing, counts = mine_network(chain, train_text, keys, heights, config, test_loss)
+        print(json.dumps({"miners": args.miners, "key_names": key_sets[0], "learning_rate": config.learning_rate,
                           "blocks": counts, "chain_curve": [[s, round(v, 4)] for s, v in racing]}))  # fmt: skip
         return
-    single, _ = mine_network(chain, train_text, keys[:1], heights * args.miners, config, test_loss, racing[-1][1])
-    equivalent = steps_to_reach(single, racing[-1][1])
+    measured = [measure_key_set(chain, train_text, names, heights, config, test_loss) for names in key_sets]
+    fractions = [float(m["useful_work_fraction"]) for m in measured]  # type: ignore[arg-type]
     result: dict[str, object] = {
         "miners": args.miners,
         "heights": heights,
         "steps_per_block": config.steps,
         "rebase": config.rebase,
         "learning_rate": config.learning_rate,
-        "key_names": names,
         "threads": args.threads,
-        "steps_computed": computed,
-        "chain_test_loss": round(racing[-1][1], 4),
-        "single_miner_test_loss": round(single[-1][1], 4),  # where it stopped: at the N miners' or after as many steps
-        "single_miner_steps_to_same_loss": None if equivalent == float("inf") else round(equivalent),
-        "useful_work_fraction": round(min(equivalent, computed) / computed, 4),
+        "useful_work_fraction": round(statistics.mean(fractions), 4),
+        "useful_work_by_key_set": fractions,
+        "chain_test_loss_by_key_set": [m["chain_test_loss"] for m in measured],
         "single_miner_floor": round(1 / args.miners, 4),
-        "blocks": counts,
     }
     if not args.skip_ceiling:
         result |= data_parallel_ceiling(chain, train_text, args.miners, heights * config.steps, config,
@@ -243,8 +270,7 @@ def main() -> None:
         ceiling = result["data_parallel_ceiling"]
         assert isinstance(ceiling, float)
         result["useful_work_of_ceiling"] = round(float(result["useful_work_fraction"]) / ceiling, 4)  # type: ignore[arg-type]
-    result["chain_curve"] = [[s, round(v, 4)] for s, v in racing]
-    result["single_miner_curve"] = [[s, round(v, 4)] for s, v in single]
+    result["key_sets"] = measured
     print(json.dumps(result))
 
 
