@@ -21,7 +21,17 @@ import numpy as np
 import plyvel
 
 from chain import schema
-from chain.blocks import Block, Header, TrainingBody, body_hash, sha256, sign_block
+from chain.blocks import (
+    Block,
+    Header,
+    TrainingBody,
+    UpdateCommitment,
+    body_hash,
+    compute_update_hash,
+    sha256,
+    sign_block,
+    sign_update_commitment,
+)
 from chain.crypto import PrivateKey, devnet_key
 from chain.encoding import pack
 from chain.heldout import Shard
@@ -91,6 +101,12 @@ class Scenario:
         """A valid training block on block `on` (state `state`), then with `overrides` applied."""
         valid = self.valid_training_block(on, state)
         return rebuild(valid, key or self.miner, self.chain.domain, **overrides)
+
+
+def commit_to(scenario: Scenario, key: PrivateKey, height: int, slice_id: int, values: np.ndarray) -> UpdateCommitment:
+    """`key`'s commitment, carried at `height`, to setting slice `slice_id` to `values`."""
+    update = compute_update_hash(key.public_key, slice_id, values.astype("<i2").tobytes())
+    return sign_update_commitment(key, scenario.chain.domain, height, update)
 
 
 def rebuild(block: Block, key: PrivateKey, domain: Any, **overrides: Any) -> Block:

@@ -55,7 +55,7 @@ from consensus.proposals import propose_training_block
 from consensus.rules import Chain, InvalidBlock, apply_training_block, compute_next_slice
 from consensus.voting import ValidatorSet
 from p2p.mining import get_awaited_miners
-from tests.chain_builders import Scenario, certificate, devnet_test_shard, rebuild
+from tests.chain_builders import Scenario, certificate, commit_to, devnet_test_shard, rebuild
 
 COPY_SEARCH_ATTEMPTS = 20
 """Perturbations of A's weights tried for a copy whose test gain beats A's."""
@@ -117,12 +117,6 @@ class Story:
     """L's update revealed on `second` (committed in `first`)."""
     committed_copy: Block
     """C2's copy of B2's weights on `second`, committed in `second`."""
-
-
-def commit_to(scenario: Scenario, key: PrivateKey, height: int, slice_id: int, values: np.ndarray) -> UpdateCommitment:
-    """`key`'s commitment, carried at `height`, to setting slice `slice_id` to `values`."""
-    update = compute_update_hash(key.public_key, slice_id, values.astype("<i2").tobytes())
-    return sign_update_commitment(key, scenario.chain.domain, height, update)
 
 
 def key_on_slice(prefix: str, parent_height: int, slice_id: int, slices: int) -> PrivateKey:

@@ -12,14 +12,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chain.blocks import Block, DecidedBody, Reward, TrainingBody, compute_update_hash
 from chain.crypto import devnet_key
-from consensus.decisions import get_committed_updates, is_committed
-from consensus.rules import StaleBlock
+from consensus.decisions import get_committed_updates, is_committed, propose_decided_block
+from consensus.proposals import propose_training_block
+from consensus.rules import StaleBlock, compute_next_slice
 from consensus.voting import TimeoutParameters
 from genesis import DEVNET, chunk_directory, load_genesis
 from node import validator_keys
 from p2p.decided_node import DecidedNode, mean_loss
+from p2p.mining import get_awaited_miners
 from p2p.voting_node import VotingNode, VotingNodeConfig
-from tests.chain_builders import Scenario
+from tests.chain_builders import Scenario, certificate, commit_to, devnet_test_shard
 from training.miner import TrainingConfig
 
 
@@ -255,3 +257,67 @@ def test_a_network_whose_miner_cannot_meet_the_difficulty_keeps_deciding_heights
         assert metrics["potchain_miner_tokens_per_second"] > 0 and 0 < metrics["potchain_miner_training_loss"] < 8
     finally:
         store.close()
+
+
+PROPOSAL_WAIT_SECONDS = 12.0
+
+
+def seconds_to_decide_after_a_reveal(datadir: Path, commit_after: float | None) -> tuple[float, Block]:
+    """One node holding every validator key, its head (height 1) carrying miner M's commitment
+    and M's committed update revealed on it, so the height-2 proposer awaits M's next
+    commitment (docs/spec.md, section 12). M sends it `commit_after` seconds after the network
+    starts, or never (None). Returns the seconds until height 2 is decided, and its block."""
+    scenario = Scenario.create(datadir)
+    node, chain, keys, miner = scenario.node, scenario.chain, scenario.validators, scenario.miner
+    slices = chain.genesis.partition.slices
+    genesis, genesis_state = scenario.genesis()
+    trainer = scenario.local_miner(genesis_state)
+    weights = chain.weights(genesis_state)
+    first_slice, next_slice = (compute_next_slice(h, miner.public_key, slices) for h in (1, 2))
+    values = trainer.work(weights, first_slice, b"train").values
+    shard = devnet_test_shard(keys[1].public_key)
+    first = propose_decided_block(chain, genesis, genesis_state, keys[1], [], None, None, (), shard,
+                                  [commit_to(scenario, miner, 1, first_slice, values)])  # fmt: skip
+    node.import_decided(first, certificate(node, first, keys[:3]))
+    reveal = propose_training_block(chain, first, node.head().state, miner, values, first.header.timestamp + 1, 4)
+    assert node.on_training_block(reveal) and get_awaited_miners(node.decided) == {miner.public_key}
+    next_commitment = commit_to(scenario, miner, 2, next_slice, trainer.values(weights, next_slice))
+    voting = VotingNode(node, VotingNodeConfig(validator_keys=keys, proposal_wait_seconds=PROPOSAL_WAIT_SECONDS))
+    elapsed = 0.0
+
+    async def main() -> None:
+        nonlocal elapsed
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(voting.run)
+            if commit_after is not None:
+                await trio.sleep(commit_after)
+                assert await trio.to_thread.run_sync(node.on_commitment, next_commitment)
+            with trio.fail_after(PROPOSAL_WAIT_SECONDS + 120):
+                while node.block_at(2) is None:  # stored, not only decided
+                    await trio.sleep(0.05)
+            elapsed = trio.current_time() - started
+            voting.stop()
+
+    try:
+        trio.run(main)
+        decided = node.block_at(2)
+        assert decided is not None
+        return elapsed, decided
+    finally:
+        node.close()
+
+
+def test_a_miner_withholding_its_next_commitment_delays_a_height_by_at_most_the_proposal_wait(tmp_path: Path) -> None:
+    """The proposer waits for each miner that revealed its committed update on the head to
+    commit for the next height (node policy), within the proposal wait: a miner that commits
+    after 1 s ends the wait (its commitment rides in the next block); one that withholds it
+    delays the height by the wait and no more, and its revealed update is applied all the same."""
+    prompt, with_commitment = seconds_to_decide_after_a_reveal(tmp_path / "commits", commit_after=1.0)
+    withheld, without_commitment = seconds_to_decide_after_a_reveal(tmp_path / "withholds", commit_after=None)
+    for block in (with_commitment, without_commitment):
+        assert isinstance(block.body, DecidedBody) and len(block.body.applied) == 1
+    assert isinstance(with_commitment.body, DecidedBody) and isinstance(without_commitment.body, DecidedBody)
+    assert len(with_commitment.body.commitments) == 1 and without_commitment.body.commitments == ()
+    assert prompt < PROPOSAL_WAIT_SECONDS - 2, f"decided after {prompt:.1f} s with the commitment sent at 1 s"
+    assert PROPOSAL_WAIT_SECONDS <= withheld < PROPOSAL_WAIT_SECONDS + 30, f"withheld: decided after {withheld:.1f} s"
