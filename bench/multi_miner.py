@@ -3,7 +3,7 @@
     python bench/multi_miner.py [--miners 4] [--steps-per-miner 720] [--seeds 0 1]
                                 [--key-sets 2] [--rates 1.5e-3 2.1e-3 3e-3 4.2e-3] [--skip-ceiling]
                                 [--chain-only] [--miner-rate R] [--key-names NAME ...]
-                                [--genesis FILE] [--no-rebase] [--threads 1]
+                                [--genesis FILE] [--no-rebase] [--threads 1] [--jobs CORES]
 
 One run measures, on the devnet model (docs/benchmarks.md):
 
@@ -30,9 +30,11 @@ One run measures, on the devnet model (docs/benchmarks.md):
    batch-32 centralized steps that reach the same test loss / (N x steps per miner), the mean
    over seeds; the batch-32 run uses the miners' own learning rate and warm-up.
 
-Float training runs on `--threads` torch threads (1 by default) with MKL's reproducible code
-path, so a run repeats bit for bit (bench/convergence.py `prepare`). Prints one JSON object;
-progress goes to stderr.
+The chains of each key set and the ceiling's runs are independent jobs, run by `--jobs` worker
+processes (one a core by default), each training on `--threads` torch threads (1 by default)
+with MKL's reproducible code path: at one thread a run repeats bit for bit
+(bench/convergence.py `prepare`), so the figures do not depend on how many jobs ran at once.
+Prints one JSON object; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
+import os
 import statistics
 import sys
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -154,30 +159,27 @@ def steps_to_reach(curve: Curve, target: float) -> float:
 
 
 def data_parallel_ceiling(
-    chain: Chain, train_text: bytes, miners: int, steps_per_miner: int, config: TrainingConfig,
-    rates: list[float], seeds: list[int], test_loss: TestLoss,
-) -> dict[str, object]:  # fmt: skip
-    """The tuned data-parallel yardstick (see the module's docstring)."""
-    weights = chain.genesis.initial_weights()
+    pool: Executor, miners: int, steps_per_miner: int, config: TrainingConfig, rates: list[float], seeds: list[int]
+) -> dict[str, object]:
+    """The tuned data-parallel yardstick (see the module's docstring); its runs go to `pool`
+    (the sweep and the batch-32 runs at once, then the best rate on the other seeds)."""
     total = miners * steps_per_miner
     wide = replace(config, batch_sequences=config.batch_sequences * miners,
                    warmup_steps=max(1, round(config.warmup_steps / miners)))  # fmt: skip
+    sweeping = {rate: pool.submit(central_job, steps_per_miner, replace(wide, learning_rate=rate), seeds[0])
+                for rate in rates}  # fmt: skip
+    narrow_runs = {seed: pool.submit(central_job, total, config, seed) for seed in seeds}
     sweep: dict[float, float] = {}
-    for rate in rates:
-        curve, _ = run_central(weights, train_text, steps_per_miner, replace(wide, learning_rate=rate),
-                               config.steps, test_loss, data_seed=seeds[0])  # fmt: skip
-        sweep[rate] = curve[-1][1]
+    for rate, future in sweeping.items():
+        sweep[rate] = future.result()[-1][1]
         print(f"[ceiling] learning rate {rate:g}: test loss {sweep[rate]:.4f}", file=sys.stderr, flush=True)
     best = min(sweep, key=lambda rate: sweep[rate])
+    wide_runs = {seed: pool.submit(central_job, steps_per_miner, replace(wide, learning_rate=best), seed)
+                 for seed in seeds[1:]}  # fmt: skip
     fractions, losses = [], []
     for seed in seeds:
-        narrow, _ = run_central(weights, train_text, total, config, config.steps, test_loss, data_seed=seed)
-        if seed == seeds[0]:
-            final = sweep[best]
-        else:
-            curve, _ = run_central(weights, train_text, steps_per_miner, replace(wide, learning_rate=best),
-                                   config.steps, test_loss, data_seed=seed)  # fmt: skip
-            final = curve[-1][1]
+        final = sweep[best] if seed == seeds[0] else wide_runs[seed].result()[-1][1]
+        narrow = narrow_runs[seed].result()
         losses.append(final)
         fractions.append(min(steps_to_reach(narrow, final), total) / total)
         print(f"[ceiling] seed {seed}: batch {wide.batch_sequences} reaches {final:.4f}, "
@@ -190,6 +192,34 @@ def data_parallel_ceiling(
         "ceiling_sweep": {f"{rate:g}": round(loss, 4) for rate, loss in sweep.items()},
         "ceiling_test_loss_by_seed": [round(loss, 4) for loss in losses],
     }
+
+
+_prepared: tuple[Chain, bytes, TestLoss] | None = None
+"""A worker process's chain, training text and test-loss probe (`start_worker`)."""
+
+
+def start_worker(genesis_path: Path, threads: int) -> None:
+    """A pool worker's start: the chain and data, float training on `threads` threads."""
+    global _prepared
+    _prepared = prepare(genesis_path, threads=threads)
+
+
+def prepared() -> tuple[Chain, bytes, TestLoss]:
+    assert _prepared is not None, "a job ran outside a started worker"
+    return _prepared
+
+
+def central_job(steps: int, config: TrainingConfig, data_seed: int) -> Curve:
+    """Centralized AdamW from the genesis model (`run_central`), evaluated every block's steps."""
+    chain, train_text, test_loss = prepared()
+    curve, _ = run_central(chain.genesis.initial_weights(), train_text, steps, config, config.steps, test_loss,
+                           data_seed=data_seed)  # fmt: skip
+    return curve
+
+
+def key_set_job(names: list[str], heights: int, config: TrainingConfig) -> dict[str, object]:
+    chain, train_text, test_loss = prepared()
+    return measure_key_set(chain, train_text, names, heights, config, test_loss)
 
 
 def measure_key_set(
@@ -230,8 +260,8 @@ def main() -> None:
     parser.add_argument("--key-names", nargs="+", default=None, help="the miners' devnet keys (one set; default: "
                         "miner-0 ... miner-(N-1), then miner-N ... for the next set)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads (runs repeat bit for bit at 1)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: one a core)")
     args = parser.parse_args()
-    chain, train_text, test_loss = prepare(args.genesis, threads=args.threads)
     config = TrainingConfig(rebase=not args.no_rebase)
     if args.miner_rate is not None:
         config = replace(config, learning_rate=args.miner_rate)
@@ -245,12 +275,21 @@ def main() -> None:
     )
 
     if args.chain_only:
+        chain, train_text, test_loss = prepare(args.genesis, threads=args.threads)
         keys = [devnet_key(name) for name in key_sets[0]]
         racing, counts = mine_network(chain, train_text, keys, heights, config, test_loss)
         print(json.dumps({"miners": args.miners, "key_names": key_sets[0], "learning_rate": config.learning_rate,
                           "blocks": counts, "chain_curve": [[s, round(v, 4)] for s, v in racing]}))  # fmt: skip
         return
-    measured = [measure_key_set(chain, train_text, names, heights, config, test_loss) for names in key_sets]
+    spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked mid-use
+    with ProcessPoolExecutor(args.jobs, spawn, start_worker, (args.genesis, args.threads)) as pool:
+        chains = [pool.submit(key_set_job, names, heights, config) for names in key_sets]
+        ceiling = (
+            None
+            if args.skip_ceiling
+            else data_parallel_ceiling(pool, args.miners, heights * config.steps, config, args.rates, args.seeds)
+        )
+        measured = [future.result() for future in chains]
     fractions = [float(m["useful_work_fraction"]) for m in measured]  # type: ignore[arg-type]
     result: dict[str, object] = {
         "miners": args.miners,
@@ -264,12 +303,10 @@ def main() -> None:
         "chain_test_loss_by_key_set": [m["chain_test_loss"] for m in measured],
         "single_miner_floor": round(1 / args.miners, 4),
     }
-    if not args.skip_ceiling:
-        result |= data_parallel_ceiling(chain, train_text, args.miners, heights * config.steps, config,
-                                        args.rates, args.seeds, test_loss)  # fmt: skip
-        ceiling = result["data_parallel_ceiling"]
-        assert isinstance(ceiling, float)
-        result["useful_work_of_ceiling"] = round(float(result["useful_work_fraction"]) / ceiling, 4)  # type: ignore[arg-type]
+    if ceiling is not None:
+        result |= ceiling
+        of_ceiling = float(result["useful_work_fraction"]) / float(ceiling["data_parallel_ceiling"])  # type: ignore[arg-type]
+        result["useful_work_of_ceiling"] = round(of_ceiling, 4)
     result["key_sets"] = measured
     print(json.dumps(result))
 
