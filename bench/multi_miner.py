@@ -251,7 +251,8 @@ def main() -> None:
     parser.add_argument("--miners", type=int, default=4)
     parser.add_argument("--steps-per-miner", type=int, default=720, help="optimizer steps each miner computes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="data seeds of the ceiling")
-    parser.add_argument("--key-sets", type=int, default=2, help="sets of miner keys the chains run with")
+    parser.add_argument("--key-sets", type=int, default=2, help="sets of miner keys the chains run with (0: the "
+                        "ceiling only)")  # fmt: skip
     parser.add_argument("--rates", type=float, nargs="+", default=[1.5e-3, 2.1e-3, 3e-3, 4.2e-3])
     parser.add_argument("--no-rebase", action="store_true", help="miners take the chain's values instead")
     parser.add_argument("--skip-ceiling", action="store_true", help="measure the chains only")
@@ -298,13 +299,14 @@ def main() -> None:
         "rebase": config.rebase,
         "learning_rate": config.learning_rate,
         "threads": args.threads,
-        "useful_work_fraction": round(statistics.mean(fractions), 4),
+        "useful_work_fraction": round(statistics.mean(fractions), 4) if fractions else None,
         "useful_work_by_key_set": fractions,
         "chain_test_loss_by_key_set": [m["chain_test_loss"] for m in measured],
         "single_miner_floor": round(1 / args.miners, 4),
     }
     if ceiling is not None:
         result |= ceiling
+    if ceiling is not None and fractions:
         of_ceiling = float(result["useful_work_fraction"]) / float(ceiling["data_parallel_ceiling"])  # type: ignore[arg-type]
         result["useful_work_of_ceiling"] = round(of_ceiling, 4)
     result["key_sets"] = measured
