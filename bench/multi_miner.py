@@ -40,10 +40,13 @@ Prints one JSON object; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import itertools
 import json
 import multiprocessing
 import os
+import signal
 import statistics
 import sys
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -194,13 +197,20 @@ def data_parallel_ceiling(
     }
 
 
+PR_SET_PDEATHSIG = 1
+"""prctl(2): the signal a process gets when its parent dies."""
+
 _prepared: tuple[Chain, bytes, TestLoss] | None = None
 """A worker process's chain, training text and test-loss probe (`start_worker`)."""
 
 
 def start_worker(genesis_path: Path, threads: int) -> None:
-    """A pool worker's start: the chain and data, float training on `threads` threads."""
+    """A pool worker's start: the chain and data, float training on `threads` threads. On
+    Linux the worker gets SIGTERM when the bench's process dies (a stopped bench left its
+    workers training for an hour)."""
     global _prepared
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the workers end after their current job
+        ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     _prepared = prepare(genesis_path, threads=threads)
 
 
