@@ -3,7 +3,8 @@
     python bench/multi_miner.py [--miners 4] [--steps-per-miner 720] [--seeds 0 1]
                                 [--key-sets 2] [--rates 1.5e-3 2.1e-3 3e-3 4.2e-3] [--skip-ceiling]
                                 [--chain-only] [--miner-rate R] [--key-names NAME ...]
-                                [--genesis FILE] [--no-rebase] [--threads 1] [--jobs CORES]
+                                [--genesis FILE] [--no-rebase] [--scheme model|slice]
+                                [--threads 1] [--jobs CORES]
 
 One run measures, on the devnet model (docs/benchmarks.md):
 
@@ -268,12 +269,14 @@ def main() -> None:
     parser.add_argument("--skip-ceiling", action="store_true", help="measure the chains only")
     parser.add_argument("--chain-only", action="store_true", help="measure the N-miner chain only (its curve)")
     parser.add_argument("--miner-rate", type=float, default=None, help="the miners' learning rate (default: theirs)")
+    parser.add_argument("--scheme", choices=("model", "slice"), default=TrainingConfig.scheme,
+                        help="what a miner trains: every weight, or only its assigned slice")  # fmt: skip
     parser.add_argument("--key-names", nargs="+", default=None, help="the miners' devnet keys (one set; default: "
                         "miner-0 ... miner-(N-1), then miner-N ... for the next set)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads (runs repeat bit for bit at 1)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: one a core)")
     args = parser.parse_args()
-    config = TrainingConfig(rebase=not args.no_rebase)
+    config = TrainingConfig(rebase=not args.no_rebase, scheme=args.scheme)
     if args.miner_rate is not None:
         config = replace(config, learning_rate=args.miner_rate)
     heights = args.steps_per_miner // config.steps
@@ -307,6 +310,7 @@ def main() -> None:
         "heights": heights,
         "steps_per_block": config.steps,
         "rebase": config.rebase,
+        "scheme": config.scheme,
         "learning_rate": config.learning_rate,
         "threads": args.threads,
         "useful_work_fraction": round(statistics.mean(fractions), 4) if fractions else None,
