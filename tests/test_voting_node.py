@@ -315,9 +315,9 @@ def test_a_miner_withholding_its_next_commitment_delays_a_height_by_at_most_the_
     delays the height by the wait and no more, and its revealed update is applied all the same."""
     prompt, with_commitment = seconds_to_decide_after_a_reveal(tmp_path / "commits", commit_after=1.0)
     withheld, without_commitment = seconds_to_decide_after_a_reveal(tmp_path / "withholds", commit_after=None)
-    for block in (with_commitment, without_commitment):
-        assert isinstance(block.body, DecidedBody) and len(block.body.applied) == 1
-    assert isinstance(with_commitment.body, DecidedBody) and isinstance(without_commitment.body, DecidedBody)
-    assert len(with_commitment.body.commitments) == 1 and without_commitment.body.commitments == ()
+    with_body, without_body = with_commitment.body, without_commitment.body
+    assert isinstance(with_body, DecidedBody) and isinstance(without_body, DecidedBody)
+    assert len(with_body.applied) == 1 and len(without_body.applied) == 1
+    assert len(with_body.commitments) == 1 and without_body.commitments == ()
     assert prompt < PROPOSAL_WAIT_SECONDS - 2, f"decided after {prompt:.1f} s with the commitment sent at 1 s"
     assert PROPOSAL_WAIT_SECONDS <= withheld < PROPOSAL_WAIT_SECONDS + 30, f"withheld: decided after {withheld:.1f} s"
