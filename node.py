@@ -581,7 +581,7 @@ def follow_mining(args: argparse.Namespace, device: str) -> None:
 
 def command_mine(args: argparse.Namespace) -> dict[str, object] | None:
     """An external miner: commit-reveal over a node's RPC (p2p/mining.py), training on --device.
-    On each decided head D: commit to the local model's update for the slice the key is assigned
+    On each decided head D: commit to the local model's update for the slice the chain assigns
     on the next block (POST /v1/mining/commitments), reveal on D the update D carries our
     commitment to (POST /v1/mining/submit), then train on D's weights for the next commitment.
     With --nproc N (or under torchrun), N processes train the one miner with DistributedDataParallel
@@ -761,7 +761,7 @@ def command_mine(args: argparse.Namespace) -> dict[str, object] | None:
                         revealed[block.hash] = block
                         accepted += 1
                     next_height = height + 1 if height + 1 not in committed else height + 2  # our next commitment's
-                    slice_id = compute_next_slice(next_height, key.public_key, genesis.partition.slices)
+                    slice_id = compute_next_slice(next_height, genesis.partition.slices)
                     trainer.train_on(head.hash, height, weights, slice_id, bytes.fromhex(work["training_seed"]))
                 elif height + 1 not in committed and trainer.latest()[0] != tried_round:  # a new snapshot: try it
                     tried_round = trainer.latest()[0]

@@ -133,7 +133,7 @@ def run_chain(
     done = 0
     while done < steps:
         parent = decided.head
-        slice_id = compute_assigned_slice(parent.block.header, miner_key.public_key, genesis.partition.slices)
+        slice_id = compute_assigned_slice(parent.block.header, genesis.partition.slices)
         seed = compute_training_seed(parent.block.hash, miner_key.public_key) + done.to_bytes(4, "big")
         work = miner.work(chain.weights(parent.state), slice_id, seed)
         done += work.steps

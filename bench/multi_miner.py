@@ -124,7 +124,7 @@ def mine_network(
         for index, (key, miner) in enumerate(zip(keys, miners, strict=True)):  # train, commit the next
             if height > heights:
                 break
-            slice_id = compute_next_slice(head.block.header.height + 1, key.public_key, genesis.partition.slices)
+            slice_id = compute_next_slice(head.block.header.height + 1, genesis.partition.slices)
             work = miner.work(weights, slice_id, compute_training_seed(head.block.hash, key.public_key))
             computed += work.steps
             update = prepare_update(chain, head.block, head.state, key, work.values, work.steps)

@@ -59,7 +59,7 @@ def main() -> None:
     parent = genesis_block(genesis, state)
     weights = chain.weights(state)
     key = devnet_key("miner-0")
-    slice_id = compute_assigned_slice(parent.header, key.public_key, genesis.partition.slices)
+    slice_id = compute_assigned_slice(parent.header, genesis.partition.slices)
     seed = compute_training_seed(parent.hash, key.public_key)
     config = TrainingConfig(steps=args.steps, device=args.device)
     tokens = args.steps * config.batch_sequences * genesis.model.context

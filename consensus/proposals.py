@@ -29,7 +29,7 @@ def propose_training_block(
 
     `state_root` is the parent state's root when `state` holds only the
     parent's model (an external miner that fetched the weights over the RPC)."""
-    slice_id = compute_assigned_slice(parent.header, key.public_key, chain.genesis.partition.slices)
+    slice_id = compute_assigned_slice(parent.header, chain.genesis.partition.slices)
     content = values.astype("<i2").tobytes()
     seed = compute_validation_seed(parent.hash, key.public_key)
     before = chain.loss(state, "validation", seed)
@@ -75,7 +75,7 @@ def propose_best_training_block(
     sometimes fits them worse than a partial one. Trying three fractions costs
     three evaluations, little next to the training it rescues.
     """
-    slice_id = compute_assigned_slice(parent.header, key.public_key, chain.genesis.partition.slices)
+    slice_id = compute_assigned_slice(parent.header, chain.genesis.partition.slices)
     current = chain.layout.extract(chain.weights(state), slice_id).astype(np.int64)
     best: Block | None = None
     best_gain = 0

@@ -181,24 +181,25 @@ def genesis_block(genesis: Genesis, state: State) -> Block:
 # --- Work assignment (from the parent hash) --------------------------------
 
 
-def compute_assigned_slice(parent: Header, proposer: bytes, slices: int) -> int:
-    """(parent.height + int(sha256(b"potchain/slice" || proposer)[:8])) mod slices.
+def compute_assigned_slice(parent: Header, slices: int) -> int:
+    """parent.height mod slices: the slice every training block on `parent` sets.
 
-    The parent (genesis or a decided block) counts the decided heights, so each
-    miner cycles through every slice in turn, one per height, from an offset
-    its key fixes (miners racing at one height mostly get different slices).
-    Round-robin keeps every slice of the chain's model at most `slices - 1`
-    blocks behind a miner's local model; random assignment let slices go stale
-    and cost accuracy (docs/benchmarks.md).
+    The parent (genesis or a decided block) counts the decided heights, so the chain
+    cycles through every slice in turn, one per height, and every miner at a height
+    trains and publishes the same slice: the updates a decided block combines are
+    averaged on that slice (section 18), the local-SGD step that several miners' work
+    adds up in. Keys assigned different slices (the rule before) made the chain mix
+    slices from different miners' trajectories, and four miners gained no more per
+    height than one (docs/benchmarks.md). Round-robin keeps every slice of the chain's
+    model at most `slices - 1` heights behind a miner's local model.
     """
-    return compute_next_slice(parent.height, proposer, slices)
+    return compute_next_slice(parent.height, slices)
 
 
-def compute_next_slice(parent_height: int, proposer: bytes, slices: int) -> int:
-    """The slice `proposer` is assigned on a parent at `parent_height` (known before that
-    parent exists: what a miner trains and commits to for it)."""
-    offset = int.from_bytes(hashlib.sha256(b"potchain/slice" + proposer).digest()[:8], "big")
-    return (parent_height + offset) % slices
+def compute_next_slice(parent_height: int, slices: int) -> int:
+    """The slice assigned on a parent at `parent_height` (known before that parent exists:
+    what a miner trains and commits to for it)."""
+    return parent_height % slices
 
 
 def compute_validation_seed(parent_hash: bytes, proposer: bytes) -> bytes:
@@ -256,7 +257,7 @@ def apply_training_block(state: State, parent: Block, block: Block, chain: Chain
         raise InvalidBlock(f"state_root: got {header.state_root.hex()}, want {state.root.hex()}")
 
     slices = chain.genesis.partition.slices
-    assigned = compute_assigned_slice(parent.header, header.proposer, slices)
+    assigned = compute_assigned_slice(parent.header, slices)
     if body.slice_id != assigned:
         raise InvalidBlock(f"slice_id: got {body.slice_id}, want {assigned}")
     decode_slice(body.weights, chain.layout.slice_size(body.slice_id))

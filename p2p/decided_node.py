@@ -375,11 +375,11 @@ class DecidedNode:
                 parent_hash=parent.hash,
                 height=parent.header.height + 1,
                 state_root=state.root,
-                slice_id=compute_assigned_slice(parent.header, miner, self.genesis.partition.slices),
+                slice_id=compute_assigned_slice(parent.header, self.genesis.partition.slices),
                 difficulty=state.difficulty,
                 validation_seed=compute_validation_seed(parent.hash, miner),
                 training_seed=compute_training_seed(parent.hash, miner),
                 min_timestamp=parent.header.timestamp + 1,
                 commitment_height=parent.header.height + 1,
-                commitment_slice_id=compute_next_slice(parent.header.height + 1, miner, self.genesis.partition.slices),
+                commitment_slice_id=compute_next_slice(parent.header.height + 1, self.genesis.partition.slices),
             )

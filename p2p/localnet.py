@@ -176,7 +176,7 @@ def commit_update(node: DecidedNode, miner: Miner, key: PrivateKey, attempts: in
     Returns the update (None if no attempt met the difficulty) and the last attempt's gain."""
     chain, head = node.chain, node.head()
     height = head.block.header.height + 1
-    slice_id = compute_next_slice(height, key.public_key, node.genesis.partition.slices)
+    slice_id = compute_next_slice(height, node.genesis.partition.slices)
     seed = compute_training_seed(head.block.hash, key.public_key)
     gain = 0
     for attempt in range(attempts):

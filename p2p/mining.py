@@ -2,7 +2,7 @@
 (`VotingNode._mine_loop`), the external miner (`potchain mine`) and `potchain localnet`.
 
 While height h + 1 is being decided on head D (height h), a miner fixes an update for
-the slice its key is assigned on the block of height h + 1 (`compute_next_slice(h + 1)`),
+the slice the block of height h + 1 assigns (`compute_next_slice(h + 1)`, every miner's),
 signs a commitment to it for height h + 1 and gossips it (`prepare_update`); the proposer
 of that block carries it. Once block h + 1 is decided and carries the commitment, the
 miner reveals the update as a training block on it, with exactly the committed weights
@@ -93,7 +93,7 @@ def prepare_update(
     `values` of the miner's model for the slice assigned on that block, and its signed
     commitment. The caller commits it only if `expected_gain` meets the difficulty."""
     height = head.header.height + 1
-    slice_id = compute_next_slice(height, key.public_key, chain.genesis.partition.slices)
+    slice_id = compute_next_slice(height, chain.genesis.partition.slices)
     weights, gain = choose_update_values(chain, head, state, key, slice_id, values)
     update_hash = compute_update_hash(key.public_key, slice_id, weights)
     commitment = sign_update_commitment(key, chain.domain, height, update_hash)
@@ -121,7 +121,7 @@ def reveal_update(
     `state_root` as in `propose_training_block` (an external miner holding only the model)."""
     if parent.header.height != update.height:
         raise ValueError(f"reveal: parent at height {parent.header.height}, want {update.height}")
-    assigned = compute_assigned_slice(parent.header, key.public_key, chain.genesis.partition.slices)
+    assigned = compute_assigned_slice(parent.header, chain.genesis.partition.slices)
     if assigned != update.slice_id:
         raise ValueError(f"reveal: slice {update.slice_id}, want {assigned} (the parent assigns it)")
     values = np.frombuffer(update.weights, dtype="<i2")

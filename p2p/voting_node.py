@@ -1038,7 +1038,7 @@ class VotingNode:
                 await trio.sleep(0.2)
                 continue
             height = head.block.header.height + 1
-            slice_id = compute_next_slice(height + (1 if height in mining.committed else 0), key.public_key, slices)
+            slice_id = compute_next_slice(height + (1 if height in mining.committed else 0), slices)
             seed = compute_training_seed(head.block.hash, key.public_key)
             weights = await trio.to_thread.run_sync(self.node.weights_of, head.state)
             for applied_slice, values in mining.applied.take(head.block.header.height):
@@ -1078,7 +1078,7 @@ class VotingNode:
         mining.tried_round = mining.snapshot_round
         if height in mining.committed or mining.snapshot is None:
             return
-        slice_id = compute_next_slice(height, key.public_key, self.node.genesis.partition.slices)
+        slice_id = compute_next_slice(height, self.node.genesis.partition.slices)
         values = mining.snapshot[slice_id]
         update = await trio.to_thread.run_sync(self._locked_prepare, head.block, head.state, key, values, mining.steps)
         if update.expected_gain < head.state.difficulty:

@@ -131,7 +131,7 @@ def make_chain(
     while len(heights) < config.rounds:
         head = decided.head
         parent = head.block
-        slice_id = compute_assigned_slice(parent.header, miner_key.public_key, genesis.partition.slices)
+        slice_id = compute_assigned_slice(parent.header, genesis.partition.slices)
         seed = compute_training_seed(parent.hash, miner_key.public_key) + attempt.to_bytes(4, "big")
         started = time.perf_counter()
         work = miner.work(chain.weights(head.state), slice_id, seed)

@@ -33,7 +33,7 @@ from consensus.decisions import compute_decided_rewards, is_committed
 from consensus.genesis import Genesis
 from consensus.rules import Chain, genesis_block, genesis_state
 from p2p.rpc_client import HeadWatch
-from sim.adversaries.copier import copier_keys
+from sim.adversaries.copier import copier_key
 from sim.processes import NodeProcess, NodeProcessError
 from sim.scenario import Event, NodeSpec, Scenario
 
@@ -564,7 +564,7 @@ def run_scenario(scenario: Scenario, out: Path, genesis_path: Path, genesis: Gen
         say(f"{run.elapsed:6.1f}s judging the updates on {data['reference_node']}'s stored chain")
         try:
             judged = judge_updates_in_store(out / data["reference_node"] / "chain", genesis, data["finalized_height"],
-                                            miner_roles(scenario, genesis), colluding_validators(scenario))  # fmt: skip
+                                            miner_roles(scenario), colluding_validators(scenario))  # fmt: skip
         except (ValueError, CorruptStore, KeyError) as error:
             failure = data["failure"] = f"judging the updates on {data['reference_node']}'s stored chain: {error}"
             say(f"failed: {failure}")
@@ -727,10 +727,10 @@ class MinerRole:
     """"honest", or the node's adversary kind."""
 
 
-def miner_roles(scenario: Scenario, genesis: Genesis) -> dict[bytes, MinerRole]:
+def miner_roles(scenario: Scenario) -> dict[bytes, MinerRole]:
     """Every miner key of the scenario's nodes: an honest or adversarial node's in-process
     miner (devnet:sim-SEED-miner-INDEX), an adversary's own key (devnet:adversary-NAME), a
-    copier's keys (`copier_keys`)."""
+    copier's key (`copier_key`)."""
     roles: dict[bytes, MinerRole] = {}
     for spec in scenario.nodes:
         role = MinerRole(spec.name, spec.adversary or "honest")
@@ -739,8 +739,7 @@ def miner_roles(scenario: Scenario, genesis: Genesis) -> dict[bytes, MinerRole]:
         if spec.adversary and not spec.mine:
             roles[devnet_key(f"adversary-{spec.name}").public_key] = role
         if spec.adversary in COPIER_KINDS:
-            for key in copier_keys(spec.name, genesis.partition.slices):
-                roles[key.public_key] = role
+            roles[copier_key(spec.name).public_key] = role
     return roles
 
 

@@ -73,11 +73,8 @@ class Scenario:
         block = self.node.genesis_block
         return block, self.node.db.state(block.hash)
 
-    def trained_values(
-        self, parent: Block, state: State, steps: int = 8, miner: PrivateKey | None = None
-    ) -> np.ndarray:
-        key = miner or self.miner
-        slice_id = compute_assigned_slice(parent.header, key.public_key, self.node.genesis.partition.slices)
+    def trained_values(self, parent: Block, state: State, steps: int = 8) -> np.ndarray:
+        slice_id = compute_assigned_slice(parent.header, self.node.genesis.partition.slices)
         config = TrainingConfig(steps=steps, batch_sequences=16, warmup_steps=1)
         weights = self.chain.weights(state)
         return Miner(weights, self.chain.layout, self.train_text, config).work(weights, slice_id, parent.hash).values
@@ -93,7 +90,7 @@ class Scenario:
         self, parent: Block, state: State, timestamp: int | None = None, miner: PrivateKey | None = None
     ) -> Block:
         key = miner or self.miner
-        values = self.trained_values(parent, state, miner=key)
+        values = self.trained_values(parent, state)
         when = timestamp if timestamp is not None else parent.header.timestamp + 10
         return propose_training_block(self.chain, parent, state, key, values, when, 8)
 

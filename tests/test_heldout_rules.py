@@ -7,13 +7,12 @@ One small devnet chain, built once for the module:
 - height 1 (`first`, validator 1) names no training block; it carries the commitments of miner M
   and miner M2 to the updates they reveal on it, and of miner L to an update L reveals a height
   later (late);
-- on `first`: A (M's committed update), A2 (M2's, another slice), N (miner N's update, committed
-  nowhere: missing), B (copier C's copy of A's weights under its own key, C being assigned A's
-  slice) and B2 (C's copy with three weights moved by one, picked so that its test gain beats A's);
-- height 2 (`second`, validator 0) names A, B and B2 and applies A; it carries copier C2's
-  commitment to B2's weights (C2 is assigned A's slice on `second`);
-- on `second`: L's late reveal and C2's committed copy; height 3 (`third`, validator 0 again)
-  names them.
+- on `first` (every training block on it sets the slice it assigns): A (M's committed update), A2
+  (M2's, from another local model), N (miner N's update, committed nowhere: missing), B (copier
+  C's copy of A's weights under its own key) and B2 (C's copy with three weights moved by one,
+  picked so that its test gain beats A's);
+- height 2 (`second`, validator 0) names A, B and B2 and applies A;
+- on `second`: L's late reveal; height 3 (`third`, validator 0 again) names it.
 """
 
 from __future__ import annotations
@@ -86,15 +85,13 @@ class Story:
     miner: PrivateKey
     """M: commits in `first`, reveals A on it."""
     second_miner: PrivateKey
-    """M2: commits in `first`, reveals A2 (another slice) on it."""
+    """M2: commits in `first`, reveals A2 on it."""
     uncommitted_miner: PrivateKey
     """N: reveals an update on `first` that it committed nowhere."""
     late_miner: PrivateKey
     """L: commits in `first`, reveals on `second` (a height late)."""
     copier: PrivateKey
-    """C: assigned A's slice on `first`, publishes A's weights (B) and a perturbed copy (B2)."""
-    second_copier: PrivateKey
-    """C2: assigned A's slice on `second`, commits there to B2's weights and reveals them on it."""
+    """C: publishes A's weights (B) and a perturbed copy (B2) on `first`."""
     committed: Block
     """A: M's committed update on `first`."""
     second_committed: Block
@@ -106,7 +103,7 @@ class Story:
     perturbed_copy: Block
     """B2: A's weights with three moved by one, under C's key on `first`."""
     second: Block
-    """Height 2 by validator 0: names A, B and B2; carries C2's commitment."""
+    """Height 2 by validator 0: names A, B and B2."""
     second_state: State
     """The state after `second`: A applied, validator 0's test sequences revealed."""
     second_commit: Commit
@@ -115,17 +112,6 @@ class Story:
     """The validators that voted on height 2."""
     late: Block
     """L's update revealed on `second` (committed in `first`)."""
-    committed_copy: Block
-    """C2's copy of B2's weights on `second`, committed in `second`."""
-
-
-def key_on_slice(prefix: str, parent_height: int, slice_id: int, slices: int) -> PrivateKey:
-    """The first devnet key `prefix-i` assigned slice `slice_id` on a parent at `parent_height`."""
-    for index in range(64):
-        key = devnet_key(f"{prefix}-{index}")
-        if compute_next_slice(parent_height, key.public_key, slices) == slice_id:
-            return key
-    raise AssertionError(f"no {prefix} key among 64 is assigned slice {slice_id} at height {parent_height}")
 
 
 def shard_of(key: PrivateKey) -> Shard:
@@ -170,27 +156,22 @@ def build_story(scenario: Scenario) -> Story:
     genesis, genesis_state = scenario.genesis()
     validators = scenario.validators
     miner, second_miner, uncommitted_miner, late_miner = (devnet_key(f"miner-{i}") for i in range(4))
-    assigned = compute_next_slice(1, miner.public_key, slices)
-    assert compute_next_slice(1, second_miner.public_key, slices) != assigned
-    assert compute_next_slice(2, late_miner.public_key, slices) != assigned  # L's update survives A's
-    copier = key_on_slice("copier", 1, assigned, slices)
-    second_copier = key_on_slice("copier", 2, assigned, slices)
-    assert copier != second_copier
+    copier = devnet_key("copier-0")
+    assigned, late_slice = compute_next_slice(1, slices), compute_next_slice(2, slices)
+    assert late_slice != assigned  # L's update survives A's
 
-    # Updates fixed before height 1 exists, from one local model trained on the genesis model
-    # (height 1 applies none): M's slice, M2's and L's from the same model, N's after more steps.
+    # Updates fixed before height 1 exists, trained on the genesis model (height 1 applies none):
+    # M's and L's from one local model, N's from it after more steps, M2's from another.
     trainer = scenario.local_miner(genesis_state)
     genesis_weights = chain.weights(genesis_state)
-    second_slice = compute_next_slice(1, second_miner.public_key, slices)
-    late_slice = compute_next_slice(2, late_miner.public_key, slices)
     values = {miner.public_key: trainer.work(genesis_weights, assigned, b"train").values}
-    values[second_miner.public_key] = trainer.values(genesis_weights, second_slice)
     late_values = trainer.values(genesis_weights, late_slice)
-    uncommitted_slice = compute_next_slice(1, uncommitted_miner.public_key, slices)
-    values[uncommitted_miner.public_key] = trainer.work(genesis_weights, uncommitted_slice, b"more").values
+    values[uncommitted_miner.public_key] = trainer.work(genesis_weights, assigned, b"more").values
+    other_trainer = scenario.local_miner(genesis_state)
+    values[second_miner.public_key] = other_trainer.work(genesis_weights, assigned, b"second").values
     commitments = [
         commit_to(scenario, miner, 1, assigned, values[miner.public_key]),
-        commit_to(scenario, second_miner, 1, second_slice, values[second_miner.public_key]),
+        commit_to(scenario, second_miner, 1, assigned, values[second_miner.public_key]),
         commit_to(scenario, late_miner, 1, late_slice, late_values),
     ]
     first = propose_decided_block(
@@ -225,24 +206,19 @@ def build_story(scenario: Scenario) -> Story:
             perturbed_copy = reveal(copier, perturbed)
             break
     assert perturbed_copy is not None, f"no perturbation of A among {COPY_SEARCH_ATTEMPTS} beats its test gain"
-    perturbed_values = np.frombuffer(training_body(perturbed_copy).weights, dtype="<i2")
 
-    copier_commitment = commit_to(scenario, second_copier, 2, assigned, perturbed_values)
     named = [committed, copy, perturbed_copy]
     second = propose_decided_block(
-        chain, first, first_state, validators[0], named, first_commit, first_voters, (), shard_of(validators[0]),
-        [copier_commitment],
-    )  # fmt: skip
+        chain, first, first_state, validators[0], named, first_commit, first_voters, (), shard_of(validators[0])
+    )
     second_state = apply_decided_block(first_state, first, second, by_hash(named), first_voters, chain)
-    later = second.header.timestamp + 1
-    late = propose_training_block(chain, second, second_state, late_miner, late_values, later, 8)
-    committed_copy = propose_training_block(chain, second, second_state, second_copier, perturbed_values, later, 8)
+    late = propose_training_block(chain, second, second_state, late_miner, late_values, second.header.timestamp + 1, 8)
     return Story(
         scenario, genesis, genesis_state, first, first_state, first_commit, first_voters,
-        miner, second_miner, uncommitted_miner, late_miner, copier, second_copier,
+        miner, second_miner, uncommitted_miner, late_miner, copier,
         committed, second_committed, uncommitted, copy, perturbed_copy,
         second, second_state, certificate(scenario.node, second, validators[:3]),
-        get_validator_set(first_state, chain.genesis), late, committed_copy,
+        get_validator_set(first_state, chain.genesis), late,
     )  # fmt: skip
 
 
@@ -260,10 +236,10 @@ class Decided:
 
 @pytest.fixture(scope="module")
 def third(story: Story) -> Decided:
-    """Height 3 by validator 0 on `second`: tests L's late reveal and C2's committed copy."""
+    """Height 3 by validator 0 on `second`: tests L's late reveal."""
     chain = story.scenario.chain
     proposer = story.scenario.validators[0]
-    candidates = [story.late, story.committed_copy]
+    candidates = [story.late]
     block = propose_decided_block(
         chain, story.second, story.second_state, proposer, candidates, story.second_commit, story.second_voters,
         (), shard_of(proposer),
@@ -366,11 +342,9 @@ def test_the_valid_chain(story: Story, third: Decided) -> None:
     assert body.rewards[0] == Reward(story.miner.public_key, miner_share(story))
     assert story.second_state.slices != story.first_state.slices
     assert is_committed(story.first, story.committed) and is_committed(story.first, story.second_committed)
-    assert is_committed(story.second, story.committed_copy)
     for block in (story.committed, story.second_committed, story.uncommitted, story.copy, story.perturbed_copy):
         assert apply_training_block(story.first_state, story.first, block, chain) is story.first_state
-    for block in (story.late, story.committed_copy):
-        assert apply_training_block(story.second_state, story.second, block, chain) is story.second_state
+    assert apply_training_block(story.second_state, story.second, story.late, chain) is story.second_state
     third_body = decided_body(third.block)
     assert third_body.test is not None and third.state.finalized_height == 3
 
@@ -633,10 +607,8 @@ def test_an_update_nobody_committed_to_is_applied_only_if_no_committed_one_gains
 
 def test_an_update_committed_a_height_early_is_uncommitted(story: Story, third: Decided) -> None:
     """L committed in height 1 to the update it revealed on height 2: its commitment is in an
-    earlier block than its parent, so the update counts as uncommitted. Named alone at height 3 it
-    is applied (it gains) and nobody is paid as a miner. Named with C2's committed copy (height 3
-    itself), L's update is never combined: the copy is applied alone if it gains at all (found: by
-    13, against L's 10^8 or so: a chance improvement over A), else L's update alone; L is not paid."""
+    earlier block than its parent, so the update counts as uncommitted. Named at height 3 it is
+    applied (it gains) and nobody is paid as a miner; a block paying L is refused."""
     chain = story.scenario.chain
     late_miner = story.late_miner.public_key
     update = training_body(story.late)
@@ -644,30 +616,17 @@ def test_an_update_committed_a_height_early_is_uncommitted(story: Story, third: 
         late_miner, update.slice_id, update.weights
     )
     assert late_miner not in get_committed_updates(story.second)
-    assert not is_committed(story.second, story.late) and is_committed(story.second, story.committed_copy)
-    gains = decided_body(third.block).gains()
-    assert gains[story.late.hash] > 0
-    copy_gains = gains[story.committed_copy.hash] > 0
-    assert decided_body(third.block).applied == ((story.committed_copy if copy_gains else story.late).hash,)
-    assert late_miner not in paid(third.block)
-    assert (story.second_copier.public_key in paid(third.block)) == copy_gains
-
-    proposer = story.scenario.validators[0]
-    alone = propose_decided_block(
-        chain, story.second, story.second_state, proposer, [story.late], story.second_commit, story.second_voters,
-        (), shard_of(proposer),
-    )  # fmt: skip
-    named = by_hash([story.late])
-    state = apply_decided_block(story.second_state, story.second, alone, named, story.second_voters, chain)
-    body = decided_body(alone)
-    assert body.applied == (story.late.hash,)
-    assert state.slices[update.slice_id] == update.weights
-    assert paid(alone) == {key.public_key for key in story.scenario.validators[:3]}  # the signers only
+    assert not is_committed(story.second, story.late)
+    body = decided_body(third.block)
+    assert body.gains()[story.late.hash] > 0 and body.applied == (story.late.hash,)
+    assert third.state.slices[update.slice_id] == update.weights
+    assert paid(third.block) == {key.public_key for key in story.scenario.validators[:3]}  # the signers only
     paying = dataclasses.replace(body, rewards=(Reward(late_miner, miner_share(story)), *body.rewards))
     with pytest.raises(InvalidBlock, match="rewards: got"):
         apply_decided_block(
-            story.second_state, story.second, resigned(story, alone, paying), named, story.second_voters, chain
-        )
+            story.second_state, story.second, resigned(story, third.block, paying), third.named, story.second_voters,
+            chain,
+        )  # fmt: skip
 
 
 # --- 6: copies -------------------------------------------------------------------------------
@@ -714,17 +673,11 @@ def test_a_proposer_cannot_apply_a_copy(story: Story, applied: str, pays_copier:
         apply_second(story, resigned(story, story.second, paying_copier), second_named(story))
 
 
-def test_a_copy_committed_a_height_later_is_judged_against_the_original(story: Story, third: Decided) -> None:
+def test_a_copy_cannot_be_carried_to_the_next_height(story: Story) -> None:
     """A copier sees A only when it is revealed on height 1, so its commitment to a copy can be
-    carried by height 2 at the earliest (one for height 1 there is refused), and its copy is revealed
-    on height 2 and judged against the state after it, which holds A:
-
-    - A's weights again (C2, assigned A's slice on height 2) change nothing: validation gain 0, below
-      the difficulty (at least 1), so not even a valid training block; its test gain would be 0 exactly;
-    - B2's weights, committed in height 2 by C2, are valid (they gain on C2's validation batch), but
-      on height 3's fresh held-out sequences their test gain is next to nothing against an honest
-      update's (found: 13, against L's 10^8 or so): a perturbation gains on new data only by chance,
-      and then it is a (tiny) real improvement, applied and paid only if it gains at all."""
+    carried by height 2 at the earliest (one for height 1 there is refused), and revealed on it; but
+    height 2 assigns the next slice, so A's weights (or B2's) on A's slice on `second` are refused:
+    an update counts only at the height it was trained for."""
     chain = story.scenario.chain
     body = decided_body(story.second)
     copier_commitment = sign_update_commitment(story.copier, chain.domain, 1, bytes(32))
@@ -733,47 +686,26 @@ def test_a_copy_committed_a_height_later_is_judged_against_the_original(story: S
         apply_second(story, resigned(story, story.second, early), second_named(story))
 
     committed = training_body(story.committed)
-    assert story.second_state.slices[committed.slice_id] == committed.weights
-    values = np.frombuffer(committed.weights, dtype="<i2")
-    exact = propose_training_block(
-        chain, story.second, story.second_state, story.second_copier, values, story.second.header.timestamp + 1, 8
-    )
-    assert training_body(exact).slice_id == committed.slice_id
-    with pytest.raises(InvalidBlock, match=f"gain: got 0, need >= {story.second_state.difficulty}"):
-        apply_training_block(story.second_state, story.second, exact, chain)
-    third_test = decided_body(third.block).test
-    assert third_test is not None
-    sequences = tuple(revealed.sequence for revealed in third_test.sequences)
-    unchanged = story.second_state.with_slice(committed.slice_id, committed.weights)
-    assert chain.loss_on(unchanged, sequences) == third_test.loss_before
-
-    copied = training_body(story.committed_copy)
-    assert is_committed(story.second, story.committed_copy)
-    assert copied.loss_before - copied.loss_after >= story.second_state.difficulty
-    gains = decided_body(third.block).gains()
-    gain = gains[story.committed_copy.hash]
-    assert abs(gain) * 10_000 < gains[story.late.hash]
-    assert (story.committed_copy.hash in decided_body(third.block).applied) == (gain > 0)
-    assert (story.second_copier.public_key in paid(third.block)) == (gain > 0)
+    assigned = compute_next_slice(story.second.header.height, chain.genesis.partition.slices)
+    assert assigned != committed.slice_id
+    for original in (story.committed, story.perturbed_copy):
+        weights = training_body(original).weights
+        copy = rebuild(story.late, story.copier, chain.domain, proposer=story.copier.public_key,
+                       slice_id=committed.slice_id, weights=weights)  # fmt: skip
+        with pytest.raises(InvalidBlock, match=f"slice_id: got {committed.slice_id}, want {assigned}"):
+            apply_training_block(story.second_state, story.second, copy, chain)
 
 
 # --- 7: combining committed updates (docs/spec.md, section 18) ------------------------------
-
-
-@pytest.fixture(scope="module")
-def combined(story: Story) -> Decided:
-    """Height 2 by validator 0 naming A2, N and A (in that order): A and A2 applied together."""
-    named = [story.second_committed, story.uncommitted, story.committed]
-    block = decide_second(story, named)
-    return Decided(block, by_hash(named), apply_second(story, block, by_hash(named)))
 
 
 @dataclass(frozen=True)
 class Crowd:
     """Height 1 again by validator 1 (`first` with more commitments), and on it A and A2 again,
     S+ and S- (A's weights plus and minus SPREAD at every 13th weight: each alone gains less than
-    A, their mean is A) and D (a tenth of A's move from the genesis values): S+, S- and D by
-    three more miners assigned A's slice; every one of them committed in this height 1."""
+    A, their mean is A), D (a tenth of A's move from the genesis values) and N again: S+, S- and
+    D by three more miners, every update but N's committed in this height 1 (all of them set the
+    slice height 1 assigns)."""
 
     first: Block
     """The other height 1."""
@@ -789,6 +721,8 @@ class Crowd:
     """S+ and S-."""
     diluted: Block
     """D."""
+    uncommitted: Block
+    """N's weights on it, committed nowhere."""
 
 
 @pytest.fixture(scope="module")
@@ -796,7 +730,6 @@ def crowd(story: Story) -> Crowd:
     """Built apart from `first`: any change to `first` changes every draw after it (the held-out
     sequences, the validation batches) that the story's other facts were found on."""
     scenario, chain = story.scenario, story.scenario.chain
-    slices = chain.genesis.partition.slices
     a, a2 = training_body(story.committed), training_body(story.second_committed)
     ours = np.frombuffer(a.weights, dtype="<i2").astype(np.int64)
     genesis_values = np.frombuffer(story.genesis_state.slices[a.slice_id], dtype="<i2").astype(np.int64)
@@ -807,12 +740,11 @@ def crowd(story: Story) -> Crowd:
     updates = [
         (story.miner, ours),
         (story.second_miner, np.frombuffer(a2.weights, dtype="<i2")),
-        (key_on_slice("spread-up", 1, a.slice_id, slices), spread_values[0]),
-        (key_on_slice("spread-down", 1, a.slice_id, slices), spread_values[1]),
-        (key_on_slice("diluter", 1, a.slice_id, slices), genesis_values + (ours - genesis_values) // 10),
+        (devnet_key("spread-up"), spread_values[0]),
+        (devnet_key("spread-down"), spread_values[1]),
+        (devnet_key("diluter"), genesis_values + (ours - genesis_values) // 10),
     ]
-    slice_of = {key.public_key: compute_next_slice(1, key.public_key, slices) for key, _ in updates}
-    commitments = [commit_to(scenario, key, 1, slice_of[key.public_key], values) for key, values in updates]
+    commitments = [commit_to(scenario, key, 1, a.slice_id, values) for key, values in updates]
     proposer = scenario.validators[1]
     first = propose_decided_block(
         chain, story.genesis, story.genesis_state, proposer, [], None, None, (), shard_of(proposer), commitments
@@ -822,19 +754,32 @@ def crowd(story: Story) -> Crowd:
     blocks = [propose_training_block(chain, first, state, key, values, when, 8) for key, values in updates]
     for block in blocks:
         assert is_committed(first, block) and apply_training_block(state, first, block, chain) is state
+    n_values = np.frombuffer(training_body(story.uncommitted).weights, dtype="<i2")
+    uncommitted = propose_training_block(chain, first, state, story.uncommitted_miner, n_values, when, 8)
+    assert not is_committed(first, uncommitted) and apply_training_block(state, first, uncommitted, chain) is state
     commit = certificate(scenario.node, first, scenario.validators[:3])
-    return Crowd(first, state, commit, blocks[0], blocks[1], (blocks[2], blocks[3]), blocks[4])
+    return Crowd(first, state, commit, blocks[0], blocks[1], (blocks[2], blocks[3]), blocks[4], uncommitted)
 
 
-def decide_on_crowd(story: Story, crowd: Crowd, named: list[Block]) -> tuple[DecidedBody, State]:
-    """A height-2 block by validator 0 on the crowd's height 1 naming `named`: its body, once checked,
-    and the state after it."""
+def apply_on_crowd(story: Story, crowd: Crowd, block: Block, named: Mapping[bytes, Block]) -> State:
+    """Check `block` as height 2 on the crowd's height 1."""
+    chain = story.scenario.chain
+    return apply_decided_block(crowd.state, crowd.first, block, named, story.first_voters, chain)
+
+
+def decide_on_crowd(story: Story, crowd: Crowd, named: list[Block]) -> Decided:
+    """A height-2 block by validator 0 on the crowd's height 1 naming `named`, checked."""
     chain, proposer = story.scenario.chain, story.scenario.validators[0]
     block = propose_decided_block(
         chain, crowd.first, crowd.state, proposer, named, crowd.commit, story.first_voters, (), shard_of(proposer)
     )
-    state = apply_decided_block(crowd.state, crowd.first, block, by_hash(named), story.first_voters, chain)
-    return decided_body(block), state
+    return Decided(block, by_hash(named), apply_on_crowd(story, crowd, block, by_hash(named)))
+
+
+@pytest.fixture(scope="module")
+def averaged(story: Story, crowd: Crowd) -> Decided:
+    """Height 2 by validator 0 on the crowd's height 1 naming N, S- and S+ (in that order)."""
+    return decide_on_crowd(story, crowd, [crowd.uncommitted, crowd.spread[1], crowd.spread[0]])
 
 
 def loss_with(story: Story, crowd: Crowd, body: DecidedBody, updates: list[Block]) -> int:
@@ -850,102 +795,77 @@ def ranked(body: DecidedBody, blocks: list[Block]) -> list[Block]:
     return sorted(blocks, key=lambda block: (-gains[block.hash], block.hash))
 
 
-def test_committed_updates_of_different_slices_that_lose_less_together_are_applied_together(
-    story: Story, combined: Decided
-) -> None:
-    """A and A2 (committed, slices apart) both gain; combined they lose less than A or A2 alone, so
-    height 2 applies both, best-ranked first, whatever order it names them in: the state holds
-    each slice's values (`combine_updates`) and the test's loss_after is that state's loss. N
-    (uncommitted, the largest gain alone) is left out although adding it would lose less still:
-    an uncommitted update is never combined."""
-    chain = story.scenario.chain
-    body = decided_body(combined.block)
-    assert body.test is not None
-    gains = body.gains()
-    a, a2 = training_body(story.committed), training_body(story.second_committed)
-    assert a.slice_id != a2.slice_id and gains[story.committed.hash] > 0 and gains[story.second_committed.hash] > 0
-    assert body.applied == tuple(block.hash for block in ranked(body, [story.committed, story.second_committed]))
-    expected = combine_updates(story.first_state, [a, a2])
-    assert expected.slices[a.slice_id] == a.weights and expected.slices[a2.slice_id] == a2.weights
-    assert combined.state.slices == expected.slices
-    sequences = tuple(revealed.sequence for revealed in body.test.sequences)
-    assert body.test.loss_after == chain.loss_on(expected, sequences)
-    best_alone = body.test.loss_before - max(gains[story.committed.hash], gains[story.second_committed.hash])
-    assert body.test.loss_after < best_alone
-    assert story.uncommitted.hash not in body.applied and gains[story.uncommitted.hash] == max(gains.values())
-    with_uncommitted = combine_updates(story.first_state, [a, a2, training_body(story.uncommitted)])
-    assert chain.loss_on(with_uncommitted, sequences) < body.test.loss_after
-
-
-def test_the_applied_committed_miners_split_the_miner_share_by_their_gains(story: Story, combined: Decided) -> None:
-    """M and M2 are paid the miner share in proportion to their updates' own test gains (rounded
-    down, by address), then the signers; N's miner nothing. The old payout (the whole share to the
-    best miner) is refused."""
-    body = decided_body(combined.block)
-    gains = body.gains()
-    share = miner_share(story)
-    total = gains[story.committed.hash] + gains[story.second_committed.hash]
-    want = sorted(
-        [
-            Reward(story.miner.public_key, share * gains[story.committed.hash] // total),
-            Reward(story.second_miner.public_key, share * gains[story.second_committed.hash] // total),
-        ],
-        key=lambda reward: reward.address,
-    )
-    assert body.rewards[:2] == tuple(want)
-    assert all(reward.amount > 0 for reward in want) and share - len(want) < sum(r.amount for r in want) <= share
-    assert {r.address for r in body.rewards[2:]} == {key.public_key for key in story.scenario.validators[:3]}
-    assert story.uncommitted_miner.public_key not in paid(combined.block)
-    best = ranked(body, [story.committed, story.second_committed])[0]
-    old = (Reward(best.header.proposer, share), *body.rewards[2:])
-    with pytest.raises(InvalidBlock, match="rewards: got"):
-        apply_second(story, resigned(story, combined.block, dataclasses.replace(body, rewards=old)), combined.named)
-
-
-@pytest.mark.parametrize("change", ["loss_after", "missing", "extra", "order"])
-def test_a_block_that_misstates_what_it_applies_is_refused(story: Story, combined: Decided, change: str) -> None:
-    """The combined block with its test's loss_after claiming the best single update's loss, or its
-    applied list missing A2, naming N too, or in the other order: each refused, naming the field."""
-    body = decided_body(combined.block)
-    assert body.test is not None
-    first, second = ranked(body, [story.committed, story.second_committed])
-    if change == "loss_after":
-        single = body.test.loss_before - body.gains()[first.hash]
-        forged = dataclasses.replace(body, test=dataclasses.replace(body.test, loss_after=single))
-        reason = f"test: loss_after {single}, want {body.test.loss_after}"
-    else:
-        claimed = {"missing": [first], "extra": [first, second, story.uncommitted], "order": [second, first]}[change]
-        forged = dataclasses.replace(body, applied=tuple(block.hash for block in claimed))
-        reason = applied_reason(claimed, [first, second])
-    with pytest.raises(InvalidBlock, match=reason):
-        apply_second(story, resigned(story, combined.block, forged), combined.named)
-
-
-def test_committed_updates_of_the_same_slice_are_averaged(story: Story, crowd: Crowd) -> None:
-    """S+ and S- (committed, A's slice) each gain less than A; their mean is A's values exactly,
-    so height 2 naming both applies both: the slice holds the mean (A's weights), the test's
-    loss_after is A's loss, and their miners split the miner share by their own gains."""
-    body, state = decide_on_crowd(story, crowd, list(crowd.spread))
+def test_committed_updates_of_the_slice_are_averaged(story: Story, crowd: Crowd, averaged: Decided) -> None:
+    """S+ and S- (committed) each gain less than A; their mean is A's values exactly, so height 2
+    naming both applies both, best-ranked first, whatever order it names them in: the slice holds
+    the mean (A's weights) and the test's loss_after is A's loss. N (uncommitted) is left out
+    however much it gains: an uncommitted update is never combined."""
+    body, state = decided_body(averaged.block), averaged.state
     assert body.test is not None
     gains = body.gains()
     slice_id = training_body(crowd.committed).slice_id
     assert all(training_body(b).slice_id == slice_id for b in crowd.spread)
     a_loss = loss_with(story, crowd, body, [crowd.committed])
-    assert min(gains.values()) > 0 and body.test.loss_before - max(gains.values()) > a_loss
+    assert min(gains[b.hash] for b in crowd.spread) > 0
+    assert body.test.loss_before - max(gains[b.hash] for b in crowd.spread) > a_loss
     assert body.applied == tuple(b.hash for b in ranked(body, list(crowd.spread)))
     assert state.slices[slice_id] == training_body(crowd.committed).weights
     assert state.slices == combine_updates(crowd.state, [training_body(b) for b in crowd.spread]).slices
     assert body.test.loss_after == a_loss
-    share, total = miner_share(story), sum(gains.values())
-    miners = sorted((b.header.proposer, share * gains[b.hash] // total) for b in crowd.spread)
-    assert body.rewards[:2] == tuple(Reward(address, amount) for address, amount in miners)
+    assert crowd.uncommitted.hash not in body.applied and gains[crowd.uncommitted.hash] > 0
+
+
+def test_the_applied_committed_miners_split_the_miner_share_by_their_gains(
+    story: Story, crowd: Crowd, averaged: Decided
+) -> None:
+    """The miners of S+ and S- are paid the miner share in proportion to their updates' own test
+    gains (rounded down, by address), then the signers; N's miner nothing. The old payout (the
+    whole share to the best miner) is refused."""
+    body = decided_body(averaged.block)
+    gains = body.gains()
+    share = miner_share(story)
+    applied = [averaged.named[h] for h in body.applied]
+    total = sum(gains[b.hash] for b in applied)
+    want = sorted(
+        [Reward(b.header.proposer, share * gains[b.hash] // total) for b in applied], key=lambda reward: reward.address
+    )
+    assert body.rewards[:2] == tuple(want)
+    assert all(reward.amount > 0 for reward in want) and share - len(want) < sum(r.amount for r in want) <= share
+    assert {r.address for r in body.rewards[2:]} == {key.public_key for key in story.scenario.validators[:3]}
+    assert story.uncommitted_miner.public_key not in paid(averaged.block)
+    old = (Reward(applied[0].header.proposer, share), *body.rewards[2:])
+    with pytest.raises(InvalidBlock, match="rewards: got"):
+        forged = resigned(story, averaged.block, dataclasses.replace(body, rewards=old))
+        apply_on_crowd(story, crowd, forged, averaged.named)
+
+
+@pytest.mark.parametrize("change", ["loss_after", "missing", "extra", "order"])
+def test_a_block_that_misstates_what_it_applies_is_refused(
+    story: Story, crowd: Crowd, averaged: Decided, change: str
+) -> None:
+    """The averaging block with its test's loss_after claiming the best single update's loss, or its
+    applied list missing S-, naming N too, or in the other order: each refused, naming the field."""
+    body = decided_body(averaged.block)
+    assert body.test is not None
+    first, second = ranked(body, list(crowd.spread))
+    if change == "loss_after":
+        single = body.test.loss_before - body.gains()[first.hash]
+        forged = dataclasses.replace(body, test=dataclasses.replace(body.test, loss_after=single))
+        reason = f"test: loss_after {single}, want {body.test.loss_after}"
+    else:
+        claimed = {"missing": [first], "extra": [first, second, crowd.uncommitted], "order": [second, first]}[change]
+        forged = dataclasses.replace(body, applied=tuple(block.hash for block in claimed))
+        reason = applied_reason(claimed, [first, second])
+    with pytest.raises(InvalidBlock, match=reason):
+        apply_on_crowd(story, crowd, resigned(story, averaged.block, forged), averaged.named)
 
 
 def test_of_equal_combinations_the_fewest_updates_are_applied(story: Story, crowd: Crowd) -> None:
     """A, S+ and S- named together: A ranks first; A with S+ loses more than A alone; all three
     average to A's values exactly, a tie with A alone, so A alone is applied and M paid the share."""
     named = [*crowd.spread, crowd.committed]
-    body, state = decide_on_crowd(story, crowd, named)
+    decided = decide_on_crowd(story, crowd, named)
+    body, state = decided_body(decided.block), decided.state
     assert body.test is not None
     a = training_body(crowd.committed)
     assert ranked(body, named)[0] == crowd.committed
@@ -968,7 +888,8 @@ def test_a_committed_update_that_makes_the_combination_worse_is_left_out(story: 
     A, A2 and D combined average A's slice about halfway back to the genesis values and lose
     more than A and A2 combined, so height 2 applies A and A2 only, and D's miner is not paid."""
     named = [crowd.diluted, crowd.committed, crowd.second_committed]
-    body, state = decide_on_crowd(story, crowd, named)
+    decided = decide_on_crowd(story, crowd, named)
+    body, state = decided_body(decided.block), decided.state
     assert body.test is not None
     gains = body.gains()
     order = ranked(body, named)
@@ -983,9 +904,12 @@ def test_combine_updates_rounds_a_shared_slice_half_up(story: Story) -> None:
     """`combine_updates` in integers: a slice two updates set holds their mean rounded half up
     (1 and 2 -> 2, -1 and -2 -> -1, 7 and 8 -> 8, the int16 extremes stay in range), three
     updates' mean rounds to the nearest (1, 1, 2 -> 1; 0, 1, 1 -> 1), and updates of other
-    slices apply side by side, the rest untouched."""
+    slices apply side by side, the rest untouched (none on the chain: every update of a height
+    sets one slice)."""
     state = story.first_state
-    a, a2 = training_body(story.committed), training_body(story.second_committed)
+    a = training_body(story.committed)
+    other = (a.slice_id + 1) % len(state.slices)
+    a2 = dataclasses.replace(a, slice_id=other, weights=state.slices[other])
 
     def update(values: list[int], base: TrainingBody = a) -> TrainingBody:
         content = np.frombuffer(base.weights, dtype="<i2").copy()
@@ -1040,6 +964,6 @@ def test_a_proposer_awaits_the_next_commitment_of_each_miner_that_revealed_its_c
     decided.on_training_block(story.second_committed)
     assert get_awaited_miners(decided) == {story.miner.public_key, story.second_miner.public_key}
     slices = story.scenario.chain.genesis.partition.slices
-    next_slice = compute_next_slice(2, story.miner.public_key, slices)
+    next_slice = compute_next_slice(2, slices)
     decided.on_commitment(commit_to(story.scenario, story.miner, 2, next_slice, np.zeros(8, dtype="<i2")))
     assert get_awaited_miners(decided) == {story.second_miner.public_key}

@@ -537,7 +537,7 @@ def test_mining_work(net: Net) -> None:
     # A commitment now is for height 3, the block being decided, and names an update of the slice the
     # miner is assigned on it (the one a training block on height 3 sets).
     slices = net.node.genesis.partition.slices
-    assert (work["commitment_height"], work["commitment_slice_id"]) == (3, compute_next_slice(3, miner, slices))
+    assert (work["commitment_height"], work["commitment_slice_id"]) == (3, compute_next_slice(3, slices))
     assert work["weights_url"] == "/v1/model/weights?height=2"
     assert net.rpc.get(work["weights_url"]).headers["Content-Disposition"].endswith('"potchain-2.safetensors"')
     assert net.next_training.header.parent == net.second.hash and net.next_training.header.height == work["height"]

@@ -45,7 +45,7 @@ def assert_rejected(scenario: Scenario, block: Block, reason: str) -> None:
 
 def test_wrong_slice(scenario: Scenario, genesis: tuple[Block, State]) -> None:
     parent, _ = genesis
-    assigned = compute_assigned_slice(parent.header, scenario.miner.public_key, 4)
+    assigned = compute_assigned_slice(parent.header, 4)
     block = scenario.build_training_block(*genesis, slice_id=(assigned + 1) % 4)
     assert_rejected(scenario, block, f"slice_id: got {(assigned + 1) % 4}, want {assigned}")
 

@@ -180,15 +180,11 @@ def test_model_mode_reports_propagation_and_finality(tmp_path: Path) -> None:
 # --- the out-of-sample check's adversaries: the report's fields, from a small stored chain ---------
 
 
-def test_copier_keys_cover_every_slice_and_a_perturbation_stays_small() -> None:
+def test_a_perturbation_stays_small() -> None:
     import numpy as np
 
-    from consensus.rules import compute_next_slice
-    from sim.adversaries.copier import MAX_PERTURBATION, PERTURBED_FRACTION, copier_keys, perturb
+    from sim.adversaries.copier import MAX_PERTURBATION, PERTURBED_FRACTION, perturb
 
-    keys = copier_keys("node9", 4)
-    for height in range(6):
-        assert sorted(compute_next_slice(height, key.public_key, 4) for key in keys) == [0, 1, 2, 3]
     values = np.arange(-500, 500, dtype=np.int16)
     moved = perturb(values, b"block").astype(np.int64) - values
     assert (moved != 0).sum() == int(values.size * PERTURBED_FRACTION)
@@ -215,8 +211,8 @@ def test_updates_are_judged_from_the_stored_chain(tmp_path: Path) -> None:
     from chain.crypto import devnet_key
     from consensus.decisions import propose_decided_block
     from consensus.proposals import propose_training_block
-    from consensus.rules import compute_assigned_slice, compute_next_slice
-    from sim.adversaries.copier import copier_keys
+    from consensus.rules import compute_next_slice
+    from sim.adversaries.copier import copier_key
     from sim.runner import MinerRole, judge_updates_in_store, update_outcome
     from tests.chain_builders import Scenario as ChainScenario
     from tests.chain_builders import certificate, devnet_test_shard
@@ -229,7 +225,7 @@ def test_updates_are_judged_from_the_stored_chain(tmp_path: Path) -> None:
     _, first_state = built.genesis()
     config = TrainingConfig(steps=8, batch_sequences=16, warmup_steps=1)
     weights = chain.weights(first_state)
-    slice_id = compute_next_slice(1, overfitter.public_key, slices)
+    slice_id = compute_next_slice(1, slices)
     values = Miner(weights, chain.layout, built.train_text, config).work(weights, slice_id, b"seed").values
     update_hash = compute_update_hash(overfitter.public_key, slice_id, values.astype("<i2").tobytes())
     commitment = sign_update_commitment(overfitter, chain.domain, 1, update_hash)
@@ -247,8 +243,7 @@ def test_updates_are_judged_from_the_stored_chain(tmp_path: Path) -> None:
     state = node.head().state
     revealed = propose_training_block(chain, first, state, overfitter, values, first.header.timestamp + 1, 8)
     honest_block = built.valid_training_block(first, state, miner=honest)
-    copier = next(k for k in copier_keys("node9", slices)
-                  if compute_assigned_slice(first.header, k.public_key, slices) == honest_block.body.slice_id)  # type: ignore[union-attr]  # fmt: skip
+    copier = copier_key("node9")
     honest_values = np.frombuffer(honest_block.body.weights, dtype="<i2")  # type: ignore[union-attr]
     copy = propose_training_block(chain, first, state, copier, honest_values, first.header.timestamp + 1, 8)
     second = decide(1, [revealed, honest_block, copy], [])

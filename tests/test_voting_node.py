@@ -273,7 +273,7 @@ def seconds_to_decide_after_a_reveal(datadir: Path, commit_after: float | None) 
     genesis, genesis_state = scenario.genesis()
     trainer = scenario.local_miner(genesis_state)
     weights = chain.weights(genesis_state)
-    first_slice, next_slice = (compute_next_slice(h, miner.public_key, slices) for h in (1, 2))
+    first_slice, next_slice = (compute_next_slice(h, slices) for h in (1, 2))
     values = trainer.work(weights, first_slice, b"train").values
     shard = devnet_test_shard(keys[1].public_key)
     first = propose_decided_block(chain, genesis, genesis_state, keys[1], [], None, None, (), shard,

@@ -84,7 +84,7 @@ def forge_training_block(node: DecidedNode, key: PrivateKey, loss_after_offset: 
     with node.lock:
         head = node.head()
         parent, state, chain = head.block, head.state, node.chain
-        slice_id = compute_assigned_slice(parent.header, key.public_key, node.genesis.partition.slices)
+        slice_id = compute_assigned_slice(parent.header, node.genesis.partition.slices)
         values = chain.layout.extract(chain.weights(state), slice_id)
         timestamp = max(parent.header.timestamp + 1, int(time.time()))
         honest = propose_training_block(chain, parent, state, key, values, timestamp, 0)

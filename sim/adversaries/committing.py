@@ -5,7 +5,7 @@ differ only in the text they train on (`training_text`). The pipeline, one
 step per decided head `h` (docs/spec.md, section 17.2):
 
 1. commit: the update trained during the previous height, for the slice
-   block `h + 1` will assign the miner (`compute_next_slice(h + 1)`), is
+   block `h + 1` will assign (`compute_next_slice(h + 1)`), is
    signed into an `UpdateCommitment` for height `h + 1` and gossiped at
    once (the proposer of `h + 1` carries the commitments it holds when it
    builds its block);
@@ -58,7 +58,7 @@ class PreparedUpdate:
     height: int
     """The height of the decided block that carries its commitment and that it is revealed on."""
     slice_id: int
-    """The slice that block assigns the miner (`compute_next_slice(height, miner)`)."""
+    """The slice that block assigns (`compute_next_slice(height)`)."""
     values: np.ndarray
     """The slice's new int16 values."""
     steps: int
@@ -112,7 +112,7 @@ class CommittingMiner(Adversary):
             if decision.block.hash != head.hash:
                 continue  # decided on meanwhile: train for the newer head
             target = height + 2
-            slice_id = compute_next_slice(target, self.key.public_key, node.genesis.partition.slices)
+            slice_id = compute_next_slice(target, node.genesis.partition.slices)
             seed = compute_training_seed(head.hash, self.key.public_key)
             work = await trio.to_thread.run_sync(miner.work, node.chain.weights(decision.state), slice_id, seed)
             prepared = PreparedUpdate(target, slice_id, work.values, work.steps)

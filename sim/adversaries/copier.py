@@ -1,15 +1,17 @@
 """Miners that copy other miners' revealed updates under their own keys.
 
-A copier holds several keys (`copier_keys`), enough that on every parent
-one of them is assigned each slice. When another miner's committed training
+A copier holds one key (every training block on a parent sets the slice the
+parent assigns, whoever mines it). When another miner's committed training
 block on our head arrives (the first one at each height) it
 
-1. signs the same weights under its key that the head assigns the block's
-   slice, evaluates the copy and publishes it (uncommitted: its update was
-   public only from the original's reveal on), and
-2. commits the copy for the next height under its key that the next block
-   assigns the same slice (`sign_update_commitment(height = head + 1)`),
-   and reveals it on that block if the block carries the commitment.
+1. signs the same weights under its key, evaluates the copy and publishes it
+   (uncommitted: its update was public only from the original's reveal on),
+   and
+2. when the next block assigns the same slice (a genesis of one slice; with
+   more, the next height assigns the next slice and a copy cannot be carried
+   over), commits the copy for the next height
+   (`sign_update_commitment(height = head + 1)`) and reveals it on that block
+   if the block carries the commitment.
 
 The perturbing copier adds a small random perturbation first (a few percent
 of the weights moved by 1 to 3), so that its copy is not the same update.
@@ -44,24 +46,15 @@ MAX_COPIES_PER_HEIGHT = 1
 """Committed originals copied per height: a copy is worth making of an update the head
 carries a commitment to (the one a proposer tests and pays); every copy costs each node
 two evaluations to check, and the scenario's small machine many more."""
-MAX_COPIER_KEYS = 256
-"""Keys tried for a set that covers every slice."""
 PERTURBED_FRACTION = 0.03
 """The share of a copied slice's weights the perturbing copier moves."""
 MAX_PERTURBATION = 3
 """It moves each of them by 1 to this many units, up or down."""
 
 
-def copier_keys(node_name: str, slices: int) -> list[PrivateKey]:
-    """devnet_key(f"copier-{node_name}-{i}") for i = 0, 1, ...: the first key of each slice
-    offset (`compute_next_slice(0, key)`), so that on every parent one key is assigned each slice."""
-    by_offset: dict[int, PrivateKey] = {}
-    for index in range(MAX_COPIER_KEYS):
-        key = devnet_key(f"copier-{node_name}-{index}")
-        by_offset.setdefault(compute_next_slice(0, key.public_key, slices), key)
-        if len(by_offset) == slices:
-            return [by_offset[offset] for offset in range(slices)]
-    raise ValueError(f"copier keys: {MAX_COPIER_KEYS} keys cover {len(by_offset)} of {slices} slices")
+def copier_key(node_name: str) -> PrivateKey:
+    """devnet_key(f"copier-{node_name}"): the copier's one key."""
+    return devnet_key(f"copier-{node_name}")
 
 
 def perturb(values: np.ndarray, seed: bytes) -> np.ndarray:
@@ -82,10 +75,10 @@ class Copier(Adversary):
 
     def __init__(self, node: DecidedNode, config: VotingNodeConfig) -> None:
         super().__init__(node, config)
-        self.keys = copier_keys(node.datadir.name, node.genesis.partition.slices)
+        self.key = copier_key(node.datadir.name)
 
     async def run_behaviour(self) -> None:
-        ours = {key.public_key for key in self.keys}
+        ours = self.key.public_key
         copied: set[bytes] = set()  # the updates (sha256 of slice and weights) copied or made on the head:
         # a perturbing copier does not copy its own perturbations back from another copier
         pending: dict[bytes, tuple[PrivateKey, np.ndarray, str, int]] = {}  # committed copies for the next height
@@ -102,7 +95,7 @@ class Copier(Adversary):
                 pending = {}
             originals = [
                 block for block in list(self.node.decided.training.values())
-                if block.header.parent == head.hash and block.header.proposer not in ours
+                if block.header.parent == head.hash and block.header.proposer != ours
                 and is_committed(head, block)
             ]  # fmt: skip
             for original in originals:
@@ -122,28 +115,22 @@ class Copier(Adversary):
                         hashlib.sha256(body.slice_id.to_bytes(4, "big") + values.astype("<i2").tobytes()).digest()
                     )
                 await self._copy(head, original, values)
-                key = self._key_for(head.header.height + 1, body.slice_id)
-                if key.public_key not in pending and await self._commit(head, key, original, values):
-                    pending[key.public_key] = (key, values, original.hash.hex(), head.header.height + 1)
-
-    def _key_for(self, parent_height: int, slice_id: int) -> PrivateKey:
-        """Our key that a parent at `parent_height` assigns `slice_id`."""
-        slices = self.node.genesis.partition.slices
-        return next(k for k in self.keys if compute_next_slice(parent_height, k.public_key, slices) == slice_id)
+                carried_over = compute_next_slice(head.header.height + 1, self.node.genesis.partition.slices)
+                if carried_over == body.slice_id and not pending and await self._commit(head, original, values):
+                    pending[ours] = (self.key, values, original.hash.hex(), head.header.height + 1)
 
     async def _copy(self, parent: Block, original: Block, values: np.ndarray) -> None:
-        """Publish `values` on `parent` under our key assigned the original's slice (uncommitted)."""
+        """Publish `values` on `parent` under our key (uncommitted)."""
         assert isinstance(original.body, TrainingBody)
-        key = self._key_for(parent.header.height, original.body.slice_id)
-        copy, difficulty = await trio.to_thread.run_sync(self._propose, parent, key, values, original.body.steps)
+        copy, difficulty = await trio.to_thread.run_sync(self._propose, parent, self.key, values, original.body.steps)
         if copy is None:
             return
         await self._publish_copy(parent, copy, difficulty, original.hash.hex(), "copied a training block")
 
-    async def _commit(self, head: Block, key: PrivateKey, original: Block, values: np.ndarray) -> bool:
+    async def _commit(self, head: Block, original: Block, values: np.ndarray) -> bool:
         """Commit the copy for the next height (carried by its decided block, revealed on it)."""
         assert isinstance(original.body, TrainingBody)
-        height = head.header.height + 1
+        height, key = head.header.height + 1, self.key
         update_hash = compute_update_hash(key.public_key, original.body.slice_id, values.astype("<i2").tobytes())
         commitment = sign_update_commitment(key, self.node.chain.domain, height, update_hash)
         try:
@@ -156,7 +143,7 @@ class Copier(Adversary):
 
     async def _reveal(self, parent: Block, key: PrivateKey, values: np.ndarray, original: str) -> None:
         """Reveal a committed copy on `parent`, if `parent` carries the commitment."""
-        slice_id = compute_next_slice(parent.header.height, key.public_key, self.node.genesis.partition.slices)
+        slice_id = compute_next_slice(parent.header.height, self.node.genesis.partition.slices)
         update_hash = compute_update_hash(key.public_key, slice_id, values.astype("<i2").tobytes())
         if get_committed_updates(parent).get(key.public_key) != update_hash:
             self.record("commitment to a copy not carried by the decided block", height=parent.header.height,

@@ -71,7 +71,7 @@ def forge_costly_block(node: DecidedNode, key: PrivateKey, seed: int) -> Block:
     with node.lock:
         head = node.head()
         parent, state, chain = head.block, head.state, node.chain
-        slice_id = compute_assigned_slice(parent.header, key.public_key, node.genesis.partition.slices)
+        slice_id = compute_assigned_slice(parent.header, node.genesis.partition.slices)
         values = chain.layout.extract(chain.weights(state), slice_id).astype(np.int32)
         noise = np.random.default_rng(seed).integers(-3, 4, size=values.shape)
         values = np.clip(values + noise, -32768, 32767).astype(np.int16)
@@ -90,7 +90,7 @@ def forge_unevaluated_block(node: DecidedNode, key: PrivateKey, seed: int) -> Bl
     with node.lock:
         head = node.head()
         parent, state, chain = head.block, head.state, node.chain
-        slice_id = compute_assigned_slice(parent.header, key.public_key, node.genesis.partition.slices)
+        slice_id = compute_assigned_slice(parent.header, node.genesis.partition.slices)
         values = chain.layout.extract(chain.weights(state), slice_id).astype(np.int32)
         before = chain.loss(state, "validation", compute_validation_seed(parent.hash, key.public_key))
     noise = np.random.default_rng(seed).integers(-3, 4, size=values.shape)

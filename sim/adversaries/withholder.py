@@ -46,7 +46,7 @@ class Withholder(Adversary):
 def unserved_training_block(node: DecidedNode, key: PrivateKey, parent: Block) -> Block:
     """A correctly signed training block on `parent` whose body (random weights, an arbitrary
     claimed gain) nobody evaluated: announced and never served."""
-    slice_id = compute_assigned_slice(parent.header, key.public_key, node.genesis.partition.slices)
+    slice_id = compute_assigned_slice(parent.header, node.genesis.partition.slices)
     head = node.decided.head  # no lock: see Adversary.head_block
     state = head.state if head.block.hash == parent.hash else None
     body = TrainingBody(
