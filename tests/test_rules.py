@@ -14,7 +14,14 @@ import pytest
 from chain.blocks import Block, TrainingBody
 from chain.crypto import devnet_key
 from chain.state import State
-from consensus.rules import InvalidBlock, apply_training_block, compute_assigned_slice, compute_validation_seed
+from consensus.proposals import propose_training_block
+from consensus.rules import (
+    InvalidBlock,
+    apply_training_block,
+    compute_assigned_slice,
+    compute_next_slice,
+    compute_validation_seed,
+)
 from tests.chain_builders import Scenario
 
 
@@ -48,6 +55,20 @@ def test_wrong_slice(scenario: Scenario, genesis: tuple[Block, State]) -> None:
     assigned = compute_assigned_slice(parent.header, 4)
     block = scenario.build_training_block(*genesis, slice_id=(assigned + 1) % 4)
     assert_rejected(scenario, block, f"slice_id: got {(assigned + 1) % 4}, want {assigned}")
+
+
+def test_every_miner_on_a_parent_is_assigned_its_slice(scenario: Scenario, genesis: tuple[Block, State]) -> None:
+    """The slice follows the parent's height alone (docs/spec.md, section 8): one update is a valid
+    training block under any miner's key, and each height moves the slice on by one."""
+    parent, state = genesis
+    assert [compute_next_slice(height, 4) for height in range(6)] == [0, 1, 2, 3, 0, 1]
+    assigned = compute_assigned_slice(parent.header, 4)
+    values = scenario.trained_values(parent, state)
+    for name in ("miner-1", "miner-6", "miner-7"):
+        block = propose_training_block(scenario.chain, parent, state, devnet_key(name), values,
+                                       parent.header.timestamp + 10, 8)  # fmt: skip
+        assert isinstance(block.body, TrainingBody) and block.body.slice_id == assigned
+        assert apply_training_block(state, parent, block, scenario.chain) is state
 
 
 def test_claimed_loss_off_by_one(scenario: Scenario, genesis: tuple[Block, State], training: Block) -> None:
