@@ -12,7 +12,7 @@ seed both curves and the heights where four miners are ahead; over all seeds the
 compared, the heights four miners are ahead at, and the mean difference (one minus four:
 positive when four miners are ahead). The miners share the machine's cores, so four miners
 each train slower in wall time; the comparison is per decided height, as the chain counts
-progress. A seed sets the miners' keys, and so the slices they are assigned.
+progress. A seed sets the miners' keys, and so their training batches.
 """
 
 from __future__ import annotations
