@@ -186,12 +186,10 @@ def compute_assigned_slice(parent: Header, slices: int) -> int:
 
     The parent (genesis or a decided block) counts the decided heights, so the chain
     cycles through every slice in turn, one per height, and every miner at a height
-    trains and publishes the same slice: the updates a decided block combines are
-    averaged on that slice (section 18), the local-SGD step that several miners' work
-    adds up in. Keys assigned different slices (the rule before) made the chain mix
-    slices from different miners' trajectories, and four miners gained no more per
-    height than one (docs/benchmarks.md). Round-robin keeps every slice of the chain's
-    model at most `slices - 1` heights behind a miner's local model.
+    trains and publishes the same slice: the updates a decided block names compete and
+    average on one slice (docs/spec.md, section 18), and a copy of an update revealed
+    at one height cannot be revealed for its slice at the next. Round-robin keeps every
+    slice of the chain's model at most `slices - 1` heights behind a miner's local model.
     """
     return compute_next_slice(parent.height, slices)
 
