@@ -64,6 +64,7 @@ def train_rank(rank: int, world_size: int, port: int, out: Path) -> None:
         else:
             assert miner.follow() == len(ROUNDS)
         torch.save({"model": miner.model.state_dict(), "losses": losses, "steps": miner.steps_done}, out / f"{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
