@@ -16,10 +16,12 @@ until rank 0 `release`s them. Nothing here talks to the chain.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, cast
 
 import numpy as np
@@ -69,10 +71,20 @@ def join(placement: Placement, device: str) -> str:
     return "cpu"
 
 
+LEAVE_TIMEOUT = timedelta(seconds=60)
+"""How long a CPU process waits at the leaving barrier for the others (a dead one never comes)."""
+
+
 def leave() -> None:
-    """Leave the process group (each process, once its mining is over)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group (each process, once its mining is over). On gloo the processes
+    meet at a bounded barrier first: one that tore the group down while another still used it
+    made that one abort ("terminate called without an active exception")."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        with contextlib.suppress(RuntimeError):  # a process that failed or left already
+            dist.monitored_barrier(timeout=LEAVE_TIMEOUT)
+    dist.destroy_process_group()
 
 
 def launch(processes: int, entrypoint: Callable[..., Any], *arguments: Any) -> Any:
