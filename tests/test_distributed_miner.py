@@ -20,7 +20,7 @@ from sim.devnet import stop_all
 from tests.conftest import run_potchain
 from tests.test_network import start
 from training.data import load_split, sample_batch
-from training.distributed import DistributedMiner, shard_batch
+from training.distributed import DistributedMiner, leave, shard_batch
 from training.miner import Miner, TrainingConfig
 from training.weights import CanonicalWeights, SliceLayout
 
@@ -64,9 +64,8 @@ def train_rank(rank: int, world_size: int, port: int, out: Path) -> None:
         else:
             assert miner.follow() == len(ROUNDS)
         torch.save({"model": miner.model.state_dict(), "losses": losses, "steps": miner.steps_done}, out / f"{rank}.pt")
-        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        leave()  # the ranks meet before the group is torn down
 
 
 def test_the_shards_of_the_processes_make_up_the_single_process_batch(train_text: bytes) -> None:

@@ -81,7 +81,7 @@ class Copier(Adversary):
         ours = self.key.public_key
         copied: set[bytes] = set()  # the updates (sha256 of slice and weights) copied or made on the head:
         # a perturbing copier does not copy its own perturbations back from another copier
-        pending: dict[bytes, tuple[PrivateKey, np.ndarray, str, int]] = {}  # committed copies for the next height
+        pending: tuple[np.ndarray, str, int] | None = None  # the committed copy: values, original, height
         head_hash = b""
         made = 0  # copies made on the head
         while True:
@@ -89,10 +89,9 @@ class Copier(Adversary):
             head = self.head_block()
             if head.hash != head_hash:
                 head_hash, copied, made = head.hash, set(), 0
-                for key, values, original_hash, height in pending.values():
-                    if height == head.header.height:
-                        await self._reveal(head, key, values, original_hash)
-                pending = {}
+                if pending is not None and pending[2] == head.header.height:
+                    await self._reveal(head, pending[0], pending[1])
+                pending = None
             originals = [
                 block for block in list(self.node.decided.training.values())
                 if block.header.parent == head.hash and block.header.proposer != ours
@@ -116,8 +115,8 @@ class Copier(Adversary):
                     )
                 await self._copy(head, original, values)
                 carried_over = compute_next_slice(head.header.height + 1, self.node.genesis.partition.slices)
-                if carried_over == body.slice_id and not pending and await self._commit(head, original, values):
-                    pending[ours] = (self.key, values, original.hash.hex(), head.header.height + 1)
+                if carried_over == body.slice_id and pending is None and await self._commit(head, original, values):
+                    pending = (values, original.hash.hex(), head.header.height + 1)
 
     async def _copy(self, parent: Block, original: Block, values: np.ndarray) -> None:
         """Publish `values` on `parent` under our key (uncommitted)."""
@@ -141,8 +140,9 @@ class Copier(Adversary):
                     perturbed=self.perturbs, update=True, invalid=False)  # fmt: skip
         return True
 
-    async def _reveal(self, parent: Block, key: PrivateKey, values: np.ndarray, original: str) -> None:
+    async def _reveal(self, parent: Block, values: np.ndarray, original: str) -> None:
         """Reveal a committed copy on `parent`, if `parent` carries the commitment."""
+        key = self.key
         slice_id = compute_next_slice(parent.header.height, self.node.genesis.partition.slices)
         update_hash = compute_update_hash(key.public_key, slice_id, values.astype("<i2").tobytes())
         if get_committed_updates(parent).get(key.public_key) != update_hash:
