@@ -4,7 +4,7 @@
                                 [--key-sets 2] [--rates 1.5e-3 2.1e-3 3e-3 4.2e-3] [--skip-ceiling]
                                 [--chain-only] [--miner-rate R] [--key-names NAME ...]
                                 [--genesis FILE] [--no-rebase] [--scheme model|slice]
-                                [--threads 1] [--jobs CORES]
+                                [--local-updates [RATE MOMENTUM ...]] [--threads 1] [--jobs CORES]
 
 One run measures, on the devnet model (docs/benchmarks.md):
 
@@ -31,6 +31,13 @@ One run measures, on the devnet model (docs/benchmarks.md):
    batch-32 centralized steps that reach the same test loss / (N x steps per miner), the mean
    over seeds; the batch-32 run uses the miners' own learning rate and warm-up.
 
+4. With `--local-updates`, a second yardstick with no chain: float local updates in the DiLoCo
+   family (N AdamW workers start each round from one global model, train a block's steps on
+   their own batches, and the global model takes an outer Nesterov step on their mean change),
+   for each outer rate and momentum given, on data seed 0. `local_updates_fraction` reads it as
+   the ceiling is read: what the best of them keeps of the steps computed. It is what a protocol
+   that syncs the whole model once a block could keep, where the ceiling syncs every step.
+
 The chains of each key set and the ceiling's runs are independent jobs, run by `--jobs` worker
 processes (one a core by default), each training on `--threads` torch threads (1 by default)
 with MKL's reproducible code path: at one thread a run repeats bit for bit
@@ -55,6 +62,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from convergence import TestLoss, decide_height, devnet_shards_of, prepare, run_central
 
 from chain.blocks import DecidedBody, UpdateCommitment
@@ -64,7 +72,9 @@ from consensus.rules import Chain, InvalidBlock, compute_next_slice, compute_tra
 from genesis import DEVNET
 from node import validator_keys
 from p2p.mining import PreparedUpdate, is_carried, prepare_update, reveal_update, validation_gain
+from training.data import sample_batch, seed_from_int
 from training.miner import Miner, TrainingConfig
+from training.weights import CanonicalWeights, from_model
 
 Curve = list[tuple[int, float]]
 
@@ -198,6 +208,83 @@ def data_parallel_ceiling(
     }
 
 
+def train_local_updates(
+    weights: CanonicalWeights,
+    train_text: bytes,
+    workers: int,
+    rounds: int,
+    config: TrainingConfig,
+    outer_rate: float,
+    outer_momentum: float,
+    test_loss: TestLoss,
+    data_seed: int = 0,
+) -> Curve:
+    """Float local updates in the DiLoCo family, with no chain: `workers` AdamW models start each
+    round from one global model, train `config.steps` steps on their own batches (each keeps
+    its optimizer state), and the global model takes an outer Nesterov step on their mean
+    change, rate `outer_rate`, momentum `outer_momentum` (1 and 0: their mean). Returns the
+    curve (steps computed by all workers, the global model's test loss) after every round."""
+    global_model = weights.to_model()
+    models = [weights.to_model() for _ in range(workers)]
+    optimizers = [
+        torch.optim.AdamW(m.parameters(), lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.0) for m in models
+    ]
+    momentum = [torch.zeros_like(p) for p in global_model.parameters()]
+    curve: Curve = [(0, test_loss(weights))]
+    step = 0
+    for round_index in range(rounds):
+        for worker, (model, optimizer) in enumerate(zip(models, optimizers, strict=True)):
+            with torch.no_grad():
+                for target, source in zip(model.parameters(), global_model.parameters(), strict=True):
+                    target.copy_(source)
+            for inner in range(config.steps):
+                local_step = round_index * config.steps + inner
+                rate = config.learning_rate * min(1.0, (local_step + 1) / max(1, config.warmup_steps))
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
+                seed = seed_from_int(((data_seed * workers + worker + 1) << 32) + local_step)
+                inputs, targets = sample_batch(train_text, seed, config.batch_sequences, model.config.context)
+                optimizer.zero_grad(set_to_none=True)
+                model.loss(inputs, targets).backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+            step += config.steps
+        with torch.no_grad():
+            for index, parameter in enumerate(global_model.parameters()):
+                mean = torch.stack([list(m.parameters())[index] for m in models]).mean(dim=0)
+                change = parameter - mean  # the outer "gradient"
+                momentum[index].mul_(outer_momentum).add_(change)
+                parameter.sub_(outer_rate * (change + outer_momentum * momentum[index]))  # Nesterov
+        curve.append((step, test_loss(from_model(global_model, weights.exponents))))
+        print(f"[local updates {outer_rate:g}/{outer_momentum:g}] round {round_index + 1}/{rounds}, {step} steps, "
+              f"test loss {curve[-1][1]:.4f}", file=sys.stderr, flush=True)  # fmt: skip
+    return curve
+
+
+def local_update_yardstick(
+    pool: Executor, miners: int, steps_per_miner: int, config: TrainingConfig, outers: list[tuple[float, float]]
+) -> dict[str, object]:
+    """What float local updates synced every block's steps keep (`train_local_updates`, data seed
+    0, each outer setting), read as the ceiling is: the batch-32 centralized steps that reach
+    their final test loss, over the steps the workers computed."""
+    total = miners * steps_per_miner
+    rounds = steps_per_miner // config.steps
+    runs = {outer: pool.submit(local_updates_job, miners, rounds, config, *outer) for outer in outers}
+    narrow = pool.submit(central_job, total, config, 0).result()
+    fractions: dict[str, float] = {}
+    losses: dict[str, float] = {}
+    for (rate, momentum), future in runs.items():
+        name = f"{rate:g}/{momentum:g}"
+        losses[name] = future.result()[-1][1]
+        fractions[name] = round(min(steps_to_reach(narrow, losses[name]), total) / total, 4)
+        print(f"[local updates {name}] reaches {losses[name]:.4f}: {fractions[name]} of the steps computed",
+              file=sys.stderr)  # fmt: skip
+    return {
+        "local_updates_fraction": max(fractions.values()),
+        "local_updates_by_outer_step": fractions,
+        "local_updates_test_loss": {name: round(loss, 4) for name, loss in losses.items()},
+    }
+
+
 PR_SET_PDEATHSIG = 1
 """prctl(2): the signal a process gets when its parent dies."""
 
@@ -226,6 +313,13 @@ def central_job(steps: int, config: TrainingConfig, data_seed: int) -> Curve:
     curve, _ = run_central(chain.genesis.initial_weights(), train_text, steps, config, config.steps, test_loss,
                            data_seed=data_seed)  # fmt: skip
     return curve
+
+
+def local_updates_job(workers: int, rounds: int, config: TrainingConfig, rate: float, momentum: float) -> Curve:
+    """Float local updates from the genesis model (`train_local_updates`), data seed 0."""
+    chain, train_text, test_loss = prepared()
+    return train_local_updates(chain.genesis.initial_weights(), train_text, workers, rounds, config, rate, momentum,
+                               test_loss)  # fmt: skip
 
 
 def key_set_job(names: list[str], heights: int, config: TrainingConfig) -> dict[str, object]:
@@ -273,6 +367,9 @@ def main() -> None:
                         help="what a miner trains: every weight, or only its assigned slice")  # fmt: skip
     parser.add_argument("--key-names", nargs="+", default=None, help="the miners' devnet keys (one set; default: "
                         "miner-0 ... miner-(N-1), then miner-N ... for the next set)")  # fmt: skip
+    parser.add_argument("--local-updates", type=float, nargs="*", default=None, metavar="RATE,MOMENTUM",
+                        help="also measure float local updates synced every block (outer step settings, "
+                        "e.g. 1 0 0.7 0.9; no values: those two)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads (runs repeat bit for bit at 1)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: one a core)")
     args = parser.parse_args()
@@ -303,6 +400,13 @@ def main() -> None:
             if args.skip_ceiling
             else data_parallel_ceiling(pool, args.miners, heights * config.steps, config, args.rates, args.seeds)
         )
+        local = None
+        if args.local_updates is not None:
+            values = args.local_updates or [1.0, 0.0, 0.7, 0.9]
+            if len(values) % 2:
+                raise SystemExit("--local-updates: give outer rate and momentum in pairs")
+            outers = list(zip(values[::2], values[1::2], strict=True))
+            local = local_update_yardstick(pool, args.miners, heights * config.steps, config, outers)
         measured = [future.result() for future in chains]
     fractions = [float(m["useful_work_fraction"]) for m in measured]  # type: ignore[arg-type]
     result: dict[str, object] = {
@@ -320,6 +424,8 @@ def main() -> None:
     }
     if ceiling is not None:
         result |= ceiling
+    if local is not None:
+        result |= local
     if ceiling is not None and fractions:
         of_ceiling = float(result["useful_work_fraction"]) / float(ceiling["data_parallel_ceiling"])  # type: ignore[arg-type]
         result["useful_work_of_ceiling"] = round(of_ceiling, 4)
