@@ -596,6 +596,7 @@ def command_mine(args: argparse.Namespace) -> dict[str, object] | None:
         BackgroundTrainer,
         PreparedUpdate,
         find_applied,
+        find_settled,
         is_carried,
         prepare_update,
         reveal_update,
@@ -677,6 +678,7 @@ def command_mine(args: argparse.Namespace) -> dict[str, object] | None:
             return None
         values = snapshot[int(work["commitment_slice_id"])]
         update = prepare_update(chain, head, state, key, values, steps)
+        offered[update.height] = update  # committed or not, the height's verdict settles the slice (find_settled)
         if update.expected_gain < state.difficulty:
             say(f"height {update.height}: gain {update.expected_gain} below difficulty {state.difficulty}; training on")
             return None
@@ -728,6 +730,7 @@ def command_mine(args: argparse.Namespace) -> dict[str, object] | None:
     trainer = BackgroundTrainer(miner, save_state, lambda trained: rounds.advance(
         1, tokens_per_second=round(trained.tokens_per_second), loss=trained.loss))  # fmt: skip
     committed: dict[int, PreparedUpdate] = {}
+    offered: dict[int, PreparedUpdate] = {}  # our latest update for each block not yet judged, by height
     revealed: dict[bytes, Block] = {}
     accepted, applied, last_head, tried_round, posted = 0, 0, b"", -1, 0.0
     heads = EventStream(args.rpc, ("head",)).start()  # the work is asked for again when a height is decided
@@ -743,12 +746,13 @@ def command_mine(args: argparse.Namespace) -> dict[str, object] | None:
                     last_head, tried_round = head.hash, trainer.latest()[0]
                     for ours, judge in find_applied(revealed, head, fetch_block):  # heights we missed too
                         del revealed[ours.hash]
-                        if isinstance(ours.body, TrainingBody):
-                            applied += 1
-                            values = np.frombuffer(ours.body.weights, dtype="<i2")
-                            trainer.published(judge.header.height, ours.body.slice_id, values)
-                            say(f"height {judge.header.height} applied our block {ours.hash.hex()[:16]} "
-                                f"({applied} applied)")  # fmt: skip
+                        applied += 1
+                        say(f"height {judge.header.height} applied our block {ours.hash.hex()[:16]} "
+                            f"({applied} applied)")  # fmt: skip
+                    for offer, judge in find_settled(offered, head, fetch_block):
+                        values = np.frombuffer(offer.weights, dtype="<i2")
+                        trainer.published(judge.header.height, offer.slice_id, values)
+                    offered = {h: u for h, u in offered.items() if h >= height}
                     carried = committed.pop(height, None)
                     if carried is not None and not is_carried(head, carried):
                         say(f"height {height} decided without our commitment {carried.update_hash.hex()[:16]}; dropped")

@@ -3,15 +3,17 @@
     python bench/multi_miner.py [--miners 4] [--steps-per-miner 720] [--seeds 0 1]
                                 [--key-sets 2] [--rates 1.5e-3 2.1e-3 3e-3 4.2e-3] [--skip-ceiling]
                                 [--chain-only] [--miner-rate R] [--key-names NAME ...]
-                                [--genesis FILE] [--no-rebase] [--scheme model|slice]
+                                [--genesis FILE] [--no-rebase] [--no-settle] [--scheme model|slice]
                                 [--local-updates [RATE MOMENTUM ...]] [--threads 1] [--jobs CORES]
 
 One run measures, on the devnet model (docs/benchmarks.md):
 
 1. The chain with N miners, run as the network runs it. At each decided height every miner
    reveals the update it committed in that block as a training block (checked by the rules;
-   proposed only if its validation gain meets the difficulty), rebases onto the block's state,
-   trains `steps` optimizer steps on its own batches and commits its next update. The next
+   proposed only if its validation gain meets the difficulty), rebases onto the block's state
+   (a slice the height settled moves by the chain's values less the miner's offer for it:
+   p2p/mining.py `find_settled`), trains `steps` optimizer steps on its own batches and
+   commits its next update (its offer, committed if it gains on the head). The next
    height's proposer names the committed training blocks (at most MAX_TRAINING_PER_HEIGHT),
    and the rules apply the combination that loses least on the proposer's held-out sequences
    (docs/spec.md, section 18). Difficulty as genesis sets it and the rules retarget it
@@ -30,7 +32,6 @@ One run measures, on the devnet model (docs/benchmarks.md):
    miners' 50) on the first seed, then run on every seed. `data_parallel_ceiling` = the
    batch-32 centralized steps that reach the same test loss / (N x steps per miner), the mean
    over seeds; the batch-32 run uses the miners' own learning rate and warm-up.
-
 4. With `--local-updates`, a second yardstick with no chain: float local updates in the DiLoCo
    family (N AdamW workers start each round from one global model, train a block's steps on
    their own batches, and the global model takes an outer Nesterov step on their mean change),
@@ -87,6 +88,7 @@ def mine_network(
     config: TrainingConfig,
     test_loss: TestLoss,
     stop_at: float | None = None,
+    settle: bool = True,
 ) -> tuple[Curve, dict[str, int]]:
     """The chain mined by one miner per key for `heights` training rounds, commit-reveal as the
     network does it (an update trained on head h is revealed on h + 1 and judged at h + 2; one
@@ -100,6 +102,8 @@ def mine_network(
     shards = devnet_shards_of(genesis, test_loss.genesis_path)
     miners = [Miner(chain.weights(state), chain.layout, train_text, config) for _ in keys]
     prepared: dict[int, PreparedUpdate] = {}
+    offered: dict[int, PreparedUpdate] = {}  # this round's updates, committed or not, by miner
+    judging: dict[int, PreparedUpdate] = {}  # the previous round's: the height being decided judges them
     revealed: dict[bytes, tuple[int, PreparedUpdate]] = {}
     counts = dict.fromkeys(
         ("not_committed", "reveals_below_difficulty", "revealed", "applied", "heights_with_update", "combined_heights"),
@@ -143,12 +147,21 @@ def mine_network(
                 commitments.append(update.commitment)
             else:
                 counts["not_committed"] += 1
+            offered[index] = update
         decision = decide_height(decided, validators, decided.get_training_candidates(), shards, commitments)
         body = decision.block.body
         assert isinstance(body, DecidedBody)
+        applied_miners = set()
         for applied in body.applied:
             index, update = revealed.pop(applied)
             miners[index].published(update.slice_id, np.frombuffer(update.weights, dtype="<i2"))
+            applied_miners.add(index)
+        if settle and body.applied:  # what the height applied replaces every offer for the slice (find_settled)
+            for index, update in judging.items():
+                if index not in applied_miners:
+                    miners[index].published(update.slice_id, np.frombuffer(update.weights, dtype="<i2"))
+        judging, offered = offered, {}
+        revealed.clear()
         counts["applied"] += len(body.applied)
         counts["heights_with_update"] += bool(body.applied)
         counts["combined_heights"] += len(body.applied) > 1
@@ -322,20 +335,26 @@ def local_updates_job(workers: int, rounds: int, config: TrainingConfig, rate: f
                                test_loss)  # fmt: skip
 
 
-def key_set_job(names: list[str], heights: int, config: TrainingConfig) -> dict[str, object]:
+def key_set_job(names: list[str], heights: int, config: TrainingConfig, settle: bool) -> dict[str, object]:
     chain, train_text, test_loss = prepared()
-    return measure_key_set(chain, train_text, names, heights, config, test_loss)
+    return measure_key_set(chain, train_text, names, heights, config, test_loss, settle)
 
 
 def measure_key_set(
-    chain: Chain, train_text: bytes, names: list[str], heights: int, config: TrainingConfig, test_loss: TestLoss
+    chain: Chain,
+    train_text: bytes,
+    names: list[str],
+    heights: int,
+    config: TrainingConfig,
+    test_loss: TestLoss,
+    settle: bool = True,
 ) -> dict[str, object]:
     """The N-miner chain and its single-miner floor for one set of miner keys (their keys fix
     their slices and training batches: a set of keys is the chain's seed)."""
     keys = [devnet_key(name) for name in names]
-    racing, counts = mine_network(chain, train_text, keys, heights, config, test_loss)
+    racing, counts = mine_network(chain, train_text, keys, heights, config, test_loss, settle=settle)
     computed = racing[-1][0]
-    single, _ = mine_network(chain, train_text, keys[:1], heights * len(keys), config, test_loss, racing[-1][1])
+    single, _ = mine_network(chain, train_text, keys[:1], heights * len(keys), config, test_loss, racing[-1][1], settle)
     equivalent = steps_to_reach(single, racing[-1][1])
     return {
         "key_names": names,
@@ -360,6 +379,8 @@ def main() -> None:
                         "ceiling only)")  # fmt: skip
     parser.add_argument("--rates", type=float, nargs="+", default=[1.5e-3, 2.1e-3, 3e-3, 4.2e-3])
     parser.add_argument("--no-rebase", action="store_true", help="miners take the chain's values instead")
+    parser.add_argument("--no-settle", action="store_true", help="miners whose offers lost keep their progress on the "
+                        "slice, as miners did before find_settled")  # fmt: skip
     parser.add_argument("--skip-ceiling", action="store_true", help="measure the chains only")
     parser.add_argument("--chain-only", action="store_true", help="measure the N-miner chain only (its curve)")
     parser.add_argument("--miner-rate", type=float, default=None, help="the miners' learning rate (default: theirs)")
@@ -388,13 +409,13 @@ def main() -> None:
     if args.chain_only:
         chain, train_text, test_loss = prepare(args.genesis, threads=args.threads)
         keys = [devnet_key(name) for name in key_sets[0]]
-        racing, counts = mine_network(chain, train_text, keys, heights, config, test_loss)
+        racing, counts = mine_network(chain, train_text, keys, heights, config, test_loss, settle=not args.no_settle)
         print(json.dumps({"miners": args.miners, "key_names": key_sets[0], "learning_rate": config.learning_rate,
                           "blocks": counts, "chain_curve": [[s, round(v, 4)] for s, v in racing]}))  # fmt: skip
         return
     spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked mid-use
     with ProcessPoolExecutor(args.jobs, spawn, start_worker, (args.genesis, args.threads)) as pool:
-        chains = [pool.submit(key_set_job, names, heights, config) for names in key_sets]
+        chains = [pool.submit(key_set_job, names, heights, config, not args.no_settle) for names in key_sets]
         ceiling = (
             None
             if args.skip_ceiling

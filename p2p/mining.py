@@ -144,7 +144,8 @@ def find_applied(
     decided block that applied it, lowest height first. A training block on decided block h is
     judged by block h + 1 (its header's height): `head` itself or, when the head moved by more
     than one height since the miner last looked, an earlier block (`block_at`, the canonical
-    block at a height), whose applied updates the miner must record as well."""
+    block at a height), which the miner reports as well (what its model records is
+    `find_settled`'s)."""
     found: list[tuple[Block, Block]] = []
     for block in revealed.values():
         height = block.header.height
@@ -154,6 +155,30 @@ def find_applied(
         if judge is not None and isinstance(judge.body, DecidedBody) and block.hash in judge.body.applied:
             found.append((block, judge))
     return sorted(found, key=lambda pair: pair[0].header.height)
+
+
+def find_settled(
+    offers: Mapping[int, PreparedUpdate], head: Block, block_at: Callable[[int], Block | None]
+) -> list[tuple[PreparedUpdate, Block]]:
+    """Our offers whose slice the decided chain up to `head` has settled, each with the decided
+    block that settled it, lowest height first. An offer for decided block h (the update we
+    committed to for it, or last tried to) sets the slice h assigns, as every miner's update on
+    h does; block h + 1 judges them all (`head` itself or an earlier block, `block_at`). When it
+    applies any of them (ours, others', or a combination), the chain's values for that slice
+    replace what we offered: the miner records our offered values as the slice's base
+    (`Miner.published`), so the next rebase moves our model by the chain's values less our
+    offer and keeps only the progress made since. Miners whose offers lost would otherwise add
+    the winner's change on top of their own progress toward the same data, and drift: past
+    the first dozen heights they stopped gaining on the head at all (docs/benchmarks.md). A
+    block that applies nothing settles nothing: the local model keeps its progress."""
+    found: list[tuple[PreparedUpdate, Block]] = []
+    for height, offer in offers.items():
+        if height + 1 > head.header.height:
+            continue  # not judged yet
+        judge = head if height + 1 == head.header.height else block_at(height + 1)
+        if judge is not None and isinstance(judge.body, DecidedBody) and judge.body.applied:
+            found.append((offer, judge))
+    return sorted(found, key=lambda pair: pair[1].header.height)
 
 
 def get_awaited_miners(decided: DecidedChain) -> set[bytes]:
@@ -196,22 +221,22 @@ def train_round(miner: Miner, weights: CanonicalWeights, slice_id: int, seed: by
 
 
 @dataclass
-class AppliedValues:
-    """Our values the chain applied and the local model has not been told of: (the height of the
-    decided block that applied them, slice, values). A miner's training tells it of those up to
-    the head a round trains on, just before the round's rebase (`take`): told earlier, while a
-    round is about to rebase onto an older head's weights (read under the node's lock, which a
-    candidate's check can hold for seconds), the rebase would take the chain's older values of
-    that slice for another miner's change and subtract our progress."""
+class SettledValues:
+    """Our offered values whose slice the chain settled (`find_settled`) and the local model has not
+    been told of: (the height of the decided block that settled it, slice, values). A miner's
+    training tells it of those up to the head a round trains on, just before the round's rebase
+    (`take`): told earlier, while a round is about to rebase onto an older head's weights (read
+    under the node's lock, which a candidate's check can hold for seconds), the rebase would
+    take the chain's older values of that slice for its change and subtract our progress."""
 
     entries: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
 
     def record(self, height: int, slice_id: int, values: np.ndarray) -> None:
-        """The decided block at `height` applied these values of ours for a slice."""
+        """The decided block at `height` settled the slice we offered these values for."""
         self.entries.append((height, slice_id, values))
 
     def take(self, height: int) -> list[tuple[int, np.ndarray]]:
-        """The (slice, values) of ours applied at heights up to `height`, lowest first; removed."""
+        """The (slice, values) of ours settled at heights up to `height`, lowest first; removed."""
         taken = sorted((entry for entry in self.entries if entry[0] <= height), key=lambda entry: entry[0])
         self.entries = [entry for entry in self.entries if entry[0] > height]
         return [(slice_id, values) for _, slice_id, values in taken]
@@ -239,13 +264,15 @@ class MiningProgress:
     """Our revealed training blocks not yet judged, by hash."""
     published_at: float = 0.0
     """When (trio time) the latest commitment was last gossiped."""
-    applied: AppliedValues = field(default_factory=AppliedValues)
-    """Our values the chain applied that the local model has not been told of yet."""
+    offered: dict[int, PreparedUpdate] = field(default_factory=dict)
+    """Our latest update for each decided block not yet judged (committed or only tried), by its height."""
+    settled: SettledValues = field(default_factory=SettledValues)
+    """Our offered values whose slice the chain settled (`find_settled`), not yet told to the local model."""
 
     def may_train_on(self, head: bytes) -> bool:
         """Whether a training round may start on decided head `head`: not trained on yet, and the
-        mining loop has acted on it (recorded the updates of ours it applied, so the round's rebase
-        does not count them as the other miners' change and add our progress twice)."""
+        mining loop has acted on it (recorded the slices it settled, so the round's rebase moves
+        our model by the chain's values less our offer, not less the chain's previous values)."""
         return self.trained_on != head and self.head == head
 
 
@@ -273,7 +300,7 @@ class BackgroundTrainer:
         """Called in the training thread with each round's cost and loss (to report progress)."""
         self._condition = threading.Condition()
         self._target: tuple[bytes, int, CanonicalWeights, int, bytes] | None = None
-        self._applied = AppliedValues()  # told to the miner before a round's rebase (`published`)
+        self._settled = SettledValues()  # told to the miner before a round's rebase (`published`)
         self._snapshot: tuple[int, list[np.ndarray] | None, int] = (0, None, 0)
         self._error: BaseException | None = None
         self._stopping = False
@@ -295,11 +322,11 @@ class BackgroundTrainer:
             return self._snapshot
 
     def published(self, height: int, slice_id: int, values: np.ndarray) -> None:
-        """The decided block at `height` applied our values for a slice: the training thread tells
+        """The decided block at `height` settled the slice we offered `values` for: the training thread tells
         the miner (`Miner.published`) before the first round on a head at that height or above
-        (`AppliedValues` says why not at once)."""
+        (`SettledValues` says why not at once)."""
         with self._condition:
-            self._applied.record(height, slice_id, values)
+            self._settled.record(height, slice_id, values)
 
     def stop(self) -> None:
         """Stop after the round in progress, and wait for it (a process must not exit while
@@ -319,9 +346,9 @@ class BackgroundTrainer:
                     if self._stopping or self._target is None:
                         return
                     trained, height, weights, slice_id, seed = self._target
-                    applied = self._applied.take(height)
-                for applied_slice, values in applied:
-                    self.miner.published(applied_slice, values)
+                    settled = self._settled.take(height)
+                for settled_slice, values in settled:
+                    self.miner.published(settled_slice, values)
                 work, finished = train_round(self.miner, weights, slice_id, seed)
                 snapshot = self.miner.snapshot(weights)
                 if self.after_round is not None:

@@ -79,6 +79,7 @@ from p2p.mining import (
     MiningProgress,
     PreparedUpdate,
     find_applied,
+    find_settled,
     get_awaited_miners,
     held_commitment,
     is_carried,
@@ -1041,8 +1042,8 @@ class VotingNode:
             slice_id = compute_next_slice(height + (1 if height in mining.committed else 0), slices)
             seed = compute_training_seed(head.block.hash, key.public_key)
             weights = await trio.to_thread.run_sync(self.node.weights_of, head.state)
-            for applied_slice, values in mining.applied.take(head.block.header.height):
-                miner.published(applied_slice, values)  # now, not before: see AppliedValues
+            for settled_slice, values in mining.settled.take(head.block.header.height):
+                miner.published(settled_slice, values)  # now, not before: see SettledValues
             work, trained = await trio.to_thread.run_sync(train_round, miner, weights, slice_id, seed)
             self.node.metrics.on_training_round(trained.tokens, trained.seconds, trained.loss)
             mining_progress.advance(1, tokens_per_second=round(trained.tokens_per_second), loss=trained.loss)
@@ -1057,11 +1058,12 @@ class VotingNode:
         for ours, judge in find_applied(mining.revealed, head, self.node.block_at):
             del mining.revealed[ours.hash]
             if isinstance(ours.body, TrainingBody) and isinstance(judge.body, DecidedBody):
-                mining.applied.record(judge.header.height, ours.body.slice_id,
-                                      np.frombuffer(ours.body.weights, dtype="<i2"))  # fmt: skip
                 log.info("mining: height %d applied our block %s (slice %d, test gain %s)", judge.header.height,
                          ours.hash.hex()[:16], ours.body.slice_id, judge.body.gain_of(ours.hash))  # fmt: skip
         mining.revealed = {h: b for h, b in mining.revealed.items() if b.header.height > height}
+        for offer, judge in find_settled(mining.offered, head, self.node.block_at):
+            mining.settled.record(judge.header.height, offer.slice_id, np.frombuffer(offer.weights, dtype="<i2"))
+        mining.offered = {h: u for h, u in mining.offered.items() if h >= height}
         for update in [u for u in mining.committed.values() if u.height <= height]:
             if update.height == height and is_carried(head, update):
                 continue
@@ -1081,6 +1083,7 @@ class VotingNode:
         slice_id = compute_next_slice(height, self.node.genesis.partition.slices)
         values = mining.snapshot[slice_id]
         update = await trio.to_thread.run_sync(self._locked_prepare, head.block, head.state, key, values, mining.steps)
+        mining.offered[height] = update  # committed or not, the height's verdict settles the slice (find_settled)
         if update.expected_gain < head.state.difficulty:
             log.debug("mining: gain %d below difficulty %d for height %d; training on", update.expected_gain,
                       head.state.difficulty, height)  # fmt: skip

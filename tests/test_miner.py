@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from chain.blocks import Block, DecidedBody, Header, Kind, TrainingBody
+from chain.blocks import Block, DecidedBody, Header, Kind, TrainingBody, UpdateCommitment
 from chain.files import PUBLIC_MODE, write_atomically
 from consensus.genesis import Genesis
-from p2p.mining import MiningProgress, find_applied
+from p2p.mining import MiningProgress, PreparedUpdate, find_applied, find_settled
 from training.data import sample_batch, seed_from_int
 from training.evaluate import CanonicalEvaluator, make_backend
 from training.miner import Miner, TrainingConfig
@@ -206,7 +206,7 @@ def test_values_applied_above_the_head_a_round_rebases_onto_are_told_to_a_later_
     """Height 5 applied our slice-2 values while a round was about to rebase onto height 4's
     weights (read late: the node's lock was held). Told at once, the rebase takes height 4's
     older values for another miner's change and subtracts our progress; queued until a round
-    on height 5 (`AppliedValues.take`), nothing moves either time."""
+    on height 5 (`SettledValues.take`), nothing moves either time."""
     start = devnet.initial_weights()  # height 4's weights: slice 2 as it was before ours
     name = "h.0.mlp.c_fc.weight"
     index = torch.tensor(layout.indices[2][name])
@@ -223,12 +223,66 @@ def test_values_applied_above_the_head_a_round_rebases_onto_are_told_to_a_later_
     assert not torch.allclose(told_at_once.model.state_dict()[name].view(-1)[index], local)
 
     mining = MiningProgress()
-    mining.applied.record(5, 2, ours)
-    assert mining.applied.take(4) == []
+    mining.settled.record(5, 2, ours)
+    assert mining.settled.take(4) == []
     queued.adopt(start)
     assert torch.equal(queued.model.state_dict()[name].view(-1)[index], local)
-    for slice_id, values in mining.applied.take(5):
+    for slice_id, values in mining.settled.take(5):
         queued.published(slice_id, values)
     queued.adopt(layout.apply(start, 2, ours))  # height 5's weights
     assert torch.equal(queued.model.state_dict()[name].view(-1)[index], local)
-    assert mining.applied.take(9) == []
+    assert mining.settled.take(9) == []
+
+
+def _offer(height: int, slice_id: int) -> PreparedUpdate:
+    commitment = UpdateCommitment(height, bytes(32), bytes(32), bytes(64))
+    return PreparedUpdate(commitment, slice_id, bytes(8), 30, 1)
+
+
+def test_an_offer_is_settled_by_whatever_its_judging_block_applies() -> None:
+    """Offers for blocks 3, 4 and 5 are judged by blocks 4, 5 and 6: block 4 applied another
+    miner's update (settled: theirs replaces ours), block 5 applied nothing (not settled: the
+    model keeps its progress), block 6 applied ours; the head at 6 settles 3 and 5, at 5 only 3."""
+    offers = {height: _offer(height, height % 4) for height in (3, 4, 5)}
+    theirs, ours = bytes([1]) * 32, bytes([2]) * 32
+    decided = {
+        height: _block(height, Kind.DECIDED, DecidedBody((), None, (), None, applied=applied))
+        for height, applied in ((4, (theirs,)), (5, ()), (6, (ours,)))
+    }
+    found = find_settled(offers, decided[6], decided.get)
+    assert [(offer.height, judge.header.height) for offer, judge in found] == [(3, 4), (5, 6)]
+    assert [offer.height for offer, _ in find_settled(offers, decided[5], decided.get)] == [3]  # 5 not judged yet
+    assert find_settled(offers, decided[6], lambda height: None) == [(offers[5], decided[6])]  # 4 unknown: skipped
+
+
+def test_a_miner_whose_offer_lost_takes_the_chain_s_values_and_keeps_its_later_progress(
+    devnet: Genesis, layout: SliceLayout, train_text: bytes
+) -> None:
+    """Two miners offer slice 2 from the same start; the chain applies the winner's. Settled
+    (its offer recorded as the slice's base), the loser's slice becomes the chain's values plus
+    what it trained after offering; rebased from the old base instead, it also keeps the progress
+    it offered, now on top of the winner's change toward the same data."""
+    start = devnet.initial_weights()
+    name = "h.0.mlp.c_fc.weight"
+    index = torch.tensor(layout.indices[2][name])
+    winner, settled, drifting = (Miner(start, layout, train_text, CONFIG) for _ in range(3))
+    winner.work(start, 2, b"winner")
+    settled.work(start, 2, b"loser")
+    drifting.work(start, 2, b"loser")
+    won, offer = winner.values(start, 2), settled.values(start, 2)
+    chain = layout.apply(start, 2, won)
+    settled.published(2, offer)
+    for miner in (settled, drifting):
+        miner.train(1, b"after")  # progress made after the offer: kept either way
+    after = settled.model.state_dict()[name].view(-1)[index].clone()
+    assert torch.equal(after, drifting.model.state_dict()[name].view(-1)[index])
+    settled.adopt(chain)
+    drifting.adopt(chain)
+    scale = float(2.0 ** -start.exponents[name])
+    later = after - torch.from_numpy(part_of(layout, 2, name, offer)).to(torch.float32) * scale
+    expected = torch.from_numpy(part_of(layout, 2, name, won)).to(torch.float32) * scale + later
+    assert torch.allclose(settled.model.state_dict()[name].view(-1)[index], expected, atol=1e-6)
+    offered = torch.from_numpy(part_of(layout, 2, name, offer.astype(np.int32) - layout.extract(start, 2)))
+    kept_offer = expected + offered.to(torch.float32) * scale
+    assert torch.allclose(drifting.model.state_dict()[name].view(-1)[index], kept_offer, atol=1e-6)
+    assert not torch.allclose(kept_offer, expected, atol=1e-3)

@@ -5,9 +5,10 @@ state, not consensus data; `state_bytes` is what its caller saves). For each
 block it
 
 1. rebases onto the chain: every slice the chain changed since it last looked
-   (other miners' accepted work, or its own update combined with theirs) moves
-   by the chain's change, so the local model takes the others' progress and
-   keeps its own (docs/spec.md, section 18);
+   moves by the chain's change, measured from the values the miner offered for
+   it when the chain settled its offer (`published`), else from the values it
+   last took, so the local model takes the others' progress and keeps its own
+   (docs/spec.md, section 18);
 2. trains for `steps` optimizer steps on training batches drawn from the
    block's training seed (batch i uses seed || i, so anyone can replay it);
 3. quantizes the local model and returns the assigned slice's values.
@@ -105,9 +106,10 @@ class Miner:
         )
         self.steps_done = 0
         self.base: list[np.ndarray | None] = [layout.extract(start, s) for s in range(layout.partition.slices)]
-        """Per slice, the chain's values the local model's slice moved on from: what it last
-        adopted, or its own values once the chain applied them (None: unknown, after loading an
-        older state). The local values minus these are the miner's progress not yet applied."""
+        """Per slice, the values the local model's slice moved on from: the chain's it last
+        adopted, or the ones it offered once the chain settled them (None: unknown, after
+        loading an older state). The local values minus these are the miner's progress not yet
+        offered."""
         self._masks: dict[int, dict[str, torch.Tensor]] = {}
 
     def adopt(self, chain: CanonicalWeights, everything: bool = False) -> None:
@@ -171,9 +173,10 @@ class Miner:
         return [self.layout.extract(quantized, slice_id) for slice_id in range(self.layout.partition.slices)]
 
     def published(self, slice_id: int, values: np.ndarray) -> None:
-        """Record that the chain applied these values of ours for a slice (a partial move toward
-        the local model's, maybe combined with other miners' updates): the local model's
-        progress beyond them is kept, and the next rebase adds only what the others changed."""
+        """Record the values we offered for a slice the chain has since settled (applied them,
+        combined them with other miners' updates, or applied others' instead: p2p/mining.py
+        `find_settled`): the local model's progress beyond them is kept, and the next rebase
+        moves the slice by the chain's values less these."""
         self.base[slice_id] = values.astype(np.int16)
 
     def _train_step(self, seed: bytes, masks: dict[str, torch.Tensor] | None) -> torch.Tensor:
