@@ -36,8 +36,8 @@ One run measures, on the devnet model (docs/benchmarks.md):
    family (N AdamW workers start each round from one global model, train a block's steps on
    their own batches, and the global model takes an outer Nesterov step on their mean change),
    for each outer rate and momentum given, on data seed 0. `local_updates_fraction` reads it as
-   the ceiling is read: what the best of them keeps of the steps computed. It is what a protocol
-   that syncs the whole model once a block could keep, where the ceiling syncs every step.
+   the ceiling is read: what the best of them keeps of the steps computed, syncing the whole
+   model once a block with no chain at all, where the ceiling syncs every step.
 
 The chains of each key set and the ceiling's runs are independent jobs, run by `--jobs` worker
 processes (one a core by default), each training on `--threads` torch threads (1 by default)
