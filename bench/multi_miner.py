@@ -72,7 +72,7 @@ from consensus.decided_chain import DecidedChain
 from consensus.rules import Chain, InvalidBlock, compute_next_slice, compute_training_seed, genesis_block, genesis_state
 from genesis import DEVNET
 from node import validator_keys
-from p2p.mining import PreparedUpdate, is_carried, prepare_update, reveal_update, validation_gain
+from p2p.mining import PreparedUpdate, find_settled, is_carried, prepare_update, reveal_update, validation_gain
 from training.data import sample_batch, seed_from_int
 from training.miner import Miner, TrainingConfig
 from training.weights import CanonicalWeights, from_model
@@ -151,15 +151,13 @@ def mine_network(
         decision = decide_height(decided, validators, decided.get_training_candidates(), shards, commitments)
         body = decision.block.body
         assert isinstance(body, DecidedBody)
-        applied_miners = set()
         for applied in body.applied:
             index, update = revealed.pop(applied)
-            miners[index].published(update.slice_id, np.frombuffer(update.weights, dtype="<i2"))
-            applied_miners.add(index)
-        if settle and body.applied:  # what the height applied replaces every offer for the slice (find_settled)
-            for index, update in judging.items():
-                if index not in applied_miners:
-                    miners[index].published(update.slice_id, np.frombuffer(update.weights, dtype="<i2"))
+            if not settle:  # only the applied offers, as miners did before find_settled
+                miners[index].published(update.slice_id, np.frombuffer(update.weights, dtype="<i2"))
+        for index, update in judging.items() if settle else ():  # the network's rule, applied ones included
+            if find_settled({update.height: update}, decision.block, lambda height: None):
+                miners[index].published(update.slice_id, np.frombuffer(update.weights, dtype="<i2"))
         judging, offered = offered, {}
         revealed.clear()
         counts["applied"] += len(body.applied)
@@ -262,11 +260,11 @@ def train_local_updates(
                 optimizer.step()
             step += config.steps
         with torch.no_grad():
-            for index, parameter in enumerate(global_model.parameters()):
-                mean = torch.stack([list(m.parameters())[index] for m in models]).mean(dim=0)
-                change = parameter - mean  # the outer "gradient"
-                momentum[index].mul_(outer_momentum).add_(change)
-                parameter.sub_(outer_rate * (change + outer_momentum * momentum[index]))  # Nesterov
+            locals_ = (m.parameters() for m in models)
+            for parameter, buffer, *local in zip(global_model.parameters(), momentum, *locals_, strict=True):
+                change = parameter - torch.stack(local).mean(dim=0)  # the outer "gradient"
+                buffer.mul_(outer_momentum).add_(change)
+                parameter.sub_(outer_rate * (change + outer_momentum * buffer))  # Nesterov
         curve.append((step, test_loss(from_model(global_model, weights.exponents))))
         print(f"[local updates {outer_rate:g}/{outer_momentum:g}] round {round_index + 1}/{rounds}, {step} steps, "
               f"test loss {curve[-1][1]:.4f}", file=sys.stderr, flush=True)  # fmt: skip
@@ -281,8 +279,9 @@ def local_update_yardstick(
     their final test loss, over the steps the workers computed."""
     total = miners * steps_per_miner
     rounds = steps_per_miner // config.steps
+    narrowing = pool.submit(central_job, total, config, 0)  # first: the pool runs jobs in order
     runs = {outer: pool.submit(local_updates_job, miners, rounds, config, *outer) for outer in outers}
-    narrow = pool.submit(central_job, total, config, 0).result()
+    narrow = narrowing.result()
     fractions: dict[str, float] = {}
     losses: dict[str, float] = {}
     for (rate, momentum), future in runs.items():
